@@ -1,0 +1,131 @@
+"""torch.library registration of the fused MiT attention (Triton implementation).
+
+Importing this module registers the ops (``import mit_kernels`` does it) without importing Triton: the kernels are
+defined on first use, so TRITON_INTERPRET may be set any time before the first call.
+
+``mit_kernels::attention_triton_fwd`` returns (out, lse2) and ``mit_kernels::attention_triton_bwd`` the eight input
+gradients. Both have fake (meta) implementations, so torch.compile traces through them without a graph break, and FLOP
+formulas, so ``torch.utils.flop_counter.FlopCounterMode`` counts them.
+
+FLOP convention: the same as torch uses for scaled_dot_product_attention — the matrix products only, a multiply-add
+counted as 2 FLOPs, dense (the causal half is not subtracted, exactly as torch counts SDPA), with Hq query heads:
+forward ``4 B Hq Lq Lk D``; backward ``10 B Hq Lq Lk D`` (score recomputation, dV, dP, dQ, dK). The elementwise
+infusion (O(B Hkv Lk D)) is not counted, as torch does not count elementwise work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+_VECTOR_NAMES = ("k_mul", "k_add", "v_mul", "v_add")
+
+
+def attention_flops(q_shape: Sequence[int], k_shape: Sequence[int]) -> int:
+    """Forward FLOPs of MiT attention for q (B, Hq, Lq, D) and k (B, Hkv, Lk, D): ``4 B Hq Lq Lk D``."""
+    b, hq, lq, d = q_shape
+    lk = k_shape[2]
+    return sdpa_flop_count((b, hq, lq, d), (b, hq, lk, d), (b, hq, lk, d))
+
+
+def attention_backward_flops(q_shape: Sequence[int], k_shape: Sequence[int]) -> int:
+    """Backward FLOPs of MiT attention: ``10 B Hq Lq Lk D`` (torch's SDPA backward convention)."""
+    b, hq, lq, d = q_shape
+    lk = k_shape[2]
+    return sdpa_backward_flop_count((b, hq, lq, d), (b, hq, lq, d), (b, hq, lk, d), (b, hq, lk, d))
+
+
+@torch.library.custom_op("mit_kernels::attention_triton_fwd", mutates_args=())
+def attention_triton_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_mul: torch.Tensor,
+    k_add: torch.Tensor,
+    v_mul: torch.Tensor,
+    v_add: torch.Tensor,
+    head_logit: torch.Tensor,
+    kv_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    rescale: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from . import triton_attention  # imported on first use: TRITON_INTERPRET must be set before kernels are defined
+
+    return triton_attention.mit_attention_triton_fwd(
+        q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale
+    )
+
+
+@attention_triton_fwd.register_fake
+def _(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale):
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=acc)
+
+
+@torch.library.custom_op("mit_kernels::attention_triton_bwd", mutates_args=())
+def attention_triton_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_mul: torch.Tensor,
+    k_add: torch.Tensor,
+    v_mul: torch.Tensor,
+    v_add: torch.Tensor,
+    head_logit: torch.Tensor,
+    kv_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse2: torch.Tensor,
+    causal: bool,
+    scale: float,
+    rescale: bool,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    from . import triton_attention
+
+    return triton_attention.mit_attention_triton_bwd(
+        grad_out, q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, out, lse2, causal, scale, rescale
+    )
+
+
+@attention_triton_bwd.register_fake
+def _(grad_out, q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, out, lse2, causal, scale, rescale):
+    return tuple(
+        torch.empty_like(x, memory_format=torch.contiguous_format)
+        for x in (q, k, v, k_mul, k_add, v_mul, v_add, head_logit)
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale = inputs
+    out, lse2 = output
+    ctx.save_for_backward(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, out, lse2)
+    ctx.kv_mask = kv_mask
+    ctx.causal, ctx.scale, ctx.rescale = causal, scale, rescale
+    ctx.mark_non_differentiable(lse2)
+
+
+def _backward(ctx, grad_out, _grad_lse2):
+    q, k, v, k_mul, k_add, v_mul, v_add, head_logit, out, lse2 = ctx.saved_tensors
+    grads = attention_triton_bwd(
+        grad_out, q, k, v, k_mul, k_add, v_mul, v_add, head_logit, ctx.kv_mask, out, lse2,
+        ctx.causal, ctx.scale, ctx.rescale,
+    )  # fmt: skip
+    return (*grads, None, None, None, None)
+
+
+attention_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.mit_kernels.attention_triton_fwd)
+def _attention_fwd_flop(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+    return attention_flops(q_shape, k_shape)
+
+
+@register_flop_formula(torch.ops.mit_kernels.attention_triton_bwd)
+def _attention_bwd_flop(grad_out_shape, q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+    return attention_backward_flops(q_shape, k_shape)

@@ -1,0 +1,20 @@
+"""Shared test setup.
+
+Without a GPU the Triton kernels run in the Triton interpreter, which must be switched on before any ``@triton.jit``
+runs, i.e. before ``mit_kernels`` is imported: this file is imported by pytest before the test modules.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+from attention_cases import DEVICE
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
