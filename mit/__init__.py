@@ -1,11 +1,44 @@
 """mit: Multimodal Infusion Tuning for large language models.
 
-The fused operations live in :mod:`mit_kernels` (attention with key/value infusion, the FFN infusion gate); this
-package is where the Hugging Face integration and the tuning framework are built on top of them.
+    import mit
+    model = mit.apply_mit(model, mit.MiTConfig(modality_dim=768))   # frozen base + zero-initialised infusion
+    out = model(input_ids, attention_mask=mask, modality_embedding=emb)
+    mit.save_adapter(model, "out/");  mit.load_adapter(fresh_model, "out/")
+
+The fused operations live in :mod:`mit_kernels`.
 """
 
 from __future__ import annotations
 
 from mit_kernels import __version__, mit_attention, mit_ffn_gate
 
-__all__ = ["__version__", "mit_attention", "mit_ffn_gate"]
+from . import models
+from .adapter import load_adapter, save_adapter
+from .config import MiTConfig, default_layers
+from .modeling import (
+    MiTLlamaAttention,
+    MiTLlamaDecoderLayer,
+    MiTLlamaForCausalLM,
+    MiTLlamaMLP,
+    MiTLlamaModel,
+    apply_mit,
+    count_parameters,
+)
+
+__all__ = [
+    "MiTConfig",
+    "MiTLlamaAttention",
+    "MiTLlamaDecoderLayer",
+    "MiTLlamaForCausalLM",
+    "MiTLlamaMLP",
+    "MiTLlamaModel",
+    "__version__",
+    "apply_mit",
+    "count_parameters",
+    "default_layers",
+    "load_adapter",
+    "mit_attention",
+    "mit_ffn_gate",
+    "models",
+    "save_adapter",
+]
