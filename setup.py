@@ -73,7 +73,7 @@ def _cpu_extension() -> dict:
         name="mit_kernels._C",
         sources=sources,
         depends=headers,
-        extra_compile_args=[*flags, *defines],
+        extra_compile_args=[*flags, *defines, "-g0", "-Wno-unknown-pragmas"],
         extra_link_args=["-fopenmp"],
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}

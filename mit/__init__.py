@@ -15,6 +15,8 @@ from mit_kernels import __version__, mit_attention, mit_ffn_gate
 from . import models
 from .adapter import load_adapter, save_adapter
 from .config import MiTConfig, default_layers
+from .encoders import CLIPImageEncoder, SequenceEncoder
+from .heads import ClassificationHead, RegressionHead, SegmentationDecoder
 from .modeling import (
     MiTLlamaAttention,
     MiTLlamaDecoderLayer,
@@ -24,14 +26,22 @@ from .modeling import (
     apply_mit,
     count_parameters,
 )
+from .trainer import TrainConfig, Trainer
 
 __all__ = [
+    "CLIPImageEncoder",
+    "ClassificationHead",
     "MiTConfig",
     "MiTLlamaAttention",
     "MiTLlamaDecoderLayer",
     "MiTLlamaForCausalLM",
     "MiTLlamaMLP",
     "MiTLlamaModel",
+    "RegressionHead",
+    "SegmentationDecoder",
+    "SequenceEncoder",
+    "TrainConfig",
+    "Trainer",
     "__version__",
     "apply_mit",
     "count_parameters",

@@ -22,6 +22,10 @@ Correctness with transformers' machinery:
   always builds; the MiT layer reads the key padding mask from it (last query row of the 4-D mask, or the 2-D mask
   flash-attention implementations get) and checks that the mask is exactly "causal and padding" before using it.
   Packed sequences or custom 4-D masks are refused with a ValueError instead of being silently misread.
+- Positions: MiT's post-rotary ``k_add`` makes attention depend on absolute positions (rotary alone is
+  shift-invariant), so with a modality embedding and no ``position_ids`` the top-level forward derives them from the
+  2-D padding mask (``cumsum - 1``, as generate() does): a left-padded sample then computes exactly what it computes
+  alone.
 - A forward without ``modality_embedding`` runs the base modules' own code: exactly the frozen model.
 """
 
@@ -218,6 +222,22 @@ class MiTLlamaDecoderLayer(LlamaDecoderLayer):
         return residual + hidden_states
 
 
+def padding_aware_position_ids(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Positions that start at 0 at each sample's first real token: ``cumsum(mask) - 1`` over the last ``seq_len``
+    columns of the (B, past + seq_len) padding mask, as generate() computes them.
+
+    MiT needs them for left-padded batches: its post-rotary ``k_add`` makes attention depend on absolute positions
+    (rotary alone is shift-invariant), so with default positions a sample's output would depend on its padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+
+
+def _positions_for(modality_embedding, position_ids, attention_mask, input_ids, inputs_embeds):
+    if modality_embedding is None or position_ids is not None or attention_mask is None or attention_mask.dim() != 2:
+        return position_ids
+    seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+    return padding_aware_position_ids(attention_mask, seq_len)
+
+
 class _MiTModelMixin:
     """What apply_mit adds to the top-level model: the MiT config and the trainable-parameter report."""
 
@@ -253,6 +273,7 @@ class MiTLlamaForCausalLM(_MiTModelMixin, LlamaForCausalLM):
     ):
         if modality_embedding is not None:
             kwargs["modality_embedding"] = modality_embedding
+        position_ids = _positions_for(modality_embedding, position_ids, attention_mask, input_ids, inputs_embeds)
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -282,6 +303,7 @@ class MiTLlamaModel(_MiTModelMixin, LlamaModel):
     ):
         if modality_embedding is not None:
             kwargs["modality_embedding"] = modality_embedding
+        position_ids = _positions_for(modality_embedding, position_ids, attention_mask, input_ids, inputs_embeds)
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -10,7 +10,7 @@ from . import ops
 from .reference import mit_attention_reference
 from .validation import check_attention_inputs
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "cpu")
 TRITON_MAX_HEAD_DIM = 256
 
 
@@ -32,15 +32,46 @@ def triton_interpreter_active() -> bool:
     return triton_attention.interpreter_active()
 
 
+def _load_cpu_backend():
+    """The compiled CPU backend module (``mit_kernels.cpu_backend``), or None and the reason it cannot be used."""
+    try:
+        from . import cpu_backend
+    except ImportError as exc:
+        return None, f"mit_kernels.cpu_backend cannot be imported ({exc})"
+    if not cpu_backend.available():
+        return None, cpu_backend.unavailable_reason() or "its compiled extension is not available"
+    return cpu_backend, ""
+
+
+def cpu_backend_available() -> bool:
+    """The C++ CPU backend (the extension ``mit_kernels._C``, built by ``pip install .``) is built and loadable."""
+    return _load_cpu_backend()[0] is not None
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map a requested backend to the one that runs, or raise ValueError if it cannot run on ``device``.
 
-    "auto" picks Triton for CUDA tensors and the fastest CPU path otherwise (the reference until a compiled CPU
-    backend exists)."""
+    "auto" picks Triton for CUDA tensors; for CPU tensors the compiled C++ backend ("cpu") when it is built, else the
+    reference."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "reference"
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        if device.type == "cpu" and cpu_backend_available():
+            return "cpu"
+        return "reference"
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(
+                f"backend='cpu' needs CPU tensors, got device {device} (use backend='auto', or 'triton' on CUDA)"
+            )
+        _, reason = _load_cpu_backend()
+        if reason:
+            raise ValueError(
+                f"backend='cpu' needs the compiled C++ extension, which is not available: {reason}. Reinstall with "
+                "`pip install .` (needs a C++ compiler; MIT_SKIP_CPU_EXT must be unset), or use backend='reference'"
+            )
     if backend == "triton":
         if not triton_available():
             raise ValueError("backend='triton' needs the triton package (pip install triton), which is not installed")
@@ -87,7 +118,7 @@ def mit_attention(
         scale: softmax scale, default ``1/sqrt(D)``.
         kv_mask: optional (B, Lk) bool, True where the key may be attended.
         rescale: apply the head-level gate; with False, g = 1.
-        backend: "auto", "reference" or "triton".
+        backend: "auto", "reference", "triton" or "cpu" (the compiled C++ kernels, CPU tensors).
 
     Returns:
         (B, Hq, Lq, D) in q's dtype. Differentiable w.r.t. all eight tensors. Rows that see no key are 0.
@@ -99,6 +130,9 @@ def mit_attention(
             q, k, v, k_mul, k_add, v_mul, v_add, head_logit,
             causal=causal, scale=scale, kv_mask=kv_mask, rescale=rescale,
         )  # fmt: skip
+    if which == "cpu":
+        cpu_backend, _ = _load_cpu_backend()
+        return cpu_backend.attention(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale)
     if q.shape[-1] > TRITON_MAX_HEAD_DIM:
         raise ValueError(
             f"backend='triton' supports head dims D <= {TRITON_MAX_HEAD_DIM}, got q with D={q.shape[-1]} "

@@ -194,3 +194,18 @@ def test_llama2_7b_trainable_parameters_on_meta():
     assert trainable == 6 * per_layer == 126_386_880
     assert total == 6_738_415_616 + trainable  # LLaMA-2-7B's 6.74 B
     assert round(100 * trainable / total, 2) == 1.84
+
+
+def test_left_padded_sample_equals_sample_alone_without_explicit_positions():
+    """MiT's post-rotary k_add breaks rotary's shift invariance; the MiT forward derives positions from the padding
+    mask (as generate() does), so a left-padded sample computes what it computes alone."""
+    model = mit.apply_mit(tiny_model(), mit.MiTConfig(modality_dim=MODALITY_DIM))
+    randomise(model)
+    ids, mask = padded_batch()
+    emb = torch.randn(3, MODALITY_DIM)
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask, modality_embedding=emb).logits
+        for i in range(3):
+            real = mask[i].bool()
+            alone = model(ids[i : i + 1, real], modality_embedding=emb[i : i + 1]).logits[0]
+            torch.testing.assert_close(batched[i, real], alone, rtol=1e-5, atol=1e-5)

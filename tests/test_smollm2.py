@@ -50,18 +50,32 @@ def _modality(n, seed=1):
     return torch.randn(n, MODALITY_DIM, generator=torch.Generator().manual_seed(seed))
 
 
+def zero_init_tolerance(base, ids, mask) -> float:
+    """max(1e-5, |eager - sdpa|): on SmolLM2, transformers' own eager and sdpa attention already differ by ~4e-5 in
+    fp32 logits (different summation orders, amplified through 30 layers). A zero-initialised MiT model, which runs
+    its own attention kernel in 6 layers, must be no further from the frozen model than that."""
+    eager = copy.deepcopy(base)
+    eager.config._attn_implementation = "eager"
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        a = base(ids, attention_mask=mask, position_ids=positions).logits
+        b = eager(ids, attention_mask=mask, position_ids=positions).logits
+    return max(1e-5, (a - b)[mask.bool()].abs().max().item())
+
+
 def test_zero_init_logits_equal_the_untouched_model(smollm2, batch):
     base, _ = smollm2
     ids, mask = batch
     model = _mit_copy(base)
     assert model.mit_config.resolved_layers(30) == [12, 16, 20, 24, 28, 29]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what the MiT model derives, and what generate() uses
     with torch.no_grad():
-        expected = base(ids, attention_mask=mask).logits
-        without = model(ids, attention_mask=mask).logits
+        expected = base(ids, attention_mask=mask, position_ids=positions).logits
+        without = model(ids, attention_mask=mask, position_ids=positions).logits
         with_modality = model(ids, attention_mask=mask, modality_embedding=_modality(3)).logits
     real = mask.bool()
     assert torch.equal(without, expected)  # no modality: the base modules' own code runs
-    assert (with_modality - expected)[real].abs().max().item() <= 1e-5
+    assert (with_modality - expected)[real].abs().max().item() <= zero_init_tolerance(base, ids, mask)
 
 
 def test_zero_init_greedy_generation_is_token_identical(smollm2, batch):

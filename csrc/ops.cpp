@@ -1,0 +1,179 @@
+// Operator registration of the MiT CPU kernels (namespace mit_kernels): the CPU kernels, the autograd formulas (in
+// C++, so that a call under no_grad, e.g. every decoding step, costs no Python), and the Python module mit_kernels._C,
+// which only reports how the extension was built. Fake (meta) kernels and FLOP formulas are registered from Python in
+// mit_kernels/cpu_backend.py.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <pybind11/pybind11.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include "attention.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define MIT_STR_(...) #__VA_ARGS__
+#define MIT_STR(...) MIT_STR_(__VA_ARGS__)
+
+TORCH_LIBRARY_FRAGMENT(mit_kernels, m) {
+  m.def(
+      "attention_cpu_fwd(Tensor q, Tensor k, Tensor v, Tensor k_mul, Tensor k_add, Tensor v_mul, Tensor v_add, "
+      "Tensor head_logit, Tensor? kv_mask, bool causal, float scale, bool rescale) -> (Tensor, Tensor)");
+  m.def(
+      "attention_cpu_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor k_mul, Tensor k_add, Tensor v_mul, "
+      "Tensor v_add, Tensor head_logit, Tensor? kv_mask, Tensor out, Tensor lse, bool causal, float scale, "
+      "bool rescale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("ffn_gate_cpu_fwd(Tensor gate, Tensor up, Tensor ffn_mul) -> Tensor");
+  m.def("ffn_gate_cpu_bwd(Tensor grad_out, Tensor gate, Tensor up, Tensor ffn_mul) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(mit_kernels, CPU, m) {
+  m.impl("attention_cpu_fwd", &mit::attention_cpu_fwd);
+  m.impl("attention_cpu_bwd", &mit::attention_cpu_bwd);
+  m.impl("ffn_gate_cpu_fwd", &mit::ffn_gate_cpu_fwd);
+  m.impl("ffn_gate_cpu_bwd", &mit::ffn_gate_cpu_bwd);
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using AttnFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                      const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                      const at::Tensor&, const at::Tensor&,
+                                                      const std::optional<at::Tensor>&, bool, double, bool);
+using AttnBwdSig =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+        const at::Tensor&, const at::Tensor&, bool, double, bool);
+using FfnFwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+using FfnBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                  const at::Tensor&, const at::Tensor&);
+
+// Typed handles: calls go through the dispatcher, so under torch.compile (fake tensors) they reach the fake kernels.
+const c10::TypedOperatorHandle<AttnFwdSig>& attn_fwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mit_kernels::attention_cpu_fwd", "").typed<AttnFwdSig>();
+  return op;
+}
+const c10::TypedOperatorHandle<AttnBwdSig>& attn_bwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mit_kernels::attention_cpu_bwd", "").typed<AttnBwdSig>();
+  return op;
+}
+const c10::TypedOperatorHandle<FfnFwdSig>& ffn_fwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mit_kernels::ffn_gate_cpu_fwd", "").typed<FfnFwdSig>();
+  return op;
+}
+const c10::TypedOperatorHandle<FfnBwdSig>& ffn_bwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mit_kernels::ffn_gate_cpu_bwd", "").typed<FfnBwdSig>();
+  return op;
+}
+
+class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& k_mul, const at::Tensor& k_add, const at::Tensor& v_mul,
+                               const at::Tensor& v_add, const at::Tensor& head_logit,
+                               const std::optional<at::Tensor>& kv_mask, bool causal, double scale, bool rescale) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, lse] = attn_fwd_op().call(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale,
+                                         rescale);
+    ctx->save_for_backward({q, k, v, k_mul, k_add, v_mul, v_add, head_logit, out, lse});
+    ctx->saved_data["kv_mask"] = kv_mask;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["rescale"] = rescale;
+    ctx->mark_non_differentiable({lse});
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor grad_out = grads[0];
+    if (!grad_out.defined()) grad_out = at::zeros_like(saved[8]);
+    const auto kv_mask = ctx->saved_data["kv_mask"].toOptional<at::Tensor>();
+    auto [dq, dk, dv, dkm, dka, dvm, dva, dhl] = attn_bwd_op().call(
+        grad_out, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], saved[7], kv_mask, saved[8],
+        saved[9], ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble(),
+        ctx->saved_data["rescale"].toBool());
+    return {dq, dk, dv, dkm, dka, dvm, dva, dhl, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+class FfnGateFunction : public torch::autograd::Function<FfnGateFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gate, const at::Tensor& up,
+                            const at::Tensor& ffn_mul) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({gate, up, ffn_mul});  // the backward recomputes silu
+    return ffn_fwd_op().call(gate, up, ffn_mul);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    auto [dg, du, dm] = ffn_bwd_op().call(grads[0], saved[0], saved[1], saved[2]);
+    return {dg, du, dm};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const at::Tensor& k_mul, const at::Tensor& k_add,
+                                                      const at::Tensor& v_mul, const at::Tensor& v_add,
+                                                      const at::Tensor& head_logit,
+                                                      const std::optional<at::Tensor>& kv_mask, bool causal,
+                                                      double scale, bool rescale) {
+  auto r = AttentionFunction::apply(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale);
+  return {r[0], r[1]};
+}
+
+at::Tensor ffn_gate_autograd(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& ffn_mul) {
+  return FfnGateFunction::apply(gate, up, ffn_mul);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mit_kernels, Autograd, m) {
+  m.impl("attention_cpu_fwd", &attention_autograd);
+  m.impl("ffn_gate_cpu_fwd", &ffn_gate_autograd);
+}
+
+namespace {
+
+pybind11::dict extension_info() {
+  pybind11::dict info;
+  info["built"] = true;
+  info["num_threads"] = at::get_num_threads();
+#ifdef _OPENMP
+  info["openmp"] = true;
+  info["openmp_version"] = static_cast<int>(_OPENMP);
+#else
+  info["openmp"] = false;
+  info["openmp_version"] = 0;
+#endif
+#ifdef MIT_COMPILE_FLAGS
+  info["compile_flags"] = std::string(MIT_STR(MIT_COMPILE_FLAGS));
+#else
+  info["compile_flags"] = std::string("");
+#endif
+#if defined(CPU_CAPABILITY_AVX2)
+  info["vector_isa"] = "AVX2";
+#else
+  info["vector_isa"] = "DEFAULT";
+#endif
+  info["blas"] = mit::blas_name();
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "MiT fused CPU kernels (ops registered under torch.ops.mit_kernels)";
+  m.def("extension_info", &extension_info, "How the extension was built and how many threads ATen uses");
+}

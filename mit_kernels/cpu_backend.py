@@ -1,0 +1,215 @@
+"""The compiled CPU backend: C++ kernels (``csrc/``, built as ``mit_kernels._C`` by ``pip install .``) for MiT attention
+and the FFN infusion gate.
+
+The C++ extension registers four operators on the CPU dispatch key::
+
+    mit_kernels::attention_cpu_fwd(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale)
+        -> (out, lse)                     lse (B, Hq, Lq): natural log-sum-exp, fp32 (fp64 for fp64 inputs)
+    mit_kernels::attention_cpu_bwd(grad_out, q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, out, lse,
+                                   causal, scale, rescale) -> the eight input gradients
+    mit_kernels::ffn_gate_cpu_fwd(gate, up, ffn_mul) -> silu(gate) * up * (1 + ffn_mul[:, None, :])
+    mit_kernels::ffn_gate_cpu_bwd(grad_out, gate, up, ffn_mul) -> (d gate, d up, d ffn_mul)
+
+The extension also registers their autograd formulas, in C++ (``csrc/ops.cpp``, a ``torch::autograd::Function`` on
+the Autograd key: the backward ops are the derivatives of the forward ops), so that a call under ``no_grad`` (every
+decoding step) costs no Python. This module adds the rest of what torch needs around them: fake (meta) kernels, so
+torch.compile traces through without a graph break, and FLOP formulas for ``torch.utils.flop_counter.FlopCounterMode``
+(attention: torch's SDPA convention, see :mod:`mit_kernels.ops`; FFN gate: the elementwise convention of
+:mod:`mit_kernels.ffn`, ``6 B L F`` forward and ``15 B L F`` backward).
+
+Kernels (details in ``csrc/attention_fwd.cpp`` and ``csrc/attention_bwd.cpp``): the forward is a flash-attention
+forward with the infusion fused into the loading of each key block (no K', V' or (Lq, Lk) buffer), stacking the query
+heads of a GQA group so each infused key block serves all of them; few query rows (decoding) take a flash-decoding
+kernel that splits the keys across threads and infuses each cached K / V row on the fly. The backward is a
+flash-attention-2 backward with the infusion gradients fused in, bitwise reproducible run to run (for a given thread
+count). Everything accumulates in fp32 (fp64 for fp64 inputs); fp32, bf16, fp16 and fp64 are supported.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+
+import torch  # must be imported before the extension (it links against libtorch)
+from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+
+def _cpu_has_avx2() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        return bool(torch.cpu._is_avx2_supported())
+    except AttributeError:  # pragma: no cover - private torch helper; assume a modern x86-64 CPU
+        return True
+
+
+# On x86-64 the extension is built with AVX2 when the build machine has it (setup.py); loading such a build on a CPU
+# without AVX2 could crash, so there it is only loaded when the user says it was built without (MIT_CPU_AVX2=0).
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+if _X86 and not _cpu_has_avx2() and os.environ.get("MIT_CPU_AVX2", "").strip() != "0":
+    _C = None
+    _IMPORT_ERROR: str | None = (
+        "this CPU lacks AVX2; reinstall with MIT_CPU_AVX2=0 and set MIT_CPU_AVX2=0 when running to use the extension"
+    )
+else:
+    try:
+        from . import _C
+    except ImportError as _exc:  # not built (MIT_SKIP_CPU_EXT=1, or a source checkout without build_ext --inplace)
+        _C = None
+        _IMPORT_ERROR = f"{type(_exc).__name__}: {_exc}"
+    else:
+        _IMPORT_ERROR = None
+
+
+def _compute_unavailable_reason() -> str | None:
+    if _C is None:
+        return f"the C++ extension mit_kernels._C is not loaded ({_IMPORT_ERROR})"
+    if _C.extension_info()["vector_isa"] == "AVX2" and not _cpu_has_avx2():
+        return "the C++ extension was built with AVX2 but this CPU lacks it (reinstall with MIT_CPU_AVX2=0)"
+    return None
+
+
+_UNAVAILABLE_REASON = _compute_unavailable_reason()
+
+
+def _unavailable_reason() -> str | None:
+    return _UNAVAILABLE_REASON
+
+
+def available() -> bool:
+    """The compiled extension is built, loads, and can run on this CPU."""
+    return _UNAVAILABLE_REASON is None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False (None when it is True)."""
+    return _UNAVAILABLE_REASON
+
+
+def extension_info() -> dict:
+    """How the extension was built: ``built``, ``num_threads`` (at::get_num_threads() now), ``openmp``,
+    ``compile_flags``, ``vector_isa`` (AVX2 or DEFAULT) and ``blas`` (the GEMM used); ``reason`` when not built."""
+    if _C is None:
+        return {"built": False, "reason": _unavailable_reason()}
+    info = dict(_C.extension_info())
+    info["available"] = available()
+    return info
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fake kernels and FLOP formulas of the C++ operators (their autograd is registered in C++, csrc/ops.cpp)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _attention_flops(q_shape, k_shape) -> int:
+    try:  # mit_kernels.ops holds the convention; it imports triton, which a CPU-only install may lack
+        from .ops import attention_flops
+    except ImportError:
+        b, hq, lq, d = q_shape
+        return sdpa_flop_count((b, hq, lq, d), (b, hq, k_shape[2], d), (b, hq, k_shape[2], d))
+    return attention_flops(q_shape, k_shape)
+
+
+def _attention_backward_flops(q_shape, k_shape) -> int:
+    try:
+        from .ops import attention_backward_flops
+    except ImportError:
+        b, hq, lq, d = q_shape
+        lk = k_shape[2]
+        return sdpa_backward_flop_count((b, hq, lq, d), (b, hq, lq, d), (b, hq, lk, d), (b, hq, lk, d))
+    return attention_backward_flops(q_shape, k_shape)
+
+
+def _register() -> None:
+    lib = "mit_kernels::"
+
+    @torch.library.register_fake(lib + "attention_cpu_fwd")
+    def _(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale):
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        return out, q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
+
+    @torch.library.register_fake(lib + "attention_cpu_bwd")
+    def _(grad_out, q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, out, lse, causal, scale, rescale):
+        return tuple(
+            torch.empty_like(x, memory_format=torch.contiguous_format)
+            for x in (q, k, v, k_mul, k_add, v_mul, v_add, head_logit)
+        )
+
+    @torch.library.register_fake(lib + "ffn_gate_cpu_fwd")
+    def _(gate, up, ffn_mul):
+        return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(lib + "ffn_gate_cpu_bwd")
+    def _(grad_out, gate, up, ffn_mul):
+        return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (gate, up, ffn_mul))
+
+    @register_flop_formula(torch.ops.mit_kernels.attention_cpu_fwd)
+    def _(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+        return _attention_flops(q_shape, k_shape)
+
+    @register_flop_formula(torch.ops.mit_kernels.attention_cpu_bwd)
+    def _(grad_out_shape, q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+        return _attention_backward_flops(q_shape, k_shape)
+
+    @register_flop_formula(torch.ops.mit_kernels.ffn_gate_cpu_fwd)
+    def _(gate_shape, *args, out_shape=None, **kwargs) -> int:
+        from .ffn import ffn_gate_flops  # the convention is documented there
+
+        return ffn_gate_flops(gate_shape)
+
+    @register_flop_formula(torch.ops.mit_kernels.ffn_gate_cpu_bwd)
+    def _(grad_out_shape, gate_shape, *args, out_shape=None, **kwargs) -> int:
+        from .ffn import ffn_gate_backward_flops
+
+        return ffn_gate_backward_flops(gate_shape)
+
+
+if _C is not None:
+    _register()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Contract functions (inputs already validated by the public API)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _require() -> None:
+    reason = _unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"mit_kernels.cpu_backend is not available: {reason}")
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_mul: torch.Tensor,
+    k_add: torch.Tensor,
+    v_mul: torch.Tensor,
+    v_add: torch.Tensor,
+    head_logit: torch.Tensor,
+    kv_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float | None,
+    rescale: bool,
+) -> torch.Tensor:
+    """MiT attention on CPU tensors (see :func:`mit_kernels.mit_attention`); differentiable w.r.t. all eight
+    tensors. ``scale=None`` means ``1 / sqrt(D)``. Returns (B, Hq, Lq, D) in q's dtype, contiguous."""
+    _require()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _ = torch.ops.mit_kernels.attention_cpu_fwd(
+        q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, bool(causal), scale, bool(rescale)
+    )
+    return out
+
+
+def ffn_gate(gate: torch.Tensor, up: torch.Tensor, ffn_mul: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up * (1 + ffn_mul[:, None, :])`` on CPU tensors (see :func:`mit_kernels.ffn.mit_ffn_gate`);
+    differentiable w.r.t. all three. Returns (B, L, F) in gate's dtype, contiguous."""
+    _require()
+    return torch.ops.mit_kernels.ffn_gate_cpu_fwd(gate, up, ffn_mul)

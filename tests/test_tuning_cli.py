@@ -1,0 +1,215 @@
+"""`mit train` / `mit eval` end to end on a synthetic fixture of each dataset format; config files; errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tuning_fixtures import (
+    make_food101,
+    make_mosi,
+    make_refcoco,
+    make_snli_ve,
+    one_thread,
+    write_tiny_clip_config,
+    write_tiny_llama,
+)
+
+from mit.cli import main
+
+_threads = pytest.fixture(autouse=True, scope="module")(one_thread)
+TINY = [
+    "--epochs",
+    "2",
+    "--batch-size",
+    "2",
+    "--no-progress",
+    "--decoder-hidden",
+    "16",
+    "--cls-hidden",
+    "16",
+    "--seq-d-model",
+    "16",
+    "--modality-dim",
+    "16",
+    "--lr",
+    "1e-3",
+]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return {
+        "llama": str(write_tiny_llama(root / "llama")),
+        "clip": str(write_tiny_clip_config(root)),
+        "refcoco": str(make_refcoco(root / "refer")),
+        "refcocog": str(make_refcoco(root / "refer", "refcocog", "umd")),
+        "food101": str(make_food101(root / "food")),
+        "snli-ve": str(make_snli_ve(root / "snli")),
+        "mosi": str(make_mosi(root / "mosi")),
+        "mosei": str(make_mosi(root / "mosei", aligned=True)),
+    }
+
+
+@pytest.mark.parametrize(
+    "task,dataset,metric",
+    [
+        ("refseg", "refcoco", "oIoU"),
+        ("refseg", "refcocog", "oIoU"),
+        ("cls", "food101", "accuracy"),
+        ("cls", "snli-ve", "f1_macro"),
+        ("msa", "mosi", "acc7"),
+        ("msa", "mosei", "corr"),
+    ],
+)
+def test_train_end_to_end(assets, tmp_path, capsys, task, dataset, metric):
+    out = tmp_path / "run"
+    argv = [
+        "train",
+        "--task",
+        task,
+        "--dataset",
+        dataset,
+        "--model",
+        assets["llama"],
+        "--data",
+        assets[dataset],
+        "--out",
+        str(out),
+        "--encoder",
+        assets["clip"],
+        *TINY,
+    ]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metric in printed and printed["global_step"] > 0
+    assert (out / "checkpoints" / "latest").is_file() and (out / "metrics.csv").is_file()
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    assert (latest / "trainable.safetensors").is_file()
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert metric in header and len((out / "metrics.csv").read_text().splitlines()) == 3  # header + 2 epochs
+    eval_split = {
+        "refcoco": "testA",
+        "refcocog": "test",
+        "food101": "test",
+        "snli-ve": "test",
+        "mosi": "test",
+        "mosei": "test",
+    }[dataset]
+    assert main(["eval", "--checkpoint", str(out), "--split", eval_split, "--output", str(tmp_path / "e.json")]) == 0
+    assert metric in json.loads((tmp_path / "e.json").read_text())
+
+
+def test_config_file_with_overrides(assets, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"task: msa\nmodel: {assets['llama']}\ndata: {assets['mosi']}\nout: {tmp_path / 'run'}\nepochs: 5\n"
+        "batch-size: 3\nseq_d_model: 16\nmodality_dim: 16\nlayers: 0,1\nprogress: false\nlr: 1e-3\n"
+    )
+    assert main(["train", "--config", str(config), "--epochs", "1", "--max-steps", "1"]) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["epochs"], saved["batch_size"], saved["layers"], saved["max_steps"]) == (1, 3, [0, 1], 1)
+    assert saved["lr"] == 1e-3  # YAML's 1e-3 is a string to PyYAML: converted
+    # continue the run from its checkpoint
+    assert main(["train", "--config", str(config), "--epochs", "1", "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["global_step"] == 2
+    json_config = tmp_path / "run.json"
+    json_config.write_text(
+        json.dumps(
+            {
+                "task": "msa",
+                "model": assets["llama"],
+                "data": assets["mosi"],
+                "out": str(tmp_path / "run2"),
+                "epochs": 1,
+                "max_steps": 1,
+                "progress": False,
+                "seq_d_model": 16,
+                "modality_dim": 16,
+            }
+        )
+    )
+    assert main(["train", "--config", str(json_config)]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "--task", "bogus"], "argument --task: invalid choice: 'bogus'"),
+        (["train", "--task", "cls", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+        (["train", "--task", "cls", "--data", "d", "--out", "o"], "missing required settings ['model']"),
+        (
+            ["train", "--task", "cls", "--model", "/no/such", "--data", "d", "--out", "o"],
+            "--model /no/such: expected a Hugging Face model directory with config.json",
+        ),
+        (["train", "--config", "/no/such.yaml"], "--config /no/such.yaml: no such file"),
+        (
+            ["train", "--task", "msa", "--model", "m", "--data", "d", "--out", "o", "--epochs", "0"],
+            "epochs: expected an integer >= 1, got 0",
+        ),
+        (["train", "--layers", "1,x"], "argument --layers: expected comma-separated integers"),
+        (["eval"], "the following arguments are required: --checkpoint"),
+        (["eval", "--checkpoint", "/no/run"], "--checkpoint /no/run: expected a run directory"),
+    ],
+)
+def test_bad_arguments_give_one_line(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mit: error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_config_files(tmp_path, capsys):
+    cases = {
+        "a.yaml": "task: [unclosed",
+        "b.json": "{",
+        "c.yaml": "- a list",
+        "d.yaml": "learning_rate: 1",
+        "e.txt": "x",
+    }
+    expected = [
+        "not valid YAML",
+        "not valid JSON",
+        "expected a mapping",
+        "unknown setting 'learning_rate'",
+        "expected a .yaml, .yml or .json file",
+    ]
+    for (name, text), message in zip(cases.items(), expected):
+        (tmp_path / name).write_text(text)
+        assert main(["train", "--config", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_missing_dataset_file_is_named(assets, tmp_path, capsys):
+    argv = [
+        "train",
+        "--task",
+        "cls",
+        "--dataset",
+        "snli-ve",
+        "--model",
+        assets["llama"],
+        "--data",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "o"),
+        "--encoder",
+        assets["clip"],
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("mit: error: missing file ") and "snli_ve_train.jsonl: expected SNLI-VE JSON lines" in err
+
+
+@pytest.mark.parametrize("argv", [["train", "--help"], ["--help"], ["eval", "--help"]])
+def test_help(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for text in ("examples", "mit train --task refseg", "mit eval --checkpoint"):
+        assert text in out
+    if argv[0] == "train":
+        for text in ("--task", "--encoder-pretrained", "--quick-gelu", "--mixed-precision", "--resume", "--config"):
+            assert text in out

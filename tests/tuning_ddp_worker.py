@@ -1,0 +1,42 @@
+"""One process of tests/test_tuning_distributed.py (started by torch.distributed.run): one optimizer step of the cls
+task on its shard of the data, then it writes its trainable parameters to OUT/rank_<rank>.safetensors."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from mit.tasks import trainable_state_dict
+from mit.trainer import TrainConfig, Trainer
+
+
+def main(llama: str, clip: str, data: str, out: str) -> None:
+    torch.set_num_threads(1)
+    config = TrainConfig(
+        task="cls",
+        model=llama,
+        data=data,
+        out=out,
+        encoder=clip,
+        batch_size=2,
+        epochs=1,
+        max_steps=1,
+        dropout=0.0,
+        lr=1e-3,
+        cls_hidden=16,
+        progress=False,
+    )
+    trainer = Trainer(config)
+    assert trainer.accelerator.num_processes == 2, trainer.accelerator.state
+    assert torch.distributed.get_backend() == "gloo"
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    # the batches of the two processes differ
+    save_file({"indices": torch.tensor(trainer._train_batches(0)[0])}, f"{out}/batch_{rank}.safetensors")
+    save_file(trainable_state_dict(trainer.unwrapped), f"{out}/rank_{rank}.safetensors")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
