@@ -17,6 +17,7 @@ Median times from torch.utils.benchmark (triton.testing.do_bench on CUDA); peak 
 Writes benchmarks/results/attention_<device>.csv and .png and prints a table with ratios to sdpa.
 
     python benchmarks/bench_attention.py            # default sweep (~10 min on 2 CPU cores)
+    python benchmarks/bench_attention.py --full     # LLaMA-7B training to L=4096, batches 1 and 4 (long)
     python benchmarks/bench_attention.py --quick    # seconds
 """
 
@@ -162,6 +163,8 @@ def run(args) -> list[dict]:
     jobs = []
     for shape in args.shapes:
         for length in args.train_lengths:
+            if shape == "llama7b" and length > args.llama7b_max_len:
+                continue
             jobs.append(("training", shape, length, length))
         for lk in args.decode_lengths:
             jobs.append(("decode", shape, 1, lk))
@@ -257,10 +260,14 @@ def parse_args(argv=None):
     p.add_argument("--train-lengths", nargs="+", type=int, default=[256, 1024, 2048, 4096])
     p.add_argument("--decode-lengths", nargs="+", type=int, default=[512, 2048, 8192])
     p.add_argument("--reference-max-len", type=int, default=1024)
+    p.add_argument("--llama7b-max-len", type=int, default=1024, help="longest LLaMA-7B training length")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing (CPU)")
     p.add_argument("--quick", action="store_true", help="tiny sweep for a smoke test (seconds)")
+    p.add_argument("--full", action="store_true", help="LLaMA-7B training up to 4096 too, and batch 1 and 4")
     p.add_argument("--out", type=pathlib.Path, default=None, help="CSV path (PNG beside it)")
     args = p.parse_args(argv)
+    if args.full:
+        args.llama7b_max_len, args.batches = max(args.train_lengths), [1, 4]
     if args.quick:
         args.shapes, args.batches = ["smollm2"], [1]
         args.train_lengths, args.decode_lengths = [64, 128], [256]

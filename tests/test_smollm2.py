@@ -50,17 +50,16 @@ def _modality(n, seed=1):
     return torch.randn(n, MODALITY_DIM, generator=torch.Generator().manual_seed(seed))
 
 
-def zero_init_tolerance(base, ids, mask) -> float:
-    """max(1e-5, |eager - sdpa|): on SmolLM2, transformers' own eager and sdpa attention already differ by ~4e-5 in
-    fp32 logits (different summation orders, amplified through 30 layers). A zero-initialised MiT model, which runs
-    its own attention kernel in 6 layers, must be no further from the frozen model than that."""
-    eager = copy.deepcopy(base)
-    eager.config._attn_implementation = "eager"
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+def zero_init_tolerance(base, ids, mask, positions) -> float:
+    """max(1e-5, 2 |base_fp32 - base_fp64|) over real tokens: "equal" to the frozen model means no further from it than
+    its own fp32 rounding error (flash-attention's 2x rule, at model level). On SmolLM2 a plain 1e-5 is below that
+    noise: transformers' own eager and sdpa attention already differ by ~4e-5 in fp32 logits (summation order,
+    amplified through 30 layers), and the gap moves with the thread count."""
+    base64 = copy.deepcopy(base).double()
     with torch.no_grad():
         a = base(ids, attention_mask=mask, position_ids=positions).logits
-        b = eager(ids, attention_mask=mask, position_ids=positions).logits
-    return max(1e-5, (a - b)[mask.bool()].abs().max().item())
+        b = base64(ids, attention_mask=mask, position_ids=positions).logits
+    return max(1e-5, 2 * (a.double() - b)[mask.bool()].abs().max().item())
 
 
 def test_zero_init_logits_equal_the_untouched_model(smollm2, batch):
@@ -75,7 +74,7 @@ def test_zero_init_logits_equal_the_untouched_model(smollm2, batch):
         with_modality = model(ids, attention_mask=mask, modality_embedding=_modality(3)).logits
     real = mask.bool()
     assert torch.equal(without, expected)  # no modality: the base modules' own code runs
-    assert (with_modality - expected)[real].abs().max().item() <= zero_init_tolerance(base, ids, mask)
+    assert (with_modality - expected)[real].abs().max().item() <= zero_init_tolerance(base, ids, mask, positions)
 
 
 def test_zero_init_greedy_generation_is_token_identical(smollm2, batch):
