@@ -60,19 +60,27 @@ def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time:
     return tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
 
 
+def sdpa_causal(q: torch.Tensor, k: torch.Tensor, causal: bool) -> bool:
+    """torch's ``is_causal`` is top-left aligned; the bottom-right causal mask MiT uses is the same only when
+    Lq == Lk. For decoding (Lq = 1 over a cache) every key is visible: no mask at all."""
+    if causal and q.shape[2] not in (1, k.shape[2]):
+        raise ValueError(f"this benchmark runs Lq == Lk (training) or Lq == 1 (decode), got Lq={q.shape[2]}")
+    return causal and q.shape[2] == k.shape[2]
+
+
 def unfused_mit(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, causal=True):
     """MiT written with eager PyTorch ops: gate, infused K/V materialised, then SDPA with GQA."""
     cos = F.cosine_similarity(v.float(), v_add.float()[:, :, None, :], dim=-1, eps=1e-8)
     gate = torch.sigmoid(head_logit.float()[None, :, None] + cos)[..., None].to(q.dtype)
     k_inf = k + gate * (k * k_mul[:, :, None, :] + k_add[:, :, None, :])
     v_inf = v + gate * (v * v_mul[:, :, None, :] + v_add[:, :, None, :])
-    return F.scaled_dot_product_attention(q, k_inf, v_inf, is_causal=causal, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k_inf, v_inf, is_causal=sdpa_causal(q, k, causal), enable_gqa=True)
 
 
 def attention_methods(device: torch.device, length: int, reference_max_len: int) -> dict[str, Callable]:
     methods: dict[str, Callable] = {
         "sdpa": lambda q, k, v, *rest, causal: F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal, enable_gqa=True
+            q, k, v, is_causal=sdpa_causal(q, k, causal), enable_gqa=True
         ),
         "unfused": lambda *xs, causal: unfused_mit(*xs, causal=causal),
     }
