@@ -24,7 +24,6 @@ Writes benchmarks/results/attention_<device>.csv and .png and prints a table wit
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import pathlib
 import sys
@@ -38,6 +37,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from memory import peak_memory_bytes
 
 import mit_kernels
+from mit.results import write_csv
 from mit_kernels.reference import mit_attention_reference, mit_ffn_gate_reference
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -207,15 +207,8 @@ def add_ratios(rows: list[dict]) -> None:
         r["peak_vs_floor"] = r["peak_mb"] / f["peak_mb"] if has_mem else ""
 
 
-def write_csv(rows: list[dict], path: pathlib.Path) -> None:
-    fields = ["workload", "shape", "batch", "lq", "lk", "method", "stage", "seconds", "peak_mb"]
-    fields += ["time_vs_floor", "peak_vs_floor"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+FIELDS = ["workload", "shape", "batch", "lq", "lk", "method", "stage", "seconds", "peak_mb"]
+FIELDS += ["time_vs_floor", "peak_vs_floor"]
 
 
 def print_table(rows: list[dict]) -> None:
@@ -291,7 +284,7 @@ def main(argv=None) -> list[dict]:
     rows = run(args)
     add_ratios(rows)
     out = args.out or RESULTS / f"attention_{device_name(device)}.csv"
-    write_csv(rows, out)
+    write_csv(rows, out, FIELDS)
     plot(rows, out.with_suffix(".png"))
     print_table(rows)
     print(f"\nwrote {out} and {out.with_suffix('.png')} (torch {torch.__version__}, {torch.get_num_threads()} threads)")

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import itertools
 import pathlib
 import time
@@ -63,6 +62,7 @@ import mit
 import mit_kernels
 import mit_kernels.attention
 import mit_kernels.ffn
+from mit.results import write_csv
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 METHODS = ("mit", "prefix", "text_only")
@@ -210,15 +210,6 @@ FIELDS = [
 ]  # fmt: skip
 
 
-def write_csv(rows: list[dict], path: pathlib.Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in FIELDS})
-
-
 def length_matching(rows: list[dict], key: str, target: float, scale: float = 1.0) -> str:
     """The text length at which MiT's ``key`` (times ``scale``) reaches ``target`` FLOPs, interpolated linearly."""
     pts = sorted((r["text_len"], r[key] * scale) for r in rows if r["method"] == "mit")
@@ -307,7 +298,7 @@ def main(argv=None) -> list[dict]:
     start = time.perf_counter()
     rows = run(args)
     out = args.out or RESULTS / "flops.csv"
-    write_csv(rows, out)
+    write_csv(rows, out, FIELDS)
     plot(rows, out.with_suffix(".png"))
     print_table(rows)
     seconds = time.perf_counter() - start

@@ -53,7 +53,6 @@ with the MiT / prefix ratios.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import pathlib
 import statistics
@@ -71,6 +70,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 import mit
 import mit_kernels
+from mit.results import write_csv
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 LAYER_METHODS = ("mit_fused", "mit_reference", "plain", "prefix_eager", "prefix_sdpa")
@@ -328,15 +328,6 @@ FIELDS = [
 ]  # fmt: skip
 
 
-def write_csv(rows: list[dict], path: pathlib.Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in FIELDS})
-
-
 def _fmt(x, spec: str) -> str:
     return format(x, spec) if x != "" else ""
 
@@ -434,7 +425,7 @@ def main(argv=None) -> list[dict]:
     start = time.perf_counter()
     rows = run(args)
     out = args.out or RESULTS / f"memory_vs_seqlen_{device_name(device)}.csv"
-    write_csv(rows, out)
+    write_csv(rows, out, FIELDS)
     plot(rows, out.with_suffix(".png"))
     print_table(rows)
     method = "exact live-tensor peak (TorchDispatchMode)"

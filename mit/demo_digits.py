@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import dataclasses
 import pathlib
 import statistics
@@ -39,6 +38,7 @@ from tqdm import tqdm
 from .config import MiTConfig
 from .modeling import apply_mit
 from .profiling import peak_memory_bytes
+from .results import write_csv
 
 TEMPLATE = "Is the handwritten digit a {k}? Answer:"
 METHODS = ("text_only", "prefix", "mit", "mit_no_kv", "mit_no_ffn", "mit_no_rescale")
@@ -307,16 +307,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def write_results(rows: list[dict], curves: list[dict], out_dir: pathlib.Path) -> None:
-    def dump(path, items):
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(items[0]))
-            writer.writeheader()
-            for item in items:
-                writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in item.items()})
-
-    dump(out_dir / "digits_demo.csv", rows)
-    dump(out_dir / "digits_demo_summary.csv", aggregate(rows))
-    dump(out_dir / "digits_demo_curves.csv", curves)
+    write_csv(rows, out_dir / "digits_demo.csv")
+    write_csv(aggregate(rows), out_dir / "digits_demo_summary.csv")
+    write_csv(curves, out_dir / "digits_demo_curves.csv")
 
     import matplotlib
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mit_kernels import mit_attention
 from mit_kernels.reference import masked_softmax_attention
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -113,3 +114,13 @@ def reduction_magnitudes(inputs64: list[torch.Tensor], grad_out64: torch.Tensor,
     out.backward(grad_out64)
     vector_mags = [x.grad.abs().sum(dim=2).max().item() for x in per_token]
     return [0.0, 0.0, 0.0, *vector_mags, lam.grad.abs().sum(dim=(0, 2)).max().item()]
+
+
+def run_attention(inputs, grad_out, backend, **kwargs):
+    """Output and the eight gradients of mit_attention (zeros where autograd gives none, e.g. lambda without
+    rescale), on fresh leaf copies of ``inputs``."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    out = mit_attention(*leaves, backend=backend, **kwargs)
+    out.backward(grad_out)
+    grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
+    return out.detach(), grads

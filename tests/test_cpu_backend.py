@@ -20,6 +20,7 @@ from attention_cases import (
     make_kv_mask,
     max_abs_err,
     reduction_magnitudes,
+    run_attention,
 )
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -51,15 +52,6 @@ def test_extension_is_built():
 # --------------------------------------------------------------------------------------------------------------------
 # Attention parity with the fp64 reference
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def run_attention(inputs, grad_out, backend, **kwargs):
-    """Output and the eight gradients (zeros where autograd gives none, e.g. lambda without rescale)."""
-    leaves = [x.detach().clone().requires_grad_() for x in inputs]
-    out = mit_attention(*leaves, backend=backend, **kwargs)
-    out.backward(grad_out)
-    grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
-    return out.detach(), grads
 
 
 def check_parity(inputs, dtype, **kwargs):

@@ -16,6 +16,7 @@ from attention_cases import (
     make_kv_mask,
     max_abs_err,
     reduction_magnitudes,
+    run_attention,
 )
 
 from mit_kernels import mit_attention
@@ -26,15 +27,6 @@ SEQ_LENS = [(1, 1), (1, 33), (7, 7), (33, 33), (7, 113), (33, 7)]
 # (Hq, Hkv): GQA ratios 1, 3, 4.
 HEADS = [(2, 2), (3, 1), (4, 1)]
 MASK_KINDS = ["none", "left_pad", "random"]
-
-
-def run_attention(inputs, grad_out, backend, **kwargs):
-    """Output and the eight gradients (zeros where autograd gives none, e.g. lambda without rescale)."""
-    leaves = [x.detach().clone().requires_grad_() for x in inputs]
-    out = mit_attention(*leaves, backend=backend, **kwargs)
-    out.backward(grad_out)
-    grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
-    return out.detach(), grads
 
 
 def check_parity(inputs, dtype, **kwargs):
