@@ -1,4 +1,5 @@
-"""The memory and FLOP benchmarks against prefix concatenation: each script's --quick run, checked on its CSV.
+"""The benchmark scripts' --quick runs, checked on their CSVs: memory and FLOPs against prefix concatenation, and the
+attention speed/memory benchmark (only its exact memory numbers are asserted; times are never asserted in tests).
 
 The scripts live in benchmarks/ (not in the package); they run as subprocesses against the installed package."""
 
@@ -108,3 +109,33 @@ def test_memory_tracker_ignores_views_of_existing_tensors():
     assert peak_memory_bytes(lambda: (weight.t(), weight.view(-1), x.add_(1)), cpu) == 0
     assert peak_memory_bytes(lambda: torch.nn.functional.linear(x, weight), cpu) == 8 * 512 * 4
     assert peak_memory_bytes(lambda: torch.randn(256, 512).t().contiguous(), cpu) == 2 * 256 * 512 * 4
+
+
+@pytest.fixture(scope="module")
+def attention_rows(tmp_path_factory) -> list[dict]:
+    return run_quick("bench_attention.py", tmp_path_factory.mktemp("attention") / "attention.csv")
+
+
+def test_attention_benchmark_rows(attention_rows):
+    methods = {(r["workload"], r["stage"], r["method"]) for r in attention_rows}
+    assert methods >= {("training", "fwd+bwd", m) for m in ("sdpa", "unfused", "cpu", "reference")}
+    assert methods >= {("decode", "decode", m) for m in ("sdpa", "unfused", "cpu")}
+    assert methods >= {("ffn_gate", "fwd+bwd", m) for m in ("eager", "fused")}
+    for r in attention_rows:
+        assert float(r["seconds"]) > 0
+        if r["method"] in ("sdpa", "eager"):  # the floor each ratio is taken against
+            assert float(r["time_vs_floor"]) == 1.0
+
+
+def test_attention_benchmark_fused_memory_tracks_plain_attention(attention_rows):
+    peak = {
+        (r["workload"], int(r["lq"]), r["method"]): float(r["peak_mb"])
+        for r in attention_rows
+        if r["stage"] == "fwd+bwd"
+    }
+    for lq in (64, 128):
+        plain = peak["training", lq, "sdpa"]
+        assert peak["training", lq, "cpu"] <= 1.05 * plain  # the fused C++ path keeps no K'/V' or score matrix
+        assert peak["training", lq, "unfused"] > 1.5 * plain  # the unfused way materialises K' and V' (and more)
+        assert peak["training", lq, "reference"] > peak["training", lq, "unfused"]  # plus the full score matrix
+        assert peak["ffn_gate", lq, "fused"] < 0.7 * peak["ffn_gate", lq, "eager"]
