@@ -10,7 +10,8 @@ Workload: one training step, forward + backward, base frozen, batch 1, fp32 (``-
 (a) One attention layer (transformers' own ``LlamaAttention`` modules with SmolLM2-135M's shapes: hidden 576, 9 query
     and 3 KV heads, head dim 64, random weights), as it sits in the middle of a trained stack: the gradient reaches
     its input hidden states (every method) and its own tunable parameters (MiT's infusion map and lambda).
-      mit_fused      MiT layer (``MiTLlamaAttention``), kernels picked by backend="auto" (C++ on CPU, Triton on CUDA)
+      mit_fused      MiT layer (``self_attn.mit_kv_infusion``, MiT's attention function), kernels picked by
+                     backend="auto" (C++ on CPU, Triton on CUDA)
       mit_reference  MiT layer with backend="reference" (eager PyTorch: explicit (L, L) scores)
       plain          the frozen layer on the text alone, sdpa (no infusion): the floor
       prefix_eager   the frozen layer over P image tokens + the text, eager attention (with its (T, T) additive mask,
@@ -139,7 +140,8 @@ def build_layers(device: torch.device, dtype: torch.dtype) -> dict:
             attention = model.layers[0].self_attn
             gen = torch.Generator().manual_seed(1)
             with torch.no_grad():  # non-zero infusion (zero-initialised maps would make it an identity)
-                attention.infusion.weight.copy_(0.02 * torch.randn(attention.infusion.weight.shape, generator=gen))
+                infusion = attention.mit_kv_infusion.map.weight
+                infusion.copy_(0.02 * torch.randn(infusion.shape, generator=gen))
         model.train()
         layers[method] = model
     return layers

@@ -17,26 +17,26 @@ from .adapter import load_adapter, save_adapter
 from .config import MiTConfig, default_layers
 from .encoders import CLIPImageEncoder, SequenceEncoder
 from .heads import ClassificationHead, RegressionHead, SegmentationDecoder
-from .modeling import (
-    MiTLlamaAttention,
-    MiTLlamaDecoderLayer,
-    MiTLlamaForCausalLM,
-    MiTLlamaMLP,
-    MiTLlamaModel,
+from .integrations import (
+    FAMILIES,
+    MiTFFNInfusion,
+    MiTKVInfusion,
+    MiTModelMixin,
     apply_mit,
     count_parameters,
+    is_mit_model,
+    mit_named_parameters,
 )
 from .trainer import TrainConfig, Trainer
 
 __all__ = [
+    "FAMILIES",
     "CLIPImageEncoder",
     "ClassificationHead",
     "MiTConfig",
-    "MiTLlamaAttention",
-    "MiTLlamaDecoderLayer",
-    "MiTLlamaForCausalLM",
-    "MiTLlamaMLP",
-    "MiTLlamaModel",
+    "MiTFFNInfusion",
+    "MiTKVInfusion",
+    "MiTModelMixin",
     "RegressionHead",
     "SegmentationDecoder",
     "SequenceEncoder",
@@ -46,9 +46,11 @@ __all__ = [
     "apply_mit",
     "count_parameters",
     "default_layers",
+    "is_mit_model",
     "load_adapter",
     "mit_attention",
     "mit_ffn_gate",
+    "mit_named_parameters",
     "models",
     "save_adapter",
 ]

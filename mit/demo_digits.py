@@ -54,7 +54,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import MiTConfig
-from .modeling import apply_mit
+from .integrations import apply_mit
 from .profiling import peak_memory_bytes
 from .results import write_csv
 

@@ -24,9 +24,9 @@ from torch.nn import functional as F
 from .config import MiTConfig
 from .encoders import CLIPImageEncoder, SequenceEncoder
 from .heads import ClassificationHead, RegressionHead, SegmentationDecoder
+from .integrations import apply_mit
 from .losses import classification_loss, rmse_loss, segmentation_loss
 from .metrics import classification_metrics, intersection_union, segmentation_metrics, sentiment_metrics
-from .modeling import apply_mit
 from .prompts import last_token_state, position_ids, tokenize_prompts
 
 TASKS = ("refseg", "cls", "msa")
@@ -86,7 +86,7 @@ def load_llm(model: str | os.PathLike, dtype: torch.dtype = torch.float32):
 
 
 class TaskModel(nn.Module):
-    """Base: holds the MiT-infused LLM (a ``MiTLlamaModel``) and computes the task embedding (positions counted from
+    """Base: holds the MiT-infused LLM (a bare decoder model after ``apply_mit``) and computes the task embedding (positions counted from
     each prompt's first real token, so the result does not depend on padding; see :func:`mit.prompts.position_ids`)."""
 
     task: str

@@ -139,3 +139,15 @@ def test_attention_benchmark_fused_memory_tracks_plain_attention(attention_rows)
         assert peak["training", lq, "unfused"] > 1.5 * plain  # the unfused way materialises K' and V' (and more)
         assert peak["training", lq, "reference"] > peak["training", lq, "unfused"]  # plus the full score matrix
         assert peak["ffn_gate", lq, "fused"] < 0.7 * peak["ffn_gate", lq, "eager"]
+
+
+def test_generation_benchmark_quick(tmp_path):
+    """benchmarks/generation_smollm2.py --quick: both workloads, both methods, ratios written (the script itself
+    refuses to report unless every MiT module ran fused); times are not asserted."""
+    rows = run_quick("generation_smollm2.py", tmp_path / "generation.csv")
+    assert [(r["workload"], r["method"]) for r in rows] == [
+        ("generate", "base"), ("generate", "mit"), ("train_step", "text_only"), ("train_step", "mit"),
+    ]  # fmt: skip
+    for r in rows:
+        assert float(r["median_s"]) > 0 and float(r["ratio_to_reference"]) > 0
+    assert rows[0]["ratio_to_reference"] == "1" and rows[2]["ratio_to_reference"] == "1"

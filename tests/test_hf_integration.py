@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 import mit
-from mit.modeling import key_padding_mask
+from mit.integrations import key_padding_mask
 
 MODALITY_DIM = 16
 
@@ -87,8 +87,11 @@ def test_ablations_identity_at_init_and_effect_after(switches, attn_implementati
         changed = model(ids, attention_mask=mask, modality_embedding=emb).logits
     assert (changed - expected)[real].abs().max() > 1e-3
     layers = model.model.layers
-    assert isinstance(layers[3].self_attn, mit.MiTLlamaAttention) == switches.get("infuse_kv", True)
-    assert isinstance(layers[3].mlp, mit.MiTLlamaMLP) == switches.get("infuse_ffn", True)
+    assert hasattr(layers[3].self_attn, "mit_kv_infusion") == switches.get("infuse_kv", True)
+    assert hasattr(layers[3].mlp, "mit_ffn_infusion") == switches.get("infuse_ffn", True)
+    assert model.config._attn_implementation == (
+        f"mit_{attn_implementation}" if switches.get("infuse_kv", True) else attn_implementation
+    )
     assert type(layers[0]).__name__ == "LlamaDecoderLayer"  # layer 0 is not in the default set for 4 layers
     has_lambda = any(n.endswith("head_logit") for n, _ in model.mit_named_parameters())
     assert has_lambda == (switches.get("infuse_kv", True) and switches.get("head_rescale", True))
@@ -97,7 +100,7 @@ def test_ablations_identity_at_init_and_effect_after(switches, attn_implementati
 def test_llama_model_without_lm_head():
     base = tiny_model(LlamaModel)
     model = mit.apply_mit(copy.deepcopy(base), mit.MiTConfig(modality_dim=MODALITY_DIM, layers=[0, 2]))
-    assert isinstance(model, mit.MiTLlamaModel)
+    assert mit.is_mit_model(model) and type(model).__name__ == "MiTLlamaModel"
     ids, mask = padded_batch()
     randomise(model)
     with torch.no_grad():
@@ -115,7 +118,9 @@ def test_state_dict_keeps_base_keys():
     assert base_keys <= keys
     extra = sorted(keys - base_keys)
     assert extra == sorted(n for n, _ in model.mit_named_parameters())
-    assert "model.layers.3.self_attn.infusion.weight" in extra and "model.layers.3.mlp.ffn_infusion.bias" in extra
+    assert "model.layers.3.self_attn.mit_kv_infusion.map.weight" in extra
+    assert "model.layers.3.self_attn.mit_kv_infusion.head_logit" in extra
+    assert "model.layers.3.mlp.mit_ffn_infusion.map.bias" in extra
 
 
 def test_key_padding_mask_reads_and_validates_transformers_masks():
@@ -126,8 +131,6 @@ def test_key_padding_mask_reads_and_validates_transformers_masks():
     assert torch.equal(key_padding_mask(four_d, 2, lq, lk), pad)
     additive = torch.zeros(2, 1, lq, lk).masked_fill(~four_d, torch.finfo(torch.float32).min)
     assert torch.equal(key_padding_mask(additive, 2, lq, lk), pad)
-    assert torch.equal(key_padding_mask(pad.long(), 2, lq, lk), pad)
-    assert key_padding_mask(None, 2, lq, lk) is None
     unmasked_rows = four_d.clone()
     unmasked_rows[1, 0, 0] = True  # transformers may unmask rows that see nothing: still accepted
     assert not four_d[1, 0, 0].any()
@@ -136,12 +139,11 @@ def test_key_padding_mask_reads_and_validates_transformers_masks():
     packed[0, 0, 2, 0] = False  # a block-diagonal (packed) mask is not causal+padding
     wrong_row = four_d.clone()
     wrong_row[1, 0, 1, 0] = True  # a row that does see keys must match exactly
-    with pytest.raises(ValueError, match="not of that form"):
-        key_padding_mask(wrong_row, 2, lq, lk)
-    with pytest.raises(ValueError, match="not of that form"):
-        key_padding_mask(packed, 2, lq, lk)
-    with pytest.raises(ValueError, match=r"expected a \(B, 1, 3, 5\) attention mask"):
-        key_padding_mask(four_d[:, :, :, :4], 2, lq, lk)
+    top_left = torch.ones(1, 1, lq, lk, dtype=torch.bool).tril()  # sdpa's is_causal over a longer static cache
+    assert key_padding_mask(wrong_row, 2, lq, lk) is None  # None: not of that form (the exact fallback runs)
+    assert key_padding_mask(packed, 2, lq, lk) is None
+    assert key_padding_mask(top_left, 2, lq, lk) is None
+    assert key_padding_mask(four_d[:, :, :, :4], 2, lq, lk) is None
 
 
 def test_bad_modality_embedding_and_bad_models():
@@ -151,9 +153,7 @@ def test_bad_modality_embedding_and_bad_models():
         model(ids, attention_mask=mask, modality_embedding=torch.randn(3, 8))
     with pytest.raises(ValueError, match="already applied"):
         mit.apply_mit(model, mit.MiTConfig(modality_dim=MODALITY_DIM))
-    with pytest.raises(ValueError, match=r"needs hidden_act 'silu', got 'gelu'"):
-        mit.apply_mit(tiny_model(hidden_act="gelu"), mit.MiTConfig(modality_dim=MODALITY_DIM))
-    with pytest.raises(ValueError, match="supports LlamaForCausalLM and LlamaModel"):
+    with pytest.raises(ValueError, match="needs a Hugging Face decoder model"):
         mit.apply_mit(torch.nn.Linear(2, 2), mit.MiTConfig(modality_dim=MODALITY_DIM))
     with pytest.raises(ValueError, match=r"must be a mit\.MiTConfig"):
         mit.apply_mit(tiny_model(), {"modality_dim": 16})
@@ -209,3 +209,122 @@ def test_left_padded_sample_equals_sample_alone_without_explicit_positions():
             real = mask[i].bool()
             alone = model(ids[i : i + 1, real], modality_embedding=emb[i : i + 1]).logits[0]
             torch.testing.assert_close(batched[i, real], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_non_silu_swiglu_scales_the_down_projection_input_exactly():
+    """A Llama MLP with GELU cannot use the fused SiLU gate: the infusion scales down_proj's input, which is the same
+    equation, checked against an independent computation of the layer's MLP."""
+    model = mit.apply_mit(tiny_model(hidden_act="gelu"), mit.MiTConfig(modality_dim=MODALITY_DIM, layers=[3]))
+    randomise(model)
+    mlp = model.model.layers[3].mlp
+    x, emb = torch.randn(3, 5, 64), torch.randn(3, MODALITY_DIM)
+    f = mlp.mit_ffn_infusion.map(emb)
+    expected = mlp.down_proj(torch.nn.functional.gelu(mlp.gate_proj(x)) * mlp.up_proj(x) * (1 + f[:, None, :]))
+    mlp.mit_ffn_infusion.modality = emb  # what the decoder layer does during its forward
+    try:
+        got = mlp(x)
+    finally:
+        mlp.mit_ffn_infusion.modality = None
+    torch.testing.assert_close(got, expected)
+    assert mlp.mit_ffn_infusion.last_dispatch == "scaled down_proj input"
+    assert torch.equal(mlp(x), mlp.down_proj(torch.nn.functional.gelu(mlp.gate_proj(x)) * mlp.up_proj(x)))
+
+
+def test_unsupported_model_type_is_named():
+    from transformers import OlmoConfig, OlmoForCausalLM
+
+    olmo = OlmoForCausalLM(OlmoConfig(vocab_size=97, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                      num_attention_heads=2))  # fmt: skip
+    with pytest.raises(ValueError, match=r"does not support model_type 'olmo'; supported: \['gemma2'"):
+        mit.apply_mit(olmo, mit.MiTConfig(modality_dim=MODALITY_DIM))
+    assert all(p.requires_grad for p in olmo.parameters())  # refused before anything changed
+
+
+def test_set_attn_implementation_keeps_the_infusion_and_a_bypass_raises():
+    model = mit.apply_mit(tiny_model(), mit.MiTConfig(modality_dim=MODALITY_DIM))
+    randomise(model)
+    ids, mask = padded_batch()
+    emb = torch.randn(3, MODALITY_DIM)
+    real = mask.bool()
+    with torch.no_grad():
+        sdpa = model(ids, attention_mask=mask, modality_embedding=emb).logits
+        model.set_attn_implementation("eager")
+        assert model.config._attn_implementation == "mit_eager"
+        eager = model(ids, attention_mask=mask, modality_embedding=emb).logits
+        assert set(model.mit_dispatch().values()) == {"fused"}  # eager's additive 4-D mask is read exactly too
+        torch.testing.assert_close(eager[real], sdpa[real], rtol=1e-5, atol=1e-5)
+        model.config._attn_implementation = "sdpa"  # behind MiT's back: the infusion would be skipped
+        with pytest.raises(ValueError, match=r"attention implementation is 'sdpa', so MiT's key/value infusion"):
+            model(ids, attention_mask=mask, modality_embedding=emb)
+    with pytest.raises(ValueError, match="continuous batching"):
+        mit.integrations.mit_implementation("paged|sdpa")
+
+
+def test_packed_batches_are_refused():
+    model = mit.apply_mit(tiny_model(), mit.MiTConfig(modality_dim=MODALITY_DIM))
+    ids = torch.randint(3, 97, (1, 8))
+    packed_positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])  # two samples in one row
+    with pytest.raises(ValueError, match="packed batch"):
+        model(ids, position_ids=packed_positions, modality_embedding=torch.randn(1, MODALITY_DIM))
+
+
+def test_adapter_round_trip_and_v1_adapters_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    model = mit.apply_mit(tiny_model(), mit.MiTConfig(modality_dim=MODALITY_DIM))
+    randomise(model)
+    ids, mask = padded_batch()
+    emb = torch.randn(3, MODALITY_DIM)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, modality_embedding=emb).logits
+    mit.save_adapter(model, tmp_path / "v2")
+    meta = json.loads((tmp_path / "v2" / "mit_config.json").read_text())
+    assert meta["format"] == "mit-adapter-v2" and meta["base_model"]["model_type"] == "llama"
+    with torch.no_grad():
+        again = mit.load_adapter(tiny_model(), tmp_path / "v2")(ids, attention_mask=mask, modality_embedding=emb)
+    assert torch.equal(again.logits, expected)
+
+    # release 0.1.0 wrote self_attn.infusion.*, self_attn.head_logit and mlp.ffn_infusion.*, format mit-adapter-v1
+    v1_names = {".mit_kv_infusion.map.": ".infusion.", ".mit_kv_infusion.head_logit": ".head_logit",
+                ".mit_ffn_infusion.map.": ".ffn_infusion."}  # fmt: skip
+    tensors = {}
+    for name, p in model.mit_named_parameters():
+        for new, old in v1_names.items():
+            name = name.replace(new, old)
+        tensors[name] = p.detach().clone()
+    assert "model.layers.3.self_attn.infusion.weight" in tensors and "model.layers.3.mlp.ffn_infusion.bias" in tensors
+    (tmp_path / "v1").mkdir()
+    save_file(tensors, str(tmp_path / "v1" / "adapter_model.safetensors"))
+    meta["format"] = "mit-adapter-v1"
+    del meta["base_model"]["model_type"]
+    (tmp_path / "v1" / "mit_config.json").write_text(json.dumps(meta))
+    with torch.no_grad():
+        old = mit.load_adapter(tiny_model(), tmp_path / "v1")(ids, attention_mask=mask, modality_embedding=emb)
+    assert torch.equal(old.logits, expected)
+    meta["format"] = "mit-adapter-v9"
+    (tmp_path / "v1" / "mit_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="unknown adapter format 'mit-adapter-v9'"):
+        mit.load_adapter(tiny_model(), tmp_path / "v1")
+
+
+def test_inference_cache_of_the_infusion_maps_never_goes_stale():
+    """generate() passes the same embedding every step, so the maps' outputs are cached while autograd is off; an
+    in-place change of the weights (optimiser step, load_adapter) or of the embedding must invalidate the cache."""
+    model = mit.apply_mit(tiny_model(), mit.MiTConfig(modality_dim=MODALITY_DIM))
+    ids, mask = padded_batch()
+    emb = torch.randn(3, MODALITY_DIM)
+
+    def logits(m, e):
+        with torch.no_grad():
+            return m(ids, attention_mask=mask, modality_embedding=e).logits
+
+    first = logits(model, emb)
+    randomise(model)  # in-place, under no_grad
+    fresh = copy.deepcopy(model)  # a copy has no cache
+    assert torch.equal(logits(model, emb), logits(fresh, emb))
+    assert not torch.equal(logits(model, emb), first)
+    emb.mul_(2)  # the same tensor, changed in place
+    assert torch.equal(logits(model, emb), logits(fresh, emb.clone()))
+    with torch.enable_grad():  # training recomputes (and keeps the graph to the maps)
+        out = model(ids, attention_mask=mask, modality_embedding=emb).logits
+    assert out.requires_grad and torch.equal(out.detach(), logits(fresh, emb.clone()))

@@ -179,3 +179,54 @@ def test_trainable_parameter_report_smollm2(smollm2, capsys):
     assert trainable == 6 * per_layer
     base_total = sum(p.numel() for p in base.parameters())
     assert total == base_total + trainable
+
+
+def test_static_cache_beams_and_dispatch(smollm2, batch):
+    """Random non-zero infusion on the real model: static-cache generation equals dynamic-cache generation; with
+    num_beams and num_return_sequences each prompt's sequences equal its sequences generated alone (the embedding is
+    expanded per sample); every infused layer ran the fused kernels on the padded prefill and the decode steps."""
+    base, tokenizer = smollm2
+    ids, mask = batch
+    model = _mit_copy(base)
+    _randomise(model)
+    emb = _modality(3)
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    dynamic = model.generate(ids, attention_mask=mask, modality_embedding=emb, **kwargs)
+    counts = {name: dict(m.dispatch_counts) for name, m in model.named_modules() if isinstance(m, mit.MiTKVInfusion)}
+    assert len(counts) == 6 and all(c == {"fused": 8} for c in counts.values()), counts
+    static = model.generate(ids, attention_mask=mask, modality_embedding=emb, cache_implementation="static", **kwargs)
+    assert torch.equal(static, dynamic)
+
+    beams = {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 6}
+    kwargs |= beams
+    batched = model.generate(ids, attention_mask=mask, modality_embedding=emb, **kwargs)
+    assert batched.shape[0] == 6
+    for i in range(3):
+        alone = model.generate(
+            ids[i : i + 1], attention_mask=mask[i : i + 1], modality_embedding=emb[i : i + 1], **kwargs
+        )
+        assert torch.equal(batched[2 * i : 2 * i + 2], alone), PROMPTS[i]
+
+
+def test_gradient_checkpointing_same_gradients_smollm2(smollm2, batch):
+    base, _ = smollm2
+    ids, mask = batch
+    model = _mit_copy(base, layers=[26, 29])
+    _randomise(model)
+    model.train()
+    labels = ids.masked_fill(mask == 0, -100)
+    params = [p for _, p in model.mit_named_parameters()]
+
+    def gradients():
+        out = model(ids, attention_mask=mask, modality_embedding=_modality(3), labels=labels, use_cache=False)
+        return out.loss.detach(), torch.autograd.grad(out.loss, params)
+
+    loss, plain = gradients()
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss_ckpt, checkpointed = gradients()
+    assert torch.equal(loss, loss_ckpt)
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

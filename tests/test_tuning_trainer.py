@@ -87,7 +87,7 @@ def test_checkpoint_holds_only_trainable_parameters(assets, tmp_path):
     tensors = load_file(tmp_path / "run" / "checkpoints" / "step-0000003" / "trainable.safetensors")
     trainable = {n for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
     assert set(tensors) == trainable
-    assert any(".infusion." in n for n in tensors) and any(n.startswith("head.") for n in tensors)
+    assert any(".mit_kv_infusion." in n for n in tensors) and any(n.startswith("head.") for n in tensors)
     assert not any(n.startswith("encoder.") for n in tensors)  # CLIP is frozen
     frozen = sum(p.numel() for p in trainer.unwrapped.parameters() if not p.requires_grad)
     assert frozen > sum(t.numel() for t in tensors.values()) > 0

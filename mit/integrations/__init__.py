@@ -1,0 +1,38 @@
+"""MiT on Hugging Face decoder models through transformers' extension points (no copied ``forward``).
+
+- :mod:`.families`: the supported ``model_type`` table;
+- :mod:`.infusion`: the trainable modules (``mit_kv_infusion``, ``mit_ffn_infusion``);
+- :mod:`.attention`: the attention function registered in ``AttentionInterface`` (fused kernel or exact fallback);
+- :mod:`.layers`: pass-through decoder-layer and MLP subclasses (the embedding's way to the MLP);
+- :mod:`.model`: ``apply_mit`` and the top-level ``forward`` with ``modality_embedding``.
+"""
+
+from __future__ import annotations
+
+from .attention import key_padding_mask, mit_implementation
+from .families import FAMILIES, FamilySpec
+from .infusion import MiTFFNInfusion, MiTKVInfusion, mit_named_parameters
+from .model import (
+    MiTModelMixin,
+    apply_mit,
+    count_parameters,
+    decoder_of,
+    is_mit_model,
+    padding_aware_position_ids,
+)
+
+__all__ = [
+    "FAMILIES",
+    "FamilySpec",
+    "MiTFFNInfusion",
+    "MiTKVInfusion",
+    "MiTModelMixin",
+    "apply_mit",
+    "count_parameters",
+    "decoder_of",
+    "is_mit_model",
+    "key_padding_mask",
+    "mit_implementation",
+    "mit_named_parameters",
+    "padding_aware_position_ids",
+]

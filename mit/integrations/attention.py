@@ -1,0 +1,238 @@
+"""MiT's attention function, registered in transformers' ``AttentionInterface`` around the model's own one.
+
+``apply_mit`` switches ``config._attn_implementation`` from ``base`` (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``
+...) to ``"mit_" + base``, registered here in ``AttentionInterface`` (the function below) and in
+``AttentionMaskInterface`` (``base``'s own mask function, so transformers builds exactly the mask it builds for
+``base``; a name registered without one silently receives no padding mask). The function gets q, k, v after the
+projections, q/k norms, rotary and the cache update, with k/v un-repeated (B, Hkv, Lk, D); the cache therefore holds
+the frozen model's K/V, and every step re-infuses them on load (a token's infusion never depends on when it was
+cached).
+
+For a layer with a :class:`~mit.integrations.infusion.MiTKVInfusion` and a ``modality_embedding`` in its kwargs:
+
+- **fused**: when the attention to compute is exactly "bottom-right causal + key padding" (what transformers asks for
+  in training, prefill and decoding of a causal LM), it calls :func:`mit_kernels.mit_attention`, which infuses each
+  K/V tile as it loads it;
+- **exact fallback** otherwise (logit soft-capping, a sliding window that masks keys, bidirectional attention,
+  attention dropout, ``output_attentions``, a mask of another form such as sdpa's top-left ``is_causal`` at a
+  static-cache prefill, an implementation whose mask semantics are not known here): it infuses K and V in eager
+  PyTorch with the reference functions and calls ``base``'s own function with the same arguments.
+
+Without an embedding, or in a layer without MiT, it calls ``base``'s function unchanged: bit for bit the frozen model.
+Packed / varlen batches (``cu_seq_lens_*``) are refused: one embedding per sample cannot be attributed to packed rows.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Callable
+
+import torch
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from mit_kernels import mit_attention
+from mit_kernels.reference import infuse, infusion_gate
+
+from .infusion import MiTKVInfusion, check_modality
+
+PREFIX = "mit_"
+KV_INFUSION_NAME = "mit_kv_infusion"  # attribute of the attention module holding its MiTKVInfusion
+
+# How each known base implementation reads its mask; fused dispatch is only decided for these.
+_SDPA, _EAGER, _FLASH = "sdpa", "eager", "flash"
+
+
+def _mask_kind(base: str) -> str | None:
+    if base == "sdpa":
+        return _SDPA
+    if base == "eager":
+        return _EAGER
+    if base.startswith("flash_attention"):
+        return _FLASH
+    return None  # flex_attention (BlockMask), user-registered functions: always the exact fallback
+
+
+def is_mit_implementation(name: object) -> bool:
+    return isinstance(name, str) and name.startswith(PREFIX)
+
+
+def base_implementation(name: str) -> str:
+    """``"mit_sdpa"`` -> ``"sdpa"``; a base name is returned as is."""
+    return name[len(PREFIX) :] if is_mit_implementation(name) else name
+
+
+def mit_implementation(base: str | None) -> str:
+    """Register (once, process-wide) the MiT attention function and mask function wrapping ``base`` and return their
+    name, ``"mit_" + base``. ``base=None`` means ``"eager"`` (transformers' default when nothing is set)."""
+    base = "eager" if base is None else base
+    if not isinstance(base, str):
+        raise ValueError(
+            f"MiT needs one attention implementation name for the whole model, got {base!r} (per-sub-config dicts "
+            "are not supported)"
+        )
+    if is_mit_implementation(base):
+        return base
+    if base.startswith("paged"):
+        raise ValueError(
+            f"attention implementation {base!r} (continuous batching, paged KV cache) is not supported by MiT: one "
+            "modality embedding per sample cannot be attributed to the rows of a paged batch"
+        )
+    if base != "eager" and base not in ALL_ATTENTION_FUNCTIONS:
+        raise ValueError(f"attention implementation {base!r} is not registered in transformers' AttentionInterface")
+    name = PREFIX + base
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, _make_attention_function(base))
+    if name not in AttentionMaskInterface._global_mapping and base in AttentionMaskInterface._global_mapping:
+        AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[base])
+    return name
+
+
+def _eager_function(module: torch.nn.Module) -> Callable:
+    """The model family's own ``eager_attention_forward`` (Gemma2's applies soft-capping, for instance)."""
+    for cls in type(module).__mro__:
+        function = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        if function is not None:
+            return function
+    raise ValueError(f"{type(module).__name__} has no eager_attention_forward in its modeling module")
+
+
+def _base_function(base: str, module: torch.nn.Module) -> Callable:
+    return _eager_function(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Is the mask exactly "bottom-right causal + key padding"?
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def key_padding_mask(attention_mask: torch.Tensor, batch: int, lq: int, lk: int) -> torch.Tensor | None:
+    """The (B, Lk) bool key padding mask of a 4-D mask transformers built, or None when the mask is not of the form
+    "bottom-right causal AND key padding".
+
+    ``attention_mask`` is (B or 1, 1, Lq, Lk), bool (True = attend; sdpa) or additive float (0 = attend; eager). Rows
+    that see no key at all are not compared (transformers may unmask them to keep softmax finite)."""
+    if attention_mask.dim() != 4 or tuple(attention_mask.shape[-2:]) != (lq, lk) or attention_mask.shape[1] != 1:
+        return None
+    if attention_mask.dtype == torch.bool:
+        allowed = attention_mask
+    else:
+        allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    allowed = allowed[:, 0].expand(batch, lq, lk)
+    kv_mask = allowed[:, -1, :].clone()  # the last query row sees every key the causal mask allows (a copy: a view
+    # would keep the whole (B, 1, Lq, Lk) mask alive in the cache below)
+    i = torch.arange(lq, device=allowed.device)[:, None]
+    j = torch.arange(lk, device=allowed.device)[None, :]
+    expected = kv_mask[:, None, :] & (j <= i + (lk - lq))
+    rows_with_keys = expected.any(dim=-1, keepdim=True)
+    if not torch.equal(allowed & rows_with_keys, expected):
+        return None
+    return kv_mask
+
+
+class _RecentMasks:
+    """Every layer of one forward gets the same mask tensor (Gemma: one per layer type): analyse each once, keyed
+    by identity and version, remembering the last few."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self.entries: list[tuple[weakref.ref, tuple, tuple[bool, torch.Tensor | None]]] = []
+
+    def lookup(self, mask: torch.Tensor, batch: int, lq: int, lk: int) -> tuple[bool, torch.Tensor | None]:
+        key = (mask._version, batch, lq, lk)
+        for ref, entry_key, result in self.entries:
+            if ref() is mask and entry_key == key:
+                return result
+        kv_mask = key_padding_mask(mask, batch, lq, lk)
+        result = (kv_mask is not None, kv_mask)
+        if not torch.compiler.is_compiling():
+            self.entries = [(weakref.ref(mask), key, result), *self.entries[: self.size - 1]]
+        return result
+
+
+_recent_masks = _RecentMasks()
+
+
+def fused_kv_mask(
+    base: str, module: torch.nn.Module, attention_mask: object, batch: int, lq: int, lk: int, kwargs: dict
+) -> tuple[bool, torch.Tensor | None, str]:
+    """Whether ``base`` would compute bottom-right causal attention with a key padding mask here.
+
+    Returns ``(fused, kv_mask, reason)``: ``kv_mask`` (B, Lk) bool or None (no padding) when fused, else the reason
+    for the exact fallback."""
+    kind = _mask_kind(base)
+    if kind is None:
+        return False, None, f"implementation {base!r}"
+    if kwargs.get("softcap") is not None:
+        return False, None, "softcap"
+    if kwargs.get("dropout"):
+        return False, None, "attention dropout"
+    if kwargs.get("output_attentions"):
+        return False, None, "output_attentions"
+    if kwargs.get("position_bias") is not None:
+        return False, None, "position bias"
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and kind in (_SDPA, _EAGER):
+        fused, kv_mask = _recent_masks.lookup(attention_mask, batch, lq, lk)  # the mask carries any window
+        return fused, kv_mask, "" if fused else "mask is not causal + key padding"
+    if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
+        return False, None, "mask type"
+    window = kwargs.get("sliding_window")
+    if window is not None and lk >= window:  # the window may mask keys (conservative by one)
+        return False, None, "sliding window"
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
+    if lq > 1:
+        if not causal:
+            return False, None, "bidirectional"
+        if kind == _EAGER and attention_mask is None:
+            return False, None, "no mask (eager attends to every key)"
+        if kind == _SDPA and lq != lk:
+            return False, None, "top-left causal (sdpa is_causal)"
+    if attention_mask is None:
+        return True, None, ""
+    if kind != _FLASH or attention_mask.shape[-1] != lk:
+        return False, None, "2-D mask"
+    return True, attention_mask.bool(), ""
+
+
+def _make_attention_function(base: str) -> Callable:
+    def mit_attention_forward(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        modality_embedding = kwargs.pop("modality_embedding", None)
+        infusion: MiTKVInfusion | None = getattr(module, KV_INFUSION_NAME, None)
+        if modality_embedding is None or infusion is None:
+            return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
+        if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+            raise ValueError(
+                "MiT does not support packed (varlen) batches: one modality_embedding per sample cannot be attributed "
+                "to packed rows; pad the batch instead"
+            )
+        batch, _, lq, _ = query.shape
+        lk = key.shape[2]
+        check_modality(modality_embedding, batch, infusion.map.in_features)
+        vectors = infusion.vectors(modality_embedding, query.dtype)
+        head_logit = infusion.gate_logits(query.device)
+        fused, kv_mask, reason = fused_kv_mask(base, module, attention_mask, batch, lq, lk, kwargs)
+        if fused:
+            infusion.record("fused")
+            out = mit_attention(
+                query, key, value, *vectors, head_logit, causal=True, scale=kwargs.get("scaling"), kv_mask=kv_mask,
+                rescale=infusion.rescale, backend=infusion.backend,
+            )  # fmt: skip
+            return out.transpose(1, 2).contiguous(), None
+        infusion.record(f"fallback: {reason}")
+        k_mul, k_add, v_mul, v_add = vectors
+        gate = infusion_gate(value, v_add, head_logit, infusion.rescale)
+        key, value = infuse(key, k_mul, k_add, gate), infuse(value, v_mul, v_add, gate)
+        return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
+
+    mit_attention_forward.__name__ = f"mit_{base}_attention_forward"
+    mit_attention_forward.__qualname__ = mit_attention_forward.__name__
+    return mit_attention_forward

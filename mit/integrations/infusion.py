@@ -1,0 +1,158 @@
+"""The trainable MiT modules that ``apply_mit`` attaches to a decoder layer's attention and MLP.
+
+They are child modules named with a ``mit_`` prefix (``self_attn.mit_kv_infusion``, ``mlp.mit_ffn_infusion``), so
+base state-dict keys never change and MiT parameters are found by module type (:func:`mit_named_parameters`).
+Both maps start at zero: the infused model computes exactly the frozen one until training moves them.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..config import MiTConfig
+
+
+def trainable_dtype(reference: torch.Tensor) -> torch.dtype:
+    """MiT parameters are kept in fp32 for fp16/bf16 base models (like peft's adapter autocast), else in its dtype."""
+    return torch.float32 if reference.dtype in (torch.float16, torch.bfloat16) else reference.dtype
+
+
+def zero_linear(in_features: int, out_features: int, like: torch.Tensor) -> nn.Linear:
+    """A zero-initialised Linear on ``like``'s device in :func:`trainable_dtype` (left uninitialised on meta)."""
+    linear = nn.Linear(in_features, out_features, device=like.device, dtype=trainable_dtype(like))
+    if like.device.type != "meta":
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
+    return linear
+
+
+def check_modality(modality_embedding: object, batch: int, modality_dim: int) -> torch.Tensor:
+    """Validate a (batch, modality_dim) modality embedding; ValueError naming what was received otherwise."""
+    if not isinstance(modality_embedding, torch.Tensor):
+        raise ValueError(f"modality_embedding must be a torch.Tensor, got {type(modality_embedding).__name__}")
+    if modality_embedding.shape != (batch, modality_dim):
+        raise ValueError(
+            f"modality_embedding must have shape (batch, modality_dim) = ({batch}, {modality_dim}), "
+            f"got {tuple(modality_embedding.shape)}"
+        )
+    if not modality_embedding.is_floating_point():
+        raise ValueError(f"modality_embedding must be a floating-point tensor, got dtype {modality_embedding.dtype}")
+    return modality_embedding
+
+
+class _InfusionMap(nn.Module):
+    """What both infusion modules share: the map applied to the embedding, with an inference cache, and a record of
+    how each call ran (``last_dispatch``: the last path; ``dispatch_counts``: calls per path).
+
+    In generation every decoding step passes the same embedding tensor, so the map's output is cached while autograd
+    is off, keyed by the embedding's identity and version and the map's parameter versions (an optimiser step or
+    ``load_adapter`` bumps them). With autograd on (training) it is recomputed on every call."""
+
+    map: nn.Linear
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_dispatch: str | None = None
+        self.dispatch_counts: Counter[str] = Counter()
+        self._inference_cache: tuple | None = None
+
+    def record(self, path: str) -> None:
+        self.last_dispatch = path
+        self.dispatch_counts[path] += 1
+
+    def _apply_map(self, modality_embedding: torch.Tensor, dtype: torch.dtype, shape: Callable) -> torch.Tensor:
+        weight, bias = self.map.weight, self.map.bias
+        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if cacheable:
+            key = (modality_embedding._version, weight._version, bias._version, dtype, weight.device)
+            cached = self._inference_cache
+            if cached is not None and cached[0]() is modality_embedding and cached[1] == key:
+                return cached[2]
+        out = shape(self.map(modality_embedding.to(device=weight.device, dtype=weight.dtype))).to(dtype)
+        if cacheable:
+            self._inference_cache = (weakref.ref(modality_embedding), key, out)
+        return out
+
+    def __getstate__(self) -> dict:  # pickling and deepcopy drop the cache (it holds a weak reference)
+        state = self.__dict__.copy()
+        state["_inference_cache"] = None
+        return state
+
+
+class MiTKVInfusion(_InfusionMap):
+    """Key/value infusion of one attention module: ``map`` (modality_dim -> 4 * Hkv * D, zero-initialised) gives
+    k_mul, k_add, v_mul, v_add; ``head_logit`` (Hkv,) is the gate logit lambda (None without head rescaling).
+
+    ``last_dispatch`` records how the last infused call ran: ``"fused"`` (the mit_attention kernel) or
+    ``"fallback: <reason>"`` (exact eager infusion, then the model's own attention implementation);
+    ``dispatch_counts`` counts every call by path."""
+
+    def __init__(self, config: MiTConfig, num_kv_heads: int, head_dim: int, like: torch.Tensor) -> None:
+        super().__init__()
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.rescale, self.backend = config.head_rescale, config.backend
+        self.map = zero_linear(config.modality_dim, 4 * num_kv_heads * head_dim, like)
+        self.head_logit: nn.Parameter | None = None
+        if config.head_rescale:
+            init = torch.full((num_kv_heads,), config.head_logit_init, device=like.device, dtype=trainable_dtype(like))
+            self.head_logit = nn.Parameter(init)
+
+    def vectors(self, modality_embedding: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+        """k_mul, k_add, v_mul, v_add, each (B, Hkv, D) in ``dtype``, from the (B, modality_dim) embedding."""
+        vectors = self._apply_map(modality_embedding, dtype, lambda x: x.view(-1, 4, self.num_kv_heads, self.head_dim))
+        return list(vectors.unbind(dim=1))
+
+    def gate_logits(self, device: torch.device) -> torch.Tensor:
+        """lambda (Hkv,), or zeros when head rescaling is off (the kernels then ignore it)."""
+        if self.head_logit is None:
+            return torch.zeros(self.num_kv_heads, device=device)
+        return self.head_logit
+
+    def extra_repr(self) -> str:
+        return f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, rescale={self.rescale}"
+
+
+class MiTFFNInfusion(_InfusionMap):
+    """Feed-forward infusion of one MLP: ``map`` (modality_dim -> d_ff, zero-initialised) gives f, and the MLP
+    computes ``down(act(gate(x)) * up(x) * (1 + f))``.
+
+    ``fused`` says how: the fused SwiGLU gate kernel, or a forward pre-hook on ``down_proj`` that scales its input
+    (:meth:`scale_down_proj_input`). The decoder layer hands the embedding over in ``modality`` for the duration of
+    its forward; ``last_dispatch`` records ``"fused"`` or ``"scaled down_proj input"``, ``dispatch_counts`` counts
+    the calls by path."""
+
+    def __init__(self, config: MiTConfig, d_ff: int, like: torch.Tensor, fused: bool) -> None:
+        super().__init__()
+        self.backend, self.fused = config.backend, fused
+        self.map = zero_linear(config.modality_dim, d_ff, like)
+        self.modality: torch.Tensor | None = None  # set by the decoder layer for one forward
+        self.down_proj_scale: torch.Tensor | None = None  # (B, d_ff), set by the MLP for one forward
+
+    def multiplier(self, modality_embedding: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """f (B, d_ff) in ``dtype``."""
+        return self._apply_map(modality_embedding, dtype, lambda x: x)
+
+    def scale_down_proj_input(self, module: nn.Module, args: tuple) -> tuple | None:
+        """Forward pre-hook of ``down_proj``: ``x -> x * (1 + f)`` while the MLP runs with an embedding."""
+        if self.down_proj_scale is None:
+            return None
+        x = args[0]
+        return (x * self.down_proj_scale[:, None, :], *args[1:])
+
+    def extra_repr(self) -> str:
+        return f"fused={self.fused}"
+
+
+MIT_MODULE_TYPES = (MiTKVInfusion, MiTFFNInfusion)
+
+
+def mit_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every MiT module inside ``model``, selected by module type."""
+    for prefix, module in model.named_modules():
+        if isinstance(module, MIT_MODULE_TYPES):
+            yield from module.named_parameters(prefix=prefix)

@@ -1,0 +1,213 @@
+"""``apply_mit``: MiT on a Hugging Face decoder model, through transformers' extension points only.
+
+What it does, in place (details and the reasons in ``docs/integration.md``):
+
+1. freezes every base parameter;
+2. attaches zero-initialised :class:`~mit.integrations.infusion.MiTKVInfusion` (``self_attn.mit_kv_infusion``) and
+   :class:`~mit.integrations.infusion.MiTFFNInfusion` (``mlp.mit_ffn_infusion``) to the chosen decoder layers, and
+   switches those layers (and MLPs) to pass-through subclasses that hand the embedding to the MLP;
+3. switches the attention implementation ``base`` to ``"mit_" + base`` (:mod:`mit.integrations.attention`);
+4. switches the model to ``MiT<ModelClass>``, whose ``forward`` has the base signature plus a keyword-only
+   ``modality_embedding`` (``generate()`` inspects it, accepts the embedding and expands it for beam search), derives
+   padding-aware position ids, and refuses packed batches.
+
+No transformers ``forward`` is copied: the MiT classes call the base ones with the arguments they received.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from ..config import MiTConfig
+from .attention import KV_INFUSION_NAME, base_implementation, is_mit_implementation, mit_implementation
+from .classes import mit_subclass
+from .families import FamilySpec, family_of, ffn_is_fused
+from .infusion import MiTFFNInfusion, MiTKVInfusion, check_modality, mit_named_parameters
+from .layers import FFN_INFUSION_NAME, MiTDecoderLayerMixin, MiTMLPMixin, check_attention_dispatch
+
+
+def padding_aware_position_ids(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Positions that start at 0 at each sample's first real token: ``cumsum(mask) - 1`` over the last ``seq_len``
+    columns of the (B, past + seq_len) padding mask, as generate() computes them.
+
+    MiT needs them for left-padded batches: its post-rotary ``k_add`` makes attention depend on absolute positions
+    (rotary alone is shift-invariant), so with default positions a sample's output would depend on its padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The module holding the decoder ``layers`` (``model.model`` of a ``*ForCausalLM``, or a bare ``*Model``)."""
+    for candidate in (model, getattr(model, "model", None)):
+        if isinstance(candidate, nn.Module) and isinstance(getattr(candidate, "layers", None), nn.ModuleList):
+            if getattr(candidate, "config", None) is not None:
+                return candidate
+    raise ValueError(
+        f"apply_mit needs a Hugging Face decoder model (a *ForCausalLM or a bare *Model with .layers), "
+        f"got {type(model).__name__}"
+    )
+
+
+class MiTModelMixin:
+    """What ``apply_mit`` adds to the top-level model (mixin of ``MiT<ModelClass>``)."""
+
+    mit_config: MiTConfig
+
+    def mit_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of every MiT parameter, found by module type."""
+        return list(mit_named_parameters(self))
+
+    def print_trainable_parameters(self) -> None:
+        """Print ``trainable params: N || all params: M || trainable%: P`` (peft's format)."""
+        trainable, total = count_parameters(self)
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    def mit_dispatch(self) -> dict[str, str]:
+        """How each MiT module ran in the last forward with an embedding: ``{module name: "fused" | "fallback: ..." |
+        "scaled down_proj input"}`` (None for a module that has not run yet)."""
+        return {
+            name: module.last_dispatch
+            for name, module in self.named_modules()
+            if isinstance(module, (MiTKVInfusion, MiTFFNInfusion))
+        }
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        """transformers' ``set_attn_implementation``, keeping MiT's infusion around the new implementation."""
+        if self.mit_config.infuse_kv:
+            attn_implementation = mit_implementation(attn_implementation)
+        return super().set_attn_implementation(attn_implementation, *args, **kwargs)
+
+    def _mit_prepare(self, arguments: dict, modality_embedding: torch.Tensor | None) -> None:
+        """Validate the embedding, refuse packed batches, derive padding-aware positions (in ``arguments``)."""
+        if modality_embedding is None:
+            return
+        if self.mit_config.infuse_kv:
+            check_attention_dispatch(self.config)
+        tokens = arguments.get("input_ids")
+        if tokens is None:
+            tokens = arguments.get("inputs_embeds")
+        if tokens is None:
+            raise ValueError("modality_embedding needs input_ids or inputs_embeds to infer the batch size")
+        check_modality(modality_embedding, tokens.shape[0], self.mit_config.modality_dim)
+        extra = arguments.get("kwargs") or {}
+        if extra.get("cu_seq_lens_q") is not None or extra.get("cu_seq_lens_k") is not None:
+            raise ValueError("MiT does not support packed (varlen) batches: pad the batch instead")
+        mask, positions = arguments.get("attention_mask"), arguments.get("position_ids")
+        if positions is None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            arguments["position_ids"] = padding_aware_position_ids(mask, tokens.shape[1])
+        elif mask is None and isinstance(positions, torch.Tensor) and positions.shape[-1] > 1:
+            if bool((positions[..., 1:] < positions[..., :-1]).any()):
+                raise ValueError(
+                    "position_ids restart inside a row (a packed batch): MiT has one modality_embedding per row and "
+                    "cannot attribute it to packed samples; pad the batch instead"
+                )
+
+
+def _forward_with_modality(base: type) -> dict:
+    """``forward`` for ``MiT<base>``: the base signature plus keyword-only ``modality_embedding``."""
+    signature = inspect.signature(base.forward)
+    parameters = list(signature.parameters.values())
+    var_keyword = next((p for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    if var_keyword is None:
+        raise ValueError(f"{base.__name__}.forward takes no **kwargs: the embedding cannot reach its layers")
+    embedding = inspect.Parameter(
+        "modality_embedding", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=torch.Tensor | None
+    )
+    where = parameters.index(var_keyword)
+    mit_signature = signature.replace(parameters=[*parameters[:where], embedding, *parameters[where:]])
+
+    def forward(self, *args, modality_embedding: torch.Tensor | None = None, **kwargs):
+        if modality_embedding is None:
+            return base.forward(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
+        self._mit_prepare(bound.arguments, modality_embedding)
+        bound.arguments.setdefault(var_keyword.name, {})["modality_embedding"] = modality_embedding
+        return base.forward(*bound.args, **bound.kwargs)
+
+    forward.__signature__ = mit_signature
+    forward.__doc__ = (
+        f"{base.__name__}.forward with ``modality_embedding`` (B, modality_dim): the per-sample embedding infused "
+        "into the MiT layers (None: exactly the frozen model)."
+    )
+
+    def _can_set_attn_implementation(cls) -> bool:  # transformers reads the class's module source otherwise
+        probe = getattr(base, "_can_set_attn_implementation", None)
+        return probe() if probe is not None else True
+
+    return {"forward": forward, "_can_set_attn_implementation": classmethod(_can_set_attn_implementation)}
+
+
+def _attach_kv_infusion(attention: nn.Module, config: MiTConfig, model_config) -> None:
+    num_kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    head_dim = getattr(attention, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    like = next(p for p in attention.parameters())
+    setattr(attention, KV_INFUSION_NAME, MiTKVInfusion(config, num_kv_heads, head_dim, like))
+
+
+def _attach_ffn_infusion(mlp: nn.Module, config: MiTConfig, spec: FamilySpec, model_config) -> None:
+    down_proj = getattr(mlp, "down_proj", None)
+    if not isinstance(down_proj, nn.Linear):
+        raise ValueError(f"the FFN infusion needs the MLP's down_proj Linear; {type(mlp).__name__} has none")
+    fused = ffn_is_fused(spec, model_config, mlp)
+    infusion = MiTFFNInfusion(config, down_proj.in_features, down_proj.weight, fused)
+    setattr(mlp, FFN_INFUSION_NAME, infusion)
+    if not fused:
+        down_proj.register_forward_pre_hook(infusion.scale_down_proj_input)
+    mlp.__class__ = mit_subclass(MiTMLPMixin, type(mlp))
+
+
+def is_mit_model(model: object) -> bool:
+    """True for a model returned by :func:`apply_mit`."""
+    return isinstance(model, MiTModelMixin)
+
+
+def apply_mit(model: nn.Module, config: MiTConfig) -> nn.Module:
+    """Turn a Hugging Face decoder model (``*ForCausalLM`` or bare ``*Model`` of a family in
+    :data:`mit.integrations.families.FAMILIES`) into an MiT model, in place, and return it.
+
+    Freezes every base parameter; infuses the layers ``config.resolved_layers(num_layers)`` with zero-initialised
+    maps (so the model's outputs are unchanged until training moves them); leaves the other layers untouched."""
+    if not isinstance(config, MiTConfig):
+        raise ValueError(f"config must be a mit.MiTConfig, got {type(config).__name__}")
+    if is_mit_model(model):
+        raise ValueError("apply_mit was already applied to this model")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"apply_mit needs a Hugging Face decoder model, got {type(model).__name__}")
+    decoder = decoder_of(model)
+    spec = family_of(decoder.config)
+    layers = config.resolved_layers(len(decoder.layers))
+    implementation = None
+    if config.infuse_kv:  # validated before anything changes
+        implementation = mit_implementation(base_implementation(decoder.config._attn_implementation or "eager"))
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for index in layers:
+        layer = decoder.layers[index]
+        if config.infuse_kv:
+            _attach_kv_infusion(layer.self_attn, config, decoder.config)
+        if config.infuse_ffn:
+            _attach_ffn_infusion(layer.mlp, config, spec, decoder.config)
+        layer.__class__ = mit_subclass(MiTDecoderLayerMixin, type(layer))
+    if implementation is not None and not is_mit_implementation(model.config._attn_implementation):
+        model.config._attn_implementation = implementation
+    model.__class__ = mit_subclass(MiTModelMixin, type(model), _forward_with_modality(type(model)))
+    model.mit_config = config
+    return model
