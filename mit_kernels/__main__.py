@@ -1,13 +1,16 @@
-"""``python -m mit_kernels``: report which backends this installation can run.
+"""``python -m mit_kernels``: report which backends this installation can run; ``python -m mit_kernels build``:
+compile the C++ CPU kernels for the running torch now (instead of at first use).
 
-Prints the torch and Triton versions (and whether the Triton interpreter is on), whether the C++ CPU extension is built
-(and with how many OpenMP threads, which flags and which GEMM), CUDA availability, and which backend ``"auto"`` picks
-for CPU and for CUDA tensors.
+The report prints the torch and Triton versions (and whether the Triton interpreter is on), which build of the C++ CPU
+kernels is loaded (prebuilt at install, cached, or none, and why; its OpenMP threads, flags and GEMM), CUDA
+availability, and which backend ``"auto"`` picks for CPU and for CUDA tensors. It never compiles.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 
 import torch
 
@@ -30,24 +33,28 @@ def _triton_lines() -> list[str]:
 
 
 def _cpu_extension_lines() -> list[str]:
-    try:
-        from . import cpu_backend
-    except ImportError as exc:  # pragma: no cover - the module itself has no hard dependencies
-        return [f"C++ extension:  cannot import mit_kernels.cpu_backend ({exc})"]
+    from . import cpu_backend, cpu_build
+
     info = cpu_backend.extension_info()
     if not info.get("built"):
+        if info.get("opted_out"):
+            return ["C++ extension:  not used (MIT_SKIP_CPU_EXT is set): CPU tensors use the reference path"]
+        if cpu_build.compiler() is None:
+            return [
+                f"C++ extension:  no build for torch {torch.__version__} ({info.get('reason')})",
+                "  and no C++ compiler: CPU tensors use the exact reference path (install g++, then "
+                "`python -m mit_kernels build`)",
+            ]
         return [
-            f"C++ extension:  not built: {info.get('reason')}",
-            "  (pip install . builds it; MIT_SKIP_CPU_EXT=1 skips it)",
+            f"C++ extension:  no build for torch {torch.__version__} yet ({info.get('reason')})",
+            "  it compiles at first use of a CPU tensor (once), or now: `python -m mit_kernels build`",
         ]
-    usable = "usable" if info["available"] else f"NOT usable: {cpu_backend.unavailable_reason()}"
-    lines = [
-        f"C++ extension:  built, {usable}",
+    return [
+        f"C++ extension:  {info['source']} build for torch {torch.__version__}, usable ({info['directory']})",
         f"  threads:      {info['num_threads']} (at::get_num_threads(); OpenMP {'on' if info['openmp'] else 'off'})",
         f"  flags:        {info['compile_flags'].replace(',', ' ')}  (vector ISA {info['vector_isa']})",
         f"  GEMM:         {info['blas']}",
     ]
-    return lines
 
 
 def _cuda_lines() -> list[str]:
@@ -58,13 +65,51 @@ def _cuda_lines() -> list[str]:
 
 
 def _auto_lines() -> list[str]:
-    cpu = resolve_backend("auto", torch.device("cpu"))
-    cuda = resolve_backend("auto", torch.device("cuda"))
+    from . import cpu_backend, cpu_build, cpu_extension
+
+    if cpu_backend.extension_info().get("built"):
+        cpu = "'cpu'"
+    elif not cpu_extension.state().opted_out and cpu_build.compiler() is not None:
+        cpu = "'cpu' (after compiling at first use)"
+    else:
+        cpu = "'reference'"
+    cuda = repr(resolve_backend("auto", torch.device("cuda")))
     note = "" if torch.cuda.is_available() else " (no CUDA device here)"
-    return [f"auto picks:     CPU tensors -> {cpu!r}; CUDA tensors -> {cuda!r}{note}"]
+    return [f"auto picks:     CPU tensors -> {cpu}; CUDA tensors -> {cuda}{note}"]
 
 
-def main() -> None:
+def build(force: bool, verbose: bool) -> int:
+    """Compile the C++ CPU kernels for the running torch into the cache (unless a matching build is loaded)."""
+    from . import cpu_extension
+
+    existing = cpu_extension.state()
+    if existing.module is not None and not force:
+        print(f"mit_kernels: a {existing.source} build for torch {torch.__version__} is in place: {existing.directory}")
+        return 0
+    if existing.module is not None:  # its operators are registered in this process: compile in a fresh one
+        import subprocess
+
+        from . import cpu_build
+
+        command = [sys.executable, cpu_build.__file__, "--out", str(cpu_build.cache_dir())]
+        return subprocess.run(command + (["--verbose"] if verbose else [])).returncode
+    result = cpu_extension.compile_now(verbose=verbose)
+    if result.module is None:
+        print(f"mit_kernels: {result.reason}", file=sys.stderr)
+        return 1
+    print(f"mit_kernels: built {result.directory}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mit_kernels", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command")
+    build_parser = sub.add_parser("build", help="compile the C++ CPU kernels for the running torch now")
+    build_parser.add_argument("--force", action="store_true", help="recompile even if a matching build exists")
+    build_parser.add_argument("--verbose", action="store_true", help="show the compiler's commands")
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        return build(args.force, args.verbose)
     lines = [
         f"mit_kernels:    {__version__}",
         f"torch:          {torch.__version__}",
@@ -74,7 +119,8 @@ def main() -> None:
         *_auto_lines(),
     ]
     print("\n".join(lines))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

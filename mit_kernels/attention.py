@@ -44,7 +44,7 @@ def _load_cpu_backend():
 
 
 def cpu_backend_available() -> bool:
-    """The C++ CPU backend (the extension ``mit_kernels._C``, built by ``pip install .``) is built and loadable."""
+    """The C++ CPU backend matching the running torch is loaded, compiling it now (once) if none exists."""
     return _load_cpu_backend()[0] is not None
 
 

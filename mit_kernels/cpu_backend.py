@@ -1,5 +1,5 @@
-"""The compiled CPU backend: C++ kernels (``csrc/``, built as ``mit_kernels._C`` by ``pip install .``) for MiT attention
-and the FFN infusion gate.
+"""The compiled CPU backend: C++ kernels (``csrc/``, compiled against the running torch by ``pip install .`` or at first
+use, see :mod:`mit_kernels.cpu_extension`) for MiT attention and the FFN infusion gate.
 
 The C++ extension registers four operators on the CPU dispatch key::
 
@@ -28,72 +28,42 @@ count). Everything accumulates in fp32 (fp64 for fp64 inputs); fp32, bf16, fp16 
 from __future__ import annotations
 
 import math
-import os
-import platform
 
 import torch  # must be imported before the extension (it links against libtorch)
 from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
-
-def _cpu_has_avx2() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        return bool(torch.cpu._is_avx2_supported())
-    except AttributeError:  # pragma: no cover - private torch helper; assume a modern x86-64 CPU
-        return True
+from . import cpu_extension
 
 
-# On x86-64 the extension is built with AVX2 when the build machine has it (setup.py); loading such a build on a CPU
-# without AVX2 could crash, so there it is only loaded when the user says it was built without (MIT_CPU_AVX2=0).
-_X86 = platform.machine().lower() in ("x86_64", "amd64")
-if _X86 and not _cpu_has_avx2() and os.environ.get("MIT_CPU_AVX2", "").strip() != "0":
-    _C = None
-    _IMPORT_ERROR: str | None = (
-        "this CPU lacks AVX2; reinstall with MIT_CPU_AVX2=0 and set MIT_CPU_AVX2=0 when running to use the extension"
-    )
-else:
-    try:
-        from . import _C
-    except ImportError as _exc:  # not built (MIT_SKIP_CPU_EXT=1, or a source checkout without build_ext --inplace)
-        _C = None
-        _IMPORT_ERROR = f"{type(_exc).__name__}: {_exc}"
-    else:
-        _IMPORT_ERROR = None
+def _extension(compile_if_missing: bool = False):
+    """The extension module (or None); registers the Python side of its operators the first time it is there."""
+    module = cpu_extension.state(compile_if_missing=compile_if_missing).module
+    if module is not None:
+        _register_once()
+    return module
 
 
-def _compute_unavailable_reason() -> str | None:
-    if _C is None:
-        return f"the C++ extension mit_kernels._C is not loaded ({_IMPORT_ERROR})"
-    if _C.extension_info()["vector_isa"] == "AVX2" and not _cpu_has_avx2():
-        return "the C++ extension was built with AVX2 but this CPU lacks it (reinstall with MIT_CPU_AVX2=0)"
-    return None
-
-
-_UNAVAILABLE_REASON = _compute_unavailable_reason()
-
-
-def _unavailable_reason() -> str | None:
-    return _UNAVAILABLE_REASON
-
-
-def available() -> bool:
-    """The compiled extension is built, loads, and can run on this CPU."""
-    return _UNAVAILABLE_REASON is None
+def available(compile_if_missing: bool = True) -> bool:
+    """A build of the extension that matches the running torch and CPU is loaded; by default, compile it now (once)
+    when none exists (:mod:`mit_kernels.cpu_extension`)."""
+    return _extension(compile_if_missing) is not None
 
 
 def unavailable_reason() -> str | None:
     """Why :func:`available` is False (None when it is True)."""
-    return _UNAVAILABLE_REASON
+    state = cpu_extension.state()
+    return None if state.module is not None else state.reason
 
 
 def extension_info() -> dict:
-    """How the extension was built: ``built``, ``num_threads`` (at::get_num_threads() now), ``openmp``,
-    ``compile_flags``, ``vector_isa`` (AVX2 or DEFAULT) and ``blas`` (the GEMM used); ``reason`` when not built."""
-    if _C is None:
-        return {"built": False, "reason": _unavailable_reason()}
-    info = dict(_C.extension_info())
-    info["available"] = available()
+    """How the loaded build was made: ``built``, ``source`` (prebuilt / cached / compiled), ``directory``,
+    ``num_threads`` (at::get_num_threads() now), ``openmp``, ``compile_flags``, ``vector_isa`` (AVX2 or DEFAULT) and
+    ``blas`` (the GEMM used); ``built=False`` and ``reason`` when none is loaded. Never compiles."""
+    state = cpu_extension.state()
+    if state.module is None:
+        return {"built": False, "reason": state.reason, "opted_out": state.opted_out}
+    info = dict(state.module.extension_info())
+    info.update(available=True, source=state.source, directory=str(state.directory))
     return info
 
 
@@ -125,7 +95,14 @@ def _attention_backward_flops(q_shape, k_shape) -> int:
     return attention_backward_flops(q_shape, k_shape)
 
 
-def _register() -> None:
+_registered = False
+
+
+def _register_once() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
     lib = "mit_kernels::"
 
     @torch.library.register_fake(lib + "attention_cpu_fwd")
@@ -169,8 +146,7 @@ def _register() -> None:
         return ffn_gate_backward_flops(gate_shape)
 
 
-if _C is not None:
-    _register()
+_extension()  # an existing matching build is loaded (and its operators registered) at import; nothing compiles
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -179,9 +155,8 @@ if _C is not None:
 
 
 def _require() -> None:
-    reason = _unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(f"mit_kernels.cpu_backend is not available: {reason}")
+    if _extension() is None:
+        raise RuntimeError(f"mit_kernels.cpu_backend is not available: {unavailable_reason()}")
 
 
 def attention(

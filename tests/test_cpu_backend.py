@@ -382,7 +382,7 @@ def test_unknown_backend_lists_cpu():
 def test_main_module_reports_backends(capsys):
     from mit_kernels.__main__ import main
 
-    main()
+    assert main([]) == 0
     text = capsys.readouterr().out
     assert "torch:" in text and "C++ extension:" in text and "auto picks:" in text
     assert ("CPU tensors -> 'cpu'" in text) == cpu_backend_available()

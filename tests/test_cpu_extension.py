@@ -1,0 +1,105 @@
+"""Which build of the C++ CPU kernels is used: a build runs only under the torch (and CPU) it was compiled for; with
+none and no way to compile one, CPU tensors get the exact reference path and one warning. The no-compiler cases run in
+subprocesses: the extension state is process-wide."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mit_kernels import cpu_build, cpu_extension
+
+
+def stamp(**overrides) -> dict:
+    return {**cpu_build.torch_identity(), "isa": "DEFAULT", "sources": cpu_build.sources_hash(), **overrides}
+
+
+def test_stamp_mismatch_names_what_differs(monkeypatch):
+    assert cpu_extension.stamp_mismatch(stamp()) is None
+    assert cpu_extension.stamp_mismatch(None) == "no build"
+    other = cpu_extension.stamp_mismatch(stamp(torch="2.14.1"))
+    assert other == f"built for torch 2.14.1, running torch {torch.__version__}"
+    assert "built for torch" in cpu_extension.stamp_mismatch(stamp(torch_git="0" * 40))
+    assert cpu_extension.stamp_mismatch(stamp(sources="feedface")) == "built from other sources"
+    monkeypatch.setattr(cpu_build, "cpu_has_avx2", lambda: False)
+    assert cpu_extension.stamp_mismatch(stamp(isa="AVX2")) == "built with AVX2, which this CPU lacks"
+    assert cpu_extension.stamp_mismatch(stamp(isa="DEFAULT")) is None
+
+
+def test_a_build_for_another_torch_is_not_loaded(tmp_path):
+    prebuilt, cache = tmp_path / "prebuilt", tmp_path / "cache"
+    prebuilt.mkdir()
+    (prebuilt / cpu_build.STAMP_NAME).write_text(json.dumps(stamp(torch="2.14.1")))
+    (prebuilt / f"{cpu_build.EXTENSION_NAME}.so").write_bytes(b"not a library: it must never be opened")
+    state = cpu_extension.find_existing(prebuilt, cache)
+    assert state.module is None
+    assert state.reason == f"prebuilt: built for torch 2.14.1, running torch {torch.__version__}; cached: no build"
+
+
+def test_cache_directory_is_per_torch_and_isa(monkeypatch, tmp_path):
+    monkeypatch.setenv("MIT_KERNELS_CACHE", str(tmp_path))
+    directory = cpu_build.cache_dir()
+    assert directory.parent == tmp_path
+    assert directory.name.startswith(f"torch{torch.__version__.replace('+', '_')}-{cpu_build.vector_isa().lower()}-")
+    monkeypatch.setenv("MIT_CPU_AVX2", "0")
+    assert cpu_build.cache_dir().name.split("-")[1] == "default"
+
+
+def run_without_a_build(tmp_path, **env) -> subprocess.CompletedProcess:
+    """A fresh interpreter that sees no matching build (empty prebuilt and cache directories) and whose compiler is
+    missing; it calls the public ops on CPU tensors twice and compares them with the reference."""
+    script = textwrap.dedent(f"""
+        import pathlib, warnings, torch
+        import mit_kernels.cpu_extension as ce
+        ce.PREBUILT_DIR = pathlib.Path({str(tmp_path / "prebuilt")!r})
+        from mit_kernels import mit_attention, mit_attention_reference, mit_ffn_gate, mit_ffn_gate_reference
+        from mit_kernels.__main__ import main
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, 2, 5, 8, generator=g)
+        k, v = torch.randn(1, 1, 5, 8, generator=g), torch.randn(1, 1, 5, 8, generator=g)
+        vecs = [0.3 * torch.randn(1, 1, 8, generator=g) for _ in range(4)]
+        lam = torch.ones(1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                out = mit_attention(q, k, v, *vecs, lam)
+                gate = mit_ffn_gate(q[0], k[0].expand_as(q[0]), torch.randn(2, 8, generator=g))
+        assert torch.equal(out, mit_attention_reference(q, k, v, *vecs, lam)), "not the reference path"
+        print("WARNINGS", len([w for w in caught if "C++ CPU kernels are unavailable" in str(w.message)]))
+        for w in caught:
+            print("MESSAGE", w.message)
+        main([])
+    """)  # fmt: skip
+    environment = {**os.environ, "MIT_KERNELS_CACHE": str(tmp_path / "cache"), "CXX": "no-such-compiler", **env}
+    environment.pop("PYTHONWARNINGS", None)
+    return subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
+
+
+def test_no_compiler_gives_one_warning_and_the_reference_path(tmp_path):
+    result = run_without_a_build(tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "WARNINGS 1" in result.stdout, result.stdout
+    assert "no C++ compiler ('no-such-compiler' not on PATH)" in result.stdout
+    assert "and no C++ compiler: CPU tensors use the exact reference path" in result.stdout
+    assert "CPU tensors -> 'reference'" in result.stdout
+
+
+def test_opting_out_is_silent(tmp_path):
+    result = run_without_a_build(tmp_path, MIT_SKIP_CPU_EXT="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "WARNINGS 0" in result.stdout and "not used (MIT_SKIP_CPU_EXT is set)" in result.stdout
+
+
+@pytest.mark.skipif(cpu_build.compiler() is None, reason="no C++ compiler here")
+def test_report_says_which_build_is_loaded():
+    result = subprocess.run([sys.executable, "-m", "mit_kernels"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    state = cpu_extension.state(compile_if_missing=True)  # the suite needs the kernels: compiled here if missing
+    assert state.module is not None, state.reason
+    assert f"C++ extension:  {state.source} build for torch {torch.__version__}, usable" in result.stdout
