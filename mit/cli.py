@@ -41,15 +41,15 @@ GROUPS: dict[str, dict[str, tuple[str, str | None]]] = {
     },
     "image encoder (refseg, cls)": {
         "encoder": (
-            "open_clip model name (ViT-L-14-336, ViT-L-14, ViT-B-16) or an open_clip model-config .json",
+            "CLIP architecture without --encoder-pretrained: ViT-L-14-336, ViT-L-14, ViT-B-16 or a config .json",
             "NAME",
         ),
         "encoder_pretrained": (
-            "CLIP weights: a local file (OpenAI .pt, open_clip .bin/.safetensors) or, with "
-            "open_clip installed, a tag such as 'openai'; omitted = random (tests only)",
+            "CLIP weights: a local Hugging Face checkpoint directory (e.g. openai/clip-vit-large-patch14-336) or, "
+            "with --encoder-backend open_clip, an open_clip file or tag; omitted = random (tests only)",
             "PATH",
         ),
-        "encoder_backend": ("auto (open_clip if installed, else built-in), open_clip or native", None),
+        "encoder_backend": ("transformers (CLIPVisionModelWithProjection) or open_clip", None),
         "quick_gelu": ("QuickGELU activations (required by OpenAI's CLIP weights)", None),
         "feature_layers": (
             "CLIP blocks feeding the segmentation decoder, e.g. 7,15,23 (default: 3 evenly spaced)",
@@ -111,7 +111,7 @@ GROUPS: dict[str, dict[str, tuple[str, str | None]]] = {
 CHOICES = {
     "task": ["refseg", "cls", "msa"],
     "dataset": ["refcoco", "refcoco+", "refcocog", "food101", "snli-ve", "mosi", "mosei"],
-    "encoder_backend": ["auto", "open_clip", "native"],
+    "encoder_backend": ["transformers", "open_clip"],
     "split_by": ["unc", "umd", "google"],
     "padding_side": ["left", "right"],
     "mixed_precision": ["no", "fp32", "bf16", "fp16"],

@@ -1,22 +1,22 @@
-"""CLIP vision towers: open_clip's, or a built-in copy of open_clip's ViT that needs no torchvision.
+"""CLIP vision towers for MiT: transformers' ``CLIPVisionModelWithProjection`` (default) or open_clip's.
 
-:func:`build_clip_visual` returns a module with open_clip's ``VisionTransformer`` interface
-(``forward_intermediates(x, indices=[...], output_fmt="NCHW")`` -> ``{"image_features", "image_intermediates"}``):
+:func:`build_clip_visual` returns a :class:`CLIPVisual`, one interface over both libraries:
+``forward(images, indices)`` -> ``(image_embedding (B, embed_dim), [block outputs (B, width, gh, gw)])`` where the
+embedding is CLIP's projected image embedding (what MiT infuses) and the block outputs (after transformer block ``i``,
+before the final LayerNorm, class token removed) feed the segmentation decoder.
 
-- ``backend="open_clip"``: ``open_clip.create_model(name, pretrained=...)`` and its ``.visual`` (the text tower is
-  dropped). ``pretrained`` may be an open_clip tag (``"openai"``) or a local file.
-- ``backend="native"``: :class:`CLIPVisionTower`, a re-implementation of open_clip's standard ViT with the same
-  parameter names and numerics, so open_clip checkpoints (``open_clip_pytorch_model.bin`` / ``.safetensors``) and
-  OpenAI's TorchScript archives (``ViT-L-14-336px.pt``) load into it. ``pretrained`` must be a local file.
-- ``backend="auto"``: open_clip when it imports, else native.
+- ``backend="transformers"`` (default; transformers is already a dependency): ``pretrained`` is a local Hugging Face
+  checkpoint, a directory with ``config.json`` and weights: a CLIP vision tower, or a whole CLIP model such as a
+  download of ``openai/clip-vit-large-patch14-336`` (the checkpoint LLaVA uses; the text tower is not loaded). Without
+  ``pretrained`` the tower is randomly initialised from ``model``: a name in :data:`CLIP_CONFIGS` or the path of a
+  ``CLIPVisionConfig`` JSON file (tests use tiny ones).
+- ``backend="open_clip"``: ``open_clip.create_model(model, pretrained=...)`` and its ``.visual``; ``model`` is an
+  open_clip model name or the path of an open_clip model-config JSON (``{"embed_dim", "vision_cfg"}``), ``pretrained``
+  an open_clip tag or a local checkpoint file. open_clip imports torchvision, whose PyPI wheels are CUDA builds: next
+  to a CPU build of torch they fail to import, so this backend is optional (``pip install mit[clip]``).
 
-The native tower exists because open_clip imports torchvision, and the torchvision wheels on PyPI are CUDA builds: next
-to a CPU build of torch they fail to import (``operator torchvision::nms does not exist``) and break transformers'
-imports too. On a CUDA machine with a matching torchvision both backends give the same features.
-
-Model configs use open_clip's JSON schema (``{"embed_dim": ..., "vision_cfg": {...}}``); a name may also be the path of
-such a JSON file (how tests use tiny configs), and :func:`register_clip_config` adds one under a name (and registers it
-with open_clip through ``open_clip.add_model_config`` when open_clip is importable).
+Both give the same features for the same weights (OpenAI's CLIP ViTs, QuickGELU): the HF and open_clip towers are the
+same network.
 """
 
 from __future__ import annotations
@@ -27,77 +27,115 @@ import math
 import os
 import pathlib
 import tempfile
-from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+BACKENDS = ("transformers", "open_clip")
 OPEN_CLIP_INSTALL = (
     "pip install open_clip_torch (it imports torchvision, whose PyPI wheels are CUDA builds: with a CPU build of torch "
-    "install torchvision from PyTorch's CPU index, or use backend='native')"
+    "install torchvision from PyTorch's CPU index, or use backend='transformers')"
 )
 
-# open_clip's configs of the towers the paper uses (Table 4); more can be added with register_clip_config.
+# The towers the paper uses (Table 4), as transformers CLIPVisionConfig fields (OpenAI's: QuickGELU).
 CLIP_CONFIGS: dict[str, dict[str, Any]] = {
-    "ViT-L-14-336": {
-        "embed_dim": 768,
-        "vision_cfg": {"image_size": 336, "layers": 24, "width": 1024, "patch_size": 14},
-    },
-    "ViT-L-14": {"embed_dim": 768, "vision_cfg": {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 14}},
-    "ViT-B-16": {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 16}},
-}
-_VISION_KEYS = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio", "ls_init_value"}
+    "ViT-L-14-336": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                     "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "projection_dim": 768},
+    "ViT-L-14": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                 "image_size": 224, "patch_size": 14, "projection_dim": 768},
+    "ViT-B-16": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                 "image_size": 224, "patch_size": 16, "projection_dim": 512},
+}  # fmt: skip
+_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size", "projection_dim")
 
 
-def register_clip_config(name: str, config: dict[str, Any]) -> None:
-    """Register an open_clip-style model config under ``name`` (also with open_clip, when it imports)."""
-    _validate_config(name, config)
-    CLIP_CONFIGS[name] = copy.deepcopy(config)
-    open_clip = _try_import_open_clip()
-    if open_clip is not None:
-        directory = pathlib.Path(tempfile.mkdtemp(prefix="mit-clip-config-"))
-        (directory / f"{name}.json").write_text(json.dumps(_open_clip_json(config)))
-        open_clip.add_model_config(directory / f"{name}.json")
+class CLIPVisual(nn.Module):
+    """A CLIP vision tower behind one interface (see the module docstring).
+
+    Attributes: ``backend``, ``image_size``, ``patch_size``, ``grid_size`` (gh, gw), ``width``, ``embed_dim``,
+    ``num_layers``."""
+
+    def __init__(self, tower: nn.Module, backend: str) -> None:
+        super().__init__()
+        self.tower, self.backend = tower, backend
+        if backend == "transformers":
+            config = tower.config
+            self.image_size, self.patch_size = int(config.image_size), int(config.patch_size)
+            self.width, self.embed_dim = int(config.hidden_size), int(config.projection_dim)
+            self.num_layers = int(config.num_hidden_layers)
+            self.grid_size = (self.image_size // self.patch_size,) * 2
+        else:
+            size = tower.image_size
+            self.image_size = int(size if isinstance(size, int) else size[0])
+            self.grid_size = tuple(int(g) for g in tower.grid_size)
+            self.patch_size = self.image_size // self.grid_size[0]
+            self.width, self.embed_dim = int(tower.proj.shape[0]), int(tower.proj.shape[1])
+            self.num_layers = len(tower.transformer.resblocks)
+
+    def forward(self, images: torch.Tensor, indices: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(embedding (B, embed_dim), [output of block i as (B, width, gh, gw) for i in indices])``."""
+        if self.backend == "open_clip":
+            out = self.tower.forward_intermediates(images, indices=list(indices), output_fmt="NCHW")
+            return out["image_features"], list(out["image_intermediates"])
+        out = self.tower(pixel_values=images, output_hidden_states=True)
+        batch, (gh, gw) = images.shape[0], self.grid_size
+        levels = []
+        for i in indices:  # hidden_states[0] is the embedding output (after pre-LayerNorm), [i + 1] block i's output
+            tokens = out.hidden_states[i + 1][:, 1:]  # drop the class token
+            levels.append(tokens.transpose(1, 2).reshape(batch, self.width, gh, gw))
+        return out.image_embeds, levels
 
 
-def resolve_clip_config(name_or_path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
-    """``(name, config)`` of a registered name or of an open_clip model-config JSON file."""
+def resolve_clip_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """transformers CLIPVisionConfig fields of a name in :data:`CLIP_CONFIGS` or of a JSON file (a CLIPVisionConfig,
+    or a whole CLIPConfig with ``vision_config``)."""
     text = str(name_or_path)
     if text in CLIP_CONFIGS:
-        return text, copy.deepcopy(CLIP_CONFIGS[text])
+        config = copy.deepcopy(CLIP_CONFIGS[text])
+        config.setdefault("hidden_act", "quick_gelu")
+        return config
     path = pathlib.Path(text)
-    if text.endswith(".json"):
-        if not path.is_file():
-            raise ValueError(f"CLIP model config {path} does not exist (expected an open_clip model-config JSON file)")
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"CLIP model config {path} is not valid JSON: {error}") from None
-        _validate_config(str(path), config)
-        return path.stem, config
-    raise ValueError(
-        f"unknown CLIP model {text!r}; expected one of {sorted(CLIP_CONFIGS)} or the path of an open_clip "
-        "model-config .json file"
-    )
-
-
-def _validate_config(name: str, config: Any) -> None:
-    if not isinstance(config, dict) or not isinstance(config.get("vision_cfg"), dict) or "embed_dim" not in config:
-        raise ValueError(f"CLIP config {name}: expected {{'embed_dim': int, 'vision_cfg': {{...}}}}, got {config!r}")
-    missing = sorted({"image_size", "layers", "width", "patch_size"} - set(config["vision_cfg"]))
+    if not text.endswith(".json"):
+        raise ValueError(f"unknown CLIP model {text!r}; expected one of {sorted(CLIP_CONFIGS)} or a config .json path")
+    if not path.is_file():
+        raise ValueError(f"CLIP model config {path} does not exist")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"CLIP model config {path} is not valid JSON: {error}") from None
+    if isinstance(config, dict) and isinstance(config.get("vision_config"), dict):
+        config = {"projection_dim": config.get("projection_dim", 512), **config["vision_config"]}
+    if not isinstance(config, dict) or "vision_cfg" in config:
+        raise ValueError(f"CLIP model config {path}: expected transformers CLIPVisionConfig fields, got an open_clip "
+                         "config (use backend='open_clip') or something else")  # fmt: skip
+    missing = [k for k in _REQUIRED if k not in config]
     if missing:
-        raise ValueError(f"CLIP config {name}: vision_cfg lacks {missing}")
+        raise ValueError(f"CLIP model config {path} lacks {missing}")
+    return config
 
 
-def _open_clip_json(config: dict[str, Any]) -> dict[str, Any]:
-    """open_clip's factory needs a text tower in the config; a tiny one is added when missing."""
-    out = copy.deepcopy(config)
-    out.setdefault("text_cfg", {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1})
-    return out
+def _transformers_tower(model: str | os.PathLike, pretrained: str | os.PathLike | None, quick_gelu: bool) -> nn.Module:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    if pretrained is None:
+        config = resolve_clip_config(model)
+        if quick_gelu:
+            config["hidden_act"] = "quick_gelu"
+        return CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
+    path = pathlib.Path(pretrained)
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise ValueError(
+            f"pretrained={str(pretrained)!r}: the transformers backend loads a local Hugging Face checkpoint directory "
+            "(config.json + model.safetensors or pytorch_model.bin, e.g. a download of "
+            "openai/clip-vit-large-patch14-336); open_clip / OpenAI .pt files need backend='open_clip'"
+        )
+    try:
+        return CLIPVisionModelWithProjection.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"CLIP weights {path}: cannot be loaded ({error})") from error
 
 
 def _try_import_open_clip():
@@ -119,192 +157,32 @@ def import_open_clip():
     return open_clip
 
 
-class QuickGELU(nn.Module):
-    """OpenAI CLIP's activation: ``x * sigmoid(1.702 x)``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm that returns the input dtype (open_clip's)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
-
-
-class ResidualAttentionBlock(nn.Module):
-    """open_clip's ``ResidualAttentionBlock`` (same parameter names: ln_1, attn, ln_2, mlp.c_fc, mlp.c_proj)."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool) -> None:
-        super().__init__()
-        self.ln_1 = LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.ln_2 = LayerNorm(width)
-        hidden = int(width * mlp_ratio)
-        act = QuickGELU() if quick_gelu else nn.GELU()
-        self.mlp = nn.Sequential(
-            OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", act), ("c_proj", nn.Linear(hidden, width))])
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ln_1(x)
-        x = x + self.attn(y, y, y, need_weights=False)[0]
-        return x + self.mlp(self.ln_2(x))
-
-
-class _Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, quick_gelu: bool) -> None:
-        super().__init__()
-        self.resblocks = nn.ModuleList(
-            ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu) for _ in range(layers)
-        )
-
-
-class CLIPVisionTower(nn.Module):
-    """open_clip's standard ``VisionTransformer`` (class-token pooling, learnable positions, ln_pre/ln_post, proj).
-
-    Parameter names equal open_clip's ``model.visual`` ones, so its checkpoints load with :meth:`load_clip_weights`."""
-
-    def __init__(self, config: dict[str, Any], quick_gelu: bool = False) -> None:
-        super().__init__()
-        _validate_config("native tower", config)
-        vision = config["vision_cfg"]
-        unsupported = sorted(set(vision) - _VISION_KEYS)
-        if unsupported or vision.get("ls_init_value") is not None:
-            raise ValueError(
-                f"the native CLIP tower supports open_clip's standard ViT only; unsupported vision_cfg keys "
-                f"{unsupported or ['ls_init_value']} (use backend='open_clip')"
-            )
-        if not all(isinstance(vision[k], int) for k in ("image_size", "layers", "width", "patch_size")):
-            raise ValueError(f"vision_cfg image_size, layers, width and patch_size must be ints, got {vision}")
-        width, patch = vision["width"], vision["patch_size"]
-        self.image_size = vision["image_size"]
-        self.patch_size = (patch, patch)
-        self.grid_size = (self.image_size // patch, self.image_size // patch)
-        self.width = width
-        self.output_dim = int(config["embed_dim"])
-        heads = width // vision.get("head_width", 64)
-        scale = width**-0.5
-        self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid_size[0] * self.grid_size[1] + 1, width))
-        self.ln_pre = LayerNorm(width)
-        quick = quick_gelu or bool(config.get("quick_gelu", False))
-        self.transformer = _Transformer(width, vision["layers"], heads, vision.get("mlp_ratio", 4.0), quick)
-        self.ln_post = LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, self.output_dim))
-
-    def _embeds(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x).flatten(2).transpose(1, 2)
-        cls = self.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        return self.ln_pre(x)
-
-    def forward_intermediates(
-        self, x: torch.Tensor, indices: list[int] | int | None = None, output_fmt: str = "NCHW", **_: Any
-    ) -> dict[str, Any]:
-        """Same contract as open_clip's: the outputs of blocks ``indices`` (before ln_post, class token removed) and
-        the projected class-token embedding ``image_features``."""
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        n = len(self.transformer.resblocks)
-        if indices is None:
-            take = set(range(n))
-        elif isinstance(indices, int):
-            take = set(range(n - indices, n))
-        else:
-            take = {i % n for i in indices}
-        b, _, height, width = x.shape
-        x = self._embeds(x)
-        intermediates = []
-        for i, block in enumerate(self.transformer.resblocks):
-            x = block(x)
-            if i in take:
-                y = x[:, 1:]
-                if output_fmt == "NCHW":
-                    y = y.reshape(b, height // self.patch_size[0], width // self.patch_size[1], -1)
-                    y = y.permute(0, 3, 1, 2).contiguous()
-                intermediates.append(y)
-        pooled = self.ln_post(x)[:, 0] @ self.proj
-        return {"image_intermediates": intermediates, "image_features": pooled}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_intermediates(x, indices=[])["image_features"]
-
-
-def _read_state_dict(path: pathlib.Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ValueError(f"CLIP weights {path} do not exist (expected a local checkpoint file)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:  # OpenAI's released weights are TorchScript archives
-        return torch.jit.load(str(path), map_location="cpu").state_dict()
-    except RuntimeError:
-        pass
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"CLIP weights {path}: expected a state dict, got {type(state).__name__}")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def load_clip_weights(tower: CLIPVisionTower, path: str | os.PathLike) -> CLIPVisionTower:
-    """Load the ``visual.*`` tensors of an open_clip / OpenAI CLIP checkpoint into a native tower (strict)."""
-    path = pathlib.Path(path)
-    state = _read_state_dict(path)
-    visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
-    if not visual:
-        visual = state  # a checkpoint of the vision tower alone
-    own = tower.state_dict()
-    missing, unexpected = sorted(set(own) - set(visual)), sorted(set(visual) - set(own))
-    if missing or unexpected:
-        raise ValueError(
-            f"CLIP weights {path} do not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    bad = [k for k in own if own[k].shape != visual[k].shape]
-    if bad:
-        k = bad[0]
-        raise ValueError(f"CLIP weights {path}: {k} has shape {tuple(visual[k].shape)}, expected {tuple(own[k].shape)}")
-    tower.load_state_dict(visual)
-    return tower
+def _open_clip_tower(model: str | os.PathLike, pretrained: str | os.PathLike | None, quick_gelu: bool) -> nn.Module:
+    open_clip = import_open_clip()
+    name = str(model)
+    if name.endswith(".json"):  # an open_clip model-config file: register it under its stem
+        config = json.loads(pathlib.Path(name).read_text())
+        config.setdefault("text_cfg", {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1})
+        directory = pathlib.Path(tempfile.mkdtemp(prefix="mit-clip-config-"))
+        name = pathlib.Path(name).stem
+        (directory / f"{name}.json").write_text(json.dumps(config))
+        open_clip.add_model_config(directory / f"{name}.json")
+    pretrained = None if pretrained is None else str(pretrained)
+    return open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu).visual
 
 
 def build_clip_visual(
     model: str | os.PathLike = "ViT-L-14-336",
     pretrained: str | os.PathLike | None = None,
-    backend: str = "auto",
+    backend: str = "transformers",
     force_quick_gelu: bool = False,
-) -> tuple[nn.Module, str]:
-    """Build a CLIP vision tower; returns ``(visual, backend_used)``. See the module docstring."""
-    if backend not in ("auto", "open_clip", "native"):
-        raise ValueError(f"backend must be 'auto', 'open_clip' or 'native', got {backend!r}")
-    name, config = resolve_clip_config(model)
-    open_clip = None
+) -> CLIPVisual:
+    """A CLIP vision tower (see the module docstring)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "open_clip":
-        open_clip = import_open_clip()
-    elif backend == "auto":
-        open_clip = _try_import_open_clip()
-    if open_clip is not None:
-        if name not in open_clip.list_models():
-            directory = pathlib.Path(tempfile.mkdtemp(prefix="mit-clip-config-"))
-            (directory / f"{name}.json").write_text(json.dumps(_open_clip_json(config)))
-            open_clip.add_model_config(directory / f"{name}.json")
-        pretrained = None if pretrained is None else str(pretrained)
-        full = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=force_quick_gelu)
-        return full.visual, "open_clip"
-    tower = CLIPVisionTower(config, quick_gelu=force_quick_gelu)
-    if pretrained is not None:
-        if not pathlib.Path(pretrained).exists():
-            raise ValueError(
-                f"pretrained={str(pretrained)!r} is not a local file; the native CLIP backend loads checkpoint files "
-                f"only (open_clip tags such as 'openai' need open_clip: {OPEN_CLIP_INSTALL})"
-            )
-        load_clip_weights(tower, pretrained)
-    return tower, "native"
+        return CLIPVisual(_open_clip_tower(model, pretrained, force_quick_gelu), "open_clip")
+    return CLIPVisual(_transformers_tower(model, pretrained, force_quick_gelu), "transformers")
 
 
 def default_feature_layers(num_layers: int, levels: int = 3) -> list[int]:

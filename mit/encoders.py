@@ -28,14 +28,17 @@ class CLIPImageEncoder(nn.Module):
     """Frozen CLIP image encoder (default ViT-L/14-336: 768-d embedding, 1024-wide 24x24 patch features).
 
     Args:
-        model: open_clip model name (``"ViT-L-14-336"``, ``"ViT-L-14"``, ``"ViT-B-16"``, or registered with
-            :func:`mit.clip.register_clip_config`) or the path of an open_clip model-config JSON file.
-        pretrained: a local checkpoint file, or (open_clip backend) an open_clip tag such as ``"openai"``. None =
-            random initialisation (tests). Downloading weights is the user's business.
+        model: the architecture for a randomly initialised tower (no ``pretrained``): a name in
+            :data:`mit.clip.CLIP_CONFIGS` (``"ViT-L-14-336"``, ``"ViT-L-14"``, ``"ViT-B-16"``) or the path of a config
+            JSON (transformers ``CLIPVisionConfig``; open_clip's schema with ``backend="open_clip"``).
+        pretrained: the weights: a local Hugging Face checkpoint directory (``backend="transformers"``, e.g. a
+            download of ``openai/clip-vit-large-patch14-336``; its own config.json sets the architecture), or an
+            open_clip tag / checkpoint file (``backend="open_clip"``). None = random initialisation (tests).
+            Downloading weights is the user's business.
         feature_layers: 0-based blocks whose outputs feed the segmentation decoder; None = 3 evenly spaced blocks
             ending at the last one ([7, 15, 23] for 24 blocks).
-        backend: ``"auto"`` (open_clip if it imports, else the built-in tower), ``"open_clip"`` or ``"native"``.
-        force_quick_gelu: QuickGELU activations, needed by OpenAI's weights.
+        backend: ``"transformers"`` (CLIPVisionModelWithProjection) or ``"open_clip"``.
+        force_quick_gelu: QuickGELU activations (OpenAI's weights; the named configs already use them).
 
     Inputs are images normalised with :attr:`mean` / :attr:`std` at :attr:`image_size`. Parameters are frozen and the
     module stays in eval mode; the forward pass runs without autograd.
@@ -46,22 +49,20 @@ class CLIPImageEncoder(nn.Module):
         model: str | os.PathLike = "ViT-L-14-336",
         pretrained: str | os.PathLike | None = None,
         feature_layers: list[int] | None = None,
-        backend: str = "auto",
+        backend: str = "transformers",
         force_quick_gelu: bool = False,
     ) -> None:
         super().__init__()
-        self.visual, self.backend = build_clip_visual(model, pretrained, backend, force_quick_gelu)
-        num_blocks = len(self.visual.transformer.resblocks)
+        self.visual = build_clip_visual(model, pretrained, backend, force_quick_gelu)
+        self.backend = self.visual.backend
+        num_blocks = self.visual.num_layers
         layers = default_feature_layers(num_blocks) if feature_layers is None else [int(i) for i in feature_layers]
         bad = [i for i in layers if not 0 <= i < num_blocks]
         if bad or not layers:
             raise ValueError(f"feature_layers must be non-empty and in [0, {num_blocks}), got {layers}")
         self.feature_layers = layers
-        size = self.visual.image_size
-        self.image_size = int(size if isinstance(size, int) else size[0])
-        self.embed_dim = int(self.visual.proj.shape[1])
-        self.width = int(self.visual.proj.shape[0])
-        self.grid_size = tuple(int(g) for g in self.visual.grid_size)
+        self.image_size, self.grid_size = self.visual.image_size, self.visual.grid_size
+        self.embed_dim, self.width = self.visual.embed_dim, self.visual.width
         self.mean, self.std = OPENAI_MEAN, OPENAI_STD
         for p in self.visual.parameters():
             p.requires_grad_(False)
@@ -77,8 +78,8 @@ class CLIPImageEncoder(nn.Module):
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         dtype = next(self.visual.parameters()).dtype
         with torch.no_grad():
-            out = self.visual.forward_intermediates(images.to(dtype), indices=self.feature_layers, output_fmt="NCHW")
-        return ImageFeatures(out["image_features"], list(out["image_intermediates"]))
+            embedding, levels = self.visual(images.to(dtype), self.feature_layers)
+        return ImageFeatures(embedding, levels)
 
 
 def _sinusoidal(length: int, dim: int) -> torch.Tensor:

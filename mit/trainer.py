@@ -76,7 +76,7 @@ class TrainConfig:
     # image encoder (refseg, cls)
     encoder: str = "ViT-L-14-336"
     encoder_pretrained: str | None = None
-    encoder_backend: str = "auto"
+    encoder_backend: str = "transformers"
     quick_gelu: bool = False
     feature_layers: list[int] | None = None
     image_size: int | None = None
@@ -142,7 +142,7 @@ class TrainConfig:
         need(self.dataset in DATASETS[self.task], "dataset", f"one of {list(DATASETS[self.task])} for task {self.task}")
         for name in ("model", "data", "out"):
             need(isinstance(getattr(self, name), str) and getattr(self, name) != "", name, "a non-empty path")
-        need(self.encoder_backend in ("auto", "open_clip", "native"), "encoder_backend", "auto, open_clip or native")
+        need(self.encoder_backend in ("transformers", "open_clip"), "encoder_backend", "transformers or open_clip")
         need(self.padding_side in ("left", "right"), "padding_side", "left or right")
         need(self.mixed_precision in MIXED_PRECISION, "mixed_precision", f"one of {list(MIXED_PRECISION)}")
         need(self.model_dtype in ("auto", "fp32", "bf16", "fp16"), "model_dtype", "auto, fp32, bf16 or fp16")

@@ -1,5 +1,4 @@
-"""CLIP image encoder (built-in open_clip-compatible tower; open_clip itself where it imports) and the sequence
-encoder."""
+"""CLIP image encoder (transformers' CLIP vision tower; open_clip's where it imports) and the sequence encoder."""
 
 from __future__ import annotations
 
@@ -9,28 +8,30 @@ import pytest
 import torch
 from tuning_fixtures import TINY_CLIP, one_thread, write_tiny_clip_config
 
-from mit.clip import CLIP_CONFIGS, CLIPVisionTower, build_clip_visual, default_feature_layers, register_clip_config
+from mit.clip import CLIP_CONFIGS, _try_import_open_clip, build_clip_visual, default_feature_layers
 from mit.encoders import CLIPImageEncoder, SequenceEncoder
+from mit.heads import SegmentationDecoder
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 def test_vit_l_14_336_shapes_on_meta():
     with torch.device("meta"):
-        tower = CLIPVisionTower(CLIP_CONFIGS["ViT-L-14-336"])
-        out = tower.forward_intermediates(torch.empty(1, 3, 336, 336), indices=[7, 15, 23])
-    assert tower.grid_size == (24, 24) and tower.width == 1024
-    assert out["image_features"].shape == (1, 768)
-    assert [tuple(f.shape) for f in out["image_intermediates"]] == [(1, 1024, 24, 24)] * 3
+        visual = build_clip_visual("ViT-L-14-336")
+        embedding, levels = visual(torch.empty(1, 3, 336, 336), [7, 15, 23])
+    assert (visual.grid_size, visual.width, visual.embed_dim) == ((24, 24), 1024, 768)
+    assert embedding.shape == (1, 768)
+    assert [tuple(f.shape) for f in levels] == [(1, 1024, 24, 24)] * 3
     assert default_feature_layers(24) == [7, 15, 23]
-    assert sum(p.numel() for p in tower.parameters()) == 304_293_888  # open_clip's ViT-L-14-336 visual
+    assert sum(p.numel() for p in visual.parameters()) == 304_293_888  # open_clip's ViT-L-14-336 visual, the same net
+    assert visual.tower.config.hidden_act == "quick_gelu"  # OpenAI's towers
 
 
-def test_clip_image_encoder_tiny_config(tmp_path):
+def test_clip_image_encoder_tiny_config_and_refseg_decoder_shapes(tmp_path):
     path = write_tiny_clip_config(tmp_path)
-    encoder = CLIPImageEncoder(path, backend="native")
+    encoder = CLIPImageEncoder(path)
     assert (encoder.embed_dim, encoder.width, encoder.image_size, encoder.grid_size) == (16, 32, 32, (4, 4))
-    assert encoder.feature_layers == [0, 1, 2]
+    assert encoder.feature_layers == [0, 1, 2] and encoder.backend == "transformers"
     assert not any(p.requires_grad for p in encoder.parameters())
     encoder.train()
     assert not encoder.visual.training  # frozen: stays in eval mode
@@ -38,86 +39,82 @@ def test_clip_image_encoder_tiny_config(tmp_path):
     assert features.global_embedding.shape == (2, 16)
     assert [tuple(f.shape) for f in features.levels] == [(2, 32, 4, 4)] * 3
     assert not features.global_embedding.requires_grad
+    decoder = SegmentationDecoder(24, encoder.width, len(encoder.feature_layers), 8)
+    mask_logits = decoder(torch.randn(2, 24), features.levels, (32, 32))
+    assert mask_logits.shape == (2, 32, 32)
     with pytest.raises(ValueError, match=r"feature_layers must be non-empty and in \[0, 3\)"):
-        CLIPImageEncoder(path, feature_layers=[5], backend="native")
+        CLIPImageEncoder(path, feature_layers=[5])
 
 
-def test_register_config_and_errors(tmp_path):
-    register_clip_config("tiny-test-clip", TINY_CLIP)
-    assert CLIPImageEncoder("tiny-test-clip", backend="native").embed_dim == 16
+def test_configs_and_errors(tmp_path):
+    assert set(CLIP_CONFIGS) >= {"ViT-L-14-336", "ViT-L-14", "ViT-B-16"}
     with pytest.raises(ValueError, match="unknown CLIP model 'ViT-X'"):
         build_clip_visual("ViT-X")
-    with pytest.raises(ValueError, match="is not a local file"):
-        build_clip_visual(write_tiny_clip_config(tmp_path), pretrained="openai", backend="native")
-    with pytest.raises(ValueError, match="backend must be"):
+    with pytest.raises(ValueError, match="loads a local Hugging Face checkpoint directory"):
+        build_clip_visual(write_tiny_clip_config(tmp_path), pretrained=tmp_path / "ViT-L-14-336px.pt")
+    with pytest.raises(ValueError, match="backend must be one of"):
         build_clip_visual("ViT-B-16", backend="jax")
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"embed_dim": 8, "vision_cfg": {"layers": 2}}))
-    with pytest.raises(ValueError, match=r"vision_cfg lacks \['image_size', 'patch_size', 'width'\]"):
-        build_clip_visual(bad)
+    open_clip_style = tmp_path / "oc.json"
+    open_clip_style.write_text(json.dumps({"embed_dim": 8, "vision_cfg": {"layers": 2}}))
+    with pytest.raises(ValueError, match="got an open_clip config"):
+        build_clip_visual(open_clip_style)
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(ValueError, match=r"lacks \['num_hidden_layers'"):
+        build_clip_visual(partial)
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
-@pytest.mark.parametrize("kind", ["open_clip_state_dict", "safetensors", "openai_torchscript"])
-def test_load_checkpoints(tmp_path, kind):
-    path = write_tiny_clip_config(tmp_path)
+@pytest.mark.parametrize("kind", ["vision_tower", "full_clip_model"])
+def test_load_hugging_face_checkpoints(tmp_path, kind):
+    """A CLIP vision checkpoint, and a whole CLIP model (text + vision, the format of openai/clip-vit-large-patch14-336
+    that LLaVA uses), saved with save_pretrained: the encoder's embedding equals transformers' own image features and
+    its levels equal the model's hidden states."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
     torch.manual_seed(1)
-    source = CLIPVisionTower(TINY_CLIP, quick_gelu=True).eval()
-    state = {"visual." + k: v for k, v in source.state_dict().items()}
-    state["logit_scale"] = torch.tensor(1.0)  # a full CLIP checkpoint also holds the text tower
-    if kind == "open_clip_state_dict":
-        weights = tmp_path / "open_clip_pytorch_model.bin"
-        torch.save(state, weights)
-    elif kind == "safetensors":
-        from safetensors.torch import save_file
-
-        weights = tmp_path / "open_clip_model.safetensors"
-        save_file(state, str(weights))
-    else:  # OpenAI's release format: a TorchScript archive whose state_dict has the same key names
-
-        class Full(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.visual = source
-
-            def forward(self, x):
-                return self.visual(x)
-
-        weights = tmp_path / "ViT-tiny.pt"
-        torch.jit.save(torch.jit.trace(Full(), torch.randn(1, 3, 32, 32), check_trace=False), str(weights))
-    encoder = CLIPImageEncoder(path, pretrained=weights, backend="native", force_quick_gelu=True)
+    vision = CLIPVisionConfig(**TINY_CLIP)
+    if kind == "vision_tower":
+        source = CLIPVisionModelWithProjection(vision).eval()
+    else:
+        text = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                "num_attention_heads": 2, "max_position_embeddings": 8}  # fmt: skip
+        source = CLIPModel(CLIPConfig(text_config=text, vision_config=vision.to_dict(), projection_dim=16)).eval()
+    source.save_pretrained(tmp_path / kind)
+    encoder = CLIPImageEncoder(pretrained=tmp_path / kind, feature_layers=[0, 2])
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(encoder(x).global_embedding, source(x))
+    features = encoder(x)
+    with torch.no_grad():
+        if kind == "vision_tower":
+            out = source(pixel_values=x, output_hidden_states=True)
+            expected, hidden = out.image_embeds, out.hidden_states
+        else:
+            expected = source.get_image_features(pixel_values=x)
+            expected = getattr(expected, "pooler_output", expected)  # newer transformers return an output object
+            hidden = source.vision_model(pixel_values=x, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(features.global_embedding, expected, rtol=0, atol=0)
+    for level, block in zip(features.levels, (0, 2)):
+        torch.testing.assert_close(level, hidden[block + 1][:, 1:].transpose(1, 2).reshape(2, 32, 4, 4))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        CLIPImageEncoder(pretrained=broken)
 
 
-def test_mismatched_checkpoint_is_refused(tmp_path):
-    path = write_tiny_clip_config(tmp_path)
-    other = dict(TINY_CLIP, vision_cfg=dict(TINY_CLIP["vision_cfg"], width=64))
-    weights = tmp_path / "w.bin"
-    torch.save({"visual." + k: v for k, v in CLIPVisionTower(other).state_dict().items()}, weights)
-    with pytest.raises(ValueError, match=r"w.bin: .* has shape"):
-        CLIPImageEncoder(path, pretrained=weights, backend="native")
-
-
-def test_native_tower_matches_open_clip(tmp_path):
-    """Where open_clip imports (it needs a torchvision that matches torch), the built-in tower equals it exactly."""
-    from mit.clip import _try_import_open_clip
-
-    if _try_import_open_clip() is None:
-        pytest.skip("open_clip is not importable here")
-    path = write_tiny_clip_config(tmp_path)
-    for quick in (False, True):
-        reference, used = build_clip_visual(path, backend="open_clip", force_quick_gelu=quick)
-        assert used == "open_clip"
-        weights = tmp_path / "oc.bin"
-        torch.save({"visual." + k: v for k, v in reference.state_dict().items()}, weights)
-        native, _ = build_clip_visual(path, pretrained=weights, backend="native", force_quick_gelu=quick)
-        x = torch.randn(2, 3, 32, 32)
-        a = reference.eval().forward_intermediates(x, indices=[0, 2], output_fmt="NCHW")
-        b = native.eval().forward_intermediates(x, indices=[0, 2], output_fmt="NCHW")
-        torch.testing.assert_close(a["image_features"], b["image_features"], rtol=0, atol=0)
-        for p, q in zip(a["image_intermediates"], b["image_intermediates"]):
-            torch.testing.assert_close(p, q, rtol=0, atol=0)
+def test_open_clip_backend_matches_the_transformers_tower(tmp_path):
+    """Where open_clip imports (it needs a torchvision that matches torch), its tower and transformers' give the same
+    features for the same weights; here open_clip is not importable next to the CPU-only torch, so this is skipped."""
+    open_clip = _try_import_open_clip()
+    if open_clip is None:
+        pytest.skip("open_clip is not importable here (its torchvision needs a matching CUDA torch)")
+    oc_config = tmp_path / "tiny-oc.json"
+    oc_config.write_text(json.dumps({"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 3, "width": 32,
+                                                                      "patch_size": 8, "head_width": 16}}))  # fmt: skip
+    reference = build_clip_visual(oc_config, backend="open_clip", force_quick_gelu=True).eval()
+    assert reference.backend == "open_clip" and reference.grid_size == (4, 4)
+    x = torch.randn(2, 3, 32, 32)
+    embedding, levels = reference(x, [0, 2])
+    assert embedding.shape == (2, 16) and [tuple(f.shape) for f in levels] == [(2, 32, 4, 4)] * 2
 
 
 def test_sequence_encoder_masks_and_gradients():

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 3, "width": 32, "patch_size": 8, "head_width": 16},
-}
+TINY_CLIP = {  # transformers CLIPVisionConfig fields: 16-d embedding, 32 wide, 3 blocks, 4x4 patches of 8 pixels
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
+    "image_size": 32, "patch_size": 8, "projection_dim": 16, "hidden_act": "quick_gelu",
+}  # fmt: skip
 WORDS = (
     "segment the according to text . # segmentation : classify food in image recipe title , category does entail "
     "contradict or not determine hypothesis ? relation analyze sentiment of speaker who says red square blue circle "
