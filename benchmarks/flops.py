@@ -60,8 +60,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, LlamaC
 
 import mit
 import mit_kernels
-import mit_kernels.attention
-import mit_kernels.ffn
+import mit_kernels.dispatch
 from mit.results import write_csv
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -91,23 +90,14 @@ def meta_device_patches():
     """
     import transformers.masking_utils as masking_utils
 
-    saved = (
-        masking_utils.find_packed_sequence_indices,
-        mit_kernels.attention.resolve_backend,
-        mit_kernels.ffn.resolve_ffn_backend,
-    )
-    resolve, resolve_ffn = saved[1], saved[2]
+    saved = (masking_utils.find_packed_sequence_indices, mit_kernels.dispatch.resolve)
+    resolve = saved[1]
     masking_utils.find_packed_sequence_indices = lambda position_ids: None
-    mit_kernels.attention.resolve_backend = lambda b, d: "triton" if d.type == "meta" else resolve(b, d)
-    mit_kernels.ffn.resolve_ffn_backend = lambda b, d: "triton" if d.type == "meta" else resolve_ffn(b, d)
+    mit_kernels.dispatch.resolve = lambda b, d, head_dim=None: "triton" if d.type == "meta" else resolve(b, d, head_dim)
     try:
         yield
     finally:
-        (
-            masking_utils.find_packed_sequence_indices,
-            mit_kernels.attention.resolve_backend,
-            mit_kernels.ffn.resolve_ffn_backend,
-        ) = saved
+        masking_utils.find_packed_sequence_indices, mit_kernels.dispatch.resolve = saved
 
 
 def build(method: str, llm_shapes: dict, tower_shapes: dict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (imported before any compiled extension)
 
+from . import cpu_backend  # noqa: F401  (registers the C++ operators' Python side when a matching build exists)
 from .attention import BACKENDS, mit_attention, resolve_backend
 from .ffn import mit_ffn_gate
 from .reference import mit_attention_reference, mit_ffn_gate_reference

@@ -6,83 +6,19 @@ import math
 
 import torch
 
-from . import ops
+from . import dispatch, ops
+from .dispatch import BACKENDS, cpu_backend, triton_available, triton_interpreter_active
 from .reference import mit_attention_reference
 from .validation import check_attention_inputs
 
-BACKENDS = ("auto", "reference", "triton", "cpu")
-TRITON_MAX_HEAD_DIM = 256
+# The backend probes and resolver live in dispatch; these names stay importable from here.
+__all__ = ["BACKENDS", "mit_attention", "resolve_backend", "triton_available", "triton_interpreter_active"]
 
 
-def triton_available() -> bool:
-    """Triton is importable (it may still need a CUDA device or TRITON_INTERPRET=1 to run)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def triton_interpreter_active() -> bool:
-    """The Triton kernels were defined with TRITON_INTERPRET=1 set, so they run on CPU tensors."""
-    if not triton_available():
-        return False
-    from . import triton_attention
-
-    return triton_attention.interpreter_active()
-
-
-def _load_cpu_backend():
-    """The compiled CPU backend module (``mit_kernels.cpu_backend``), or None and the reason it cannot be used."""
-    try:
-        from . import cpu_backend
-    except ImportError as exc:
-        return None, f"mit_kernels.cpu_backend cannot be imported ({exc})"
-    if not cpu_backend.available():
-        return None, cpu_backend.unavailable_reason() or "its compiled extension is not available"
-    return cpu_backend, ""
-
-
-def cpu_backend_available() -> bool:
-    """The C++ CPU backend matching the running torch is loaded, compiling it now (once) if none exists."""
-    return _load_cpu_backend()[0] is not None
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map a requested backend to the one that runs, or raise ValueError if it cannot run on ``device``.
-
-    "auto" picks Triton for CUDA tensors; for CPU tensors the compiled C++ backend ("cpu") when it is built, else the
-    reference."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if device.type == "cuda" and triton_available():
-            return "triton"
-        if device.type == "cpu" and cpu_backend_available():
-            return "cpu"
-        return "reference"
-    if backend == "cpu":
-        if device.type != "cpu":
-            raise ValueError(
-                f"backend='cpu' needs CPU tensors, got device {device} (use backend='auto', or 'triton' on CUDA)"
-            )
-        _, reason = _load_cpu_backend()
-        if reason:
-            raise ValueError(
-                f"backend='cpu' needs the compiled C++ extension, which is not available: {reason}. Reinstall with "
-                "`pip install .` (needs a C++ compiler; MIT_SKIP_CPU_EXT must be unset), or use backend='reference'"
-            )
-    if backend == "triton":
-        if not triton_available():
-            raise ValueError("backend='triton' needs the triton package (pip install triton), which is not installed")
-        if device.type == "cpu" and not triton_interpreter_active():
-            raise ValueError(
-                "backend='triton' got CPU tensors, but the Triton interpreter is off: use CUDA tensors, or set "
-                "TRITON_INTERPRET=1 in the environment before importing mit_kernels"
-            )
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"backend='triton' runs on CUDA (or CPU under TRITON_INTERPRET=1), got device {device}")
-    return backend
+def resolve_backend(backend: str, device: torch.device, head_dim: int | None = None) -> str:
+    """The backend :func:`mit_attention` runs for ``backend`` on ``device`` (see :func:`mit_kernels.dispatch.resolve`:
+    "auto" takes Triton on CUDA when the head dim fits, the C++ kernels on CPU, the reference otherwise)."""
+    return dispatch.resolve(backend, device, head_dim)
 
 
 def mit_attention(
@@ -124,20 +60,15 @@ def mit_attention(
         (B, Hq, Lq, D) in q's dtype. Differentiable w.r.t. all eight tensors. Rows that see no key are 0.
     """
     check_attention_inputs(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, scale)
-    which = resolve_backend(backend, q.device)
+    which = dispatch.resolve(backend, q.device, q.shape[-1])
     if which == "reference":
         return mit_attention_reference(
             q, k, v, k_mul, k_add, v_mul, v_add, head_logit,
             causal=causal, scale=scale, kv_mask=kv_mask, rescale=rescale,
         )  # fmt: skip
     if which == "cpu":
-        cpu_backend, _ = _load_cpu_backend()
-        return cpu_backend.attention(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale)
-    if q.shape[-1] > TRITON_MAX_HEAD_DIM:
-        raise ValueError(
-            f"backend='triton' supports head dims D <= {TRITON_MAX_HEAD_DIM}, got q with D={q.shape[-1]} "
-            f"(use backend='reference')"
-        )
+        module, _ = cpu_backend()
+        return module.attention(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, _ = ops.attention_triton_fwd(
         q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, bool(causal), scale, bool(rescale)

@@ -14,8 +14,7 @@ The extension also registers their autograd formulas, in C++ (``csrc/ops.cpp``, 
 the Autograd key: the backward ops are the derivatives of the forward ops), so that a call under ``no_grad`` (every
 decoding step) costs no Python. This module adds the rest of what torch needs around them: fake (meta) kernels, so
 torch.compile traces through without a graph break, and FLOP formulas for ``torch.utils.flop_counter.FlopCounterMode``
-(attention: torch's SDPA convention, see :mod:`mit_kernels.ops`; FFN gate: the elementwise convention of
-:mod:`mit_kernels.ffn`, ``6 B L F`` forward and ``15 B L F`` backward).
+(:mod:`mit_kernels.flops`: torch's SDPA convention for attention, elementwise FLOPs for the FFN gate).
 
 Kernels (details in ``csrc/attention_fwd.cpp`` and ``csrc/attention_bwd.cpp``): the forward is a flash-attention
 forward with the infusion fused into the loading of each key block (no K', V' or (Lq, Lk) buffer), stacking the query
@@ -30,9 +29,11 @@ from __future__ import annotations
 import math
 
 import torch  # must be imported before the extension (it links against libtorch)
-from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import register_flop_formula
 
 from . import cpu_extension
+from .flops import attention_backward_flops, attention_flops, ffn_gate_backward_flops, ffn_gate_flops
+from .reference import accumulator_dtype
 
 
 def _extension(compile_if_missing: bool = False):
@@ -72,29 +73,6 @@ def extension_info() -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _attention_flops(q_shape, k_shape) -> int:
-    try:  # mit_kernels.ops holds the convention; it imports triton, which a CPU-only install may lack
-        from .ops import attention_flops
-    except ImportError:
-        b, hq, lq, d = q_shape
-        return sdpa_flop_count((b, hq, lq, d), (b, hq, k_shape[2], d), (b, hq, k_shape[2], d))
-    return attention_flops(q_shape, k_shape)
-
-
-def _attention_backward_flops(q_shape, k_shape) -> int:
-    try:
-        from .ops import attention_backward_flops
-    except ImportError:
-        b, hq, lq, d = q_shape
-        lk = k_shape[2]
-        return sdpa_backward_flop_count((b, hq, lq, d), (b, hq, lq, d), (b, hq, lk, d), (b, hq, lk, d))
-    return attention_backward_flops(q_shape, k_shape)
-
-
 _registered = False
 
 
@@ -108,7 +86,7 @@ def _register_once() -> None:
     @torch.library.register_fake(lib + "attention_cpu_fwd")
     def _(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale):
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        return out, q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
+        return out, q.new_empty(q.shape[:3], dtype=accumulator_dtype(q.dtype))
 
     @torch.library.register_fake(lib + "attention_cpu_bwd")
     def _(grad_out, q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, out, lse, causal, scale, rescale):
@@ -127,22 +105,18 @@ def _register_once() -> None:
 
     @register_flop_formula(torch.ops.mit_kernels.attention_cpu_fwd)
     def _(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
-        return _attention_flops(q_shape, k_shape)
+        return attention_flops(q_shape, k_shape)
 
     @register_flop_formula(torch.ops.mit_kernels.attention_cpu_bwd)
     def _(grad_out_shape, q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
-        return _attention_backward_flops(q_shape, k_shape)
+        return attention_backward_flops(q_shape, k_shape)
 
     @register_flop_formula(torch.ops.mit_kernels.ffn_gate_cpu_fwd)
     def _(gate_shape, *args, out_shape=None, **kwargs) -> int:
-        from .ffn import ffn_gate_flops  # the convention is documented there
-
         return ffn_gate_flops(gate_shape)
 
     @register_flop_formula(torch.ops.mit_kernels.ffn_gate_cpu_bwd)
     def _(grad_out_shape, gate_shape, *args, out_shape=None, **kwargs) -> int:
-        from .ffn import ffn_gate_backward_flops
-
         return ffn_gate_backward_flops(gate_shape)
 
 

@@ -7,34 +7,17 @@ defined on first use, so TRITON_INTERPRET may be set any time before the first c
 gradients. Both have fake (meta) implementations, so torch.compile traces through them without a graph break, and FLOP
 formulas, so ``torch.utils.flop_counter.FlopCounterMode`` counts them.
 
-FLOP convention: the same as torch uses for scaled_dot_product_attention — the matrix products only, a multiply-add
-counted as 2 FLOPs, dense (the causal half is not subtracted, exactly as torch counts SDPA), with Hq query heads:
-forward ``4 B Hq Lq Lk D``; backward ``10 B Hq Lq Lk D`` (score recomputation, dV, dP, dQ, dK). The elementwise
-infusion (O(B Hkv Lk D)) is not counted, as torch does not count elementwise work.
+FLOP convention: torch's SDPA convention, ``4 B Hq Lq Lk D`` forward and ``10 B Hq Lq Lk D`` backward
+(:mod:`mit_kernels.flops`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import register_flop_formula
 
-_VECTOR_NAMES = ("k_mul", "k_add", "v_mul", "v_add")
-
-
-def attention_flops(q_shape: Sequence[int], k_shape: Sequence[int]) -> int:
-    """Forward FLOPs of MiT attention for q (B, Hq, Lq, D) and k (B, Hkv, Lk, D): ``4 B Hq Lq Lk D``."""
-    b, hq, lq, d = q_shape
-    lk = k_shape[2]
-    return sdpa_flop_count((b, hq, lq, d), (b, hq, lk, d), (b, hq, lk, d))
-
-
-def attention_backward_flops(q_shape: Sequence[int], k_shape: Sequence[int]) -> int:
-    """Backward FLOPs of MiT attention: ``10 B Hq Lq Lk D`` (torch's SDPA backward convention)."""
-    b, hq, lq, d = q_shape
-    lk = k_shape[2]
-    return sdpa_backward_flop_count((b, hq, lq, d), (b, hq, lq, d), (b, hq, lk, d), (b, hq, lk, d))
+from .flops import attention_backward_flops, attention_flops
+from .reference import accumulator_dtype
 
 
 @torch.library.custom_op("mit_kernels::attention_triton_fwd", mutates_args=())
@@ -61,8 +44,8 @@ def attention_triton_fwd(
 
 @attention_triton_fwd.register_fake
 def _(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale):
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=acc)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty(q.shape[:3], dtype=accumulator_dtype(q.dtype))
 
 
 @torch.library.custom_op("mit_kernels::attention_triton_bwd", mutates_args=())

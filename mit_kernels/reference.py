@@ -34,8 +34,9 @@ import torch.nn.functional as F
 COSINE_EPS = 1e-8
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The gate is computed in at least fp32 (fp64 stays fp64 so gradcheck is exact)."""
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype gates, softmax statistics and sums are computed in for inputs of ``dtype``: at least fp32 (fp64 stays
+    fp64 so gradcheck is exact). Every backend follows it."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -51,7 +52,7 @@ def infusion_gate(v: torch.Tensor, v_add: torch.Tensor, head_logit: torch.Tensor
     Returns:
         (B, Hkv, Lk, 1) gate in fp32 (fp64 for fp64 inputs).
     """
-    ct = _compute_dtype(v.dtype)
+    ct = accumulator_dtype(v.dtype)
     if not rescale:
         return torch.ones(*v.shape[:-1], 1, dtype=ct, device=v.device)
     cos = F.cosine_similarity(v.to(ct), v_add.to(ct)[:, :, None, :], dim=-1, eps=COSINE_EPS)

@@ -40,11 +40,12 @@ GQA: query head ``j`` reads KV head ``j // group`` directly; nothing is repeated
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
+
+from .reference import accumulator_dtype
+from .triton_common import interpreter_active, tl_accumulator, tl_dtype
 
 LOG2E = 1.4426950408889634
 COSINE_EPS = 1e-8
@@ -368,22 +369,6 @@ def _mit_attn_bwd_dkdv_kernel(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def interpreter_active() -> bool:
-    """True when these kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors, in numpy)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_mit_attn_fwd_kernel, InterpretedFunction)
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return {
-        torch.float16: tl.float16,
-        torch.bfloat16: tl.bfloat16,
-        torch.float32: tl.float32,
-        torch.float64: tl.float64,
-    }[dtype]
-
-
 def _precision(dtype: torch.dtype) -> dict:
     """Accumulator dtype, tl.dot operand dtype and precision.
 
@@ -391,9 +376,9 @@ def _precision(dtype: torch.dtype) -> dict:
     dtype (tensor cores, fp32 accumulation), and fp32 dots use IEEE fp32 (no silent TF32). The interpreter computes
     bf16 arithmetic wrongly, so there every dot runs in fp32.
     """
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    acc = tl_accumulator(dtype)
     if dtype in (torch.float16, torch.bfloat16) and not interpreter_active():
-        dot = _tl_dtype(dtype)
+        dot = tl_dtype(dtype)
     else:
         dot = acc
     return {"ACC": acc, "DOT": dot, "PRECISION": "ieee"}
@@ -409,10 +394,6 @@ def _config(d: int, pass_name: str) -> dict:
         return {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": 4, "num_stages": 2}
     block_n = 64 if block_d <= 64 else 32
     return {"BLOCK_M": 32, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": 4, "num_stages": 1}
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _split_scales(scale: float) -> tuple[float, float, float, float]:
@@ -455,7 +436,7 @@ def mit_attention_triton_fwd(
     batch, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse2 = torch.empty((batch, hq, lq), device=q.device, dtype=_acc_dtype(q.dtype))
+    lse2 = torch.empty((batch, hq, lq), device=q.device, dtype=accumulator_dtype(q.dtype))
     kvm, has_kv_mask = _kv_mask_arg(kv_mask, q)
     cfg = _config(d, "fwd")
     grid = (triton.cdiv(lq, cfg["BLOCK_M"]), batch * hq)
@@ -498,7 +479,7 @@ def mit_attention_triton_bwd(
     batch, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     prec = _precision(q.dtype)
-    acc_dtype = _acc_dtype(q.dtype)
+    acc_dtype = accumulator_dtype(q.dtype)
     kvm, has_kv_mask = _kv_mask_arg(kv_mask, q)
     common = {"GROUP": hq // hkv, "CAUSAL": causal, "RESCALE": rescale, "HAS_KV_MASK": has_kv_mask, **prec}
 
@@ -543,7 +524,3 @@ def mit_attention_triton_bwd(
     dk_mul, dk_add, dv_mul, dv_add = (p.sum(dim=2).to(q.dtype) for p in parts)
     dhead_logit = dhl_part.sum(dim=(0, 2)).to(head_logit.dtype)
     return dq, dk, dv, dk_mul, dk_add, dv_mul, dv_add, dhead_logit
-
-
-def default_scale(d: int) -> float:
-    return 1.0 / math.sqrt(d)

@@ -29,6 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import accumulator_dtype
+from .triton_common import interpreter_active, tl_accumulator
+
 # --------------------------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------------------------
@@ -111,16 +114,9 @@ def _ffn_gate_bwd_kernel(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def interpreter_active() -> bool:
-    """True when these kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors, in numpy)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_ffn_gate_fwd_kernel, InterpretedFunction)
-
-
 def _acc(dtype: torch.dtype) -> tuple[torch.dtype, object]:
-    """(torch, triton) accumulator dtypes: fp64 for fp64 inputs, fp32 otherwise."""
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+    """(torch, triton) accumulator dtypes (:func:`mit_kernels.reference.accumulator_dtype`)."""
+    return accumulator_dtype(dtype), tl_accumulator(dtype)
 
 
 def _config(l: int, f: int) -> dict:

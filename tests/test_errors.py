@@ -97,7 +97,7 @@ def test_unknown_backend():
 
 def test_triton_rejects_head_dims_above_256():
     inputs = make_attention_inputs(1, 1, 1, 2, 2, 264, torch.float32, device=torch.device("cpu"))
-    with pytest.raises(ValueError, match=r"head dims D <= 256, got q with D=264"):
+    with pytest.raises(ValueError, match=r"head dims D <= 256, got D=264"):
         mit_attention(*inputs, backend="triton")
 
 

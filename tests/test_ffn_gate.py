@@ -15,8 +15,9 @@ from attention_cases import DEVICE, assert_within_low_precision_rule
 from torch.utils.flop_counter import FlopCounterMode
 
 import mit_kernels
-from mit_kernels import ffn
-from mit_kernels.ffn import cpu_backend_available, mit_ffn_gate, resolve_ffn_backend
+from mit_kernels import dispatch
+from mit_kernels.dispatch import cpu_backend_available
+from mit_kernels.ffn import mit_ffn_gate, resolve_ffn_backend
 from mit_kernels.reference import mit_ffn_gate_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -231,7 +232,8 @@ def _install_fake_cpu_backend(monkeypatch, *, available: bool):
     """Stand-in for the compiled ``mit_kernels.cpu_backend`` (its contract: available() and ffn_gate())."""
     module = types.ModuleType("mit_kernels.cpu_backend")
     module.calls = []
-    module.available = lambda: available
+    module.available = lambda compile_if_missing=True: available
+    module.unavailable_reason = lambda: None if available else "fake: no build"
 
     def ffn_gate(gate, up, ffn_mul):
         module.calls.append(gate.shape)
@@ -327,15 +329,17 @@ def test_bad_input_raises(make, match):
 
 
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
-    monkeypatch.setattr(ffn, "_triton_interpreter_active", lambda: False)
+    monkeypatch.setattr(dispatch, "triton_interpreter_active", lambda: False)
     with pytest.raises(ValueError, match=r"backend='triton' got CPU tensors, but the Triton interpreter is off"):
         mit_ffn_gate(*(x.cpu() for x in _good()), backend="triton")
 
 
 def test_cpu_backend_missing_raises(monkeypatch):
     _remove_cpu_backend(monkeypatch)
-    with pytest.raises(ValueError, match=r"backend='cpu' needs the compiled extension.*pip install \."):
+    with pytest.raises(ValueError, match=r"backend='cpu' needs the compiled C\+\+ kernels.*cannot be imported"):
         mit_ffn_gate(*(x.cpu() for x in _good()), backend="cpu")
     _install_fake_cpu_backend(monkeypatch, available=False)
-    with pytest.raises(ValueError, match=r"backend='cpu' needs the compiled extension.*not available.*pip install"):
+    with pytest.raises(
+        ValueError, match=r"needs the compiled C\+\+ kernels.*fake: no build.*python -m mit_kernels build"
+    ):
         mit_ffn_gate(*(x.cpu() for x in _good()), backend="cpu")

@@ -1,0 +1,43 @@
+"""What the Triton kernels share: whether they run in Triton's CPU interpreter, and the dtype maps.
+
+``TRITON_INTERPRET=1`` must be set before ``@triton.jit`` functions are defined; the probe below is defined when this
+module is first imported (by the kernel modules, which mit_kernels imports only on first use), so it tells how the
+kernels were (or will be) defined.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import accumulator_dtype
+
+_TL_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+def interpreter_active() -> bool:
+    """True when the kernels are defined under TRITON_INTERPRET=1 (they then run on CPU tensors, in numpy)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_probe, InterpretedFunction)
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The Triton dtype of a torch floating dtype."""
+    return _TL_DTYPES[dtype]
+
+
+def tl_accumulator(dtype: torch.dtype):
+    """The Triton accumulator dtype for inputs of ``dtype``: fp64 for fp64, fp32 otherwise."""
+    return tl_dtype(accumulator_dtype(dtype))
