@@ -1,0 +1,39 @@
+"""benchmarks/gpu_check.py --dry-run: the GPU check's own code on tiny shapes under the Triton interpreter, so that the
+script cannot rot between GPU runs. Parity must hold; times are not asserted (the interpreter is not a GPU)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import pathlib
+import subprocess
+import sys
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def read(path: pathlib.Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_gpu_check_dry_run(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    parity = read(tmp_path / "gpu_check_dry-run-cpu_parity.csv")
+    tensors = {r["tensor"] for r in parity}
+    assert {"out", "dq", "dk", "dv", "dk_mul", "dk_add", "dv_mul", "dv_add", "dlambda"} <= tensors
+    assert {r["case"] for r in parity} >= {"causal+left_pad", "noncausal+random_mask", "decode", "long", "offsets>2^31"}
+    assert all(r["passed"] == "True" for r in parity), [r for r in parity if r["passed"] != "True"]
+    speed = read(tmp_path / "gpu_check_dry-run-cpu_speed.csv")
+    assert {r["method"] for r in speed} == {"fused", "plain_flash", "unfused", "official"}
+    assert all(float(r["fwd_ms"]) > 0 and float(r["peak_mib"]) >= 0 for r in speed)
+    steps = read(tmp_path / "gpu_check_dry-run-cpu_steps.csv")
+    assert {r["method"] for r in steps} == {"mit", "prefix"}
+    assert (tmp_path / "gpu_check_dry-run-cpu.png").stat().st_size > 10_000
+    summary = (tmp_path / "gpu_check_dry-run-cpu_summary.txt").read_text()
+    assert "parity: 103/103 tensors within the rule" in summary and "targets:" in summary
