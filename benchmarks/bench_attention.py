@@ -37,7 +37,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from memory import peak_memory_bytes
 
 import mit_kernels
-from mit.results import write_csv
+from mit.utils.results import pyplot, write_csv
 from mit_kernels.reference import mit_attention_reference, mit_ffn_gate_reference
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -227,10 +227,9 @@ def print_table(rows: list[dict]) -> None:
 
 
 def plot(rows: list[dict], path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     panels = [("training", "fwd+bwd"), ("decode", "decode")]
     shapes = sorted({r["shape"] for r in rows if r["workload"] != "ffn_gate"})

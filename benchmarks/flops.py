@@ -61,7 +61,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, LlamaC
 import mit
 import mit_kernels
 import mit_kernels.dispatch
-from mit.results import write_csv
+from mit.utils.results import pyplot, write_csv
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 METHODS = ("mit", "prefix", "text_only")
@@ -242,10 +242,9 @@ def print_table(rows: list[dict]) -> None:
 
 
 def plot(rows: list[dict], path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, key, title in ((axes[0], "fwd", "forward"), (axes[1], "fwd_bwd", "forward + backward (training)")):
@@ -260,7 +259,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(lengths, [str(n) for n in lengths], minor=False)
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.xaxis.set_minor_locator(plt.NullLocator())
         ax.set(xlabel="text length L (tokens)", ylabel="TFLOPs")
         ax.set_title(f"LLaMA-2-7B + CLIP ViT-L/14-336: {title}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)

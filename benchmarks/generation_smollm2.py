@@ -32,7 +32,7 @@ import transformers
 from tqdm import tqdm
 
 import mit
-from mit.results import write_csv
+from mit.utils.results import pyplot, write_csv
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 MODALITY_DIM = 768
@@ -171,10 +171,9 @@ def main(argv=None) -> list[dict]:
 
 
 def plot(rows: list[dict], path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, workload, unit in zip(axes, ("generate", "train_step"), ("s per generate()", "s per step")):

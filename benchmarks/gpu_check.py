@@ -53,7 +53,7 @@ from bench_attention import unfused_mit  # noqa: E402
 from memory import peak_memory_bytes  # noqa: E402
 
 import mit_kernels  # noqa: E402
-from mit.results import write_csv  # noqa: E402
+from mit.utils.results import pyplot, write_csv  # noqa: E402
 from mit_kernels.reference import mit_attention_reference  # noqa: E402
 
 NAMES = ("out", "dq", "dk", "dv", "dk_mul", "dk_add", "dv_mul", "dv_add", "dlambda")
@@ -322,10 +322,9 @@ def training_step_memory(lengths, dims, layers, dtype, device, prefix_tokens) ->
 
 
 def plot(speed: list[dict], steps: list[dict], path: pathlib.Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for method in METHODS:

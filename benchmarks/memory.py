@@ -1,5 +1,5 @@
-"""Peak memory measurement for the benchmark scripts: see mit/profiling.py for the method."""
+"""Peak memory measurement for the benchmark scripts: see mit/utils/profiling.py for the method."""
 
-from mit.profiling import LiveTensorMemory, peak_memory_bytes
+from mit.utils.profiling import LiveTensorMemory, peak_memory_bytes
 
 __all__ = ["LiveTensorMemory", "peak_memory_bytes"]

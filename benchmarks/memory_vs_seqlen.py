@@ -71,7 +71,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 import mit
 import mit_kernels
-from mit.results import write_csv
+from mit.utils.results import pyplot, write_csv
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 LAYER_METHODS = ("mit_fused", "mit_reference", "plain", "prefix_eager", "prefix_sdpa")
@@ -357,10 +357,9 @@ def print_table(rows: list[dict]) -> None:
 
 
 def plot(rows: list[dict], path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     parts = [p for p in ("layer", "model") if any(r["part"] == p for r in rows)]
     fig, axes = plt.subplots(2, len(parts), figsize=(6.5 * len(parts), 9), squeeze=False)
@@ -377,7 +376,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=method)
             ax.set(xscale="log", yscale="log", xlabel="text length L (tokens)", ylabel=label)
             ax.set_xticks(lengths, [str(n) for n in lengths])
-            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.xaxis.set_minor_locator(plt.NullLocator())
             ax.set_title(f"{title}: {'fwd+bwd ' + label.split(',')[0]}", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)

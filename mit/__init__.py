@@ -5,18 +5,20 @@
     out = model(input_ids, attention_mask=mask, modality_embedding=emb)
     mit.save_adapter(model, "out/");  mit.load_adapter(fresh_model, "out/")
 
-The fused operations live in :mod:`mit_kernels`.
+Subpackages: :mod:`mit.integrations` (MiT on Hugging Face models, adapters), :mod:`mit.tuning` (encoders, heads,
+data, tasks, trainer; optional), :mod:`mit.demo` (optional), :mod:`mit.utils`. The fused operations live in
+:mod:`mit_kernels`. ``import mit`` loads only the integration: the tuning framework's names below (``mit.Trainer``,
+``mit.CLIPImageEncoder``, ...) are imported on first use.
 """
 
 from __future__ import annotations
 
+import importlib
+
 from mit_kernels import __version__, mit_attention, mit_ffn_gate
 
 from . import models
-from .adapter import load_adapter, save_adapter
 from .config import MiTConfig, default_layers
-from .encoders import CLIPImageEncoder, SequenceEncoder
-from .heads import ClassificationHead, RegressionHead, SegmentationDecoder
 from .integrations import (
     FAMILIES,
     MiTFFNInfusion,
@@ -27,7 +29,17 @@ from .integrations import (
     is_mit_model,
     mit_named_parameters,
 )
-from .trainer import TrainConfig, Trainer
+from .integrations.adapter import load_adapter, save_adapter
+
+_TUNING = ("CLIPImageEncoder", "ClassificationHead", "RegressionHead", "SegmentationDecoder", "SequenceEncoder",
+           "TrainConfig", "Trainer")  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _TUNING:
+        return getattr(importlib.import_module(".tuning", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FAMILIES",

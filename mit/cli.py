@@ -136,8 +136,17 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 12,16,20, got {text!r}") from None
 
 
+def _trainer_module():
+    """mit.tuning.trainer, or a one-line error naming the extra to install."""
+    try:
+        from .tuning import trainer
+    except ImportError as exc:
+        raise CLIError(f'the tuning framework needs its extra: pip install "mit[tuning]" ({exc})') from exc
+    return trainer
+
+
 def _field_types() -> dict[str, Any]:
-    from .trainer import TrainConfig
+    TrainConfig = _trainer_module().TrainConfig
 
     types = {}
     for f in dataclasses.fields(TrainConfig):
@@ -221,7 +230,7 @@ DEMOS = ("digits",)
 def _demo(argv: list[str]) -> int:
     if not argv or argv[0] not in DEMOS:
         raise CLIError(f"demo: choose one of {', '.join(DEMOS)} (got {argv[0] if argv else 'nothing'})")
-    from . import demo_digits
+    from .demo import digits as demo_digits
 
     demo_digits.main(argv[1:])
     return 0
@@ -267,7 +276,8 @@ def load_config_file(path: str) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .trainer import TrainConfig, Trainer
+    trainer_module = _trainer_module()
+    TrainConfig, Trainer = trainer_module.TrainConfig, trainer_module.Trainer
 
     settings = load_config_file(args.config) if args.config else {}
     settings.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
@@ -280,7 +290,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .trainer import evaluate_checkpoint
+    evaluate_checkpoint = _trainer_module().evaluate_checkpoint
 
     overrides: dict[str, Any] = {"progress": False}
     if args.split:

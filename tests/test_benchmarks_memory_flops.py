@@ -102,7 +102,7 @@ def test_flops_mit_below_prefix_and_fused_ops_counted(flops_rows):
 
 def test_memory_tracker_ignores_views_of_existing_tensors():
     """benchmarks' CPU peak memory counts new allocations only: views of weights or inputs are not allocations."""
-    from mit.profiling import peak_memory_bytes
+    from mit.utils.profiling import peak_memory_bytes
 
     cpu = torch.device("cpu")
     weight, x = torch.randn(512, 512), torch.randn(8, 512)

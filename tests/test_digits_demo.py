@@ -10,7 +10,7 @@ import csv
 import pytest
 import torch
 
-from mit import demo_digits
+from mit.demo import digits as demo_digits
 from mit.models import SMOLLM2_INSTALL
 
 

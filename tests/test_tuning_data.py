@@ -18,7 +18,7 @@ from tuning_fixtures import (
     rle_to_string,
 )
 
-from mit.data import (
+from mit.tuning.data import (
     DatasetError,
     Food101Dataset,
     MSADataset,

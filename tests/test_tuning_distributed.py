@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from tuning_fixtures import make_food101, one_thread, write_tiny_clip_config, write_tiny_llama
 
-from mit.trainer import TrainConfig, Trainer
+from mit.tuning.trainer import TrainConfig, Trainer
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 ROOT = pathlib.Path(__file__).resolve().parents[1]

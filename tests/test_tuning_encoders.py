@@ -8,9 +8,9 @@ import pytest
 import torch
 from tuning_fixtures import TINY_CLIP, one_thread, write_tiny_clip_config
 
-from mit.clip import CLIP_CONFIGS, _try_import_open_clip, build_clip_visual, default_feature_layers
-from mit.encoders import CLIPImageEncoder, SequenceEncoder
-from mit.heads import SegmentationDecoder
+from mit.tuning.clip import CLIP_CONFIGS, _try_import_open_clip, build_clip_visual, default_feature_layers
+from mit.tuning.encoders import CLIPImageEncoder, SequenceEncoder
+from mit.tuning.heads import SegmentationDecoder
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 

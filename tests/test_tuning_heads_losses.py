@@ -8,8 +8,8 @@ import pytest
 import torch
 from tuning_fixtures import one_thread
 
-from mit.heads import ClassificationHead, RegressionHead, SegmentationDecoder
-from mit.losses import classification_loss, dice_loss, rmse_loss, segmentation_loss
+from mit.tuning.heads import ClassificationHead, RegressionHead, SegmentationDecoder
+from mit.tuning.losses import classification_loss, dice_loss, rmse_loss, segmentation_loss
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from mit.metrics import classification_metrics, f1_score, intersection_union, segmentation_metrics, sentiment_metrics
+from mit.tuning.metrics import (
+    classification_metrics,
+    f1_score,
+    intersection_union,
+    segmentation_metrics,
+    sentiment_metrics,
+)
 
 
 def test_intersection_union_and_segmentation_metrics():

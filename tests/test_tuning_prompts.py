@@ -8,7 +8,14 @@ from transformers import LlamaModel
 from tuning_fixtures import one_thread, write_tiny_llama
 
 import mit
-from mit.prompts import TEMPLATES, format_prompt, last_token_index, last_token_state, position_ids, tokenize_prompts
+from mit.tuning.prompts import (
+    TEMPLATES,
+    format_prompt,
+    last_token_index,
+    last_token_state,
+    position_ids,
+    tokenize_prompts,
+)
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 

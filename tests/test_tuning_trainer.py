@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from tuning_fixtures import make_food101, make_mosi, make_refcoco, one_thread, write_tiny_clip_config, write_tiny_llama
 
-from mit.trainer import TrainConfig, Trainer, evaluate_checkpoint
+from mit.tuning.trainer import TrainConfig, Trainer, evaluate_checkpoint
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 

@@ -8,8 +8,8 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from mit.tasks import trainable_state_dict
-from mit.trainer import TrainConfig, Trainer
+from mit.tuning.tasks import trainable_state_dict
+from mit.tuning.trainer import TrainConfig, Trainer
 
 
 def main(llama: str, clip: str, data: str, out: str) -> None:

@@ -26,7 +26,7 @@ FOOD_CLASSES = ("apple_pie", "pizza", "sushi")
 
 
 def rle_to_string(counts: list[int]) -> str:
-    """pycocotools' rleToString (the inverse of mit.data.refcoco's decoder), for fixtures."""
+    """pycocotools' rleToString (the inverse of mit.tuning.data.refcoco's decoder), for fixtures."""
     out = []
     for i, x in enumerate(counts):
         if i > 2:

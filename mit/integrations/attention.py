@@ -29,8 +29,6 @@ import weakref
 from collections.abc import Callable
 
 import torch
-from transformers.masking_utils import AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from mit_kernels import mit_attention
 from mit_kernels.reference import infuse, infusion_gate
@@ -66,6 +64,9 @@ def base_implementation(name: str) -> str:
 def mit_implementation(base: str | None) -> str:
     """Register (once, process-wide) the MiT attention function and mask function wrapping ``base`` and return their
     name, ``"mit_" + base``. ``base=None`` means ``"eager"`` (transformers' default when nothing is set)."""
+    from transformers.masking_utils import AttentionMaskInterface  # transformers is imported when a model is wrapped
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
     base = "eager" if base is None else base
     if not isinstance(base, str):
         raise ValueError(
@@ -99,6 +100,8 @@ def _eager_function(module: torch.nn.Module) -> Callable:
 
 
 def _base_function(base: str, module: torch.nn.Module) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     return _eager_function(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
 
 

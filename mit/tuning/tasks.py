@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import MiTConfig
+from ..config import MiTConfig
+from ..integrations import apply_mit
 from .encoders import CLIPImageEncoder, SequenceEncoder
 from .heads import ClassificationHead, RegressionHead, SegmentationDecoder
-from .integrations import apply_mit
 from .losses import classification_loss, rmse_loss, segmentation_loss
 from .metrics import classification_metrics, intersection_union, segmentation_metrics, sentiment_metrics
 from .prompts import last_token_state, position_ids, tokenize_prompts
@@ -70,7 +70,7 @@ def load_llm(model: str | os.PathLike, dtype: torch.dtype = torch.float32):
     from transformers import AutoModel, AutoTokenizer
 
     if str(model) == "smollm2":
-        from .models import load_smollm2
+        from ..models import load_smollm2
 
         causal, tokenizer = load_smollm2(dtype=dtype)
         return causal.model, tokenizer

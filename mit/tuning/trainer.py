@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from .config import MiTConfig
+from ..config import MiTConfig
 from .tasks import (
     DATASETS,
     DEFAULT_DATASET,

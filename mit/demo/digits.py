@@ -53,10 +53,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .config import MiTConfig
-from .integrations import apply_mit
-from .profiling import peak_memory_bytes
-from .results import write_csv
+from ..config import MiTConfig
+from ..integrations import apply_mit
+from ..utils.profiling import peak_memory_bytes
+from ..utils.results import pyplot, write_csv
 
 TEMPLATES = {
     "claim": "True or false: the digit is a {k}",  # k is the last token (the default)
@@ -107,8 +107,11 @@ class DigitsSplit:
 
 def load_digits_split(test_fraction: float = 0.2, seed: int = 0) -> tuple[DigitsSplit, DigitsSplit]:
     """Stratified split of sklearn's digits by image: no test image is seen in training."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as exc:
+        raise ImportError(f'the digits demo needs scikit-learn: pip install "mit[demo]" ({exc})') from exc
 
     digits = load_digits()
     images = torch.tensor(digits.data, dtype=torch.float32) / 16.0
@@ -361,7 +364,7 @@ def run_demo(
     """Run every method and seed and write into ``out_dir``: ``{stem}.csv`` (one row per method: mean and spread over
     seeds), ``{stem}_runs.csv`` (one row per run), ``{stem}_curves.csv`` (test accuracy vs step) and ``{stem}.png``.
     Returns the per-run rows."""
-    from .models import load_smollm2
+    from ..models import load_smollm2
 
     if cfg.template not in TEMPLATES:
         raise ValueError(f"template must be one of {sorted(TEMPLATES)}, got {cfg.template!r}")
@@ -417,10 +420,9 @@ def write_results(rows: list[dict], curves: list[dict], out_dir: pathlib.Path, s
     write_csv(rows, out_dir / f"{stem}_runs.csv")
     write_csv(curves, out_dir / f"{stem}_curves.csv")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in dict.fromkeys(c["method"] for c in curves):

@@ -16,8 +16,8 @@ import re
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import MiTConfig
-from .integrations import apply_mit, decoder_of, is_mit_model
+from ..config import MiTConfig
+from .model import apply_mit, decoder_of, is_mit_model
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "mit_config.json"
