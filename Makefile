@@ -1,7 +1,6 @@
 PYTHON ?= python
 # The integration tests, run again in the second environment at the lowest supported transformers release.
-INTEGRATION_TESTS = test_integration_families.py test_hf_integration.py test_smollm2.py test_cpu_extension.py \
-	test_cpu_backend.py
+INTEGRATION_TESTS = integrations kernels/test_cpu_extension.py kernels/test_cpu_backend.py
 SECOND = .venv-second
 # The torch the second environment starts with: another minor release than the newest one the first environment
 # gets, so that the C++ kernels are compiled and tested against two torch versions.

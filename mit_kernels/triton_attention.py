@@ -40,7 +40,7 @@ GQA: query head ``j`` reads KV head ``j // group`` directly; nothing is repeated
 Offsets: the program ids are widened to int64 before anything is multiplied by a stride, so every element offset
 (``b * stride_b + h * stride_h + row * stride_row``, and the rows of LSE, delta and the partial sums) is computed in
 64 bits. With 32-bit arithmetic ``b * stride_b`` overflows once B·H·L·D passes 2^31 elements (e.g. B 16, 32 heads,
-L 32k, D 128), and a view with a large head stride overflows sooner; tests/test_triton_offsets.py runs such a view.
+L 32k, D 128), and a view with a large head stride overflows sooner; tests/kernels/test_triton_offsets.py runs such a view.
 """
 
 from __future__ import annotations

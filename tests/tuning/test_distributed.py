@@ -17,7 +17,7 @@ from tuning_fixtures import make_food101, one_thread, write_tiny_clip_config, wr
 from mit.tuning.trainer import TrainConfig, Trainer
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def run_quick(script: str, out: pathlib.Path) -> list[dict]:
