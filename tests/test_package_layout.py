@@ -16,7 +16,7 @@ HEAVY = ["accelerate", "PIL", "yaml", "sklearn", "matplotlib", "mit.tuning.clip"
 def loaded_after(code: str) -> dict:
     script = textwrap.dedent(code) + textwrap.dedent(f"""
         import json, sys
-        print(json.dumps({{"after": {{m: m in sys.modules for m in {HEAVY + ["transformers"]!r}}},
+        print(json.dumps({{"after": {{m: m in sys.modules for m in {[*HEAVY, "transformers"]!r}}},
                           "baseline": {{m: m in BASELINE for m in {HEAVY!r}}}}}))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
