@@ -1,5 +1,11 @@
-"""Triton kernels (the interpreter on CPU, the real thing on a GPU) against the fp64 reference: forward and all eight
-gradients, over dtypes, head dims, odd sequence lengths, GQA ratios, causal, rescale, padding and zero infusion."""
+"""Every fused backend against the fp64 reference: forward and all eight gradients, over dtypes, head dims, odd
+sequence lengths, GQA ratios, causal, rescale, padding and zero infusion; fp64 gradcheck; zero infusion equals plain
+attention; rows that see no key; determinism.
+
+Backends: ``triton`` (the Triton interpreter on CPU, the real thing on a GPU) and ``cpu`` (the C++ kernels, compiled
+for the running torch at install or first use). Each test runs for both; the interpreter is slow, so the Triton
+matrix keeps shorter sequences than the C++ one, which also spans the C++ kernels' block sizes and its decode kernel.
+"""
 
 from __future__ import annotations
 
@@ -20,111 +26,169 @@ from attention_cases import (
 )
 
 from mit_kernels import mit_attention
+from mit_kernels.dispatch import cpu_backend_available
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-HEAD_DIMS = [32, 64, 128]
-SEQ_LENS = [(1, 1), (1, 33), (7, 7), (33, 33), (7, 113), (33, 7)]
-# (Hq, Hkv): GQA ratios 1, 3, 4.
-HEADS = [(2, 2), (3, 1), (4, 1)]
+BACKENDS = ["triton", "cpu"]
+HEADS = [(2, 2), (3, 1), (4, 1)]  # (Hq, Hkv): GQA ratios 1, 3, 4
 MASK_KINDS = ["none", "left_pad", "random"]
+HEAD_DIMS = [32, 64, 128]
+# Per backend: dtypes and (Lq, Lk) pairs; the C++ list adds lengths that span several of its key / query blocks and
+# the split-key decode kernel (few query rows).
+DTYPES = {"triton": [torch.float32, torch.float16, torch.bfloat16], "cpu": [torch.float32, torch.bfloat16]}
+SEQ_LENS = {
+    "triton": [(1, 1), (1, 33), (7, 7), (33, 33), (7, 113), (33, 7)],
+    "cpu": [(1, 1), (1, 33), (7, 7), (33, 33), (7, 113), (113, 7), (1, 600), (140, 300)],
+}
 
 
-def check_parity(inputs, dtype, **kwargs):
-    """Triton in ``dtype`` vs the reference in ``dtype`` and in fp64, by the low-precision tolerance rule."""
+def device_of(backend: str) -> torch.device:
+    return DEVICE if backend == "triton" else torch.device("cpu")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return require(request.param)
+
+
+def require(backend: str) -> str:
+    if backend == "cpu" and not cpu_backend_available():  # compiled at first use when needed: a compiler is missing
+        pytest.fail("the C++ CPU kernels are not available (no C++ compiler?): kernel parity is never skipped")
+    return backend
+
+
+def check_parity(inputs, dtype, backend, **kwargs):
+    """``backend`` in ``dtype`` vs the reference in ``dtype`` and in fp64, by the low-precision tolerance rule."""
     gen = torch.Generator().manual_seed(1)
+    device = inputs[0].device
     # Every run sees the same values: the fp64 reference gets the low-precision inputs and grad_out upcast.
-    grad_out = torch.randn(inputs[0].shape, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    grad_out = torch.randn(inputs[0].shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
     out64, grads64 = run_attention([x.double() for x in inputs], grad_out.double(), "reference", **kwargs)
     out_low, grads_low = run_attention(inputs, grad_out, "reference", **kwargs)
-    out_tri, grads_tri = run_attention(inputs, grad_out, "triton", **kwargs)
-    assert out_tri.dtype == dtype and out_tri.shape == inputs[0].shape
+    out, grads = run_attention(inputs, grad_out, backend, **kwargs)
+    assert out.dtype == dtype and out.shape == inputs[0].shape and out.is_contiguous()
     magnitude = max(x.abs().max().item() for x in (out64, *grads64))
     sums = reduction_magnitudes([x.double() for x in inputs], grad_out.double(), **kwargs)
-    assert_within_low_precision_rule("out", out_tri, out_low, out64, magnitude)
-    for name, got, low, ref, sum_mag in zip(INPUT_NAMES, grads_tri, grads_low, grads64, sums):
+    assert_within_low_precision_rule("out", out, out_low, out64, magnitude)
+    # Triton's dot products take low-precision operands: its fp32 lambda gradient carries the input dtype's roundoff.
+    compute = dtype if backend == "triton" else None
+    for name, got, low, ref, sum_mag in zip(INPUT_NAMES, grads, grads_low, grads64, sums):
         assert got.dtype == low.dtype and got.shape == low.shape, name
-        assert_within_low_precision_rule(f"d{name}", got, low, ref, max(magnitude, sum_mag), compute_dtype=dtype)
+        assert_within_low_precision_rule(f"d{name}", got, low, ref, max(magnitude, sum_mag), compute_dtype=compute)
 
 
-# Every dtype x head dim x sequence-length pair; the remaining switches are cycled so that each of their values meets
-# every dtype. The full product of the switches is covered at fp32 by test_parity_switches below.
-_MATRIX = list(itertools.product(DTYPES, HEAD_DIMS, SEQ_LENS))
+def _matrix(backend: str) -> list:
+    """Every dtype x head dim x sequence-length pair; the remaining switches are cycled so that each of their values
+    meets every dtype (the full product of the switches is test_parity_switches)."""
+    cases = itertools.product(DTYPES[backend], HEAD_DIMS, SEQ_LENS[backend])
+    return [
+        pytest.param(backend, dt, d, lq, lk, HEADS[i % 3], bool(i % 2), i % 5 != 0, MASK_KINDS[i % 3], i % 7 == 3)
+        for i, (dt, d, (lq, lk)) in enumerate(cases)
+    ]
 
 
 @pytest.mark.parametrize(
-    "dtype, d, lq, lk, heads, causal, rescale, mask_kind, zero_infusion",
+    "backend, dtype, d, lq, lk, heads, causal, rescale, mask_kind, zero_infusion", _matrix("triton") + _matrix("cpu")
+)
+def test_parity_matrix(backend, dtype, d, lq, lk, heads, causal, rescale, mask_kind, zero_infusion):
+    hq, hkv = heads
+    device = device_of(require(backend))
+    inputs = make_attention_inputs(
+        2, hq, hkv, lq, lk, d, dtype, zero_infusion=zero_infusion, seed=lq * 131 + lk, device=device
+    )
+    kv_mask = make_kv_mask(2, lk, mask_kind, device=device)
+    check_parity(inputs, dtype, backend, causal=causal, rescale=rescale, kv_mask=kv_mask)
+
+
+@pytest.mark.parametrize(
+    "heads, causal, rescale, mask_kind, zero_infusion, lq",
     [
-        (dt, d, lq, lk, HEADS[i % 3], bool(i % 2), i % 5 != 0, MASK_KINDS[i % 3], i % 7 == 3)
-        for i, (dt, d, (lq, lk)) in enumerate(_MATRIX)
+        (*combo, 2 if i % 2 == 0 else 37)  # alternately a decode-sized and a prefill-sized query block
+        for i, combo in enumerate(
+            itertools.product(HEADS, [False, True], [False, True], ["none", "left_pad"], [False, True])
+        )
     ],
 )
-def test_parity_matrix(dtype, d, lq, lk, heads, causal, rescale, mask_kind, zero_infusion):
+def test_parity_switches(backend, heads, causal, rescale, mask_kind, zero_infusion, lq):
     hq, hkv = heads
-    batch = 2
-    inputs = make_attention_inputs(batch, hq, hkv, lq, lk, d, dtype, zero_infusion=zero_infusion, seed=lq * 131 + lk)
-    kv_mask = make_kv_mask(batch, lk, mask_kind)
-    check_parity(inputs, dtype, causal=causal, rescale=rescale, kv_mask=kv_mask)
+    device = device_of(backend)
+    inputs = make_attention_inputs(2, hq, hkv, lq, 21, 32, torch.float32, zero_infusion=zero_infusion, device=device)
+    kv_mask = make_kv_mask(2, 21, mask_kind, device=device)
+    check_parity(inputs, torch.float32, backend, causal=causal, rescale=rescale, kv_mask=kv_mask)
 
 
-@pytest.mark.parametrize("heads", HEADS)
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("rescale", [False, True])
-@pytest.mark.parametrize("mask_kind", ["none", "left_pad"])
-@pytest.mark.parametrize("zero_infusion", [False, True])
-def test_parity_switches(heads, causal, rescale, mask_kind, zero_infusion):
-    hq, hkv = heads
-    inputs = make_attention_inputs(2, hq, hkv, 9, 21, 32, torch.float32, zero_infusion=zero_infusion)
-    check_parity(inputs, torch.float32, causal=causal, rescale=rescale, kv_mask=make_kv_mask(2, 21, mask_kind))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+@pytest.mark.parametrize("lq, lk", [(1, 40), (45, 45)])
+def test_parity_other_dtypes(backend, dtype, lq, lk):
+    device = device_of(backend)
+    inputs = make_attention_inputs(2, 3, 1, lq, lk, 16, dtype, device=device)
+    check_parity(inputs, dtype, backend, causal=True, kv_mask=make_kv_mask(2, lk, "random", device=device))
 
 
-@pytest.mark.parametrize("d", [16, 96])
-def test_parity_other_head_dims(d):
-    """Head dims that are not powers of two, or below a tile (masked head-dim lanes)."""
-    inputs = make_attention_inputs(1, 3, 1, 17, 17, d, torch.float32, seed=d)
-    check_parity(inputs, torch.float32, causal=True, kv_mask=make_kv_mask(1, 17, "random"))
+@pytest.mark.parametrize("d", [8, 16, 20, 72, 96])
+def test_parity_other_head_dims(backend, d):
+    """Head dims that are not powers of two, below a tile, or not a multiple of the C++ kernels' vector width."""
+    device = device_of(backend)
+    for lq in (1, 17):
+        inputs = make_attention_inputs(1, 4, 2, lq, 30, d, torch.float32, seed=d, device=device)
+        check_parity(inputs, torch.float32, backend, causal=True, kv_mask=make_kv_mask(1, 30, "random", device=device))
 
 
-def test_parity_custom_scale_and_strided_inputs():
+def test_parity_custom_scale_and_strided_inputs(backend):
     """Non-default scale, and q/k/v given as transposed views of (B, L, H, D) storage, as transformers produces."""
-    inputs = make_attention_inputs(2, 4, 2, 13, 13, 32, torch.float32)
+    inputs = make_attention_inputs(2, 4, 2, 13, 40, 32, torch.float32, device=device_of(backend))
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in inputs[:3])
     assert not q.is_contiguous()
-    check_parity([q, k, v, *inputs[3:]], torch.float32, causal=True, scale=0.3)
+    check_parity([q, k, v, *inputs[3:]], torch.float32, backend, causal=True, scale=0.3)
+    check_parity([q[:, :, :1], k, v, *inputs[3:]], torch.float32, backend, causal=True, scale=0.3)  # a decode step
 
 
-@pytest.mark.parametrize("causal, mask_kind", [(True, "left_pad"), (False, "random")])
-def test_gradcheck_through_triton_fp64(causal, mask_kind):
-    inputs = [x.requires_grad_() for x in make_attention_inputs(2, 4, 2, 6, 10, 16, torch.float64)]
-    kv_mask = make_kv_mask(2, 10, mask_kind)
+@pytest.mark.parametrize(
+    "lq, lk, causal, mask_kind, rescale",
+    [(6, 10, True, "left_pad", True), (1, 10, True, "random", True), (9, 5, False, "random", False)],
+)
+def test_gradcheck_fp64(backend, lq, lk, causal, mask_kind, rescale):
+    device = device_of(backend)
+    inputs = [x.requires_grad_() for x in make_attention_inputs(2, 4, 2, lq, lk, 16, torch.float64, device=device)]
+    kv_mask = make_kv_mask(2, lk, mask_kind, device=device)
 
     def fn(*xs):
-        return mit_attention(*xs, causal=causal, kv_mask=kv_mask, backend="triton")
+        return mit_attention(*xs, causal=causal, kv_mask=kv_mask, rescale=rescale, backend=backend)
 
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
 
-@pytest.mark.slow
-def test_gradcheck_through_triton_fp64_full_mode():
-    inputs = [x.requires_grad_() for x in make_attention_inputs(1, 2, 1, 5, 7, 16, torch.float64)]
-    assert torch.autograd.gradcheck(lambda *xs: mit_attention(*xs, backend="triton"), inputs)
+def test_gradcheck_fp64_long_keys_cpu():
+    """Keys spanning several of the C++ kernels' key blocks (the Triton interpreter would take minutes)."""
+    require("cpu")
+    inputs = [x.requires_grad_() for x in make_attention_inputs(2, 4, 2, 12, 140, 16, torch.float64, device="cpu")]
+    assert torch.autograd.gradcheck(lambda *xs: mit_attention(*xs, causal=True, backend="cpu"), inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("backend_name", [pytest.param("triton", marks=pytest.mark.slow), "cpu"])
+def test_gradcheck_fp64_full_mode(backend_name):
+    backend = require(backend_name)
+    inputs = make_attention_inputs(1, 2, 1, 5, 7, 8, torch.float64, device=device_of(backend))
+    inputs = [x.requires_grad_() for x in inputs]
+    assert torch.autograd.gradcheck(lambda *xs: mit_attention(*xs, backend=backend), inputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("causal, lq, lk", [(True, 17, 17), (True, 5, 40), (False, 17, 9)])
-def test_zero_infusion_is_plain_attention(dtype, causal, lq, lk):
+@pytest.mark.parametrize("causal, lq, lk", [(True, 17, 17), (True, 5, 40), (False, 17, 9), (True, 1, 33)])
+def test_zero_infusion_is_plain_attention(backend, dtype, causal, lq, lk):
     """With all four infusion vectors zero the op is ordinary attention, whatever lambda is: compare with torch's
     scaled_dot_product_attention under the same (bottom-right causal + padding) mask, at the precision the same
     math has in ``dtype``."""
     batch, hq, hkv, d = 2, 4, 2, 32
-    inputs = make_attention_inputs(batch, hq, hkv, lq, lk, d, dtype, zero_infusion=True)
+    device = device_of(backend)
+    inputs = make_attention_inputs(batch, hq, hkv, lq, lk, d, dtype, zero_infusion=True, device=device)
     inputs[-1] = inputs[-1] * 10  # any lambda
     q, k, v = inputs[:3]
-    kv_mask = torch.ones(batch, lk, dtype=torch.bool, device=DEVICE)
+    kv_mask = torch.ones(batch, lk, dtype=torch.bool, device=device)
     kv_mask[1, -2:] = False  # right padding: every query keeps at least one key
     allowed = kv_mask[:, None, None, :]
     if causal:
-        i = torch.arange(lq, device=DEVICE)[:, None]
-        j = torch.arange(lk, device=DEVICE)[None, :]
+        i = torch.arange(lq, device=device)[:, None]
+        j = torch.arange(lk, device=device)[None, :]
         allowed = allowed & (j <= i + lk - lq)
     assert allowed.any(-1).all()
 
@@ -134,7 +198,7 @@ def test_zero_infusion_is_plain_attention(dtype, causal, lq, lk):
             q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=allowed
         )
 
-    out = mit_attention(*inputs, causal=causal, kv_mask=kv_mask, backend="triton")
+    out = mit_attention(*inputs, causal=causal, kv_mask=kv_mask, backend=backend)
     expected_low = sdpa(q, k, v)
     expected64 = sdpa(q.double(), k.double(), v.double())
     assert_within_low_precision_rule("out", out, expected_low, expected64)
@@ -143,28 +207,40 @@ def test_zero_infusion_is_plain_attention(dtype, causal, lq, lk):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fully_masked_rows_give_zero_and_no_nan(dtype):
-    batch, hq, hkv, lq, lk, d = 2, 4, 2, 6, 4, 32
-    inputs = [x.requires_grad_() for x in make_attention_inputs(batch, hq, hkv, lq, lk, d, dtype)]
-    kv_mask = torch.tensor([[False, False, True, True], [False] * 4], device=DEVICE)
-    out = mit_attention(*inputs, causal=True, kv_mask=kv_mask, backend="triton")
-    # Sample 1 sees nothing. In sample 0 query i sees keys j <= i - 2 and keys 0, 1 are padding: queries 0-3 see none.
+@pytest.mark.parametrize("lq", [6, 40])
+def test_fully_masked_rows_give_zero_and_no_nan(backend, dtype, lq):
+    batch, hq, hkv, lk, d = 2, 4, 2, 4, 32
+    device = device_of(backend)
+    inputs = [x.requires_grad_() for x in make_attention_inputs(batch, hq, hkv, lq, lk, d, dtype, device=device)]
+    kv_mask = torch.tensor([[False, False, True, True], [False] * 4], device=device)
+    out = mit_attention(*inputs, causal=True, kv_mask=kv_mask, backend=backend)
+    # Sample 1 sees nothing; in sample 0, query i sees keys j <= i + 4 - lq, and keys 0, 1 are padding.
+    empty = lq - 2  # queries 0 .. lq - 3 see no key
     assert torch.equal(out[1], torch.zeros_like(out[1]))
-    assert torch.equal(out[0, :, :4], torch.zeros_like(out[0, :, :4]))
-    assert out[0, :, 4:].abs().sum() > 0
+    assert torch.equal(out[0, :, :empty], torch.zeros_like(out[0, :, :empty]))
+    assert out[0, :, empty:].abs().sum() > 0
     out.float().square().sum().backward()
     for name, x in zip(INPUT_NAMES, inputs):
         assert torch.isfinite(x.grad).all(), name
     dq = inputs[0].grad
-    assert torch.equal(dq[1], torch.zeros_like(dq[1])) and torch.equal(dq[0, :, :4], torch.zeros_like(dq[0, :, :4]))
+    assert torch.equal(dq[1], torch.zeros_like(dq[1]))
+    assert torch.equal(dq[0, :, :empty], torch.zeros_like(dq[0, :, :empty]))
     # Keys 0 and 1 of sample 0 and all keys of sample 1 are never attended: no gradient reaches them.
-    assert inputs[1].grad[1].abs().sum() == 0 and inputs[1].grad[0, :, :2].abs().sum() == 0
+    for grad in (inputs[1].grad, inputs[2].grad):
+        assert grad[1].abs().sum() == 0 and grad[0, :, :2].abs().sum() == 0
 
 
-def test_backward_is_deterministic():
-    inputs = make_attention_inputs(2, 4, 2, 40, 40, 32, torch.float32)
-    grad_out = torch.randn_like(inputs[0])
-    _, first = run_attention(inputs, grad_out, "triton", causal=True)
-    _, second = run_attention(inputs, grad_out, "triton", causal=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_is_deterministic(backend, dtype):
+    """GQA heads add their dK', dV' contributions in a fixed order and the vector gradients are reduced in a fixed
+    order (no atomics): two runs agree bit for bit."""
+    length = 40 if backend == "triton" else 300
+    device = device_of(backend)
+    inputs = make_attention_inputs(2, 6, 2, length, length, 32, dtype, device=device)
+    grad_out = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(2)).to(dtype).to(device)
+    kv_mask = make_kv_mask(2, length, "random", device=device)
+    first_out, first = run_attention(inputs, grad_out, backend, causal=True, kv_mask=kv_mask)
+    second_out, second = run_attention(inputs, grad_out, backend, causal=True, kv_mask=kv_mask)
+    assert torch.equal(first_out, second_out)
     for name, a, b in zip(INPUT_NAMES, first, second):
         assert torch.equal(a, b), name

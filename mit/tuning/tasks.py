@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import MiTConfig
-from ..integrations import apply_mit
+from ..integrations import FAMILIES, apply_mit
 from .encoders import CLIPImageEncoder, SequenceEncoder
 from .heads import ClassificationHead, RegressionHead, SegmentationDecoder
 from .losses import classification_loss, rmse_loss, segmentation_loss
@@ -63,7 +63,8 @@ def check_llm_path(model: str | os.PathLike) -> None:
 
 
 def load_llm(model: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """The frozen LLM as a transformers ``LlamaModel`` (no LM head) and its tokenizer.
+    """The frozen LLM as a bare transformers decoder (``AutoModel``: no LM head; a family :func:`mit.apply_mit`
+    supports) and its tokenizer.
 
     ``model`` is a directory in Hugging Face format (``config.json``, weights, tokenizer files), or ``"smollm2"`` for
     the offline SmolLM2-135M-Instruct of :func:`mit.models.load_smollm2`."""
@@ -77,8 +78,9 @@ def load_llm(model: str | os.PathLike, dtype: torch.dtype = torch.float32):
     check_llm_path(model)
     path = pathlib.Path(model)
     llm = AutoModel.from_pretrained(path, dtype=dtype)
-    if getattr(llm.config, "model_type", None) != "llama":
-        raise ValueError(f"--model {path}: MiT needs a Llama-architecture model, got {llm.config.model_type!r}")
+    model_type = getattr(llm.config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"--model {path}: MiT supports model types {sorted(FAMILIES)}, got {model_type!r}")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

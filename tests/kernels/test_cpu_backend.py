@@ -1,28 +1,21 @@
-"""The compiled C++ CPU backend (``backend="cpu"``, ``mit_kernels.cpu_backend``): forward and all eight attention
-gradients against the fp64 reference, fp64 gradcheck through the C++ code, the FFN gate, determinism, the torch.library
-registration, backend selection and input errors.
+"""The compiled C++ CPU backend (``backend="cpu"``, ``mit_kernels.cpu_backend``): the build, the FFN gate's parity and
+gradcheck, no-grad calls, backend selection and input errors. Its attention parity, gradcheck, determinism and op
+registration are tested with every backend in tests/test_parity.py and tests/kernels/test_op_registration.py.
 
-The extension is built by ``pip install .`` (or ``python setup.py build_ext --inplace`` in a checkout). Unless
-MIT_SKIP_CPU_EXT is set, a missing extension is a failure (test_extension_is_built), not a skip."""
+The kernels are compiled for the running torch by ``pip install .`` or at first use. Unless MIT_SKIP_CPU_EXT is set, a
+missing build is a failure (test_extension_is_built), not a skip."""
 
 from __future__ import annotations
 
-import itertools
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from attention_cases import (
-    INPUT_NAMES,
     assert_within_low_precision_rule,
     make_attention_inputs,
-    make_kv_mask,
-    max_abs_err,
-    reduction_magnitudes,
-    run_attention,
 )
-from torch.utils.flop_counter import FlopCounterMode
 
 import mit_kernels
 from mit_kernels import mit_attention, resolve_backend
@@ -49,242 +42,8 @@ def test_extension_is_built():
     assert resolve_backend("auto", CPU) == "cpu"
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Attention parity with the fp64 reference
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def check_parity(inputs, dtype, **kwargs):
-    """The C++ backend in ``dtype`` vs the reference in ``dtype`` and in fp64, by the low-precision tolerance rule
-    (for fp32 that rule is tight: twice the fp32 reference's own error plus a few ulps)."""
-    gen = torch.Generator().manual_seed(1)
-    grad_out = torch.randn(inputs[0].shape, generator=gen, dtype=torch.float64).to(dtype)
-    out64, grads64 = run_attention([x.double() for x in inputs], grad_out.double(), "reference", **kwargs)
-    out_low, grads_low = run_attention(inputs, grad_out, "reference", **kwargs)
-    out_cpu, grads_cpu = run_attention(inputs, grad_out, "cpu", **kwargs)
-    assert out_cpu.dtype == dtype and out_cpu.shape == inputs[0].shape and out_cpu.is_contiguous()
-    magnitude = max(x.abs().max().item() for x in (out64, *grads64))
-    sums = reduction_magnitudes([x.double() for x in inputs], grad_out.double(), **kwargs)
-    assert_within_low_precision_rule("out", out_cpu, out_low, out64, magnitude)
-    for name, got, low, ref, sum_mag in zip(INPUT_NAMES, grads_cpu, grads_low, grads64, sums):
-        assert got.dtype == low.dtype and got.shape == low.shape, name
-        assert_within_low_precision_rule(f"d{name}", got, low, ref, max(magnitude, sum_mag))
-
-
-HEADS = [(2, 2), (3, 1), (4, 1)]  # GQA ratios 1, 3, 4
-MASK_KINDS = ["none", "left_pad", "random"]
-# Decode-sized rows (few query rows: the split-key decode kernel) and prefill-sized ones (the blocked kernel), odd
-# lengths, Lq < Lk and Lq > Lk, and lengths spanning several key / query blocks of both kernels.
-SEQ_LENS = [(1, 1), (1, 33), (7, 7), (33, 33), (7, 113), (113, 7), (1, 600), (140, 300)]
-_MATRIX = list(itertools.product([torch.float32, torch.bfloat16], [32, 64, 128], SEQ_LENS))
-
-
-@requires_ext
-@pytest.mark.parametrize(
-    "dtype, d, lq, lk, heads, causal, rescale, mask_kind, zero_infusion",
-    [
-        (dt, d, lq, lk, HEADS[i % 3], bool(i % 2), i % 5 != 0, MASK_KINDS[i % 3], i % 7 == 3)
-        for i, (dt, d, (lq, lk)) in enumerate(_MATRIX)
-    ],
-)
-def test_cpu_parity_matrix(dtype, d, lq, lk, heads, causal, rescale, mask_kind, zero_infusion):
-    hq, hkv = heads
-    inputs = make_attention_inputs(
-        2, hq, hkv, lq, lk, d, dtype, zero_infusion=zero_infusion, seed=lq * 131 + lk, device=CPU
-    )
-    kv_mask = make_kv_mask(2, lk, mask_kind, device=CPU)
-    check_parity(inputs, dtype, causal=causal, rescale=rescale, kv_mask=kv_mask)
-
-
-@requires_ext
-@pytest.mark.parametrize(
-    "heads, causal, rescale, mask_kind, zero_infusion, lq",
-    [
-        (*combo, 2 if i % 2 == 0 else 37)  # alternately the decode and the blocked kernel
-        for i, combo in enumerate(
-            itertools.product(HEADS, [False, True], [False, True], ["none", "left_pad"], [False, True])
-        )
-    ],
-)
-def test_cpu_parity_switches(heads, causal, rescale, mask_kind, zero_infusion, lq):
-    hq, hkv = heads
-    inputs = make_attention_inputs(2, hq, hkv, lq, 21, 32, torch.float32, zero_infusion=zero_infusion, device=CPU)
-    check_parity(inputs, torch.float32, causal=causal, rescale=rescale, kv_mask=make_kv_mask(2, 21, mask_kind))
-
-
-@requires_ext
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
-@pytest.mark.parametrize("lq, lk", [(1, 40), (45, 45)])
-def test_cpu_parity_other_dtypes(dtype, lq, lk):
-    inputs = make_attention_inputs(2, 3, 1, lq, lk, 16, dtype, device=CPU)
-    check_parity(inputs, dtype, causal=True, kv_mask=make_kv_mask(2, lk, "random"))
-
-
-@requires_ext
-@pytest.mark.parametrize("d", [8, 20, 72])
-def test_cpu_parity_head_dims_not_multiple_of_vector_width(d):
-    for lq in (1, 50):
-        inputs = make_attention_inputs(1, 4, 2, lq, 30, d, torch.float32, seed=d, device=CPU)
-        check_parity(inputs, torch.float32, causal=True, kv_mask=make_kv_mask(1, 30, "random"))
-
-
-@requires_ext
-def test_cpu_custom_scale_and_strided_inputs():
-    """Non-default scale, and q/k/v given as transposed views of (B, L, H, D) storage, as transformers produces."""
-    inputs = make_attention_inputs(2, 4, 2, 13, 40, 32, torch.float32, device=CPU)
-    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in inputs[:3])
-    assert not q.is_contiguous()
-    check_parity([q, k, v, *inputs[3:]], torch.float32, causal=True, scale=0.3)
-    check_parity([q[:, :, :1], k, v, *inputs[3:]], torch.float32, causal=True, scale=0.3)  # decode kernel
-
-
-@requires_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("lq", [6, 40])
-def test_cpu_fully_masked_rows_give_zero_and_no_nan(dtype, lq):
-    batch, hq, hkv, lk, d = 2, 4, 2, 4, 32
-    inputs = [x.requires_grad_() for x in make_attention_inputs(batch, hq, hkv, lq, lk, d, dtype, device=CPU)]
-    kv_mask = torch.tensor([[False, False, True, True], [False] * 4])
-    out = mit_attention(*inputs, causal=True, kv_mask=kv_mask, backend="cpu")
-    # Sample 1 sees nothing; in sample 0, query i sees keys j <= i + 4 - lq, and keys 0, 1 are padding.
-    empty = lq - 2  # queries 0 .. lq - 3 see no key
-    assert torch.equal(out[1], torch.zeros_like(out[1]))
-    assert torch.equal(out[0, :, :empty], torch.zeros_like(out[0, :, :empty]))
-    assert out[0, :, empty:].abs().sum() > 0
-    out.float().square().sum().backward()
-    for name, x in zip(INPUT_NAMES, inputs):
-        assert torch.isfinite(x.grad).all(), name
-    dq = inputs[0].grad
-    assert torch.equal(dq[1], torch.zeros_like(dq[1])) and torch.equal(
-        dq[0, :, :empty], torch.zeros_like(dq[0, :, :empty])
-    )
-    # Keys 0 and 1 of sample 0 and all keys of sample 1 are never attended: no gradient reaches them.
-    for grad in (inputs[1].grad, inputs[2].grad):
-        assert grad[1].abs().sum() == 0 and grad[0, :, :2].abs().sum() == 0
-
-
-@requires_ext
-@pytest.mark.parametrize("lq, lk", [(1, 33), (17, 17), (5, 40)])
-def test_cpu_zero_infusion_is_plain_attention(lq, lk):
-    """All four infusion vectors zero: ordinary attention whatever lambda is (torch's SDPA, same bottom-right mask)."""
-    inputs = make_attention_inputs(2, 4, 2, lq, lk, 32, torch.float32, zero_infusion=True, device=CPU)
-    inputs[-1] = inputs[-1] * 10
-    q, k, v = inputs[:3]
-    i, j = torch.arange(lq)[:, None], torch.arange(lk)[None, :]
-    expected = F.scaled_dot_product_attention(
-        q.double(), k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1), attn_mask=j <= i + lk - lq
-    )
-    out = mit_attention(*inputs, causal=True, backend="cpu")
-    assert max_abs_err(out, expected) < 2e-6
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# gradcheck through the C++ code, determinism
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@requires_ext
-@pytest.mark.parametrize(
-    "lq, lk, causal, mask_kind, rescale",
-    [
-        (6, 10, True, "left_pad", True),
-        (1, 10, True, "random", True),
-        (9, 5, False, "random", False),
-        (12, 140, True, "none", True),
-    ],
-)
-def test_cpu_gradcheck_fp64(lq, lk, causal, mask_kind, rescale):
-    inputs = [x.requires_grad_() for x in make_attention_inputs(2, 4, 2, lq, lk, 16, torch.float64, device=CPU)]
-    kv_mask = make_kv_mask(2, lk, mask_kind, device=CPU)
-
-    def fn(*xs):
-        return mit_attention(*xs, causal=causal, kv_mask=kv_mask, rescale=rescale, backend="cpu")
-
-    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
-
-
-@requires_ext
-def test_cpu_gradcheck_fp64_full_mode():
-    inputs = [x.requires_grad_() for x in make_attention_inputs(1, 2, 1, 5, 7, 8, torch.float64, device=CPU)]
-    assert torch.autograd.gradcheck(lambda *xs: mit_attention(*xs, backend="cpu"), inputs)
-
-
-@requires_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_backward_is_deterministic(dtype):
-    """GQA heads add their dK', dV' contributions in a fixed order and the vector gradients are reduced in a fixed
-    order: two runs agree bit for bit."""
-    inputs = make_attention_inputs(2, 6, 2, 300, 300, 32, dtype, device=CPU)
-    grad_out = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(2)).to(dtype)
-    kv_mask = make_kv_mask(2, 300, "random", device=CPU)
-    first_out, first = run_attention(inputs, grad_out, "cpu", causal=True, kv_mask=kv_mask)
-    second_out, second = run_attention(inputs, grad_out, "cpu", causal=True, kv_mask=kv_mask)
-    assert torch.equal(first_out, second_out)
-    for name, a, b in zip(INPUT_NAMES, first, second):
-        assert torch.equal(a, b), name
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# torch.library registration
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@requires_ext
-def test_cpu_opcheck():
-    inputs = [x.requires_grad_() for x in make_attention_inputs(1, 4, 2, 5, 9, 16, torch.float32, device=CPU)]
-    kv_mask = make_kv_mask(1, 9, "random", device=CPU)
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(
-        torch.ops.mit_kernels.attention_cpu_fwd.default, (*inputs, kv_mask, True, 0.25, True), test_utils=utils
-    )
-    ffn_inputs = [
-        torch.randn(2, 3, 5, requires_grad=True),
-        torch.randn(2, 3, 5, requires_grad=True),
-        torch.randn(2, 5, requires_grad=True),
-    ]
-    torch.library.opcheck(torch.ops.mit_kernels.ffn_gate_cpu_fwd.default, tuple(ffn_inputs), test_utils=utils)
-
-
-@requires_ext
-@pytest.mark.parametrize("lq", [1, 7])
-def test_cpu_flop_counter(lq):
-    batch, hq, hkv, lk, d = 2, 4, 2, 33, 32
-    inputs = [x.requires_grad_() for x in make_attention_inputs(batch, hq, hkv, lq, lk, d, torch.float32, device=CPU)]
-    with FlopCounterMode(display=False) as counter:
-        out = mit_attention(*inputs, causal=False, backend="cpu")
-    assert counter.get_total_flops() == 4 * batch * hq * lq * lk * d
-    with FlopCounterMode(display=False) as counter:
-        out.backward(torch.ones_like(out))
-    assert counter.get_total_flops() == 10 * batch * hq * lq * lk * d
-
-
-@requires_ext
-def test_cpu_flop_counter_on_meta_device():
-    meta = [x.to("meta") for x in make_attention_inputs(1, 8, 2, 64, 64, 64, torch.float32, device=CPU)]
-    with FlopCounterMode(display=False) as counter:
-        out = torch.ops.mit_kernels.attention_cpu_fwd(*meta, None, True, 0.125, True)[0]
-    assert out.device.type == "meta" and out.shape == (1, 8, 64, 64)
-    assert counter.get_total_flops() == 4 * 8 * 64 * 64 * 64
-
-
-@requires_ext
-def test_cpu_torch_compile_fullgraph_forward_and_backward():
-    inputs = make_attention_inputs(2, 4, 2, 9, 9, 32, torch.float32, device=CPU)
-    kv_mask = make_kv_mask(2, 9, "left_pad", device=CPU)
-
-    def layer(q, k, v, k_mul, k_add, v_mul, v_add, head_logit):
-        return mit_attention(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask=kv_mask, backend="cpu") * 2
-
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    eager_leaves = [x.clone().requires_grad_() for x in inputs]
-    compiled_leaves = [x.clone().requires_grad_() for x in inputs]
-    expected = layer(*eager_leaves)
-    got = compiled(*compiled_leaves)
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    expected.sum().backward()
-    got.sum().backward()
-    for a, b in zip(eager_leaves, compiled_leaves):
-        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0)
+# Attention parity, gradcheck, determinism, opcheck, FLOP counting and torch.compile of the C++ kernels run with the
+# Triton kernels' in tests/test_parity.py and tests/kernels/test_op_registration.py, parametrised over backends.
 
 
 @requires_ext
