@@ -56,8 +56,8 @@ class BuildWithKernels(build_py):
         if _env_flag("MIT_SKIP_CPU_EXT"):
             print("mit: MIT_SKIP_CPU_EXT is set, not compiling the C++ CPU kernels")
             return
-        work = HERE / "build" / "mit_kernels_cpu"  # ninja's incremental build directory (the .o files stay here)
-        command = [sys.executable, str(HERE / PACKAGE / "cpu_build.py"), "--out", str(work)]
+        work = HERE / "build" / "mit_kernels_cpu"
+        command = [sys.executable, str(HERE / PACKAGE / "cpu_build.py"), "--out", str(work), "--replace"]
         result = subprocess.run(command, env=_target_environment(), cwd=HERE, capture_output=True, text=True)
         print(result.stdout[-4000:])
         if result.returncode == 3:  # no torch in the target environment yet

@@ -91,7 +91,7 @@ def build(force: bool, verbose: bool) -> int:
 
         from . import cpu_build
 
-        command = [sys.executable, cpu_build.__file__, "--out", str(cpu_build.cache_dir())]
+        command = [sys.executable, cpu_build.__file__, "--out", str(cpu_build.cache_dir()), "--replace"]
         return subprocess.run(command + (["--verbose"] if verbose else [])).returncode
     result = cpu_extension.compile_now(verbose=verbose)
     if result.module is None:

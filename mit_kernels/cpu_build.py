@@ -31,6 +31,8 @@ import platform
 import shutil
 import sys
 import sysconfig
+import tempfile
+import time
 
 EXTENSION_NAME = "mit_kernels_cpu"
 STAMP_NAME = "stamp.json"
@@ -114,9 +116,25 @@ def compiler() -> str | None:
     return shutil.which((os.environ.get("CXX") or "c++").split()[0])
 
 
-def build(directory: pathlib.Path, *, verbose: bool = False):
-    """Compile the extension into ``directory`` (ninja, incremental), write its stamp, and return the loaded module
-    (its operators are registered in this process).
+def _remove_stale_builds(directory: pathlib.Path, older_than_s: float = 3600.0) -> None:
+    """Private build directories of killed builds (``<name>.tmp-*`` older than an hour)."""
+    now = time.time()
+    for stale in directory.parent.glob(f"{directory.name}.tmp-*"):
+        try:
+            if now - stale.stat().st_mtime > older_than_s:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def build(directory: pathlib.Path, *, verbose: bool = False, replace: bool = False):
+    """Compile the extension, write its stamp, publish it as ``directory``, and return the loaded module (its
+    operators are registered in this process).
+
+    The compile runs in a private directory beside ``directory`` (torch's build lock lives there), which is then
+    renamed into place: a build killed half-way (OOM, time limit, Ctrl-C) leaves only its private directory, never a
+    stale lock that would make the next process wait forever, and concurrent builds cannot corrupt each other. When
+    another process published ``directory`` first, its build is kept (ours is discarded) unless ``replace``.
 
     Raises RuntimeError naming the missing compiler or ninja, or carrying the compiler's error."""
     if compiler() is None:
@@ -132,8 +150,26 @@ def build(directory: pathlib.Path, *, verbose: bool = False):
     isa = vector_isa()
     cflags, ldflags = compile_flags(isa)
     src = sources_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / STAMP_NAME).unlink(missing_ok=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(directory)
+    private = pathlib.Path(tempfile.mkdtemp(prefix=f"{directory.name}.tmp-{os.getpid()}-", dir=directory.parent))
+    try:
+        module = _compile(private, src, cflags, ldflags, verbose)
+        (private / STAMP_NAME).write_text(json.dumps(expected_stamp(isa), indent=2, sort_keys=True))
+        if replace and directory.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+        try:
+            os.replace(private, directory)
+        except OSError:  # another process published a build first: keep it
+            pass
+    finally:
+        shutil.rmtree(private, ignore_errors=True)  # gone when published; the loaded library stays mapped
+    return module
+
+
+def _compile(directory: pathlib.Path, src: pathlib.Path, cflags: list[str], ldflags: list[str], verbose: bool):
+    from torch.utils import cpp_extension
+
     module = cpp_extension.load(
         name=EXTENSION_NAME,
         sources=[str(p) for p in sorted(src.glob("*.cpp"))],
@@ -148,7 +184,6 @@ def build(directory: pathlib.Path, *, verbose: bool = False):
     library = directory / f"{EXTENSION_NAME}.so"
     if not library.is_file():
         raise RuntimeError(f"the build finished without producing {library}")
-    (directory / STAMP_NAME).write_text(json.dumps(expected_stamp(isa), indent=2, sort_keys=True))
     return module
 
 
@@ -157,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Compile mit_kernels' C++ CPU kernels against this torch")
     parser.add_argument("--out", type=pathlib.Path, required=True, help="build directory")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--replace", action="store_true", help="replace a build already in --out")
     args = parser.parse_args(argv)
     try:
         import torch
@@ -164,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print("mit_kernels: no torch in the target environment yet; the C++ kernels will compile at first use")
         return 3
     print(f"mit_kernels: compiling the C++ CPU kernels against torch {torch.__version__} ({vector_isa()})")
-    build(args.out, verbose=args.verbose)
+    build(args.out, verbose=args.verbose, replace=args.replace)
     print(f"mit_kernels: built {args.out / (EXTENSION_NAME + '.so')}")
     return 0
 

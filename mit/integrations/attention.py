@@ -5,8 +5,7 @@
 ``AttentionMaskInterface`` (``base``'s own mask function, so transformers builds exactly the mask it builds for
 ``base``; a name registered without one silently receives no padding mask). The function gets q, k, v after the
 projections, q/k norms, rotary and the cache update, with k/v un-repeated (B, Hkv, Lk, D); the cache therefore holds
-the frozen model's K/V, and every step re-infuses them on load (a token's infusion never depends on when it was
-cached).
+raw (un-infused) K/V, and every step re-infuses them on load.
 
 For a layer with a :class:`~mit.integrations.infusion.MiTKVInfusion` and a ``modality_embedding`` in its kwargs:
 
@@ -111,17 +110,22 @@ def _base_function(base: str, module: torch.nn.Module) -> Callable:
 
 
 def key_padding_mask(attention_mask: torch.Tensor, batch: int, lq: int, lk: int) -> torch.Tensor | None:
-    """The (B, Lk) bool key padding mask of a 4-D mask transformers built, or None when the mask is not of the form
-    "bottom-right causal AND key padding".
+    """The (B, Lk) bool key padding mask of a 4-D mask transformers built, or None when the mask is not exactly of the
+    form "bottom-right causal AND key padding" (the exact fallback then runs with the mask as it is).
 
-    ``attention_mask`` is (B or 1, 1, Lq, Lk), bool (True = attend; sdpa) or additive float (0 = attend; eager). Rows
-    that see no key at all are not compared (transformers may unmask them to keep softmax finite)."""
+    ``attention_mask`` is (B or 1, 1, Lq, Lk), bool (True = attend; sdpa) or additive float (0 = attend, the dtype's
+    minimum = masked; eager): any other additive value is a bias the fused kernel does not apply, so it is not of the
+    form. A row that sees no key in that form may be all masked or, as transformers does to keep softmax finite, all
+    unmasked; any other content (a block-diagonal / packed mask, say) is not of the form."""
     if attention_mask.dim() != 4 or tuple(attention_mask.shape[-2:]) != (lq, lk) or attention_mask.shape[1] != 1:
         return None
     if attention_mask.dtype == torch.bool:
         allowed = attention_mask
     else:
-        allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        masked = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
+        if not bool((masked | (attention_mask == 0)).all()):
+            return None  # an additive bias
+        allowed = ~masked
     allowed = allowed[:, 0].expand(batch, lq, lk)
     kv_mask = allowed[:, -1, :].clone()  # the last query row sees every key the causal mask allows (a copy: a view
     # would keep the whole (B, 1, Lq, Lk) mask alive in the cache below)
@@ -131,30 +135,43 @@ def key_padding_mask(attention_mask: torch.Tensor, batch: int, lq: int, lk: int)
     rows_with_keys = expected.any(dim=-1, keepdim=True)
     if not torch.equal(allowed & rows_with_keys, expected):
         return None
+    empty_rows = allowed.masked_select(~rows_with_keys).view(-1, lk)  # rows that see no key: all False or all True
+    if not bool((empty_rows.all(dim=-1) | ~empty_rows.any(dim=-1)).all()):
+        return None
     return kv_mask
 
 
 class _RecentMasks:
     """Every layer of one forward gets the same mask tensor (Gemma: one per layer type): analyse each once, keyed
-    by identity and version, remembering the last few."""
+    by identity (and version), remembering the last few. The top-level MiT forward clears it, so an entry never
+    outlives the forward that made it; inference-mode tensors (which carry no version) are analysed on every call."""
 
     def __init__(self, size: int = 4) -> None:
         self.size = size
         self.entries: list[tuple[weakref.ref, tuple, tuple[bool, torch.Tensor | None]]] = []
 
+    def clear(self) -> None:
+        self.entries = []
+
     def lookup(self, mask: torch.Tensor, batch: int, lq: int, lk: int) -> tuple[bool, torch.Tensor | None]:
-        key = (mask._version, batch, lq, lk)
-        for ref, entry_key, result in self.entries:
-            if ref() is mask and entry_key == key:
-                return result
+        cacheable = not mask.is_inference() and not torch.compiler.is_compiling()
+        key = (mask._version, batch, lq, lk) if cacheable else None
+        if cacheable:
+            for ref, entry_key, result in self.entries:
+                if ref() is mask and entry_key == key:
+                    return result
         kv_mask = key_padding_mask(mask, batch, lq, lk)
         result = (kv_mask is not None, kv_mask)
-        if not torch.compiler.is_compiling():
+        if cacheable:
             self.entries = [(weakref.ref(mask), key, result), *self.entries[: self.size - 1]]
         return result
 
 
 _recent_masks = _RecentMasks()
+
+
+def clear_mask_cache() -> None:
+    _recent_masks.clear()
 
 
 def fused_kv_mask(

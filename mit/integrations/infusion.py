@@ -18,8 +18,9 @@ from ..config import MiTConfig
 
 
 def trainable_dtype(reference: torch.Tensor) -> torch.dtype:
-    """MiT parameters are kept in fp32 for fp16/bf16 base models (like peft's adapter autocast), else in its dtype."""
-    return torch.float32 if reference.dtype in (torch.float16, torch.bfloat16) else reference.dtype
+    """MiT parameters are kept in fp32 for fp16/bf16 (or quantized, non-float) base weights, like peft's adapter
+    autocast; fp32 / fp64 bases keep their dtype."""
+    return reference.dtype if reference.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def zero_linear(in_features: int, out_features: int, like: torch.Tensor) -> nn.Linear:
@@ -46,12 +47,14 @@ def check_modality(modality_embedding: object, batch: int, modality_dim: int) ->
 
 
 class _InfusionMap(nn.Module):
-    """What both infusion modules share: the map applied to the embedding, with an inference cache, and a record of
+    """What both infusion modules share: the map applied to the embedding, with a generation cache, and a record of
     how each call ran (``last_dispatch``: the last path; ``dispatch_counts``: calls per path).
 
-    In generation every decoding step passes the same embedding tensor, so the map's output is cached while autograd
-    is off, keyed by the embedding's identity and version and the map's parameter versions (an optimiser step or
-    ``load_adapter`` bumps them). With autograd on (training) it is recomputed on every call."""
+    In ``generate()`` every decoding step passes the same embedding tensor through the same (frozen during
+    generation) map, so the MiT model's ``generate`` opens a cache for its duration (:meth:`open_cache` /
+    :meth:`close_cache`): the map's output is computed once per embedding tensor. Outside ``generate`` nothing is
+    cached, so no in-place change of the weights (an optimiser step, ``load_adapter``, ``p.data`` writes) can ever be
+    missed."""
 
     map: nn.Linear
 
@@ -59,28 +62,34 @@ class _InfusionMap(nn.Module):
         super().__init__()
         self.last_dispatch: str | None = None
         self.dispatch_counts: Counter[str] = Counter()
-        self._inference_cache: tuple | None = None
+        self._generation_cache: dict | None = None
 
     def record(self, path: str) -> None:
         self.last_dispatch = path
         self.dispatch_counts[path] += 1
 
+    def open_cache(self) -> None:
+        self._generation_cache = {}
+
+    def close_cache(self) -> None:
+        self._generation_cache = None
+
     def _apply_map(self, modality_embedding: torch.Tensor, dtype: torch.dtype, shape: Callable) -> torch.Tensor:
-        weight, bias = self.map.weight, self.map.bias
-        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if cacheable:
-            key = (modality_embedding._version, weight._version, bias._version, dtype, weight.device)
-            cached = self._inference_cache
-            if cached is not None and cached[0]() is modality_embedding and cached[1] == key:
-                return cached[2]
+        weight = self.map.weight
+        cache = self._generation_cache
+        key = (id(modality_embedding), dtype)
+        if cache is not None and not torch.is_grad_enabled():
+            hit = cache.get(key)
+            if hit is not None and hit[0]() is modality_embedding:
+                return hit[1]
         out = shape(self.map(modality_embedding.to(device=weight.device, dtype=weight.dtype))).to(dtype)
-        if cacheable:
-            self._inference_cache = (weakref.ref(modality_embedding), key, out)
+        if cache is not None and not torch.is_grad_enabled():
+            cache[key] = (weakref.ref(modality_embedding), out)
         return out
 
-    def __getstate__(self) -> dict:  # pickling and deepcopy drop the cache (it holds a weak reference)
+    def __getstate__(self) -> dict:  # pickling and deepcopy drop the cache (it holds weak references)
         state = self.__dict__.copy()
-        state["_inference_cache"] = None
+        state["_generation_cache"] = None
         return state
 
 

@@ -14,6 +14,7 @@ import torch
 from mit_kernels import mit_ffn_gate
 
 from .attention import KV_INFUSION_NAME, is_mit_implementation
+from .classes import Rebuildable, register_kind
 from .infusion import MiTFFNInfusion, check_modality
 
 FFN_INFUSION_NAME = "mit_ffn_infusion"  # attribute of the MLP holding its MiTFFNInfusion
@@ -31,7 +32,7 @@ def check_attention_dispatch(config) -> None:
         )
 
 
-class MiTDecoderLayerMixin:
+class MiTDecoderLayerMixin(Rebuildable):
     """Mixin of ``MiT<DecoderLayer>``: ``forward(*args, **kwargs)`` is the base layer's, with the embedding handed to
     the MLP's infusion while it runs."""
 
@@ -49,7 +50,7 @@ class MiTDecoderLayerMixin:
             infusion.modality = None
 
 
-class MiTMLPMixin:
+class MiTMLPMixin(Rebuildable):
     """Mixin of ``MiT<MLP>``: with an embedding, ``down(act(gate(x)) * up(x) * (1 + f))``; without one, the base
     MLP's forward, untouched.
 
@@ -73,3 +74,7 @@ class MiTMLPMixin:
             return super().forward(x, *args, **kwargs)
         finally:
             infusion.down_proj_scale = None
+
+
+register_kind("decoder_layer", MiTDecoderLayerMixin)
+register_kind("mlp", MiTMLPMixin)

@@ -22,8 +22,14 @@ import torch
 from torch import nn
 
 from ..config import MiTConfig
-from .attention import KV_INFUSION_NAME, base_implementation, is_mit_implementation, mit_implementation
-from .classes import mit_subclass
+from .attention import (
+    KV_INFUSION_NAME,
+    base_implementation,
+    clear_mask_cache,
+    is_mit_implementation,
+    mit_implementation,
+)
+from .classes import Rebuildable, mit_subclass, register_kind
 from .families import FamilySpec, family_of, ffn_is_fused
 from .infusion import MiTFFNInfusion, MiTKVInfusion, check_modality, mit_named_parameters
 from .layers import FFN_INFUSION_NAME, MiTDecoderLayerMixin, MiTMLPMixin, check_attention_dispatch
@@ -63,7 +69,7 @@ def decoder_of(model: nn.Module) -> nn.Module:
     )
 
 
-class MiTModelMixin:
+class MiTModelMixin(Rebuildable):
     """What ``apply_mit`` adds to the top-level model (mixin of ``MiT<ModelClass>``)."""
 
     mit_config: MiTConfig
@@ -87,6 +93,24 @@ class MiTModelMixin:
             for name, module in self.named_modules()
             if isinstance(module, (MiTKVInfusion, MiTFFNInfusion))
         }
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling in a new process: the attention function the config names must be registered there too."""
+        super().__setstate__(state)
+        if self.mit_config.infuse_kv:
+            mit_implementation(base_implementation(self.config._attn_implementation))
+
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate``, with the infusion maps' outputs computed once per embedding for the whole
+        call instead of at every decoding step (the weights cannot change during it)."""
+        modules = [m for m in self.modules() if isinstance(m, (MiTKVInfusion, MiTFFNInfusion))]
+        for module in modules:
+            module.open_cache()
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            for module in modules:
+                module.close_cache()
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         """transformers' ``set_attn_implementation``, keeping MiT's infusion around the new implementation."""
@@ -136,6 +160,7 @@ def _forward_with_modality(base: type) -> dict:
     def forward(self, *args, modality_embedding: torch.Tensor | None = None, **kwargs):
         if modality_embedding is None:
             return base.forward(self, *args, **kwargs)
+        clear_mask_cache()  # an analysed mask never outlives the forward that built it
         bound = signature.bind(self, *args, **kwargs)
         self._mit_prepare(bound.arguments, modality_embedding)
         bound.arguments.setdefault(var_keyword.name, {})["modality_embedding"] = modality_embedding
@@ -152,6 +177,9 @@ def _forward_with_modality(base: type) -> dict:
         return probe() if probe is not None else True
 
     return {"forward": forward, "_can_set_attn_implementation": classmethod(_can_set_attn_implementation)}
+
+
+register_kind("model", MiTModelMixin, _forward_with_modality)
 
 
 def _attach_kv_infusion(attention: nn.Module, config: MiTConfig, model_config) -> None:
@@ -208,6 +236,6 @@ def apply_mit(model: nn.Module, config: MiTConfig) -> nn.Module:
         layer.__class__ = mit_subclass(MiTDecoderLayerMixin, type(layer))
     if implementation is not None and not is_mit_implementation(model.config._attn_implementation):
         model.config._attn_implementation = implementation
-    model.__class__ = mit_subclass(MiTModelMixin, type(model), _forward_with_modality(type(model)))
+    model.__class__ = mit_subclass(MiTModelMixin, type(model))
     model.mit_config = config
     return model

@@ -144,6 +144,14 @@ def test_key_padding_mask_reads_and_validates_transformers_masks():
     assert key_padding_mask(packed, 2, lq, lk) is None
     assert key_padding_mask(top_left, 2, lq, lk) is None
     assert key_padding_mask(four_d[:, :, :, :4], 2, lq, lk) is None
+    # two packed segments of 2 and 3 tokens (block-diagonal causal): the first segment's rows see no key of the
+    # last row's segment, yet they see keys; they must not be skipped as "rows that see nothing"
+    segment = torch.tensor([0, 0, 1, 1, 1])
+    block = (segment[:, None] == segment[None, :]) & (torch.arange(5)[None, :] <= torch.arange(5)[:, None])
+    assert key_padding_mask(block[None, None], 1, 5, 5) is None
+    biased = additive.clone()
+    biased[:, :, :, 4] -= 3.0  # an additive bias on an allowed key: not a padding mask
+    assert key_padding_mask(biased, 2, lq, lk) is None
 
 
 def test_bad_modality_embedding_and_bad_models():
@@ -307,24 +315,61 @@ def test_adapter_round_trip_and_v1_adapters_still_load(tmp_path):
         mit.load_adapter(tiny_model(), tmp_path / "v1")
 
 
-def test_inference_cache_of_the_infusion_maps_never_goes_stale():
-    """generate() passes the same embedding every step, so the maps' outputs are cached while autograd is off; an
-    in-place change of the weights (optimiser step, load_adapter) or of the embedding must invalidate the cache."""
+def test_infusion_maps_are_computed_once_per_generate_and_never_go_stale():
+    """generate() passes the same embedding every step, so the maps run once per generate; outside generate nothing is
+    cached, so in-place weight changes that bump no version counter (``p.data`` writes, fused optimisers) are seen."""
     model = mit.apply_mit(tiny_model(), mit.MiTConfig(modality_dim=MODALITY_DIM))
+    randomise(model)
     ids, mask = padded_batch()
     emb = torch.randn(3, MODALITY_DIM)
+    modules = [m for m in model.modules() if isinstance(m, (mit.MiTKVInfusion, mit.MiTFFNInfusion))]
+    calls = []
+    handles = [m.map.register_forward_hook(lambda *args: calls.append(1)) for m in modules]
+    kwargs = {"attention_mask": mask, "max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    model.generate(ids, modality_embedding=emb, **kwargs)
+    assert len(calls) == len(modules) == 6  # once per map for the whole generate, not once per step
+    for handle in handles:
+        handle.remove()
 
-    def logits(m, e):
+    def logits(m):
         with torch.no_grad():
-            return m(ids, attention_mask=mask, modality_embedding=e).logits
+            return m(ids, attention_mask=mask, modality_embedding=emb).logits
 
-    first = logits(model, emb)
-    randomise(model)  # in-place, under no_grad
-    fresh = copy.deepcopy(model)  # a copy has no cache
-    assert torch.equal(logits(model, emb), logits(fresh, emb))
-    assert not torch.equal(logits(model, emb), first)
-    emb.mul_(2)  # the same tensor, changed in place
-    assert torch.equal(logits(model, emb), logits(fresh, emb.clone()))
-    with torch.enable_grad():  # training recomputes (and keeps the graph to the maps)
-        out = model(ids, attention_mask=mask, modality_embedding=emb).logits
-    assert out.requires_grad and torch.equal(out.detach(), logits(fresh, emb.clone()))
+    before = logits(model)
+    for _, p in model.mit_named_parameters():
+        p.data.normal_(0, 0.2)  # no version-counter bump
+    fresh = copy.deepcopy(model)
+    assert torch.equal(logits(model), logits(fresh)) and not torch.equal(logits(model), before)
+    assert torch.equal(
+        model.generate(ids, modality_embedding=emb, **kwargs), fresh.generate(ids, modality_embedding=emb, **kwargs)
+    )
+    with torch.inference_mode():  # inference tensors carry no version counter: nothing may rely on one
+        inferred = model(ids, attention_mask=mask, modality_embedding=torch.randn(3, MODALITY_DIM)).logits
+        generated = model.generate(ids, modality_embedding=emb.clone(), **kwargs)
+    assert torch.isfinite(inferred).all() and generated.shape == (3, 15)
+
+
+def test_a_whole_pickled_model_loads_in_a_fresh_process(tmp_path):
+    """torch.save(model) of an MiT model: a new process makes the MiT classes and the attention function again."""
+    import subprocess
+    import sys
+
+    model = mit.apply_mit(tiny_model(attn_implementation="eager"), mit.MiTConfig(modality_dim=MODALITY_DIM))
+    randomise(model)
+    ids, mask = padded_batch()
+    emb = torch.randn(3, MODALITY_DIM)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, modality_embedding=emb).logits
+    torch.save({"model": model, "ids": ids, "mask": mask, "emb": emb, "expected": expected}, tmp_path / "whole.pt")
+    script = (
+        "import torch\n"
+        f"d = torch.load({str(tmp_path / 'whole.pt')!r}, weights_only=False)\n"
+        "m = d['model']\n"
+        "assert type(m).__name__ == 'MiTLlamaForCausalLM' and m.config._attn_implementation == 'mit_eager'\n"
+        "with torch.no_grad():\n"
+        "    out = m(d['ids'], attention_mask=d['mask'], modality_embedding=d['emb']).logits\n"
+        "assert torch.equal(out, d['expected']), (out - d['expected']).abs().max()\n"
+        "print('OK')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]

@@ -105,3 +105,36 @@ def test_report_says_which_build_is_loaded():
     state = cpu_extension.state(compile_if_missing=True)  # the suite needs the kernels: compiled here if missing
     assert state.module is not None, state.reason
     assert f"C++ extension:  {state.source} build for torch {torch.__version__}, usable" in result.stdout
+
+
+def test_builds_are_private_until_published_and_a_killed_build_blocks_nothing(monkeypatch, tmp_path):
+    """The compile runs in a private directory renamed into place: a build killed half-way (its directory and torch's
+    lock file left behind) neither blocks nor corrupts the next one, and old leftovers are removed."""
+    import time
+
+    if cpu_build.compiler() is None:
+        pytest.skip("no C++ compiler here (build() checks for one before compiling)")
+    compiled = []
+
+    def fake_compile(directory, src, cflags, ldflags, verbose):
+        assert directory.name.startswith("build.tmp-") and directory.parent == tmp_path  # never the published path
+        (directory / f"{cpu_build.EXTENSION_NAME}.so").write_bytes(b"library %d" % len(compiled))
+        compiled.append(directory)
+        return f"module {len(compiled)}"
+
+    monkeypatch.setattr(cpu_build, "_compile", fake_compile)
+    target = tmp_path / "build"
+    killed = tmp_path / "build.tmp-12345-killed"  # what a kill -9 during a compile leaves
+    killed.mkdir()
+    (killed / "lock").write_text("")
+    old = time.time() - 7200
+    os.utime(killed, (old, old))
+    assert cpu_build.build(target) == "module 1"
+    assert (target / f"{cpu_build.EXTENSION_NAME}.so").read_bytes() == b"library 0"
+    assert json.loads((target / cpu_build.STAMP_NAME).read_text()) == cpu_build.expected_stamp()
+    assert not killed.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["build"]
+    assert cpu_build.build(target) == "module 2"  # another process got there first: its build stays
+    assert (target / f"{cpu_build.EXTENSION_NAME}.so").read_bytes() == b"library 0"
+    cpu_build.build(target, replace=True)  # python -m mit_kernels build --force
+    assert (target / f"{cpu_build.EXTENSION_NAME}.so").read_bytes() == b"library 2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]
