@@ -69,7 +69,7 @@ def vector_isa() -> str:
 
 def compile_flags(isa: str) -> tuple[list[str], list[str]]:
     """(C++ flags, linker flags) of a build for ``isa``."""
-    flags = ["-O3", "-fopenmp"]
+    flags = ["-O3", "-DNDEBUG", "-fopenmp"]  # NDEBUG: release asserts off, as in torch's own build
     defines = []
     if isa == "AVX2":
         flags += ["-mavx2", "-mfma", "-mf16c"]
@@ -99,7 +99,8 @@ def torch_identity() -> dict[str, str]:
 
 
 def expected_stamp(isa: str | None = None) -> dict[str, str]:
-    return {**torch_identity(), "isa": isa or vector_isa(), "sources": sources_hash()}
+    isa = isa or vector_isa()
+    return {**torch_identity(), "isa": isa, "flags": " ".join(compile_flags(isa)[0]), "sources": sources_hash()}
 
 
 def cache_dir() -> pathlib.Path:

@@ -73,6 +73,8 @@ def stamp_mismatch(stamp: dict | None) -> str | None:
             return f"built for torch {stamp.get('torch')}, running torch {expected['torch']}"
     if stamp.get("sources") != cpu_build.sources_hash():
         return "built from other sources"
+    if stamp.get("flags") != " ".join(cpu_build.compile_flags(stamp.get("isa", "DEFAULT"))[0]):
+        return "built with other compiler flags"
     return None
 
 

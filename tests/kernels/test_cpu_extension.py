@@ -17,7 +17,7 @@ from mit_kernels import cpu_build, cpu_extension
 
 
 def stamp(**overrides) -> dict:
-    return {**cpu_build.torch_identity(), "isa": "DEFAULT", "sources": cpu_build.sources_hash(), **overrides}
+    return {**cpu_build.expected_stamp("DEFAULT"), **overrides}
 
 
 def test_stamp_mismatch_names_what_differs(monkeypatch):
@@ -27,8 +27,9 @@ def test_stamp_mismatch_names_what_differs(monkeypatch):
     assert other == f"built for torch 2.14.1, running torch {torch.__version__}"
     assert "built for torch" in cpu_extension.stamp_mismatch(stamp(torch_git="0" * 40))
     assert cpu_extension.stamp_mismatch(stamp(sources="feedface")) == "built from other sources"
+    assert cpu_extension.stamp_mismatch(stamp(flags="-O0")) == "built with other compiler flags"
     monkeypatch.setattr(cpu_build, "cpu_has_avx2", lambda: False)
-    assert cpu_extension.stamp_mismatch(stamp(isa="AVX2")) == "built with AVX2, which this CPU lacks"
+    assert cpu_extension.stamp_mismatch(stamp(isa="AVX2", flags="")) == "built with AVX2, which this CPU lacks"
     assert cpu_extension.stamp_mismatch(stamp(isa="DEFAULT")) is None
 
 
