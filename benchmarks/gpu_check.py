@@ -423,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     if speed and steps:
         plot(speed, steps, args.out / f"gpu_check_{name}.png", header)
     lines = summary(parity, speed, steps, header) if speed and steps else [header]
+    from mit_kernels.triton_configs import tuned_configs
+
+    for key, config in sorted(tuned_configs().items(), key=str):  # which tiles the autotuner chose (empty: dry run)
+        lines.append(f"tuned {key}: {config}")
     lines.append(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
     text = "\n".join(lines)
     (args.out / f"gpu_check_{name}_summary.txt").write_text(text + "\n")

@@ -16,13 +16,10 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from . import dispatch
-from .dispatch import BACKENDS, cpu_backend
+from .dispatch import cpu_backend
 from .flops import ffn_gate_backward_flops, ffn_gate_flops
 from .reference import mit_ffn_gate_reference
 from .validation import check_rank, check_same_dtype_device, check_shape, check_tensor
-
-FFN_BACKENDS = BACKENDS
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # Validation and backend selection
