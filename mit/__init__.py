@@ -32,7 +32,7 @@ from .integrations import (
 from .integrations.adapter import load_adapter, save_adapter
 
 _TUNING = ("CLIPImageEncoder", "ClassificationHead", "RegressionHead", "SegmentationDecoder", "SequenceEncoder",
-           "TrainConfig", "Trainer")  # fmt: skip
+           "RunConfig", "TaskSpec", "Trainer", "register_task")  # fmt: skip
 
 
 def __getattr__(name: str):
@@ -52,7 +52,8 @@ __all__ = [
     "RegressionHead",
     "SegmentationDecoder",
     "SequenceEncoder",
-    "TrainConfig",
+    "RunConfig",
+    "TaskSpec",
     "Trainer",
     "__version__",
     "apply_mit",
@@ -64,5 +65,6 @@ __all__ = [
     "mit_ffn_gate",
     "mit_named_parameters",
     "models",
+    "register_task",
     "save_adapter",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import sys
@@ -23,102 +22,6 @@ examples (datasets and weights are downloaded by you; see README "Tuning on the 
   torchrun --nproc_per_node 2 -m mit.cli train --config runs/mosi.yaml               # several CPU processes (gloo)
 """
 
-# (flag help, metavar) of every TrainConfig field, grouped as --help shows them
-GROUPS: dict[str, dict[str, tuple[str, str | None]]] = {
-    "what to train": {
-        "task": ("refseg (referring segmentation), cls (image-text classification) or msa (sentiment analysis)", None),
-        "dataset": (
-            "refseg: refcoco, refcoco+, refcocog; cls: food101, snli-ve; msa: mosi, mosei "
-            "(default: refcoco / food101 / mosi)",
-            None,
-        ),
-        "model": (
-            "the frozen LLM: a Hugging Face Llama directory (config.json, weights, tokenizer) or 'smollm2'",
-            "PATH",
-        ),
-        "data": ("dataset root in its published layout (see README)", "DIR"),
-        "out": ("run directory: config.json, loss.csv, metrics.csv, checkpoints/", "DIR"),
-    },
-    "image encoder (refseg, cls)": {
-        "encoder": (
-            "CLIP architecture without --encoder-pretrained: ViT-L-14-336, ViT-L-14, ViT-B-16 or a config .json",
-            "NAME",
-        ),
-        "encoder_pretrained": (
-            "CLIP weights: a local Hugging Face checkpoint directory (e.g. openai/clip-vit-large-patch14-336) or, "
-            "with --encoder-backend open_clip, an open_clip file or tag; omitted = random (tests only)",
-            "PATH",
-        ),
-        "encoder_backend": ("transformers (CLIPVisionModelWithProjection) or open_clip", None),
-        "quick_gelu": ("QuickGELU activations (required by OpenAI's CLIP weights)", None),
-        "feature_layers": (
-            "CLIP blocks feeding the segmentation decoder, e.g. 7,15,23 (default: 3 evenly spaced)",
-            "LIST",
-        ),
-        "image_size": ("input resolution; must be the encoder's (336 for ViT-L-14-336)", "N"),
-        "image_dir": ("image directory if not in the default place under --data", "DIR"),
-    },
-    "dataset files": {
-        "split_by": ("RefCOCOg partition: umd (default) or google", None),
-        "train_split": ("training split (default: train)", None),
-        "eval_split": ("evaluation split (default: val / test for Food101 / dev for SNLI-VE / valid for MOSI)", None),
-        "feature_file": ("MOSI/MOSEI pickle name in --data (default: unaligned_50.pkl, else aligned_50.pkl)", "NAME"),
-        "limit_train": ("use only the first N training samples", "N"),
-        "limit_eval": ("use only the first N evaluation samples", "N"),
-    },
-    "MiT": {
-        "layers": ("0-based LLM layers to infuse, e.g. 12,16,20,24,28,31 (default: the paper's rule)", "LIST"),
-        "infuse_kv": ("infuse keys and values", None),
-        "infuse_ffn": ("infuse the feed-forward block", None),
-        "head_rescale": ("adaptive per-head rescaling", None),
-        "backend": ("kernel backend: auto, reference, triton, cpu", None),
-        "modality_dim": ("msa: size of the sequence encoder's embedding", "N"),
-    },
-    "heads": {
-        "seq_d_model": ("msa: sequence encoder width", "N"),
-        "seq_layers": ("msa: sequence encoder layers (paper: 3)", "N"),
-        "seq_heads": ("msa: sequence encoder attention heads", "N"),
-        "decoder_hidden": ("refseg: decoder channels", "N"),
-        "cls_hidden": ("cls: classification head hidden size", "N"),
-        "reg_hidden": ("msa: regression head hidden size (0 = one linear layer)", "N"),
-        "dropout": ("dropout in the trainable heads", "P"),
-        "bce_weight": ("refseg: weight of a BCE term added to the DICE loss (paper: 0)", "W"),
-        "padding_side": ("prompt padding: left or right (the task embedding is the last real token either way)", None),
-        "max_length": ("prompt tokens kept (the end of the prompt)", "N"),
-    },
-    "optimisation (defaults: the paper's)": {
-        "epochs": ("epochs (30)", "N"),
-        "lr": ("Adam learning rate (4e-5)", "LR"),
-        "lr_step": ("decay the learning rate every N epochs (10)", "N"),
-        "lr_gamma": ("decay factor (0.1)", "G"),
-        "weight_decay": ("Adam weight decay (0)", "W"),
-        "batch_size": ("samples per process and step (8)", "N"),
-        "eval_batch_size": ("evaluation batch size (default: --batch-size)", "N"),
-        "grad_accum": ("gradient accumulation steps (1)", "N"),
-        "max_grad_norm": ("clip gradients to this norm (off)", "X"),
-        "mixed_precision": ("no / fp32, bf16 (the paper's) or fp16", None),
-        "model_dtype": ("dtype of the frozen LLM and CLIP: auto (follows --mixed-precision), fp32, bf16, fp16", None),
-        "seed": ("random seed (42)", "N"),
-        "max_steps": ("stop after N optimizer steps (with a checkpoint)", "N"),
-        "checkpoint_every": ("also checkpoint every N optimizer steps (0: at epoch ends only)", "N"),
-        "keep_checkpoints": ("checkpoints kept (2)", "N"),
-        "eval_every": ("evaluate every N epochs (1)", "N"),
-        "num_workers": ("data loader workers (0)", "N"),
-        "resume": ("continue the run in --out from its latest checkpoint", None),
-        "progress": ("show a progress bar", None),
-    },
-}
-CHOICES = {
-    "task": ["refseg", "cls", "msa"],
-    "dataset": ["refcoco", "refcoco+", "refcocog", "food101", "snli-ve", "mosi", "mosei"],
-    "encoder_backend": ["transformers", "open_clip"],
-    "split_by": ["unc", "umd", "google"],
-    "padding_side": ["left", "right"],
-    "mixed_precision": ["no", "fp32", "bf16", "fp16"],
-    "model_dtype": ["auto", "fp32", "bf16", "fp16"],
-    "backend": ["auto", "reference", "triton", "cpu"],
-}
-
 
 class CLIError(Exception):
     """A usage or configuration error: reported as one line, exit status 2."""
@@ -127,13 +30,6 @@ class CLIError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of usage + message
         raise CLIError(f"{message} (see `{self.prog} --help`)")
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 12,16,20, got {text!r}") from None
 
 
 def _trainer_module():
@@ -145,23 +41,53 @@ def _trainer_module():
     return trainer
 
 
-def _field_types() -> dict[str, Any]:
-    TrainConfig = _trainer_module().TrainConfig
+def _typed(leaf):
+    """argparse ``type=`` for a leaf setting: the text parsed as the field's type, errors as argparse's."""
+    from .utils.settings import parse_text
 
-    types = {}
-    for f in dataclasses.fields(TrainConfig):
-        kind = str(f.type)
-        if "list[int]" in kind:
-            types[f.name] = _int_list
-        elif kind.startswith("bool"):
-            types[f.name] = bool
-        elif kind.startswith("int"):
-            types[f.name] = int
-        elif kind.startswith("float"):
-            types[f.name] = float
+    def convert(text: str):
+        try:
+            return parse_text(leaf.kind, text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = {int: "int", float: "float"}.get(leaf.kind.base, "value")  # argparse names it in errors
+    return convert
+
+
+def _task_help() -> tuple[str, str]:
+    from .tuning.tasks import get_task, task_names
+
+    specs = [get_task(name) for name in task_names()]
+    task = ", ".join(f"{s.name} ({s.description})" for s in specs)
+    datasets = "; ".join(f"{s.name}: {', '.join(d.name for d in s.datasets)}" for s in specs)
+    return task, f"{datasets} (default: the task's first)"
+
+
+def _add_run_options(train: argparse.ArgumentParser) -> None:
+    """One option per leaf of RunConfig, grouped by section, help and choices from the fields themselves."""
+    from .tuning.config import SECTION_TITLES, RunConfig
+    from .utils.settings import flat_fields
+
+    task_help, dataset_help = _task_help()
+    groups = {name: train.add_argument_group(title) for name, title in SECTION_TITLES.items()}
+    for leaf in flat_fields(RunConfig):
+        section = leaf.path[0] if len(leaf.path) > 1 else "task"
+        help_text = {"task": task_help, "dataset": dataset_help}.get(leaf.flag, leaf.info.help)
+        flag = "--" + leaf.flag.replace("_", "-")
+        if leaf.kind.base is bool:
+            groups[section].add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
         else:
-            types[f.name] = str
-    return types
+            groups[section].add_argument(
+                flag,
+                type=_typed(leaf),
+                choices=leaf.info.allowed(),
+                metavar=leaf.info.metavar,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,22 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
     )
     train.add_argument("--config", metavar="FILE", help="YAML or JSON file of settings (flags override it)")
-    types = _field_types()
-    for title, fields in GROUPS.items():
-        group = train.add_argument_group(title)
-        for name, (text, metavar) in fields.items():
-            flag = "--" + name.replace("_", "-")
-            if types[name] is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
-            else:
-                group.add_argument(
-                    flag,
-                    type=types[name],
-                    choices=CHOICES.get(name),
-                    metavar=metavar,
-                    default=argparse.SUPPRESS,
-                    help=text,
-                )
+    _add_run_options(train)
     evaluate = sub.add_parser(
         "eval",
         help="evaluate a checkpoint",
@@ -213,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--encoder-pretrained", metavar="PATH", help="CLIP weights, if they moved")
     evaluate.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N samples")
     evaluate.add_argument("--batch-size", type=int, metavar="N", help="evaluation batch size")
-    evaluate.add_argument("--mixed-precision", choices=CHOICES["mixed_precision"], help="precision for evaluation")
+    from .tuning.config import PRECISIONS
+
+    evaluate.add_argument("--mixed-precision", choices=list(PRECISIONS), help="precision for evaluation")
     evaluate.add_argument("--output", metavar="FILE", help="also write the metrics to this JSON file")
     sub.add_parser(
         "demo",
@@ -258,34 +171,37 @@ def load_config_file(path: str) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise CLIError(f"--config {file}: expected a mapping of settings, got {type(data).__name__}")
-    types = _field_types()
-    out = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in types:
-            raise CLIError(f"--config {file}: unknown setting {key!r}; expected one of the long options of `mit train`")
-        if types[name] is _int_list and isinstance(value, str):
-            value = _int_list(value)
-        elif types[name] is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+    from .tuning.config import RunConfig
+    from .utils.settings import flatten, leaves_by_flag, parse_text
+
+    try:
+        flat = flatten(RunConfig, data, f"--config {file}")
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    leaves = leaves_by_flag(RunConfig)
+    for name, value in flat.items():
+        # PyYAML reads 1e-3 as a string (YAML 1.1 wants a dot) and a list may be written as "12,16": those two are
+        # parsed like the command line does; everything else must already have its type (a "false" string for a bool
+        # is an error, not "on")
+        if isinstance(value, str) and (leaves[name].kind.base in (float, "list[int]")):
             try:
-                value = float(value)
-            except ValueError:
-                raise CLIError(f"--config {file}: {key} must be a number, got {value!r}") from None
-        out[name] = value
-    return out
+                flat[name] = parse_text(leaves[name].kind, value)
+            except ValueError as error:
+                raise CLIError(f"--config {file}: {name}: {error}") from None
+    return flat
 
 
 def _train(args: argparse.Namespace) -> int:
     trainer_module = _trainer_module()
-    TrainConfig, Trainer = trainer_module.TrainConfig, trainer_module.Trainer
+    from .tuning.config import RunConfig
 
     settings = load_config_file(args.config) if args.config else {}
     settings.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
-    config = TrainConfig.from_dict(settings)
-    trainer = Trainer(config)
+    config = RunConfig.from_dict(settings, "settings")
+    trainer = trainer_module.Trainer(config)
     metrics = trainer.train()
     if trainer.accelerator.is_main_process:
-        print(json.dumps({"out": str(config.out), "global_step": trainer.global_step, **metrics}, default=float))
+        print(json.dumps({"out": str(config.run.out), "global_step": trainer.global_step, **metrics}, default=float))
     return 0
 
 
@@ -310,6 +226,10 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mit`` console script; returns the exit status."""
     parser = build_parser()
@@ -323,11 +243,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return _train(args) if args.command == "train" else _eval(args)
     except CLIError as error:
-        print(f"mit: error: {error}", file=sys.stderr)
+        print(f"mit: error: {_one_line(error)}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"mit: error: {error}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ImportError) as error:
+        print(f"mit: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        if type(error).__name__ != "TrainingDiverged":
+            raise
+        print(f"mit: error: {_one_line(error)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

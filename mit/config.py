@@ -7,6 +7,10 @@ import json
 import math
 from typing import Any
 
+from mit_kernels.dispatch import BACKENDS
+
+from .utils.settings import from_mapping, setting, validate
+
 
 def default_layers(num_layers: int) -> list[int]:
     """The paper's best setting scaled to the model's depth.
@@ -25,11 +29,13 @@ def default_layers(num_layers: int) -> list[int]:
 
 @dataclasses.dataclass
 class MiTConfig:
-    """Configuration of Multimodal Infusion Tuning.
+    """Configuration of Multimodal Infusion Tuning. Every field is validated by type and range on construction
+    (ValueError naming the field); the help text beside each field is what ``mit train --help`` shows.
 
     Attributes:
         modality_dim: size of the per-sample modality embedding (768 for CLIP ViT-L/14-336's image embedding).
-        layers: 0-based indices of the decoder layers to infuse; None = :func:`default_layers` of the model's depth.
+        layers: 0-based indices of the decoder layers to infuse (non-empty, sorted and de-duplicated on construction);
+            None = :func:`default_layers` of the model's depth.
         infuse_kv: infuse keys and values in the attention (paper's "K/V-Inf").
         infuse_ffn: infuse the feed-forward block (paper's "FF-Inf").
         head_rescale: gate the infusion per KV head by ``sigmoid(lambda + cos(v_t, v_add))`` (paper's "A.R"); off
@@ -38,21 +44,30 @@ class MiTConfig:
         backend: kernel backend passed to mit_kernels ("auto", "reference", "triton", "cpu").
     """
 
-    modality_dim: int
-    layers: list[int] | None = None
-    infuse_kv: bool = True
-    infuse_ffn: bool = True
-    head_rescale: bool = True
-    head_logit_init: float = 1.0
-    backend: str = "auto"
+    modality_dim: int = setting(
+        help="size of the modality embedding (msa: the sequence encoder's output; image tasks use CLIP's size)",
+        metavar="N",
+        low=1,
+    )
+    layers: list[int] | None = setting(
+        None,
+        help="0-based LLM layers to infuse, e.g. 12,16,20,24,28,31 (default: the paper's rule for the model's depth)",
+        metavar="LIST",
+        low=0,
+        nonempty=True,
+    )
+    infuse_kv: bool = setting(True, help="infuse keys and values")
+    infuse_ffn: bool = setting(True, help="infuse the feed-forward block")
+    head_rescale: bool = setting(True, help="adaptive per-head rescaling (the gate sigmoid(lambda + cos))")
+    head_logit_init: float = setting(1.0, help="initial per-head gate logit lambda", metavar="X")
+    backend: str = setting("auto", help="kernel backend", choices=BACKENDS)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.modality_dim, int) or self.modality_dim < 1:
-            raise ValueError(f"modality_dim must be a positive int, got {self.modality_dim!r}")
+        validate(self)
         if self.layers is not None:
-            self.layers = sorted({int(i) for i in self.layers})
+            self.layers = sorted(set(self.layers))
         if not (self.infuse_kv or self.infuse_ffn):
-            raise ValueError("at least one of infuse_kv and infuse_ffn must be True")
+            raise ValueError("infuse_kv, infuse_ffn: at least one must be True, got both False")
 
     def resolved_layers(self, num_layers: int) -> list[int]:
         """The layer indices for a model with ``num_layers`` decoder layers (validated)."""
@@ -70,11 +85,7 @@ class MiTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MiTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown MiTConfig fields {unknown}; expected a subset of {sorted(known)}")
-        return cls(**data)
+        return from_mapping(cls, data, "MiTConfig")
 
     @classmethod
     def from_json(cls, text: str) -> MiTConfig:

@@ -8,25 +8,28 @@ import sys
 import torch
 from safetensors.torch import save_file
 
+from mit.tuning.config import RunConfig
 from mit.tuning.tasks import trainable_state_dict
-from mit.tuning.trainer import TrainConfig, Trainer
+from mit.tuning.trainer import Trainer
 
 
 def main(llama: str, clip: str, data: str, out: str) -> None:
     torch.set_num_threads(1)
-    config = TrainConfig(
-        task="cls",
-        model=llama,
-        data=data,
-        out=out,
-        encoder=clip,
-        batch_size=2,
-        epochs=1,
-        max_steps=1,
-        dropout=0.0,
-        lr=1e-3,
-        cls_hidden=16,
-        progress=False,
+    config = RunConfig.from_dict(
+        dict(
+            task="cls",
+            model=llama,
+            data=data,
+            out=out,
+            encoder=clip,
+            batch_size=2,
+            epochs=1,
+            max_steps=1,
+            dropout=0.0,
+            lr=1e-3,
+            cls_hidden=16,
+            progress=False,
+        )
     )
     trainer = Trainer(config)
     assert trainer.accelerator.num_processes == 2, trainer.accelerator.state

@@ -14,7 +14,9 @@ _EXPORTS = {
     "ClassificationHead": "heads",
     "RegressionHead": "heads",
     "SegmentationDecoder": "heads",
-    "TrainConfig": "trainer",
+    "RunConfig": "config",
+    "TaskSpec": "tasks",
+    "register_task": "tasks",
     "Trainer": "trainer",
 }
 __all__ = sorted(_EXPORTS)

@@ -1,11 +1,12 @@
 """Training and evaluation on accelerate: the paper's schedule, exact resume, atomic trainable-only checkpoints.
 
 Defaults follow the paper (Sec. 3.3): Adam, lr 4e-5, x0.1 every 10 epochs, 30 epochs, batch 8 per device, bf16 on
-GPUs. Everything is a field of :class:`TrainConfig`.
+GPUs. Everything is a field of :class:`~mit.tuning.config.RunConfig`; what is task-specific comes from the task's
+:class:`~mit.tuning.tasks.TaskSpec`.
 
 Run directory (``out``)::
 
-    config.json                      the resolved TrainConfig
+    config.json                      the resolved RunConfig (nested by section)
     loss.csv                         global_step, epoch, loss, lr: one row per optimizer step
     metrics.csv                      one row per epoch: train loss, eval loss and the task's metrics
     checkpoints/step-000120/         trainable.safetensors (trainable parameters only), trainer_state.pt
@@ -15,7 +16,11 @@ Run directory (``out``)::
 A checkpoint directory is written under a temporary name and renamed when complete, and ``latest`` is replaced
 atomically, so a kill at any moment leaves the previous checkpoint usable. Resuming restores the parameters, the
 optimizer and scheduler, every RNG and the position in the epoch's (seeded) data order: the loss curve continues
-exactly as if the run had not stopped.
+exactly as if the run had not stopped. It refuses a configuration that differs from the checkpoint's in anything
+but the settings declared resume-safe (epochs, max_steps, paths, ...), loads with ``torch.load(weights_only=True)``,
+falls back to the previous complete checkpoint (saying so) when the latest cannot be read, and removes temporary
+directories a killed run left behind. A non-finite loss (or non-finite parameters after a step) stops the run with
+:class:`TrainingDiverged` before anything is saved, so the last checkpoint stays the last good one.
 
 Multi-GPU runs need no change: ``accelerate launch --num_processes N -m mit.cli train ...``; several CPU processes
 (gloo): ``torchrun --nproc_per_node N -m mit.cli train ...``. Each process takes its shard of a per-epoch permutation
@@ -25,15 +30,14 @@ seeded by ``seed + epoch``; gradients are averaged by DDP.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import io
 import json
 import math
 import os
 import pathlib
 import random
 import shutil
+import sys
 from typing import Any
 
 import numpy as np
@@ -41,182 +45,42 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from ..config import MiTConfig
+from ..utils.files import atomic_write_text
+from ..utils.results import csv_text
+from .config import RunConfig
 from .tasks import (
-    DATASETS,
-    DEFAULT_DATASET,
-    DEFAULT_SPLITS,
-    SELECTION_METRIC,
-    TASKS,
     batch_to,
     build_task_model,
     check_llm_path,
-    compute_metrics,
-    evaluation_records,
     load_llm,
     make_collate,
     resolve_dtype,
     trainable_state_dict,
 )
 
-MIXED_PRECISION = ("no", "fp32", "bf16", "fp16")
 CHECKPOINT_WEIGHTS = "trainable.safetensors"
 CHECKPOINT_STATE = "trainer_state.pt"
+TEMP_PREFIX = ".tmp-"
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything a run needs; ``mit train`` builds it from a config file and command-line flags."""
+class TrainingDiverged(RuntimeError):
+    """The loss (or a trainable parameter) became NaN or infinite; the run stopped without saving."""
 
-    task: str
-    model: str
-    data: str
-    out: str
-    dataset: str | None = None
-    # image encoder (refseg, cls)
-    encoder: str = "ViT-L-14-336"
-    encoder_pretrained: str | None = None
-    encoder_backend: str = "transformers"
-    quick_gelu: bool = False
-    feature_layers: list[int] | None = None
-    image_size: int | None = None
-    image_dir: str | None = None
-    # dataset files and splits
-    split_by: str | None = None
-    train_split: str | None = None
-    eval_split: str | None = None
-    feature_file: str | None = None
-    limit_train: int | None = None
-    limit_eval: int | None = None
-    # MiT
-    layers: list[int] | None = None
-    infuse_kv: bool = True
-    infuse_ffn: bool = True
-    head_rescale: bool = True
-    backend: str = "auto"
-    modality_dim: int = 768
-    # heads and the sequence encoder
-    seq_d_model: int = 128
-    seq_layers: int = 3
-    seq_heads: int = 4
-    decoder_hidden: int = 256
-    cls_hidden: int = 512
-    reg_hidden: int = 0
-    dropout: float = 0.1
-    bce_weight: float = 0.0
-    # prompts
-    padding_side: str = "left"
-    max_length: int = 64
-    # optimisation
-    epochs: int = 30
-    lr: float = 4e-5
-    lr_step: int = 10
-    lr_gamma: float = 0.1
-    weight_decay: float = 0.0
-    batch_size: int = 8
-    eval_batch_size: int | None = None
-    grad_accum: int = 1
-    max_grad_norm: float | None = None
-    mixed_precision: str = "no"
-    model_dtype: str = "auto"
-    seed: int = 42
-    max_steps: int | None = None
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    eval_every: int = 1
-    num_workers: int = 0
-    resume: bool = False
-    progress: bool = True
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        def need(condition: bool, name: str, expected: str) -> None:
-            if not condition:
-                raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
-
-        need(self.task in TASKS, "task", f"one of {list(TASKS)}")
-        if self.dataset is None:
-            self.dataset = DEFAULT_DATASET[self.task]
-        need(self.dataset in DATASETS[self.task], "dataset", f"one of {list(DATASETS[self.task])} for task {self.task}")
-        for name in ("model", "data", "out"):
-            need(isinstance(getattr(self, name), str) and getattr(self, name) != "", name, "a non-empty path")
-        need(self.encoder_backend in ("transformers", "open_clip"), "encoder_backend", "transformers or open_clip")
-        need(self.padding_side in ("left", "right"), "padding_side", "left or right")
-        need(self.mixed_precision in MIXED_PRECISION, "mixed_precision", f"one of {list(MIXED_PRECISION)}")
-        need(self.model_dtype in ("auto", "fp32", "bf16", "fp16"), "model_dtype", "auto, fp32, bf16 or fp16")
-        for name in (
-            "epochs",
-            "lr_step",
-            "batch_size",
-            "grad_accum",
-            "max_length",
-            "eval_every",
-            "keep_checkpoints",
-            "seq_d_model",
-            "seq_layers",
-            "seq_heads",
-            "decoder_hidden",
-            "cls_hidden",
-            "modality_dim",
-        ):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
-        for name in ("checkpoint_every", "num_workers", "reg_hidden"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
-        for name in ("max_steps", "limit_train", "limit_eval", "eval_batch_size", "image_size"):
-            value = getattr(self, name)
-            need(value is None or (isinstance(value, int) and value >= 1), name, "None or an integer >= 1")
-        for name in ("lr", "lr_gamma"):
-            need(isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0, name, "a number > 0")
-        for name in ("weight_decay", "bce_weight"):
-            need(isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0, name, "a number >= 0")
-        need(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout", "a number in [0, 1)")
-
-    @property
-    def precision(self) -> str:
-        return "no" if self.mixed_precision == "fp32" else self.mixed_precision
-
-    def splits(self) -> tuple[str, str]:
-        train, evaluation = DEFAULT_SPLITS[self.dataset]
-        return self.train_split or train, self.eval_split or evaluation
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; expected keys among {sorted(known)}")
-        missing = sorted(k for k in ("task", "model", "data", "out") if data.get(k) is None)
-        if missing:
-            raise ValueError(f"missing required settings {missing} (give them in the config file or as --{missing[0]})")
-        return cls(**data)
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not belong to this run."""
 
 
 # ----------------------------------------------------------------------------------------------------------- data
 
 
-def build_datasets(config: TrainConfig, image_size: int | None, splits: tuple[str, ...]) -> list:
-    from .data import Food101Dataset, MSADataset, RefCOCODataset, SNLIVEDataset
-
+def build_datasets(config: RunConfig, image_size: int | None, splits: tuple[str, ...]) -> list:
+    """The datasets of ``splits``; with two splits the first one is the training split (``limit_train``)."""
+    dataset = config.spec.dataset(config.data.dataset)
     out = []
     for i, split in enumerate(splits):
-        limit = config.limit_train if i == 0 and len(splits) == 2 else config.limit_eval
-        if config.task == "refseg":
-            out.append(
-                RefCOCODataset(
-                    config.data, config.dataset, split, config.split_by, image_size, config.image_dir, limit=limit
-                )
-            )
-        elif config.dataset == "food101":
-            out.append(Food101Dataset(config.data, split, image_size, limit=limit))
-        elif config.dataset == "snli-ve":
-            out.append(SNLIVEDataset(config.data, split, image_size, config.image_dir, limit=limit))
-        else:
-            out.append(MSADataset(config.data, split, config.feature_file, limit=limit))
+        limit = config.data.limit_train if i == 0 and len(splits) == 2 else config.data.limit_eval
+        out.append(dataset.build(config.data, split, image_size, limit))
     return out
 
 
@@ -226,30 +90,13 @@ def _shard(indices: list[int], rank: int, world: int, pad: bool) -> list[int]:
     return indices[rank::world]
 
 
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _csv_text(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return ""
-    fields: list[str] = []
-    for row in rows:
-        fields += [k for k in row if k not in fields]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def _rng_state() -> dict[str, Any]:
+    """Every RNG's state in types ``torch.load(weights_only=True)`` reads back (tensors, lists, numbers, str)."""
+    python = random.getstate()
     np_state = np.random.get_state()  # noqa: NPY002 (the global RNG others may use)
     state = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])),
+        "python": [python[0], list(python[1]), python[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -258,31 +105,73 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    python = state["python"]
-    random.setstate((python[0], tuple(python[1]), python[2]))
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    numpy_state = (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss)
-    np.random.set_state(numpy_state)  # noqa: NPY002
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, gauss_value = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss_value))  # noqa: NPY002
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def _quiet_loading(quiet: bool):
+    """transformers' weight-loading progress bar off while ``quiet`` (``--no-progress``)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _warn(message: str) -> None:
+    print(f"mit: warning: {message}", file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class _Checkpoint:
+    """A checkpoint read completely into memory and checked, before anything of it is applied."""
+
+    directory: pathlib.Path
+    config: RunConfig | None
+    tensors: dict[str, torch.Tensor]
+    state: dict[str, Any] | None
+    rng: dict[str, Any] | None
+
+
+def read_config(directory: pathlib.Path) -> RunConfig:
+    """The RunConfig a checkpoint (or run directory) was written with."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {directory}: missing config.json")
+    try:
+        return RunConfig.from_json(path.read_text(), str(path))
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
 
 
 # ------------------------------------------------------------------------------------------------------- trainer
 
 
 class Trainer:
-    """Builds the task model and data of a :class:`TrainConfig` and trains / evaluates it.
+    """Builds the task model and data of a :class:`RunConfig` and trains / evaluates it.
 
     ``Trainer(config).train()`` runs to ``epochs`` (or ``max_steps`` optimizer steps, then stops with a checkpoint);
-    with ``config.resume`` it continues from ``out/checkpoints/latest``. ``evaluate()`` returns the metrics of the
-    evaluation split."""
+    with ``config.run.resume`` it continues from the latest readable checkpoint of ``out``. ``evaluate()`` returns the
+    metrics of the evaluation split."""
 
-    def __init__(self, config: TrainConfig, accelerator=None, build_train_data: bool = True) -> None:
+    def __init__(self, config: RunConfig, accelerator=None, build_train_data: bool = True) -> None:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        self.config = config
+        if not isinstance(config, RunConfig):
+            raise ValueError(f"config: expected a RunConfig, got {type(config).__name__}")
+        self.spec = config.spec
         # several processes without GPUs (torchrun / accelerate launch on CPU): accelerate needs cpu=True for gloo
         world = int(os.environ.get("WORLD_SIZE", "1"))
         multi_cpu = not torch.cuda.is_available() and world > 1
@@ -292,70 +181,57 @@ class Trainer:
             # accelerate keeps one global state per process; a second Trainer in the same process (tests, notebooks)
             # may ask for another precision
             AcceleratorState._reset_state()
-        self.accelerator = accelerator or Accelerator(mixed_precision=config.precision, cpu=multi_cpu)
-        self.out = pathlib.Path(config.out)
-        if build_train_data and not config.resume and (self.out / "checkpoints" / "latest").exists():
+        self.accelerator = accelerator or Accelerator(mixed_precision=config.optim.precision, cpu=multi_cpu)
+        self.out = pathlib.Path(config.run.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"out: {self.out} is an existing file; expected a run directory (new or to resume)")
+        resume = build_train_data and config.run.resume
+        if build_train_data and not resume and (self.out / "checkpoints" / "latest").exists():
             raise ValueError(
                 f"out: {self.out} already holds a run; pass --resume to continue it or choose another --out"
             )
-        check_llm_path(config.model)
-        set_seed(config.seed)
-        dtype = resolve_dtype(config.model_dtype, config.mixed_precision)
+        check_llm_path(config.llm.model)
+        set_seed(config.optim.seed)
+        dtype = resolve_dtype(config.llm.model_dtype, config.optim.mixed_precision)
         encoder = None
         image_size = None
-        if config.task in ("refseg", "cls"):
+        if self.spec.uses_image_encoder:
             from .encoders import CLIPImageEncoder
 
+            settings = config.encoder
             encoder = CLIPImageEncoder(
-                config.encoder,
-                config.encoder_pretrained,
-                config.feature_layers,
-                config.encoder_backend,
-                config.quick_gelu,
+                settings.encoder,
+                settings.encoder_pretrained,
+                settings.feature_layers,
+                settings.encoder_backend,
+                settings.quick_gelu,
             )
             encoder.to(dtype)
-            image_size = config.image_size or encoder.image_size
+            image_size = settings.image_size or encoder.image_size
             if image_size != encoder.image_size:
                 raise ValueError(
                     f"image_size: expected the CLIP model's input size {encoder.image_size}, got {image_size}"
                 )
+            # the infused embedding is CLIP's: its size is the encoder's, whatever --modality-dim says
+            config = config.replace(modality_dim=encoder.embed_dim)
+        self.config = config
+        # a resumed run must be the same run: checked before the (long) model load and before anything is written
+        self._resume_from = self._find_checkpoint() if resume else None
         train_split, eval_split = config.splits()
         splits = (train_split, eval_split) if build_train_data else (eval_split,)
         datasets = build_datasets(config, image_size, splits)
         self.train_dataset = datasets[0] if build_train_data else None
         self.eval_dataset = datasets[-1]
-        llm, self.tokenizer = load_llm(config.model, dtype)  # after the data: its errors come before a long load
-        modality_dim = encoder.embed_dim if encoder is not None else config.modality_dim
-        mit_config = MiTConfig(
-            modality_dim=modality_dim,
-            layers=config.layers,
-            infuse_kv=config.infuse_kv,
-            infuse_ffn=config.infuse_ffn,
-            head_rescale=config.head_rescale,
-            backend=config.backend,
-        )
+        with _quiet_loading(not config.run.progress):
+            llm, self.tokenizer = load_llm(config.llm.model, dtype)  # after the data: its errors come first
         self.model = build_task_model(
-            config.task,
-            llm,
-            mit_config,
-            encoder=encoder,
-            num_classes=getattr(self.eval_dataset, "num_classes", None),
-            feature_dims=getattr(self.eval_dataset, "feature_dims", None),
-            seq_d_model=config.seq_d_model,
-            seq_layers=config.seq_layers,
-            seq_heads=config.seq_heads,
-            decoder_hidden=config.decoder_hidden,
-            cls_hidden=config.cls_hidden,
-            reg_hidden=config.reg_hidden,
-            dropout=config.dropout,
-            bce_weight=config.bce_weight,
+            self.spec, llm, config.mit, encoder=encoder, dataset=self.eval_dataset, heads=config.heads
         )
-        self.collate = make_collate(config.task, self.tokenizer, config.padding_side, config.max_length)
+        self.collate = make_collate(self.spec, self.tokenizer, config.llm.padding_side, config.llm.max_length)
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(
-            self.optimizer, step_size=config.lr_step, gamma=config.lr_gamma
-        )
+        optim = config.optim
+        self.optimizer = torch.optim.Adam(self.parameters, lr=optim.lr, weight_decay=optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=optim.lr_step, gamma=optim.lr_gamma)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.epoch = 0  # epochs completed
         self.step_in_epoch = 0  # micro-batches consumed in the current epoch
@@ -363,10 +239,9 @@ class Trainer:
         self.loss_rows: list[dict[str, Any]] = []
         self.metric_rows: list[dict[str, Any]] = []
         self._epoch_losses: list[float] = []
-        if config.resume:
-            latest = self.out / "checkpoints" / "latest"
-            if latest.is_file():
-                self.load_checkpoint(self.out / "checkpoints" / latest.read_text().strip())
+        if self._resume_from is not None:
+            self._apply(self._resume_from)
+            self._resume_from = None
 
     # -------------------------------------------------------------------------------------------- helpers
 
@@ -380,54 +255,62 @@ class Trainer:
 
     def _train_batches(self, epoch: int) -> list[list[int]]:
         """This process's micro-batches of ``epoch``: a permutation seeded by ``seed + epoch``, sharded by rank."""
-        generator = torch.Generator().manual_seed(self.config.seed + epoch)
+        generator = torch.Generator().manual_seed(self.config.optim.seed + epoch)
         order = torch.randperm(len(self.train_dataset), generator=generator).tolist()
         mine = _shard(order, self.accelerator.process_index, self.accelerator.num_processes, pad=True)
-        size = self.config.batch_size
+        size = self.config.optim.batch_size
         return [mine[i : i + size] for i in range(0, len(mine), size)]
 
     def _loader(self, dataset, batches: list[list[int]]) -> DataLoader:
         # an own generator: creating the iterator would otherwise draw a seed from the global RNG, which must stay
         # where a checkpoint left it for an exact resume
-        generator = torch.Generator().manual_seed(self.config.seed)
+        generator = torch.Generator().manual_seed(self.config.optim.seed)
         return DataLoader(
             dataset,
             batch_sampler=batches,
             collate_fn=self.collate,
-            num_workers=self.config.num_workers,
+            num_workers=self.config.run.num_workers,
             generator=generator,
         )
 
     def _write_logs(self) -> None:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(self.out / "loss.csv", _csv_text(self.loss_rows))
-            _atomic_write_text(self.out / "metrics.csv", _csv_text(self.metric_rows))
+            atomic_write_text(self.out / "loss.csv", csv_text(self.loss_rows))
+            atomic_write_text(self.out / "metrics.csv", csv_text(self.metric_rows))
+
+    def _latest_name(self) -> str | None:
+        latest = self.out / "checkpoints" / "latest"
+        return latest.read_text().strip() if latest.is_file() else None
 
     # ------------------------------------------------------------------------------------------ training
 
     def train(self) -> dict[str, float]:
-        """Train until ``epochs`` (or ``max_steps``); returns the last evaluation's metrics (empty if none ran)."""
+        """Train until ``epochs`` (or ``max_steps``); returns the last evaluation's metrics (empty if none ran).
+
+        Raises :class:`TrainingDiverged` (after nothing was saved) when the loss or a parameter is not finite."""
         if self.train_dataset is None:
             raise ValueError("this Trainer was built without training data (build_train_data=False)")
         config = self.config
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(self.out / "config.json", json.dumps(config.to_dict(), indent=2))
+            self._remove_stale_temporaries()
+            atomic_write_text(self.out / "config.json", json.dumps(config.to_dict(), indent=2))
         last_metrics: dict[str, float] = {}
         progress = None
-        if config.progress and self.is_main:
+        epochs = config.optim.epochs
+        if config.run.progress and self.is_main:
             from tqdm.auto import tqdm
 
-            total = len(self._train_batches(0)) * config.epochs
+            per_epoch = len(self._train_batches(0))
             progress = tqdm(
-                total=total,
-                initial=self.epoch * len(self._train_batches(0)) + self.step_in_epoch,
+                total=per_epoch * epochs,
+                initial=self.epoch * per_epoch + self.step_in_epoch,
                 desc=f"mit {config.task}",
                 dynamic_ncols=True,
             )
         try:
-            while self.epoch < config.epochs:
+            while self.epoch < epochs:
                 batches = self._train_batches(self.epoch)
                 if self.step_in_epoch == 0:
                     self._epoch_losses = []
@@ -443,7 +326,7 @@ class Trainer:
                     "lr": lr,
                     "train_loss": float(np.mean(self._epoch_losses)) if self._epoch_losses else math.nan,
                 }
-                if (self.epoch + 1) % config.eval_every == 0 or self.epoch + 1 == config.epochs:
+                if (self.epoch + 1) % config.run.eval_every == 0 or self.epoch + 1 == epochs:
                     last_metrics = self.evaluate()
                     row.update({"eval_" + k if k == "loss" else k: v for k, v in last_metrics.items()})
                 self.metric_rows.append(row)
@@ -455,32 +338,47 @@ class Trainer:
                 progress.close()
         return last_metrics
 
+    def _diverged(self, what: str) -> TrainingDiverged:
+        latest = self._latest_name()
+        kept = f"the last good checkpoint is {self.out / 'checkpoints' / latest}" if latest else "no checkpoint yet"
+        return TrainingDiverged(
+            f"{what} at optimizer step {self.global_step + 1} (epoch {self.epoch + 1}); stopped without saving, "
+            f"{kept} (a lower --lr or --max-grad-norm may help)"
+        )
+
     def _train_epoch(self, batches: list[list[int]], progress) -> bool:
         """Train on the rest of this epoch's micro-batches; True if ``max_steps`` stopped the run."""
         config, accelerator = self.config, self.accelerator
+        grad_accum, max_steps = config.optim.grad_accum, config.run.max_steps
         self.model.train()
         n = len(batches)
         start = self.step_in_epoch
         group_losses: list[float] = []
         for index, batch in enumerate(self._loader(self.train_dataset, batches[start:]), start=start):
-            group_start = index - index % config.grad_accum
-            group_size = min(config.grad_accum, n - group_start)
+            group_start = index - index % grad_accum
+            group_size = min(grad_accum, n - group_start)
             last_in_group = index == group_start + group_size - 1
             batch = batch_to(batch, accelerator.device)
             sync = contextlib.nullcontext() if last_in_group else accelerator.no_sync(self.model)
             with sync:
                 loss = self.model(batch)["loss"]
                 accelerator.backward(loss / group_size)
-            group_losses.append(accelerator.reduce(loss.detach().float(), "mean").item())
+            value = accelerator.reduce(loss.detach().float(), "mean").item()
+            if not math.isfinite(value):
+                raise self._diverged(f"the training loss is {value}")
+            group_losses.append(value)
             self.step_in_epoch = index + 1
             if progress is not None:
                 progress.update(1)
             if not last_in_group:
                 continue
-            if config.max_grad_norm:
-                accelerator.clip_grad_norm_(self.parameters, config.max_grad_norm)
+            if config.optim.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(self.parameters, config.optim.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            bad = [n for n, p in self.unwrapped.named_parameters() if p.requires_grad and not p.isfinite().all()]
+            if bad:
+                raise self._diverged(f"the update made {len(bad)} trainable parameters non-finite (e.g. {bad[0]})")
             self.global_step += 1
             loss_value = float(np.mean(group_losses))
             group_losses = []
@@ -489,8 +387,9 @@ class Trainer:
             self.loss_rows.append({"global_step": self.global_step, "epoch": self.epoch, "loss": loss_value, "lr": lr})
             if progress is not None:
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            stop = config.max_steps is not None and self.global_step >= config.max_steps
-            if stop or (config.checkpoint_every and self.global_step % config.checkpoint_every == 0):
+            stop = max_steps is not None and self.global_step >= max_steps
+            every = config.run.checkpoint_every
+            if stop or (every and self.global_step % every == 0):
                 self.save_checkpoint()
             if stop:
                 return True
@@ -506,13 +405,13 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         indices = _shard(list(range(len(dataset))), accelerator.process_index, accelerator.num_processes, pad=False)
-        size = self.config.eval_batch_size or self.config.batch_size
-        records: list[tuple] = []
+        size = self.config.run.eval_batch_size or self.config.optim.batch_size
+        records: list[Any] = []
         loss_sum, count = 0.0, 0
         for batch in self._loader(dataset, [indices[i : i + size] for i in range(0, len(indices), size)]):
             batch = batch_to(batch, accelerator.device)
             out = self.model(batch)
-            records += evaluation_records(self.config.task, batch, out)
+            records += self.spec.records(batch, out)
             loss_sum += float(out["loss"]) * len(batch["id"])
             count += len(batch["id"])
         from accelerate.utils import gather_object
@@ -521,19 +420,29 @@ class Trainer:
             records = gather_object(records)
             totals = gather_object([(loss_sum, count)])
             loss_sum, count = sum(t[0] for t in totals), sum(t[1] for t in totals)
-        metrics = {"loss": loss_sum / max(count, 1), **compute_metrics(self.config.task, records)}
+        if not records:
+            raise ValueError("no evaluation records (is the evaluation split empty?)")
+        metrics = {"loss": loss_sum / max(count, 1), **self.spec.metrics(records)}
         if was_training:
             self.model.train()
         return metrics
 
     # --------------------------------------------------------------------------------------- checkpoints
 
+    def _remove_stale_temporaries(self) -> None:
+        root = self.out / "checkpoints"
+        if root.is_dir():
+            for stale in root.iterdir():
+                if stale.is_dir() and stale.name.startswith(TEMP_PREFIX):
+                    _warn(f"removing {stale}, an incomplete checkpoint of an interrupted run")
+                    shutil.rmtree(stale, ignore_errors=True)
+
     def save_checkpoint(self) -> pathlib.Path:
         """Write ``checkpoints/step-N`` atomically (temp dir + rename) and point ``latest`` at it."""
         accelerator = self.accelerator
         root = self.out / "checkpoints"
         name = f"step-{self.global_step:07d}"
-        tmp = root / f".tmp-{name}"
+        tmp = root / f"{TEMP_PREFIX}{name}"
         final = root / name
         if self.is_main:
             root.mkdir(parents=True, exist_ok=True)
@@ -562,53 +471,124 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _atomic_write_text(root / "latest", name)
+            atomic_write_text(root / "latest", name)
             kept = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
-            for old in kept[: -self.config.keep_checkpoints]:
+            for old in kept[: -self.config.run.keep_checkpoints]:
                 shutil.rmtree(old)
             self._write_logs()
         accelerator.wait_for_everyone()
         return final
 
-    def load_checkpoint(self, directory: str | os.PathLike, weights_only: bool = False) -> None:
-        """Restore a checkpoint: trainable parameters, and (unless ``weights_only``) optimizer, scheduler, counters,
-        logs and RNG states."""
-        directory = pathlib.Path(directory)
+    def _candidates(self) -> list[pathlib.Path]:
+        """The run's complete checkpoints, the one ``latest`` names first, then the others, newest first."""
+        root = self.out / "checkpoints"
+        if not root.is_dir():
+            return []
+        steps = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")), reverse=True)
+        latest = self._latest_name()
+        first = [root / latest] if latest and (root / latest).is_dir() else []
+        return first + [p for p in steps if p not in first]
+
+    def _find_checkpoint(self) -> _Checkpoint | None:
+        """The newest checkpoint that reads completely, checked against this run's configuration; None when the run
+        has none yet (a fresh start). Unreadable ones are skipped, saying so; a configuration conflict is an error."""
+        candidates = self._candidates()
+        if not candidates:
+            if (self.out / "checkpoints" / "latest").exists():
+                raise CheckpointError(f"resume: {self.out / 'checkpoints'} has no complete checkpoint to resume from")
+            return None
+        failures = []
+        for directory in candidates:
+            try:
+                checkpoint = self._read(directory, full=True)
+            except CheckpointError as error:
+                failures.append(str(error))
+                if directory != candidates[-1]:
+                    _warn(f"{error}; falling back to the previous checkpoint")
+                continue
+            self._check_resume_config(checkpoint)
+            if failures and self.is_main:
+                _warn(f"resuming from {directory}")
+            return checkpoint
+        raise CheckpointError(f"resume: no readable checkpoint in {self.out / 'checkpoints'}: {'; '.join(failures)}")
+
+    def _check_resume_config(self, checkpoint: _Checkpoint) -> None:
+        conflicts = self.config.resume_conflicts(checkpoint.config)
+        if conflicts:
+            listed = ", ".join(f"{flag} ({old!r} -> {new!r})" for flag, old, new in conflicts)
+            from .config import resume_safe_flags
+
+            raise ValueError(
+                f"resume: the settings differ from those of {checkpoint.directory}: {listed}; only "
+                f"{', '.join(resume_safe_flags())} may change when resuming (or start a new run in another --out)"
+            )
+
+    def _read(self, directory: pathlib.Path, full: bool) -> _Checkpoint:
+        """Read and check a checkpoint without applying it: weights (names and shapes against this model's trainable
+        parameters happen in _apply), and with ``full`` the trainer state, this process's RNG state and the config."""
         weights = directory / CHECKPOINT_WEIGHTS
         if not weights.is_file():
-            raise ValueError(f"checkpoint {directory}: missing {CHECKPOINT_WEIGHTS}")
-        tensors = load_file(str(weights))
+            raise CheckpointError(f"checkpoint {directory}: missing {CHECKPOINT_WEIGHTS}")
+        try:
+            tensors = load_file(str(weights))
+        except Exception as error:  # safetensors raises its own error types for truncated / corrupt files
+            raise CheckpointError(f"checkpoint {weights}: unreadable ({error})") from None
+        if not full:
+            return _Checkpoint(directory, None, tensors, None, None)
+        config = read_config(directory)
+        state_path = directory / CHECKPOINT_STATE
+        rng_path = directory / f"rng_state_{self.accelerator.process_index}.pt"
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            rng = torch.load(rng_path, map_location="cpu", weights_only=True)
+        except FileNotFoundError as error:
+            raise CheckpointError(f"checkpoint {directory}: missing {pathlib.Path(error.filename).name}") from None
+        except Exception as error:  # truncated zip, unpickling refused, ...
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"checkpoint {directory}: unreadable trainer state ({first})") from None
+        needed = {"optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "epoch_losses", "loss_rows"}
+        if not isinstance(state, dict) or not needed <= set(state):
+            raise CheckpointError(f"checkpoint {state_path}: expected a trainer state with {sorted(needed)}")
+        if state["num_processes"] != self.accelerator.num_processes:
+            raise ValueError(
+                f"resume: checkpoint {directory} was written by {state['num_processes']} processes; resuming "
+                f"exactly needs the same number, got {self.accelerator.num_processes}"
+            )
+        return _Checkpoint(directory, config, tensors, state, rng)
+
+    def _apply(self, checkpoint: _Checkpoint) -> None:
+        weights = checkpoint.directory / CHECKPOINT_WEIGHTS
+        tensors = checkpoint.tensors
         params = {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
         missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
         if missing or unexpected:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {weights} does not match the model: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]} (same --task, --dataset and model settings?)"
             )
+        for n, p in params.items():
+            if tensors[n].shape != p.shape:
+                raise CheckpointError(
+                    f"checkpoint {weights}: {n} has shape {tuple(tensors[n].shape)}, the model expects {tuple(p.shape)}"
+                )
         with torch.no_grad():
             for n, p in params.items():
-                if tensors[n].shape != p.shape:
-                    raise ValueError(
-                        f"checkpoint {weights}: {n} has shape {tuple(tensors[n].shape)}, the model "
-                        f"expects {tuple(p.shape)}"
-                    )
                 p.copy_(tensors[n])
-        if weights_only:
+        state = checkpoint.state
+        if state is None:
             return
-        state = torch.load(directory / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
-        if state["num_processes"] != self.accelerator.num_processes:
-            raise ValueError(
-                f"checkpoint {directory} was written by {state['num_processes']} processes; resuming "
-                f"exactly needs the same number, got {self.accelerator.num_processes}"
-            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         self._epoch_losses = list(state["epoch_losses"])
         self.loss_rows, self.metric_rows = list(state["loss_rows"]), list(state["metric_rows"])
-        rng = directory / f"rng_state_{self.accelerator.process_index}.pt"
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(checkpoint.rng)
         self._write_logs()
+
+    def load_checkpoint(self, directory: str | os.PathLike, weights_only: bool = False) -> None:
+        """Restore a checkpoint: trainable parameters, and (unless ``weights_only``) optimizer, scheduler, counters,
+        logs and RNG states. Everything is read and checked before anything is changed."""
+        self._apply(self._read(pathlib.Path(directory), full=not weights_only))
 
 
 def checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
@@ -626,17 +606,20 @@ def checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
 
 
 def evaluate_checkpoint(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> dict[str, float]:
-    """Rebuild the run of a checkpoint (its config.json, with ``overrides``), load its weights, evaluate."""
+    """Rebuild the run of a checkpoint (its config.json, with ``overrides`` given by flag name), load its weights,
+    evaluate."""
     directory = checkpoint_dir(path)
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"checkpoint {directory}: missing config.json")
-    data = json.loads(config_path.read_text())
-    data.update(overrides or {})
-    data["resume"] = False
-    trainer = Trainer(TrainConfig.from_dict(data), build_train_data=False)
+    config = read_config(directory).replace(**{**(overrides or {}), "resume": False})
+    trainer = Trainer(config, build_train_data=False)
     trainer.load_checkpoint(directory, weights_only=True)
     return trainer.evaluate()
 
 
-__all__ = ["SELECTION_METRIC", "TrainConfig", "Trainer", "checkpoint_dir", "evaluate_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "RunConfig",
+    "Trainer",
+    "TrainingDiverged",
+    "checkpoint_dir",
+    "evaluate_checkpoint",
+]

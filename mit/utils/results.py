@@ -1,21 +1,39 @@
-"""Writing result tables: one CSV writer shared by the benchmarks and the demos."""
+"""Writing result tables: one CSV writer shared by the trainer, the benchmarks and the demos."""
 
 from __future__ import annotations
 
 import csv
+import io
 import pathlib
 from collections.abc import Sequence
 
+from .files import atomic_write_text
+
+
+def csv_text(rows: Sequence[dict], fields: Sequence[str] | None = None, float_format: str | None = None) -> str:
+    """``rows`` as CSV text; columns ``fields`` or every key in order of first appearance; floats with
+    ``float_format`` (e.g. ``"{:.6g}"``) or ``repr`` (exact) when None. Empty ``rows``: ``""``."""
+    if not rows:
+        return ""
+    if fields is None:
+        fields = []
+        for row in rows:
+            fields += [k for k in row if k not in fields]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fields), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        if float_format is not None:
+            row = {k: (float_format.format(v) if isinstance(v, float) else v) for k, v in row.items()}
+        writer.writerow(row)
+    return buffer.getvalue()
+
 
 def write_csv(rows: Sequence[dict], path: pathlib.Path, fields: Sequence[str] | None = None) -> None:
-    """Write ``rows`` to ``path`` (parents created), floats as ``%.6g``; columns ``fields`` or the first row's keys."""
-    fields = list(fields) if fields is not None else list(rows[0])
+    """Write ``rows`` to ``path`` atomically (parents created), floats as ``%.6g``."""
+    path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in fields})
+    atomic_write_text(path, csv_text(rows, fields, "{:.6g}"))
 
 
 def pyplot():

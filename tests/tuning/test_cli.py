@@ -109,8 +109,9 @@ def test_config_file_with_overrides(assets, tmp_path, capsys):
     )
     assert main(["train", "--config", str(config), "--epochs", "1", "--max-steps", "1"]) == 0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert (saved["epochs"], saved["batch_size"], saved["layers"], saved["max_steps"]) == (1, 3, [0, 1], 1)
-    assert saved["lr"] == 1e-3  # YAML's 1e-3 is a string to PyYAML: converted
+    optim, run = saved["optim"], saved["run"]
+    assert (optim["epochs"], optim["batch_size"], saved["mit"]["layers"], run["max_steps"]) == (1, 3, [0, 1], 1)
+    assert optim["lr"] == 1e-3  # YAML's 1e-3 is a string to PyYAML: converted
     # continue the run from its checkpoint
     assert main(["train", "--config", str(config), "--epochs", "1", "--resume"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["global_step"] == 2
@@ -137,8 +138,8 @@ def test_config_file_with_overrides(assets, tmp_path, capsys):
     "argv,message",
     [
         (["train", "--task", "bogus"], "argument --task: invalid choice: 'bogus'"),
-        (["train", "--task", "cls", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
-        (["train", "--task", "cls", "--data", "d", "--out", "o"], "missing required settings ['model']"),
+        (["train", "--task", "cls", "--epochs", "x"], "argument --epochs: expected an integer, got 'x'"),
+        (["train", "--task", "cls", "--data", "d", "--out", "o"], "missing required setting 'model'"),
         (
             ["train", "--task", "cls", "--model", "/no/such", "--data", "d", "--out", "o"],
             "--model /no/such: expected a Hugging Face model directory with config.json",
@@ -165,6 +166,9 @@ def test_bad_config_files(tmp_path, capsys):
         "b.json": "{",
         "c.yaml": "- a list",
         "d.yaml": "learning_rate: 1",
+        "f.yaml": "infuse_kv: 'false'\ntask: msa\nmodel: m\ndata: d\nout: o",
+        "g.yaml": "layers: 7\ntask: msa\nmodel: m\ndata: d\nout: o",
+        "h.yaml": "optim: {lr: 1e-3, momentum: 0.9}",
         "e.txt": "x",
     }
     expected = [
@@ -172,6 +176,9 @@ def test_bad_config_files(tmp_path, capsys):
         "not valid JSON",
         "expected a mapping",
         "unknown setting 'learning_rate'",
+        "infuse_kv: expected a bool (true or false), got 'false'",
+        "layers: expected None or a non-empty list of integers each >= 0, got 7",
+        "unknown setting optim.momentum",
         "expected a .yaml, .yml or .json file",
     ]
     for (name, text), message in zip(cases.items(), expected):

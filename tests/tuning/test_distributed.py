@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 from tuning_fixtures import make_food101, one_thread, write_tiny_clip_config, write_tiny_llama
 
-from mit.tuning.trainer import TrainConfig, Trainer
+from mit.tuning.config import RunConfig
+from mit.tuning.trainer import Trainer
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -58,19 +59,21 @@ def test_two_processes_synchronise_gradients(tmp_path):
         assert torch.equal(rank0[name], rank1[name]), name  # ... and still the same parameters
 
     # one process, one step on the union of both batches (4 samples; mean loss = mean of the two processes' means)
-    config = TrainConfig(
-        task="cls",
-        model=str(llama),
-        data=str(data),
-        out=str(tmp_path / "single"),
-        encoder=str(clip),
-        batch_size=4,
-        epochs=1,
-        max_steps=1,
-        dropout=0.0,
-        lr=1e-3,
-        cls_hidden=16,
-        progress=False,
+    config = RunConfig.from_dict(
+        dict(
+            task="cls",
+            model=str(llama),
+            data=str(data),
+            out=str(tmp_path / "single"),
+            encoder=str(clip),
+            batch_size=4,
+            epochs=1,
+            max_steps=1,
+            dropout=0.0,
+            lr=1e-3,
+            cls_hidden=16,
+            progress=False,
+        )
     )
     single = Trainer(config)
     assert sorted(single._train_batches(0)[0]) == sorted(b0.tolist() + b1.tolist())
@@ -78,7 +81,7 @@ def test_two_processes_synchronise_gradients(tmp_path):
     params = dict(single.unwrapped.named_parameters())
     for name, tensor in rank0.items():  # Adam's first step: about lr x sign(gradient); equal up to rounding
         torch.testing.assert_close(params[name].detach(), tensor, atol=5e-5, rtol=0)
-    initial = Trainer(TrainConfig(**{**config.to_dict(), "out": str(tmp_path / "init"), "max_steps": None}))
+    initial = Trainer(config.replace(out=str(tmp_path / "init"), max_steps=None))
     change = max(
         (p.detach() - rank0[n]).abs().max().item() for n, p in initial.unwrapped.named_parameters() if n in rank0
     )

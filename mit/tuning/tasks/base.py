@@ -1,0 +1,159 @@
+"""What every task shares: the frozen LLM and its loading, the task embedding, batching, trainable parameters.
+
+The task embedding is the LLM's last-layer hidden state at the last real token (:func:`mit.tuning.prompts.
+last_token_state`), with positions counted from each prompt's first real token so that it does not depend on padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...config import MiTConfig
+from ...integrations import FAMILIES, apply_mit
+from ..prompts import last_token_state, position_ids, tokenize_prompts
+from .registry import TaskSpec, get_task
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(model_dtype: str, mixed_precision: str) -> torch.dtype:
+    """The frozen models' dtype: ``auto`` follows the mixed precision (bf16 / fp16 base weights; else fp32)."""
+    if model_dtype == "auto":
+        return _DTYPES.get(mixed_precision, torch.float32)
+    if model_dtype not in _DTYPES:
+        raise ValueError(f"model_dtype: expected 'auto' or one of {sorted(_DTYPES)}, got {model_dtype!r}")
+    return _DTYPES[model_dtype]
+
+
+def check_llm_path(model: str | os.PathLike) -> None:
+    """ValueError unless ``model`` is ``"smollm2"`` or a directory with a ``config.json``."""
+    if str(model) != "smollm2" and not (pathlib.Path(model) / "config.json").is_file():
+        raise ValueError(f"--model {model}: expected a Hugging Face model directory with config.json (or 'smollm2')")
+
+
+def load_llm(model: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """The frozen LLM as a bare transformers decoder (``AutoModel``: no LM head; a family :func:`mit.apply_mit`
+    supports) and its tokenizer.
+
+    ``model`` is a directory in Hugging Face format (``config.json``, weights, tokenizer files), or ``"smollm2"`` for
+    the offline SmolLM2-135M-Instruct of :func:`mit.models.load_smollm2`."""
+    from transformers import AutoModel, AutoTokenizer
+
+    if str(model) == "smollm2":
+        from ...models import load_smollm2
+
+        causal, tokenizer = load_smollm2(dtype=dtype)
+        return causal.model, tokenizer
+    check_llm_path(model)
+    path = pathlib.Path(model)
+    llm = AutoModel.from_pretrained(path, dtype=dtype)
+    model_type = getattr(llm.config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"--model {path}: MiT supports model types {sorted(FAMILIES)}, got {model_type!r}")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return llm, tokenizer
+
+
+class TaskModel(nn.Module):
+    """Base of the task models: holds the MiT-infused LLM (a bare decoder after ``apply_mit``, frozen) and computes
+    the task embedding. Subclasses implement ``forward(batch) -> {"logits": ..., "loss": ...}``."""
+
+    def __init__(self, llm: nn.Module) -> None:
+        super().__init__()
+        self.llm = llm
+
+    def task_embedding(self, batch: dict[str, Any], modality_embedding: torch.Tensor) -> torch.Tensor:
+        """(B, hidden): the last real token's last-layer state; ``modality_embedding`` (B, modality_dim)."""
+        out = self.llm(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=position_ids(batch["attention_mask"]),
+            modality_embedding=modality_embedding,
+            use_cache=False,
+        )
+        return last_token_state(out.last_hidden_state, batch["attention_mask"])
+
+    def train(self, mode: bool = True) -> TaskModel:
+        super().train(mode)
+        self.llm.eval()  # the frozen LLM never uses dropout
+        return self
+
+
+def pad_sequences(items: list[torch.Tensor]) -> torch.Tensor:
+    """(N, T_max, ...) from N tensors (T_i, ...), zero-padded at the end."""
+    length = max(x.shape[0] for x in items)
+    out = items[0].new_zeros((len(items), length, *items[0].shape[1:]))
+    for i, x in enumerate(items):
+        out[i, : x.shape[0]] = x
+    return out
+
+
+def make_collate(
+    task: str | TaskSpec, tokenizer, padding_side: str = "left", max_length: int | None = None
+) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    """Batch the dataset items of ``task``: the tokenised prompts, the ids, and the task's own entries."""
+    spec = get_task(task) if isinstance(task, str) else task
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        input_ids, attention_mask = tokenize_prompts(tokenizer, [x["prompt"] for x in items], padding_side, max_length)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "id": [x["id"] for x in items],
+            **spec.collate(items),
+        }
+
+    return collate
+
+
+def batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move the tensors of a batch (also inside dicts) to ``device``; lists stay on the CPU."""
+
+    def move(x):
+        if isinstance(x, torch.Tensor):
+            return x.to(device, non_blocking=True)
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        return x
+
+    return {k: move(v) for k, v in batch.items()}
+
+
+def build_task_model(
+    task: str | TaskSpec, llm: nn.Module, mit_config: MiTConfig, *, encoder=None, dataset=None, heads=None
+) -> nn.Module:
+    """Apply MiT to ``llm`` (a bare decoder model; frozen) and attach the encoder and head of ``task``.
+
+    For tasks with an image encoder, ``mit_config.modality_dim`` must equal the encoder's embedding size. ``heads`` is
+    a :class:`mit.tuning.config.HeadConfig` (default: its defaults); ``dataset`` the evaluation dataset."""
+    from ..config import HeadConfig
+
+    spec = get_task(task) if isinstance(task, str) else task
+    if spec.uses_image_encoder:
+        if encoder is None:
+            raise ValueError(f"encoder: task {spec.name!r} needs a CLIPImageEncoder, got None")
+        if mit_config.modality_dim != encoder.embed_dim:
+            raise ValueError(
+                f"mit_config.modality_dim: expected the CLIP embedding size {encoder.embed_dim}, "
+                f"got {mit_config.modality_dim}"
+            )
+    llm = apply_mit(llm, mit_config)
+    return spec.build_model(llm, mit_config, encoder, dataset, heads if heads is not None else HeadConfig())
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (MiT maps, heads, the sequence encoder), by name, detached on the CPU."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def with_modality_dim(config: MiTConfig, modality_dim: int) -> MiTConfig:
+    return dataclasses.replace(config, modality_dim=modality_dim)

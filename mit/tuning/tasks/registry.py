@@ -1,0 +1,123 @@
+"""The task registry: one :class:`TaskSpec` per task, read by the run config, the trainer and the ``mit`` command.
+
+A task is everything the trainer needs to tune MiT on one kind of problem: its datasets (with their default splits and
+how to build them), how to attach an encoder and a head to the MiT-infused LLM, how to batch its samples, which
+per-sample records evaluation keeps and which metrics they give, and which metric selects the better run. Adding a
+task is one module that builds a ``TaskSpec`` plus one :func:`register_task` call (the built-in tasks are registered in
+:mod:`mit.tuning.tasks`); ``mit train --task <name>`` then accepts it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+
+    from ...config import MiTConfig
+    from ..config import DataConfig, HeadConfig
+    from ..encoders import CLIPImageEncoder
+
+Batch = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset of a task.
+
+    Attributes:
+        name: the ``--dataset`` value.
+        splits: (training split, evaluation split) used when ``--train-split`` / ``--eval-split`` are not given.
+        build: ``build(data, split, image_size, limit) -> Dataset``; ``data`` is the run's :class:`DataConfig`,
+            ``image_size`` the encoder's input size (None for tasks without an image encoder). Each item is a dict
+            with at least ``"prompt"`` (str) and ``"id"`` (str).
+    """
+
+    name: str
+    splits: tuple[str, str]
+    build: Callable[[DataConfig, str, int | None, int | None], Dataset]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """Everything task-specific, for the trainer and the command line.
+
+    Attributes:
+        name: the ``--task`` value.
+        description: one line for ``mit train --help``.
+        datasets: the task's datasets; the first one is the default ``--dataset``.
+        selection_metric: the evaluation metric that decides "better"; ``higher_is_better`` its direction.
+        uses_image_encoder: the run builds a CLIP image encoder (``--encoder*`` settings) whose global embedding
+            is the modality embedding (MiTConfig.modality_dim then follows the encoder).
+        build_model: ``build_model(llm, mit_config, encoder, dataset, heads) -> nn.Module``; ``llm`` already has MiT
+            applied; ``dataset`` is the evaluation dataset (for e.g. its number of classes). The module's
+            ``forward(batch)`` returns ``{"logits": ..., "loss": ...}`` (loss when the batch has targets).
+        collate: ``collate(items) -> dict`` of the task's own batch entries (images, targets, ...); the prompts'
+            ``input_ids`` / ``attention_mask`` and the ``id`` list are added by the trainer.
+        records: ``records(batch, out) -> list`` of per-sample evaluation records (any picklable values: they are
+            gathered over processes).
+        metrics: ``metrics(records) -> {name: value}``; must include ``selection_metric``.
+    """
+
+    name: str
+    description: str
+    datasets: tuple[DatasetSpec, ...]
+    selection_metric: str
+    higher_is_better: bool
+    uses_image_encoder: bool
+    build_model: Callable[[nn.Module, MiTConfig, CLIPImageEncoder | None, Dataset, HeadConfig], nn.Module]
+    collate: Callable[[list[dict[str, Any]]], Batch]
+    records: Callable[[Batch, dict[str, torch.Tensor]], list[Any]]
+    metrics: Callable[[list[Any]], dict[str, float]]
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise ValueError(f"TaskSpec {self.name!r}: datasets: expected at least one DatasetSpec, got none")
+
+    def dataset(self, name: str | None) -> DatasetSpec:
+        """The dataset called ``name`` (None: the default), or ValueError listing this task's datasets."""
+        if name is None:
+            return self.datasets[0]
+        for spec in self.datasets:
+            if spec.name == name:
+                return spec
+        raise ValueError(
+            f"dataset: expected one of {[d.name for d in self.datasets]} for task {self.name}, got {name!r}"
+        )
+
+
+_TASKS: dict[str, TaskSpec] = {}
+
+
+def register_task(spec: TaskSpec, *, replace: bool = False) -> TaskSpec:
+    """Make ``spec`` available to the trainer and to ``mit train --task``; ValueError if the name is taken (unless
+    ``replace``)."""
+    if not isinstance(spec, TaskSpec):
+        raise ValueError(f"spec: expected a TaskSpec, got {type(spec).__name__}")
+    if spec.name in _TASKS and not replace:
+        raise ValueError(f"task {spec.name!r} is already registered (pass replace=True to replace it)")
+    _TASKS[spec.name] = spec
+    return spec
+
+
+def unregister_task(name: str) -> None:
+    _TASKS.pop(name, None)
+
+
+def get_task(name: str) -> TaskSpec:
+    if name not in _TASKS:
+        raise ValueError(f"task: expected one of {task_names()}, got {name!r}")
+    return _TASKS[name]
+
+
+def task_names() -> list[str]:
+    return list(_TASKS)
+
+
+def dataset_names() -> list[str]:
+    """Every registered task's datasets (``--dataset`` choices), in registration order."""
+    return [d.name for spec in _TASKS.values() for d in spec.datasets]
