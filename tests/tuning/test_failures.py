@@ -4,8 +4,8 @@ non-finite loss stops the run without saving, and each command-line case is one 
 
 from __future__ import annotations
 
-import fractions
 import csv
+import fractions
 
 import pytest
 import torch

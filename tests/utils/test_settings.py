@@ -74,7 +74,8 @@ def test_flat_and_nested_mappings_build_the_same_configuration():
     flat = from_mapping(Outer, {"name": "x", "size": 7, "path": "/d"})
     assert nested == flat == Outer("x", Inner(size=7, root="/d"))
     assert [leaf.flag for leaf in flat_fields(Outer)] == ["name", "size", "rate", "flag", "ids", "mode", "path"]
-    assert to_flat(flat)["path"] == "/d" and flatten(Outer, {"inner": {"size": 1}, "path": "p"}) == {"size": 1, "path": "p"}
+    assert to_flat(flat)["path"] == "/d"
+    assert flatten(Outer, {"inner": {"size": 1}, "path": "p"}) == {"size": 1, "path": "p"}
     with pytest.raises(ValueError, match=r"where: unknown setting 'sise'; expected one of \["):
         from_mapping(Outer, {"name": "x", "sise": 7}, "where")
     with pytest.raises(ValueError, match=r"where: unknown setting inner.sise; expected one of"):
