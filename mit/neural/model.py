@@ -142,8 +142,8 @@ class NeuralTuningModelMixin(Rebuildable):
         if (ids is None) == (embeds is None):
             raise ValueError("image_features need exactly one of input_ids and inputs_embeds (the prompt)")
         extra = arguments.get("kwargs") or {}
-        if arguments.get("past_key_values") is not None or extra.get("cache") is not None:
-            raise ValueError("image_features belong to the prefill: pass them without a KV cache")
+        if any(where.get(name) is not None for where in (arguments, extra) for name in ("cache", "past_key_values")):
+            raise ValueError("image_features belong to the prefill: pass them without a KV cache (cache=None)")
         if embeds is None:
             embeds = self.get_input_embeddings()(ids)
         mask = arguments.get("attention_mask")

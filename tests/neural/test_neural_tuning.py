@@ -270,3 +270,18 @@ def test_deepcopy_rebuilds_the_neural_classes():
     assert type(clone) is type(model) and type(clone.model.layers[1]) is type(model.model.layers[1])
     assert torch.equal(clone(ids, attention_mask=mask, image_features=images).logits,
                        model(ids, attention_mask=mask, image_features=images).logits)  # fmt: skip
+
+
+def test_refusals_name_what_was_received():
+    model = nt_model(image_dim=12)
+    ids = fam.padded_batch()[0]
+    with pytest.raises(ValueError, match="image_dim=12"):
+        model(ids, image_features=torch.randn(3, 2, 5))
+    with pytest.raises(ValueError, match="KV cache"):
+        model(ids, image_features=torch.randn(3, 2, 12), cache=model(ids, use_cache=True).cache)
+    with pytest.raises(ValueError, match="image_dim=None"):
+        nt_model()(ids, image_features=torch.randn(3, 2, 12))
+    with pytest.raises(ValueError, match="already a NTLlamaForCausalLM"):
+        mit.apply_mit(model, mit.MiTConfig(modality_dim=4))
+    with pytest.raises(ValueError, match="already a MiTLlamaForCausalLM"):
+        apply_neural_tuning(mit.apply_mit(fam.model("llama"), mit.MiTConfig(modality_dim=4)), NeuralTuningConfig())
