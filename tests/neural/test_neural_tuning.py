@@ -285,3 +285,19 @@ def test_refusals_name_what_was_received():
         mit.apply_mit(model, mit.MiTConfig(modality_dim=4))
     with pytest.raises(ValueError, match="already a MiTLlamaForCausalLM"):
         apply_neural_tuning(mit.apply_mit(fam.model("llama"), mit.MiTConfig(modality_dim=4)), NeuralTuningConfig())
+
+
+def test_tied_embeddings_share_one_trainable_row_set(tmp_path):
+    config = NeuralTuningConfig(rank=RANK, new_tokens=["<A>", "<B>"])
+    model = apply_neural_tuning(fam.model("llama", tie_word_embeddings=True), config, new_token_ids=[97, 98])
+    rows = model.nt_new_tokens
+    assert rows.tied and rows.head is rows.embedding
+    assert [n for n, _ in model.neural_named_parameters() if "nt_new_tokens" in n] == ["nt_new_tokens.embedding"]
+    with torch.no_grad():
+        rows.embedding.add_(1.0)
+    ids = torch.tensor([[5, 97, 98, 6]])
+    hidden = model.model(ids).last_hidden_state
+    torch.testing.assert_close(model(ids).logits[..., 97:], hidden @ rows.embedding.T)
+    mit.save_neural_adapter(model, tmp_path)
+    fresh = mit.load_neural_adapter(fam.model("llama", tie_word_embeddings=True), tmp_path)
+    assert torch.equal(fresh(ids).logits, model(ids).logits)
