@@ -8,7 +8,8 @@
 Subpackages: :mod:`mit.integrations` (MiT on Hugging Face models, adapters), :mod:`mit.tuning` (encoders, heads,
 data, tasks, trainer; optional), :mod:`mit.demo` (optional), :mod:`mit.utils`. The fused operations live in
 :mod:`mit_kernels`. ``import mit`` loads only the integration: the tuning framework's names below (``mit.Trainer``,
-``mit.CLIPImageEncoder``, ...) are imported on first use.
+``mit.CLIPImageEncoder``, ...) and neural tuning's (``mit.apply_neural_tuning``, ``mit.NeuralTuningConfig``, ...,
+:mod:`mit.neural`) are imported on first use.
 """
 
 from __future__ import annotations
@@ -35,9 +36,14 @@ _TUNING = ("CLIPImageEncoder", "ClassificationHead", "RegressionHead", "Segmenta
            "RunConfig", "TaskSpec", "Trainer", "register_task")  # fmt: skip
 
 
+_NEURAL = ("NeuralTuningConfig", "apply_neural_tuning", "load_neural_adapter", "save_neural_adapter")
+
+
 def __getattr__(name: str):
     if name in _TUNING:
         return getattr(importlib.import_module(".tuning", __name__), name)
+    if name in _NEURAL:
+        return getattr(importlib.import_module(".neural", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -49,6 +55,7 @@ __all__ = [
     "MiTFFNInfusion",
     "MiTKVInfusion",
     "MiTModelMixin",
+    "NeuralTuningConfig",
     "RegressionHead",
     "RunConfig",
     "SegmentationDecoder",
@@ -57,14 +64,17 @@ __all__ = [
     "Trainer",
     "__version__",
     "apply_mit",
+    "apply_neural_tuning",
     "count_parameters",
     "default_layers",
     "is_mit_model",
     "load_adapter",
+    "load_neural_adapter",
     "mit_attention",
     "mit_ffn_gate",
     "mit_named_parameters",
     "models",
     "register_task",
     "save_adapter",
+    "save_neural_adapter",
 ]

@@ -10,7 +10,7 @@ import sys
 import textwrap
 
 HEAVY = ["accelerate", "PIL", "yaml", "sklearn", "matplotlib", "mit.tuning.clip", "mit.tuning.trainer",
-         "mit.tuning.data", "mit.demo.digits"]  # fmt: skip
+         "mit.tuning.data", "mit.demo.digits", "mit.neural"]  # fmt: skip
 
 
 def loaded_after(code: str) -> dict:

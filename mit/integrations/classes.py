@@ -15,21 +15,23 @@ _CACHE: dict[tuple[type, type], type] = {}
 _KINDS: dict[str, tuple[type, Callable[[type], dict] | None]] = {}
 
 
-def register_kind(kind: str, mixin: type, namespace: Callable[[type], dict] | None = None) -> None:
-    """Declare a mixin (and how to build its class namespace for a base class) under a name used by pickling."""
+def register_kind(kind: str, mixin: type, namespace: Callable[[type], dict] | None = None, prefix: str = "MiT") -> None:
+    """Declare a mixin (and how to build its class namespace for a base class) under a name used by pickling; its
+    classes are named ``prefix + base.__name__`` (``"MiT"``; neural tuning uses ``"NT"``)."""
     mixin._mit_kind = kind
+    mixin._mit_prefix = prefix
     _KINDS[kind] = (mixin, namespace)
 
 
 def mit_subclass(mixin: type, base: type) -> type:
-    """The class ``MiT<base.__name__>(mixin, base)`` (created once per pair)."""
+    """The class ``<prefix><base.__name__>(mixin, base)`` (created once per pair; prefix ``"MiT"`` by default)."""
     if issubclass(base, mixin):
         return base
     key = (mixin, base)
     if key not in _CACHE:
         make_namespace = _KINDS[mixin._mit_kind][1]
         module = sys.modules[__name__]
-        name = f"MiT{base.__name__}"
+        name = f"{mixin._mit_prefix}{base.__name__}"
         while getattr(module, name, None) is not None:  # another family's class of the same name
             name += "_"
         attributes = {"__module__": __name__, "__qualname__": name, "_mit_base": base}
@@ -42,7 +44,10 @@ def mit_subclass(mixin: type, base: type) -> type:
 
 def rebuild(kind: str, base: type):
     """Unpickling: an uninitialised instance of the MiT subclass of ``base`` for the mixin registered as ``kind``."""
-    import mit.integrations  # noqa: F401  (registers the kinds)
+    import mit.integrations  # registers the MiT kinds
+
+    if kind not in _KINDS and kind.startswith("nt_"):
+        import mit.neural  # noqa: F401  (registers neural tuning's kinds)
 
     cls = mit_subclass(_KINDS[kind][0], base)
     return cls.__new__(cls)

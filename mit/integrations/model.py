@@ -216,6 +216,8 @@ def apply_mit(model: nn.Module, config: MiTConfig) -> nn.Module:
         raise ValueError(f"config must be a mit.MiTConfig, got {type(config).__name__}")
     if is_mit_model(model):
         raise ValueError("apply_mit was already applied to this model")
+    if isinstance(model, Rebuildable):
+        raise ValueError(f"apply_mit needs a plain model; this one is already a {type(model).__name__}")
     if not isinstance(model, nn.Module):
         raise ValueError(f"apply_mit needs a Hugging Face decoder model, got {type(model).__name__}")
     decoder = decoder_of(model)
