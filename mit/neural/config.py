@@ -6,8 +6,11 @@ import dataclasses
 import json
 from typing import Any
 
+from ..utils.settings import from_mapping, setting, validate
+
 TARGETS = ("qv", "qkv")
 # The reference run's task tokens: segmentation answers (<LCL-1..5>) and the text-to-image embedding token (<GLB>).
+_FLAGS = {"dropout": "nt_dropout"}  # to_dict's field names -> flag names where they differ
 TASK_TOKENS = ("<LCL-1>", "<LCL-2>", "<LCL-3>", "<LCL-4>", "<LCL-5>", "<GLB>")
 
 
@@ -33,38 +36,43 @@ class NeuralTuningConfig:
         new_tokens: tokens added to the tokenizer whose embedding (and LM-head) rows train, e.g. :data:`TASK_TOKENS`.
     """
 
-    rank: int = 128
-    sparsity: float = 0.4
-    alpha: float = 0.2
-    dropout: float = 0.0
-    start_layer: int | None = None
-    targets: str = "qv"
-    zero_init_b: bool = False
-    jitter: float = 0.1
-    inference_jitter: bool = False
-    image_dim: int | None = None
-    new_tokens: list[str] = dataclasses.field(default_factory=list)
+    rank: int = setting(128, help="neural tuning: task neurons per adapted layer (r)", metavar="N", low=1)
+    sparsity: float = setting(
+        0.4,
+        help="neural tuning: fraction of neurons active per token (rho0)",
+        metavar="RHO",
+        low=0,
+        low_open=True,
+        high=1,
+    )
+    alpha: float = setting(
+        0.2,
+        help="neural tuning: weight of the previous layer's neurons (cross-layer average)",
+        metavar="A",
+        low=0,
+        high=1,
+    )
+    dropout: float = setting(
+        0.0, help="neural tuning: dropout on W_b Z^a", metavar="P", low=0, high=1, high_open=True, flag="nt_dropout"
+    )
+    start_layer: int | None = setting(
+        None, help="neural tuning: first adapted layer (default: half the depth)", metavar="N", low=0
+    )
+    targets: str = setting("qv", help="neural tuning: projections that get deltas", choices=TARGETS)
+    zero_init_b: bool = setting(False, help="neural tuning: zero-initialise W_b (exact base model at step 0)")
+    jitter: float = setting(
+        0.1, help="neural tuning: relative std of the training-time sparsity draw", metavar="J", low=0
+    )
+    inference_jitter: bool = setting(False, help="neural tuning: also draw the sparsity at evaluation (reference)")
+    image_dim: int | None = setting(None, help="width of the image patch tokens (None: no image projection)", low=1)
+    new_tokens: list[str] = setting(
+        default_factory=list, help="tokens added to the tokenizer whose rows train, e.g. <LCL-1>,<GLB>", metavar="LIST"
+    )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
-        if not 0.0 < float(self.sparsity) <= 1.0:
-            raise ValueError(f"sparsity (the active fraction rho0) must be in (0, 1], got {self.sparsity!r}")
-        if not 0.0 <= float(self.alpha) <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if float(self.jitter) < 0.0:
-            raise ValueError(f"jitter must be >= 0, got {self.jitter!r}")
-        if self.targets not in TARGETS:
-            raise ValueError(f"targets must be one of {TARGETS}, got {self.targets!r}")
-        if self.start_layer is not None and (not isinstance(self.start_layer, int) or self.start_layer < 0):
-            raise ValueError(f"start_layer must be None or an int >= 0, got {self.start_layer!r}")
-        if self.image_dim is not None and (not isinstance(self.image_dim, int) or self.image_dim < 1):
-            raise ValueError(f"image_dim must be None or a positive int, got {self.image_dim!r}")
-        self.new_tokens = list(self.new_tokens)
-        if len(set(self.new_tokens)) != len(self.new_tokens) or not all(isinstance(t, str) for t in self.new_tokens):
-            raise ValueError(f"new_tokens must be distinct strings, got {self.new_tokens!r}")
+        validate(self)
+        if len(set(self.new_tokens)) != len(self.new_tokens):
+            raise ValueError(f"new_tokens: expected distinct strings, got {self.new_tokens!r}")
 
     def resolved_layers(self, num_layers: int) -> list[int]:
         """The adapted layer indices, ``start_layer .. num_layers - 1`` (validated)."""
@@ -81,8 +89,4 @@ class NeuralTuningConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NeuralTuningConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown NeuralTuningConfig fields {unknown}; expected a subset of {sorted(known)}")
-        return cls(**data)
+        return from_mapping(cls, {_FLAGS.get(k, k): v for k, v in data.items()}, "NeuralTuningConfig")

@@ -10,7 +10,8 @@ Dataclasses whose fields are themselves such dataclasses (*sections*) compose a 
 configuration from nested sections or from flat flag names, and :func:`to_flat` / :func:`differences` compare two of
 them. The ``mit`` command line is generated from the same fields (:mod:`mit.cli`).
 
-Supported annotations: ``bool``, ``int``, ``float``, ``str``, ``list[int]``, each optionally ``| None``, and section
+Supported annotations: ``bool``, ``int``, ``float``, ``str``, ``list[int]``, ``list[str]``, each optionally
+``| None``, and section
 dataclasses.
 """
 
@@ -87,8 +88,8 @@ def kind_of(cls: type, field: dataclasses.Field) -> Kind:
         if len(rest) != 1:
             raise TypeError(f"{cls.__name__}.{field.name}: unsupported annotation {hint}")
         hint = rest[0]
-    if typing.get_origin(hint) is list and typing.get_args(hint) == (int,):
-        return Kind("list[int]", optional)
+    if typing.get_origin(hint) is list and typing.get_args(hint) in ((int,), (str,)):
+        return Kind(f"list[{typing.get_args(hint)[0].__name__}]", optional)
     if hint in (bool, int, float, str) or dataclasses.is_dataclass(hint):
         return Kind(hint, optional)
     raise TypeError(f"{cls.__name__}.{field.name}: unsupported annotation {hint}")
@@ -120,8 +121,9 @@ def expected_text(kind: Kind, info: SettingInfo) -> str:
         text = "a finite number"
     elif kind.base is str:
         text = "a non-empty string"
-    elif kind.base == "list[int]":
-        text = "a non-empty list of integers" if info.nonempty else "a list of integers"
+    elif kind.base in ("list[int]", "list[str]"):
+        what = "integers" if kind.base == "list[int]" else "non-empty strings"
+        text = f"a non-empty list of {what}" if info.nonempty else f"a list of {what}"
     else:
         text = f"a {kind.base.__name__} mapping"
     bounds = _range_text(info)
@@ -156,6 +158,13 @@ def check_value(kind: Kind, info: SettingInfo, value: Any) -> Any:
         ok = (
             isinstance(value, (list, tuple))
             and all(_is_int(v) and _in_range(v, info) for v in value)
+            and (len(value) > 0 or not info.nonempty)
+        )
+        value = list(value) if ok else value
+    elif base == "list[str]":
+        ok = (
+            isinstance(value, (list, tuple))
+            and all(isinstance(v, str) and v for v in value)
             and (len(value) > 0 or not info.nonempty)
         )
         value = list(value) if ok else value
@@ -330,6 +339,8 @@ def parse_text(kind: Kind, text: str) -> Any:
         if not math.isfinite(value):
             raise ValueError(f"expected a finite number, got {text!r}")
         return value
+    if kind.base == "list[str]":
+        return [x.strip() for x in text.split(",") if x.strip()]
     if kind.base == "list[int]":
         try:
             return [int(x) for x in text.replace(" ", "").split(",") if x]
