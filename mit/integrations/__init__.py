@@ -4,7 +4,10 @@
 - :mod:`.infusion`: the trainable modules (``mit_kv_infusion``, ``mit_ffn_infusion``);
 - :mod:`.attention`: the attention function registered in ``AttentionInterface`` (fused kernel or exact fallback);
 - :mod:`.layers`: pass-through decoder-layer and MLP subclasses (the embedding's way to the MLP);
-- :mod:`.model`: ``apply_mit`` and the top-level ``forward`` with ``modality_embedding``.
+- :mod:`.model`: ``apply_mit`` (``plan_mit`` + ``MiTPlan.install``) and the top-level ``forward`` with
+  ``modality_embedding``;
+- :mod:`.adapter_files` / :mod:`.adapter`: the adapter files' schema and validation / ``save_adapter``,
+  ``load_adapter``.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ from .families import FAMILIES, FamilySpec
 from .infusion import MiTFFNInfusion, MiTKVInfusion, mit_named_parameters
 from .model import (
     MiTModelMixin,
+    MiTPlan,
     apply_mit,
     count_parameters,
     decoder_of,
     is_mit_model,
     padding_aware_position_ids,
+    plan_mit,
 )
 
 __all__ = [
@@ -27,6 +32,7 @@ __all__ = [
     "MiTFFNInfusion",
     "MiTKVInfusion",
     "MiTModelMixin",
+    "MiTPlan",
     "apply_mit",
     "count_parameters",
     "decoder_of",
@@ -35,4 +41,5 @@ __all__ = [
     "mit_implementation",
     "mit_named_parameters",
     "padding_aware_position_ids",
+    "plan_mit",
 ]

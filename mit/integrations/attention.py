@@ -154,7 +154,7 @@ class _RecentMasks:
         self.entries = []
 
     def lookup(self, mask: torch.Tensor, batch: int, lq: int, lk: int) -> tuple[bool, torch.Tensor | None]:
-        cacheable = not mask.is_inference() and not torch.compiler.is_compiling()
+        cacheable = not mask.is_inference()
         key = (mask._version, batch, lq, lk) if cacheable else None
         if cacheable:
             for ref, entry_key, result in self.entries:
@@ -193,6 +193,10 @@ def fused_kv_mask(
     if kwargs.get("position_bias") is not None:
         return False, None, "position bias"
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and kind in (_SDPA, _EAGER):
+        if torch.compiler.is_compiling():
+            # reading the mask's content is data-dependent control flow, which a compiled graph cannot hold: the
+            # exact fallback is right for every mask (docs/integration.md, "torch.compile")
+            return False, None, "4-D mask under torch.compile"
         fused, kv_mask = _recent_masks.lookup(attention_mask, batch, lq, lk)  # the mask carries any window
         return fused, kv_mask, "" if fused else "mask is not causal + key padding"
     if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):

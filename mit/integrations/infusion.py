@@ -32,17 +32,32 @@ def zero_linear(in_features: int, out_features: int, like: torch.Tensor) -> nn.L
     return linear
 
 
-def check_modality(modality_embedding: object, batch: int, modality_dim: int) -> torch.Tensor:
-    """Validate a (batch, modality_dim) modality embedding; ValueError naming what was received otherwise."""
+def check_modality(
+    modality_embedding: object, batch: int, modality_dim: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """Validate a (batch, modality_dim) floating-point modality embedding, on ``device`` when one is given (the
+    device of the model's inputs); ValueError naming ``modality_embedding``, what was received and what was
+    expected otherwise."""
     if not isinstance(modality_embedding, torch.Tensor):
-        raise ValueError(f"modality_embedding must be a torch.Tensor, got {type(modality_embedding).__name__}")
+        raise ValueError(
+            f"modality_embedding must be a torch.Tensor of shape ({batch}, {modality_dim}), got "
+            f"{type(modality_embedding).__name__}"
+        )
     if modality_embedding.shape != (batch, modality_dim):
         raise ValueError(
             f"modality_embedding must have shape (batch, modality_dim) = ({batch}, {modality_dim}), "
             f"got {tuple(modality_embedding.shape)}"
         )
     if not modality_embedding.is_floating_point():
-        raise ValueError(f"modality_embedding must be a floating-point tensor, got dtype {modality_embedding.dtype}")
+        raise ValueError(
+            f"modality_embedding must be a floating-point tensor, got dtype {modality_embedding.dtype} (expected "
+            "e.g. torch.float32, float16 or bfloat16)"
+        )
+    if device is not None and modality_embedding.device != torch.device(device):
+        raise ValueError(
+            f"modality_embedding is on device {modality_embedding.device}, expected the device of the model's inputs, "
+            f"{device}"
+        )
     return modality_embedding
 
 

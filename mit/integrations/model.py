@@ -16,7 +16,9 @@ No transformers ``forward`` is copied: the MiT classes call the base ones with t
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -103,6 +105,7 @@ class MiTModelMixin(Rebuildable):
     def generate(self, *args, **kwargs):
         """transformers' ``generate``, with the infusion maps' outputs computed once per embedding for the whole
         call instead of at every decoding step (the weights cannot change during it)."""
+        self._mit_check_generate_embedding(args, kwargs)
         modules = [m for m in self.modules() if isinstance(m, (MiTKVInfusion, MiTFFNInfusion))]
         for module in modules:
             module.open_cache()
@@ -111,6 +114,24 @@ class MiTModelMixin(Rebuildable):
         finally:
             for module in modules:
                 module.close_cache()
+
+    def _mit_check_generate_embedding(self, args: tuple, kwargs: dict) -> None:
+        """The embedding given to ``generate`` is one row per prompt: generate itself repeats it for beam search and
+        ``num_return_sequences`` (as it repeats ``input_ids``); a pre-expanded one is refused here, by name."""
+        modality_embedding = kwargs.get("modality_embedding")
+        if modality_embedding is None:
+            return
+        tokens = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if not isinstance(tokens, torch.Tensor):
+            return  # generate builds the prompt itself (e.g. from the BOS token); the forward checks then apply
+        try:
+            check_modality(modality_embedding, tokens.shape[0], self.mit_config.modality_dim, tokens.device)
+        except ValueError as error:
+            raise ValueError(
+                f"{error} (generate: one row per prompt; beam search and num_return_sequences repeat it themselves)"
+            ) from None
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         """transformers' ``set_attn_implementation``, keeping MiT's infusion around the new implementation."""
@@ -129,7 +150,7 @@ class MiTModelMixin(Rebuildable):
             tokens = arguments.get("inputs_embeds")
         if tokens is None:
             raise ValueError("modality_embedding needs input_ids or inputs_embeds to infer the batch size")
-        check_modality(modality_embedding, tokens.shape[0], self.mit_config.modality_dim)
+        check_modality(modality_embedding, tokens.shape[0], self.mit_config.modality_dim, tokens.device)
         extra = arguments.get("kwargs") or {}
         if extra.get("cu_seq_lens_q") is not None or extra.get("cu_seq_lens_k") is not None:
             raise ValueError("MiT does not support packed (varlen) batches: pad the batch instead")
@@ -182,23 +203,58 @@ def _forward_with_modality(base: type) -> dict:
 register_kind("model", MiTModelMixin, _forward_with_modality)
 
 
-def _attach_kv_infusion(attention: nn.Module, config: MiTConfig, model_config) -> None:
+def _kv_infusion(attention: nn.Module, config: MiTConfig, model_config) -> MiTKVInfusion:
     num_kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
     head_dim = getattr(attention, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     like = next(p for p in attention.parameters())
-    setattr(attention, KV_INFUSION_NAME, MiTKVInfusion(config, num_kv_heads, head_dim, like))
+    return MiTKVInfusion(config, num_kv_heads, head_dim, like)
 
 
-def _attach_ffn_infusion(mlp: nn.Module, config: MiTConfig, spec: FamilySpec, model_config) -> None:
+def _ffn_infusion(mlp: nn.Module, config: MiTConfig, spec: FamilySpec, model_config) -> MiTFFNInfusion:
     down_proj = getattr(mlp, "down_proj", None)
     if not isinstance(down_proj, nn.Linear):
         raise ValueError(f"the FFN infusion needs the MLP's down_proj Linear; {type(mlp).__name__} has none")
-    fused = ffn_is_fused(spec, model_config, mlp)
-    infusion = MiTFFNInfusion(config, down_proj.in_features, down_proj.weight, fused)
-    setattr(mlp, FFN_INFUSION_NAME, infusion)
-    if not fused:
-        down_proj.register_forward_pre_hook(infusion.scale_down_proj_input)
-    mlp.__class__ = mit_subclass(MiTMLPMixin, type(mlp))
+    return MiTFFNInfusion(config, down_proj.in_features, down_proj.weight, ffn_is_fused(spec, model_config, mlp))
+
+
+@dataclasses.dataclass
+class MiTPlan:
+    """What :func:`apply_mit` will do to a model, built without touching it: the new infusion modules (zero-initialised,
+    on the layers' devices) per infused layer, and the attention implementation to switch to.
+
+    ``named_parameters()`` gives the names the MiT parameters will have in the model, so :func:`mit.load_adapter` can
+    validate and fill them before anything changes; :meth:`install` then applies the plan."""
+
+    config: MiTConfig
+    implementation: str | None
+    layers: list[tuple[str, nn.Module, MiTKVInfusion | None, MiTFFNInfusion | None]]  # (name, layer, kv, ffn)
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for layer_name, _, kv, ffn in self.layers:
+            if kv is not None:
+                yield from kv.named_parameters(prefix=f"{layer_name}.self_attn.{KV_INFUSION_NAME}")
+            if ffn is not None:
+                yield from ffn.named_parameters(prefix=f"{layer_name}.mlp.{FFN_INFUSION_NAME}")
+
+    def install(self, model: nn.Module) -> nn.Module:
+        """Apply the plan to ``model`` (the one it was made for): freeze, attach, switch classes."""
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for _, layer, kv, ffn in self.layers:
+            if kv is not None:
+                setattr(layer.self_attn, KV_INFUSION_NAME, kv)
+            if ffn is not None:
+                mlp = layer.mlp
+                setattr(mlp, FFN_INFUSION_NAME, ffn)
+                if not ffn.fused:
+                    mlp.down_proj.register_forward_pre_hook(ffn.scale_down_proj_input)
+                mlp.__class__ = mit_subclass(MiTMLPMixin, type(mlp))
+            layer.__class__ = mit_subclass(MiTDecoderLayerMixin, type(layer))
+        if self.implementation is not None and not is_mit_implementation(model.config._attn_implementation):
+            model.config._attn_implementation = self.implementation
+        model.__class__ = mit_subclass(MiTModelMixin, type(model))
+        model.mit_config = self.config
+        return model
 
 
 def is_mit_model(model: object) -> bool:
@@ -211,7 +267,14 @@ def apply_mit(model: nn.Module, config: MiTConfig) -> nn.Module:
     :data:`mit.integrations.families.FAMILIES`) into an MiT model, in place, and return it.
 
     Freezes every base parameter; infuses the layers ``config.resolved_layers(num_layers)`` with zero-initialised
-    maps (so the model's outputs are unchanged until training moves them); leaves the other layers untouched."""
+    maps (so the model's outputs are unchanged until training moves them); leaves the other layers untouched.
+    Everything is validated and built (:func:`plan_mit`) before the model changes."""
+    return plan_mit(model, config).install(model)
+
+
+def plan_mit(model: nn.Module, config: MiTConfig) -> MiTPlan:
+    """Validate ``model`` and ``config`` for :func:`apply_mit` and build its :class:`MiTPlan`; ``model`` is left as
+    it is (only the ``"mit_" + base`` attention function gets registered in transformers, process-wide)."""
     if not isinstance(config, MiTConfig):
         raise ValueError(f"config must be a mit.MiTConfig, got {type(config).__name__}")
     if is_mit_model(model):
@@ -222,22 +285,15 @@ def apply_mit(model: nn.Module, config: MiTConfig) -> nn.Module:
         raise ValueError(f"apply_mit needs a Hugging Face decoder model, got {type(model).__name__}")
     decoder = decoder_of(model)
     spec = family_of(decoder.config)
-    layers = config.resolved_layers(len(decoder.layers))
+    indices = config.resolved_layers(len(decoder.layers))
     implementation = None
-    if config.infuse_kv:  # validated before anything changes
+    if config.infuse_kv:
         implementation = mit_implementation(base_implementation(decoder.config._attn_implementation or "eager"))
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for index in layers:
+    names = {id(module): name for name, module in model.named_modules()}
+    layers = []
+    for index in indices:
         layer = decoder.layers[index]
-        if config.infuse_kv:
-            _attach_kv_infusion(layer.self_attn, config, decoder.config)
-        if config.infuse_ffn:
-            _attach_ffn_infusion(layer.mlp, config, spec, decoder.config)
-        layer.__class__ = mit_subclass(MiTDecoderLayerMixin, type(layer))
-    if implementation is not None and not is_mit_implementation(model.config._attn_implementation):
-        model.config._attn_implementation = implementation
-    model.__class__ = mit_subclass(MiTModelMixin, type(model))
-    model.mit_config = config
-    return model
+        kv = _kv_infusion(layer.self_attn, config, decoder.config) if config.infuse_kv else None
+        ffn = _ffn_infusion(layer.mlp, config, spec, decoder.config) if config.infuse_ffn else None
+        layers.append((names[id(layer)], layer, kv, ffn))
+    return MiTPlan(config, implementation, layers)

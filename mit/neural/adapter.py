@@ -15,7 +15,8 @@ import pathlib
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..integrations.adapter import WEIGHTS_NAME, _atomic_write, _base_shape
+from ..integrations.adapter import WEIGHTS_NAME, _base_shape
+from ..utils.files import atomic_write
 from .config import NeuralTuningConfig
 from .model import apply_neural_tuning, is_neural_model, neural_named_parameters
 
@@ -36,8 +37,8 @@ def save_neural_adapter(model, directory: str | os.PathLike) -> pathlib.Path:
         "base_model": _base_shape(model),
         "format": FORMAT,
     }
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)))
     return directory
 
 
