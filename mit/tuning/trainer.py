@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from ..config import MiTConfig
+from . import distributed
 from .tasks import (
     DATASETS,
     DEFAULT_DATASET,
@@ -56,7 +57,6 @@ from .tasks import (
     load_llm,
     make_collate,
     resolve_dtype,
-    trainable_state_dict,
 )
 
 MIXED_PRECISION = ("no", "fp32", "bf16", "fp16")
@@ -293,6 +293,8 @@ class Trainer:
             # may ask for another precision
             AcceleratorState._reset_state()
         self.accelerator = accelerator or Accelerator(mixed_precision=config.precision, cpu=multi_cpu)
+        distributed.enable_cpu_fsdp(self.accelerator)  # ACCELERATE_USE_FSDP on CPU processes (accelerate: DDP)
+        distributed.check_supported(self.accelerator)
         self.out = pathlib.Path(config.out)
         if build_train_data and not config.resume and (self.out / "checkpoints" / "latest").exists():
             raise ValueError(
@@ -477,8 +479,8 @@ class Trainer:
                 progress.update(1)
             if not last_in_group:
                 continue
-            if config.max_grad_norm:
-                accelerator.clip_grad_norm_(self.parameters, config.max_grad_norm)
+            if config.max_grad_norm:  # all parameters (frozen ones have no gradient): FSDP's sharded clipping
+                accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.global_step += 1
@@ -509,9 +511,14 @@ class Trainer:
         size = self.config.eval_batch_size or self.config.batch_size
         records: list[tuple] = []
         loss_sum, count = 0.0, 0
-        for batch in self._loader(dataset, [indices[i : i + size] for i in range(0, len(indices), size)]):
+        batches = [indices[i : i + size] for i in range(0, len(indices), size)]
+        real = len(batches)
+        batches = distributed.pad_batches(accelerator, batches)  # sharded: as many forwards on every process
+        for i, batch in enumerate(self._loader(dataset, batches)):
             batch = batch_to(batch, accelerator.device)
             out = self.model(batch)
+            if i >= real:
+                continue  # a padding forward: its outputs are not counted
             records += evaluation_records(self.config.task, batch, out)
             loss_sum += float(out["loss"]) * len(batch["id"])
             count += len(batch["id"])
@@ -542,10 +549,13 @@ class Trainer:
             tmp.mkdir()
         accelerator.wait_for_everyone()
         torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+        # full trainable tensors and optimizer state (collectives under FSDP / DeepSpeed: every process calls them)
+        weights = distributed.trainable_state_dict_full(accelerator, self.model)
+        optimizer_state = distributed.optimizer_state(accelerator, self.model, self.optimizer)
         if self.is_main:
-            save_file(trainable_state_dict(self.unwrapped), str(tmp / CHECKPOINT_WEIGHTS), metadata={"format": "pt"})
+            save_file(weights, str(tmp / CHECKPOINT_WEIGHTS), metadata={"format": "pt"})
             state = {
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": self.scheduler.state_dict(),
                 "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch,
@@ -585,14 +595,12 @@ class Trainer:
                 f"checkpoint {weights} does not match the model: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]} (same --task, --dataset and model settings?)"
             )
-        with torch.no_grad():
-            for n, p in params.items():
-                if tensors[n].shape != p.shape:
-                    raise ValueError(
-                        f"checkpoint {weights}: {n} has shape {tuple(tensors[n].shape)}, the model "
-                        f"expects {tuple(p.shape)}"
-                    )
-                p.copy_(tensors[n])
+        for n, p in params.items():
+            if tensors[n].shape != p.shape:  # a sharded parameter's shape is the full one
+                raise ValueError(
+                    f"checkpoint {weights}: {n} has shape {tuple(tensors[n].shape)}, the model expects {tuple(p.shape)}"
+                )
+        distributed.load_trainable(self.accelerator, self.model, tensors)
         if weights_only:
             return
         state = torch.load(directory / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
@@ -601,7 +609,7 @@ class Trainer:
                 f"checkpoint {directory} was written by {state['num_processes']} processes; resuming "
                 f"exactly needs the same number, got {self.accelerator.num_processes}"
             )
-        self.optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(self.accelerator, self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         self._epoch_losses = list(state["epoch_losses"])

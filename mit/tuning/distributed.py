@@ -1,0 +1,200 @@
+"""Sharded training on accelerate: FSDP2 (also on CPU processes over gloo) and DeepSpeed ZeRO-3.
+
+The trainer prepares the task model with ``accelerator.prepare`` as usual; this module holds what changes when the
+frozen base is sharded, as functions of the accelerator and the prepared model:
+
+- :func:`enable_cpu_fsdp`: accelerate 1.15 switches to FSDP only on accelerator devices. ``AcceleratorState.__init__``
+  (accelerate/state.py) sets ``DistributedType.FSDP`` in the branch taken for ``MULTI_GPU``, ``MULTI_XPU``, ... but
+  never for ``MULTI_CPU``, so ``ACCELERATE_USE_FSDP=true`` on CPU processes silently trains with DDP. With that
+  variable set on CPU processes, this switches the shared state to FSDP with the plugin read from the ``FSDP_*``
+  environment (as accelerate does on GPUs); torch's FSDP2 (``fully_shard``) runs on a CPU device mesh over gloo.
+- :func:`check_supported`: the trainer supports FSDP through FSDP2 (``FSDP_VERSION=2``) only.
+- :func:`trainable_state_dict_full`, :func:`load_trainable`: trainable parameters only, as FULL (unsharded) tensors
+  named as in a single-process run, so a checkpoint loads in any number of processes.
+- :func:`pad_batches`: evaluation runs as many forwards on every process (each one is a collective).
+- :func:`optimizer_state`, :func:`load_optimizer_state`: the optimizer state, full (FQN-keyed) under FSDP,
+  per-rank partitions under DeepSpeed, ``optimizer.state_dict()`` otherwise (single process, DDP: unchanged).
+
+Every function is a collective under FSDP / DeepSpeed: all processes call it, in the same order.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _distributed_type(accelerator) -> Any:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type, DistributedType
+
+
+def enable_cpu_fsdp(accelerator) -> bool:
+    """Make ``ACCELERATE_USE_FSDP=true`` take effect on CPU processes (see the module docstring); True if it did.
+
+    A no-op (False) unless the variable is set and accelerate chose ``MULTI_CPU``. Must run before
+    ``accelerator.prepare``."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return False
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads FSDP_VERSION, FSDP_AUTO_WRAP_POLICY...
+    # both shared states: a later AcceleratorState() (accelerate makes them) copies PartialState's over its own
+    for state in (accelerator.state, PartialState()):
+        state.distributed_type = DistributedType.FSDP
+    return True
+
+
+def check_supported(accelerator) -> None:
+    """Raise a ``ValueError`` for a sharding setup the trainer cannot checkpoint correctly (FSDP1)."""
+    kind, types = _distributed_type(accelerator)
+    if kind == types.FSDP and accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise ValueError(
+            f"FSDP_VERSION (fsdp_version): expected 2 (FSDP2, fully_shard: frozen and trainable parameters in one "
+            f"module, full trainable checkpoints), got {accelerator.state.fsdp_plugin.fsdp_version}"
+        )
+
+
+def is_sharded(accelerator) -> bool:
+    """True under FSDP or DeepSpeed: parameters and optimizer state are partitioned over processes."""
+    kind, types = _distributed_type(accelerator)
+    return kind in (types.FSDP, types.DEEPSPEED)
+
+
+def reshard(model: nn.Module) -> None:
+    """Free FSDP2's unsharded parameters: a forward without backward (evaluation) leaves the groups with
+    ``reshard_after_forward=False`` (the root, accelerate's final-norm group) unsharded, and then ``named_parameters``
+    yields plain tensors instead of the sharded ``DTensor`` parameters the optimizer holds."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()  # all-gather: every process calls it
+    return tensor.detach().cpu().contiguous()
+
+
+def trainable_state_dict_full(accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters of a prepared ``model``, full (unsharded), detached, on the CPU, named as in the
+    unwrapped single-process model; complete on the main process (others may get an empty dict).
+
+    FSDP2: each trainable ``DTensor`` is all-gathered (the frozen base is not). DeepSpeed: the parameters are gathered
+    with ``deepspeed.zero.GatheredParameters`` (untested here: deepspeed is not installed on the test machine)."""
+    from .tasks import trainable_state_dict
+
+    kind, types = _distributed_type(accelerator)
+    unwrapped = accelerator.unwrap_model(model)
+    if kind == types.FSDP:
+        reshard(model)
+        return {n: _full(p) for n, p in unwrapped.named_parameters() if p.requires_grad}
+    if kind == types.DEEPSPEED:
+        import deepspeed
+
+        params = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+            out = {n: p.detach().cpu().clone() for n, p in params}
+        return out if accelerator.is_main_process else {}
+    return trainable_state_dict(unwrapped) if accelerator.is_main_process else {}
+
+
+def load_trainable(accelerator, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors (names and shapes already checked against ``named_parameters``) into the trainable
+    parameters of a prepared ``model``; each process keeps its shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    kind, types = _distributed_type(accelerator)
+    if kind == types.FSDP:
+        reshard(model)
+    unwrapped = accelerator.unwrap_model(model)
+    params = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        if kind == types.DEEPSPEED:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+                for n, p in params:
+                    p.copy_(tensors[n])
+            return
+        for n, p in params:
+            source = tensors[n].to(device=p.device, dtype=p.dtype)
+            if isinstance(p, DTensor):
+                # every process holds the full tensor: each keeps its own chunk, no communication
+                source = distribute_tensor(source, p.device_mesh, p.placements, src_data_rank=None)
+            p.copy_(source)
+
+
+def pad_batches(accelerator, batches: list[list[int]]) -> list[list[int]]:
+    """``batches`` (lists of dataset indices), extended with ``[0]`` batches to the largest count over processes when
+    the model is sharded: every forward is a collective there, so every process must run as many (the caller drops
+    the padding batches' outputs). Unchanged otherwise."""
+    if not is_sharded(accelerator) or accelerator.num_processes == 1:
+        return batches
+    from accelerate.utils import gather_object
+
+    most = max(gather_object([len(batches)]))
+    return batches + [[0]] * (most - len(batches))
+
+
+def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+
+
+def optimizer_state(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+    """What the checkpoint stores for ``optimizer``: complete on the main process.
+
+    FSDP: the full optimizer state keyed by parameter names (``get_optimizer_state_dict`` with
+    ``full_state_dict``); DeepSpeed: the list of every process's own partition, by rank; otherwise
+    ``optimizer.state_dict()``."""
+    kind, types = _distributed_type(accelerator)
+    if kind == types.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        reshard(model)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(model, _inner(optimizer), options=options)
+    if kind == types.DEEPSPEED:
+        from accelerate.utils import gather_object
+
+        return {"partitions": gather_object([optimizer.state_dict()])}
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, state: Any) -> None:
+    """Restore what :func:`optimizer_state` returned (every process passes the checkpoint's full value)."""
+    kind, types = _distributed_type(accelerator)
+    if kind == types.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        reshard(model)
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(model, _inner(optimizer), optim_state_dict=state, options=options)
+    elif kind == types.DEEPSPEED:
+        optimizer.load_state_dict(state["partitions"][accelerator.process_index])
+    else:
+        optimizer.load_state_dict(state)
+
+
+__all__ = [
+    "check_supported",
+    "enable_cpu_fsdp",
+    "is_sharded",
+    "load_optimizer_state",
+    "load_trainable",
+    "optimizer_state",
+    "pad_batches",
+    "reshard",
+    "trainable_state_dict_full",
+]
