@@ -21,6 +21,7 @@ Every function is a collective under FSDP / DeepSpeed: all processes call it, in
 from __future__ import annotations
 
 import os
+import pathlib
 from typing import Any
 
 import torch
@@ -110,30 +111,41 @@ def trainable_state_dict_full(accelerator, model: nn.Module) -> dict[str, torch.
     return trainable_state_dict(unwrapped) if accelerator.is_main_process else {}
 
 
-def load_trainable(accelerator, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy full tensors (names and shapes already checked against ``named_parameters``) into the trainable
-    parameters of a prepared ``model``; each process keeps its shard."""
+def load_trainable(accelerator, model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy full tensors into the trainable parameters of a prepared ``model`` (each process keeps its shard).
+
+    ``tensors`` must hold exactly the trainable parameters' names with their full shapes, else a ``ValueError``
+    names ``source`` (the file) and the mismatch."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     kind, types = _distributed_type(accelerator)
     if kind == types.FSDP:
         reshard(model)
-    unwrapped = accelerator.unwrap_model(model)
-    params = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
+    params = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {source} does not match the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]} (same --task, --dataset and model settings?)"
+        )
+    for n, p in params.items():
+        shape = tuple(getattr(p, "ds_shape", p.shape))  # a sharded parameter's full shape (DTensor, ZeRO-3)
+        if tuple(tensors[n].shape) != shape:
+            raise ValueError(f"checkpoint {source}: {n} has shape {tuple(tensors[n].shape)}, the model expects {shape}")
     with torch.no_grad():
         if kind == types.DEEPSPEED:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
-                for n, p in params:
+            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+                for n, p in params.items():
                     p.copy_(tensors[n])
             return
-        for n, p in params:
-            source = tensors[n].to(device=p.device, dtype=p.dtype)
+        for n, p in params.items():
+            source_tensor = tensors[n].to(device=p.device, dtype=p.dtype)
             if isinstance(p, DTensor):
                 # every process holds the full tensor: each keeps its own chunk, no communication
-                source = distribute_tensor(source, p.device_mesh, p.placements, src_data_rank=None)
-            p.copy_(source)
+                source_tensor = distribute_tensor(source_tensor, p.device_mesh, p.placements, src_data_rank=None)
+            p.copy_(source_tensor)
 
 
 def pad_batches(accelerator, batches: list[list[int]]) -> list[list[int]]:
@@ -152,12 +164,19 @@ def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
 
 
-def optimizer_state(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer) -> Any:
-    """What the checkpoint stores for ``optimizer``: complete on the main process.
+def _partition_file(directory: str | os.PathLike, rank: int) -> pathlib.Path:
+    return pathlib.Path(directory) / f"optimizer_rank_{rank}.pt"
 
-    FSDP: the full optimizer state keyed by parameter names (``get_optimizer_state_dict`` with
-    ``full_state_dict``); DeepSpeed: the list of every process's own partition, by rank; otherwise
-    ``optimizer.state_dict()``."""
+
+def optimizer_state(
+    accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | os.PathLike
+) -> Any:
+    """What the checkpoint's ``trainer_state.pt`` stores for ``optimizer`` (complete on the main process).
+
+    FSDP: the full optimizer state keyed by parameter names (``get_optimizer_state_dict`` with ``full_state_dict``,
+    gathered to the main process). DeepSpeed: each process writes its own partition to
+    ``directory/optimizer_rank_<rank>.pt`` (as DeepSpeed's own checkpoints do) and the value only records how many.
+    Otherwise (one process, DDP): ``optimizer.state_dict()``."""
     kind, types = _distributed_type(accelerator)
     if kind == types.FSDP:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -166,14 +185,18 @@ def optimizer_state(accelerator, model: nn.Module, optimizer: torch.optim.Optimi
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_optimizer_state_dict(model, _inner(optimizer), options=options)
     if kind == types.DEEPSPEED:
-        from accelerate.utils import gather_object
-
-        return {"partitions": gather_object([optimizer.state_dict()])}
+        torch.save(_inner(optimizer).state_dict(), _partition_file(directory, accelerator.process_index))
+        return {"deepspeed_partitions": accelerator.num_processes}
     return optimizer.state_dict()
 
 
-def load_optimizer_state(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, state: Any) -> None:
-    """Restore what :func:`optimizer_state` returned (every process passes the checkpoint's full value)."""
+def load_optimizer_state(
+    accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, state: Any, directory: str | os.PathLike
+) -> None:
+    """Restore what :func:`optimizer_state` returned (every process passes the checkpoint's value and directory).
+
+    DeepSpeed: ZeRO's ``load_state_dict`` takes every partition and picks its own; the fp32 master weights come
+    from the saved partitions (``load_from_fp32_weights``)."""
     kind, types = _distributed_type(accelerator)
     if kind == types.FSDP:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -182,7 +205,9 @@ def load_optimizer_state(accelerator, model: nn.Module, optimizer: torch.optim.O
         options = StateDictOptions(full_state_dict=True)
         set_optimizer_state_dict(model, _inner(optimizer), optim_state_dict=state, options=options)
     elif kind == types.DEEPSPEED:
-        optimizer.load_state_dict(state["partitions"][accelerator.process_index])
+        count = state["deepspeed_partitions"]
+        partitions = [torch.load(_partition_file(directory, r), weights_only=False) for r in range(count)]
+        _inner(optimizer).load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
     else:
         optimizer.load_state_dict(state)
 

@@ -551,7 +551,7 @@ class Trainer:
         torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
         # full trainable tensors and optimizer state (collectives under FSDP / DeepSpeed: every process calls them)
         weights = distributed.trainable_state_dict_full(accelerator, self.model)
-        optimizer_state = distributed.optimizer_state(accelerator, self.model, self.optimizer)
+        optimizer_state = distributed.optimizer_state(accelerator, self.model, self.optimizer, tmp)
         if self.is_main:
             save_file(weights, str(tmp / CHECKPOINT_WEIGHTS), metadata={"format": "pt"})
             state = {
@@ -588,19 +588,8 @@ class Trainer:
         if not weights.is_file():
             raise ValueError(f"checkpoint {directory}: missing {CHECKPOINT_WEIGHTS}")
         tensors = load_file(str(weights))
-        params = {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
-        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint {weights} does not match the model: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]} (same --task, --dataset and model settings?)"
-            )
-        for n, p in params.items():
-            if tensors[n].shape != p.shape:  # a sharded parameter's shape is the full one
-                raise ValueError(
-                    f"checkpoint {weights}: {n} has shape {tuple(tensors[n].shape)}, the model expects {tuple(p.shape)}"
-                )
-        distributed.load_trainable(self.accelerator, self.model, tensors)
+        # names and full shapes checked, then each process keeps its shard (FSDP / DeepSpeed)
+        distributed.load_trainable(self.accelerator, self.model, tensors, source=str(weights))
         if weights_only:
             return
         state = torch.load(directory / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
@@ -609,7 +598,7 @@ class Trainer:
                 f"checkpoint {directory} was written by {state['num_processes']} processes; resuming "
                 f"exactly needs the same number, got {self.accelerator.num_processes}"
             )
-        distributed.load_optimizer_state(self.accelerator, self.model, self.optimizer, state["optimizer"])
+        distributed.load_optimizer_state(self.accelerator, self.model, self.optimizer, state["optimizer"], directory)
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         self._epoch_losses = list(state["epoch_losses"])

@@ -132,3 +132,30 @@ def test_fsdp_checkpoint_evaluates_in_one_process(runs):
     assert metrics.keys() == expected.keys()
     assert metrics["loss"] == pytest.approx(expected["loss"], rel=1e-5)
     assert metrics["accuracy"] == expected["accuracy"]
+
+
+def test_fsdp1_is_refused_and_mismatched_checkpoints_are_named(runs):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from mit.tuning import distributed
+
+    def fsdp(version: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            distributed_type=DistributedType.FSDP,
+            state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)),
+        )
+
+    distributed.check_supported(fsdp(2))
+    with pytest.raises(ValueError, match=r"FSDP_VERSION \(fsdp_version\): expected 2 .*got 1"):
+        distributed.check_supported(fsdp(1))
+    _, _, single = runs
+    tensors = load_file(pathlib.Path(single.config.out) / "checkpoints" / "step-0000004" / "trainable.safetensors")
+    name = "head.net.0.bias"
+    with pytest.raises(ValueError, match=r"x\.safetensors does not match the model: missing \['head\.net\.0\.bias'\]"):
+        distributed.load_trainable(
+            single.accelerator, single.model, {k: v for k, v in tensors.items() if k != name}, "x.safetensors"
+        )
+    with pytest.raises(ValueError, match=r"head\.net\.0\.bias has shape \(1,\), the model expects"):
+        distributed.load_trainable(single.accelerator, single.model, {**tensors, name: torch.zeros(1)}, "x.safetensors")
