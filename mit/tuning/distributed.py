@@ -15,26 +15,30 @@ frozen base is sharded, as functions of the accelerator and the prepared model:
 - :func:`optimizer_state`, :func:`load_optimizer_state`: the optimizer state, full (FQN-keyed) under FSDP,
   per-rank partitions under DeepSpeed, ``optimizer.state_dict()`` otherwise (single process, DDP: unchanged).
 
-Every function is a collective under FSDP / DeepSpeed: all processes call it, in the same order.
+The checkpoint functions and :func:`pad_batches` are collectives under FSDP / DeepSpeed: all processes call them, in
+the same order. The DeepSpeed paths have not run (deepspeed is not installed where this project is tested).
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
-def _distributed_type(accelerator) -> Any:
+
+def _distributed_type(accelerator: Accelerator) -> tuple[Any, Any]:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type, DistributedType
 
 
-def enable_cpu_fsdp(accelerator) -> bool:
+def enable_cpu_fsdp(accelerator: Accelerator) -> bool:
     """Make ``ACCELERATE_USE_FSDP=true`` take effect on CPU processes (see the module docstring); True if it did.
 
     A no-op (False) unless the variable is set and accelerate chose ``MULTI_CPU``. Must run before
@@ -46,14 +50,17 @@ def enable_cpu_fsdp(accelerator) -> bool:
         return False
     if accelerator.distributed_type != DistributedType.MULTI_CPU:
         return False
-    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads FSDP_VERSION, FSDP_AUTO_WRAP_POLICY...
+    plugin = FullyShardedDataParallelPlugin()  # reads FSDP_VERSION, FSDP_AUTO_WRAP_POLICY, ... as accelerate does
+    if accelerator.state.mixed_precision != "no":  # as AcceleratorState.__init__ does for FSDP on GPUs
+        plugin.set_mixed_precision(accelerator.state.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
     # both shared states: a later AcceleratorState() (accelerate makes them) copies PartialState's over its own
     for state in (accelerator.state, PartialState()):
         state.distributed_type = DistributedType.FSDP
     return True
 
 
-def check_supported(accelerator) -> None:
+def check_supported(accelerator: Accelerator) -> None:
     """Raise a ``ValueError`` for a sharding setup the trainer cannot checkpoint correctly (FSDP1)."""
     kind, types = _distributed_type(accelerator)
     if kind == types.FSDP and accelerator.state.fsdp_plugin.fsdp_version != 2:
@@ -63,7 +70,7 @@ def check_supported(accelerator) -> None:
         )
 
 
-def is_sharded(accelerator) -> bool:
+def is_sharded(accelerator: Accelerator) -> bool:
     """True under FSDP or DeepSpeed: parameters and optimizer state are partitioned over processes."""
     kind, types = _distributed_type(accelerator)
     return kind in (types.FSDP, types.DEEPSPEED)
@@ -88,7 +95,7 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().cpu().contiguous()
 
 
-def trainable_state_dict_full(accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
+def trainable_state_dict_full(accelerator: Accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters of a prepared ``model``, full (unsharded), detached, on the CPU, named as in the
     unwrapped single-process model; complete on the main process (others may get an empty dict).
 
@@ -111,7 +118,9 @@ def trainable_state_dict_full(accelerator, model: nn.Module) -> dict[str, torch.
     return trainable_state_dict(unwrapped) if accelerator.is_main_process else {}
 
 
-def load_trainable(accelerator, model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_trainable(
+    accelerator: Accelerator, model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint"
+) -> None:
     """Copy full tensors into the trainable parameters of a prepared ``model`` (each process keeps its shard).
 
     ``tensors`` must hold exactly the trainable parameters' names with their full shapes, else a ``ValueError``
@@ -148,7 +157,7 @@ def load_trainable(accelerator, model: nn.Module, tensors: dict[str, torch.Tenso
             p.copy_(source_tensor)
 
 
-def pad_batches(accelerator, batches: list[list[int]]) -> list[list[int]]:
+def pad_batches(accelerator: Accelerator, batches: list[list[int]]) -> list[list[int]]:
     """``batches`` (lists of dataset indices), extended with ``[0]`` batches to the largest count over processes when
     the model is sharded: every forward is a collective there, so every process must run as many (the caller drops
     the padding batches' outputs). Unchanged otherwise."""
@@ -169,7 +178,7 @@ def _partition_file(directory: str | os.PathLike, rank: int) -> pathlib.Path:
 
 
 def optimizer_state(
-    accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | os.PathLike
+    accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | os.PathLike
 ) -> Any:
     """What the checkpoint's ``trainer_state.pt`` stores for ``optimizer`` (complete on the main process).
 
@@ -191,7 +200,11 @@ def optimizer_state(
 
 
 def load_optimizer_state(
-    accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, state: Any, directory: str | os.PathLike
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: Any,
+    directory: str | os.PathLike,
 ) -> None:
     """Restore what :func:`optimizer_state` returned (every process passes the checkpoint's value and directory).
 

@@ -19,7 +19,8 @@ exactly as if the run had not stopped.
 
 Multi-GPU runs need no change: ``accelerate launch --num_processes N -m mit.cli train ...``; several CPU processes
 (gloo): ``torchrun --nproc_per_node N -m mit.cli train ...``. Each process takes its shard of a per-epoch permutation
-seeded by ``seed + epoch``; gradients are averaged by DDP.
+seeded by ``seed + epoch``; gradients are averaged by DDP. Sharded runs (FSDP2, DeepSpeed ZeRO-3; what changes for
+them is in :mod:`mit.tuning.distributed`): docs/distributed.md.
 """
 
 from __future__ import annotations
