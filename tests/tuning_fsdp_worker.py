@@ -23,6 +23,7 @@ def make_config(llama: str, clip: str, data: str, out: str, **overrides) -> Trai
         out=out,
         encoder=clip,
         batch_size=2,
+        eval_batch_size=1,  # 3 evaluation samples: 2 forwards on one process, 1 on the other (+1 padding forward)
         epochs=2,
         dropout=0.0,
         lr=1e-3,

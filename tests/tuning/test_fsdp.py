@@ -127,6 +127,12 @@ def test_checkpoints_hold_full_trainable_tensors_and_optimizer_state(runs):
 
 def test_fsdp_checkpoint_evaluates_in_one_process(runs):
     out, _, single = runs
+    # the end-of-epoch evaluation under FSDP (uneven shards, as many forwards on each process) = one process's
+    with open(out / "metrics.csv") as f, open(pathlib.Path(single.config.out) / "metrics.csv") as g:
+        fsdp_rows, single_rows = list(csv.DictReader(f)), list(csv.DictReader(g))
+    assert len(fsdp_rows) == len(single_rows) == 1 and fsdp_rows[0].keys() == single_rows[0].keys()
+    for key, value in single_rows[0].items():
+        assert float(fsdp_rows[0][key]) == pytest.approx(float(value), rel=1e-5), key
     metrics = evaluate_checkpoint(out)  # one process, no FSDP: the full tensors load as they are
     expected = single.evaluate()
     assert metrics.keys() == expected.keys()
