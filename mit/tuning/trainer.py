@@ -24,7 +24,8 @@ directories a killed run left behind. A non-finite loss (or non-finite parameter
 
 Multi-GPU runs need no change: ``accelerate launch --num_processes N -m mit.cli train ...``; several CPU processes
 (gloo): ``torchrun --nproc_per_node N -m mit.cli train ...``. Each process takes its shard of a per-epoch permutation
-seeded by ``seed + epoch``; gradients are averaged by DDP.
+seeded by ``seed + epoch``; gradients are averaged by DDP. Sharded runs (FSDP2, DeepSpeed ZeRO-3; what changes for
+them is in :mod:`mit.tuning.distributed`): docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from torch.utils.data import DataLoader
 
 from ..utils.files import atomic_write_text
 from ..utils.results import csv_text
+from . import distributed
 from .config import RunConfig
 from .tasks import (
     batch_to,
@@ -55,7 +57,6 @@ from .tasks import (
     load_llm,
     make_collate,
     resolve_dtype,
-    trainable_state_dict,
 )
 
 CHECKPOINT_WEIGHTS = "trainable.safetensors"
@@ -182,6 +183,8 @@ class Trainer:
             # may ask for another precision
             AcceleratorState._reset_state()
         self.accelerator = accelerator or Accelerator(mixed_precision=config.optim.precision, cpu=multi_cpu)
+        distributed.enable_cpu_fsdp(self.accelerator)  # ACCELERATE_USE_FSDP on CPU processes (accelerate: DDP)
+        distributed.check_supported(self.accelerator)
         self.out = pathlib.Path(config.run.out)
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"out: {self.out} is an existing file; expected a run directory (new or to resume)")
@@ -346,6 +349,18 @@ class Trainer:
             f"{kept} (a lower --lr or --max-grad-norm may help)"
         )
 
+    def _count_nonfinite_parameters(self) -> int:
+        """Trainable parameter tensors (this process's shards, summed over processes) holding a NaN or Inf; the same
+        number on every process, so that all of them stop together."""
+        local = 0
+        for p in self.unwrapped.parameters():
+            if p.requires_grad:
+                values = p.to_local() if hasattr(p, "to_local") else p  # DTensor shards under FSDP2
+                local += int(not bool(torch.isfinite(values).all()))
+        if self.accelerator.num_processes == 1:
+            return local
+        return int(self.accelerator.reduce(torch.tensor(local, device=self.accelerator.device), "sum").item())
+
     def _train_epoch(self, batches: list[list[int]], progress) -> bool:
         """Train on the rest of this epoch's micro-batches; True if ``max_steps`` stopped the run."""
         config, accelerator = self.config, self.accelerator
@@ -372,13 +387,13 @@ class Trainer:
                 progress.update(1)
             if not last_in_group:
                 continue
-            if config.optim.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(self.parameters, config.optim.max_grad_norm)
+            if config.optim.max_grad_norm is not None:  # all parameters (frozen ones have no gradient): FSDP's clipping
+                accelerator.clip_grad_norm_(self.model.parameters(), config.optim.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            bad = [n for n, p in self.unwrapped.named_parameters() if p.requires_grad and not p.isfinite().all()]
+            bad = self._count_nonfinite_parameters()
             if bad:
-                raise self._diverged(f"the update made {len(bad)} trainable parameters non-finite (e.g. {bad[0]})")
+                raise self._diverged(f"the update made {bad} trainable parameter tensors non-finite")
             self.global_step += 1
             loss_value = float(np.mean(group_losses))
             group_losses = []
@@ -408,9 +423,14 @@ class Trainer:
         size = self.config.run.eval_batch_size or self.config.optim.batch_size
         records: list[Any] = []
         loss_sum, count = 0.0, 0
-        for batch in self._loader(dataset, [indices[i : i + size] for i in range(0, len(indices), size)]):
+        batches = [indices[i : i + size] for i in range(0, len(indices), size)]
+        real = len(batches)
+        batches = distributed.pad_batches(accelerator, batches)  # sharded: as many forwards on every process
+        for i, batch in enumerate(self._loader(dataset, batches)):
             batch = batch_to(batch, accelerator.device)
             out = self.model(batch)
+            if i >= real:
+                continue  # a padding forward: its outputs are not counted
             records += self.spec.records(batch, out)
             loss_sum += float(out["loss"]) * len(batch["id"])
             count += len(batch["id"])
@@ -451,10 +471,13 @@ class Trainer:
             tmp.mkdir()
         accelerator.wait_for_everyone()
         torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+        # full trainable tensors and optimizer state (collectives under FSDP / DeepSpeed: every process calls them)
+        weights = distributed.trainable_state_dict_full(accelerator, self.model)
+        optimizer_state = distributed.optimizer_state(accelerator, self.model, self.optimizer, tmp)
         if self.is_main:
-            save_file(trainable_state_dict(self.unwrapped), str(tmp / CHECKPOINT_WEIGHTS), metadata={"format": "pt"})
+            save_file(weights, str(tmp / CHECKPOINT_WEIGHTS), metadata={"format": "pt"})
             state = {
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": self.scheduler.state_dict(),
                 "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch,
@@ -558,26 +581,14 @@ class Trainer:
 
     def _apply(self, checkpoint: _Checkpoint) -> None:
         weights = checkpoint.directory / CHECKPOINT_WEIGHTS
-        tensors = checkpoint.tensors
-        params = {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
-        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-        if missing or unexpected:
-            raise CheckpointError(
-                f"checkpoint {weights} does not match the model: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]} (same --task, --dataset and model settings?)"
-            )
-        for n, p in params.items():
-            if tensors[n].shape != p.shape:
-                raise CheckpointError(
-                    f"checkpoint {weights}: {n} has shape {tuple(tensors[n].shape)}, the model expects {tuple(p.shape)}"
-                )
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(tensors[n])
+        # names and full shapes checked before anything is copied; then each process keeps its shard (FSDP, ZeRO-3)
+        distributed.load_trainable(self.accelerator, self.model, checkpoint.tensors, source=str(weights))
         state = checkpoint.state
         if state is None:
             return
-        self.optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(
+            self.accelerator, self.model, self.optimizer, state["optimizer"], checkpoint.directory
+        )
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         self._epoch_losses = list(state["epoch_losses"])

@@ -101,13 +101,13 @@ CORRUPTIONS = {  # name -> (corrupt(directory), file it must name, message patte
     "unknown field": (edit_json(set_in(None, "extra", 1)), "mit_config.json", r"unknown \['extra'\]"),
     "wrong format": (edit_json(set_in(None, "format", "mit-adapter-v9")), "mit_config.json", "unknown adapter format"),
     "format not a string": (edit_json(set_in(None, "format", 2)), "mit_config.json", "unknown adapter format 2"),
-    "no modality_dim": (edit_json(delete_in("mit_config", "modality_dim")), "mit_config.json", "missing required setting 'modality_dim'"),
+    "no modality_dim": (edit_json(delete_in("mit_config", "modality_dim")), "mit_config.json", "missing required"),
     "modality_dim a string": (
-        edit_json(set_in("mit_config", "modality_dim", "16")), "mit_config.json", "modality_dim: expected an integer >= 1, got '16'"
+        edit_json(set_in("mit_config", "modality_dim", "16")), "mit_config.json", "modality_dim: expected an"
     ),
-    "layers of floats": (edit_json(set_in("mit_config", "layers", [0.5])), "mit_config.json", r"invalid mit_config: layers: expected"),
-    "infuse_kv an int": (edit_json(set_in("mit_config", "infuse_kv", 1)), "mit_config.json", r"infuse_kv: expected a bool"),
-    "unknown backend": (edit_json(set_in("mit_config", "backend", "cuda")), "mit_config.json", r"backend: expected one of"),
+    "layers of floats": (edit_json(set_in("mit_config", "layers", [0.5])), "mit_config.json", "layers: expected"),
+    "infuse_kv an int": (edit_json(set_in("mit_config", "infuse_kv", 1)), "mit_config.json", "infuse_kv: expected"),
+    "unknown backend": (edit_json(set_in("mit_config", "backend", "cuda")), "mit_config.json", "backend: expected"),
     "mit_config a list": (edit_json(set_in(None, "mit_config", [])), "mit_config.json", "mit_config must be a JSON"),
     "hidden_size a string": (
         edit_json(set_in("base_model", "hidden_size", "64")), "mit_config.json", "hidden_size must be a positive int"
