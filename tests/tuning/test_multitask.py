@@ -184,3 +184,97 @@ def test_help_lists_the_neural_section(capsys):
     text = capsys.readouterr().out
     for flag in ("--rank", "--sparsity", "--nt-dropout", "--zero-init-b", "--glb-weight", "multitask"):
         assert flag in text
+
+
+def test_heads_and_regression_loss():
+    from mit.tuning.heads_neural import EmbeddingRegressor, FiLMMaskDecoder
+    from mit.tuning.losses import embedding_regression_loss
+
+    torch.manual_seed(0)
+    decoder = FiLMMaskDecoder(cond_dim=6, feature_dim=5, num_levels=2, hidden=8).eval()
+    levels = [torch.randn(3, 5, 4, 4), torch.randn(3, 5, 4, 4)]
+    state = torch.randn(3, 6)
+    logits = decoder(state, levels, (16, 16))
+    assert logits.shape == (3, 16, 16)
+    one = decoder(state[1:2], [x[1:2] for x in levels], (16, 16))  # rows are independent (GroupNorm per sample)
+    assert torch.allclose(one[0], logits[1], atol=1e-5)
+    other = decoder(state[[0, 0, 0]], levels, (16, 16))  # the state conditions the mask
+    assert not torch.allclose(other[1], logits[1])
+    with pytest.raises(ValueError, match="levels: expected 2 feature maps, got 1"):
+        decoder(state, levels[:1], (16, 16))
+    assert EmbeddingRegressor(6, 4, hidden=7)(state).shape == (3, 4)
+    p, y = torch.randn(5, 4), torch.randn(5, 4)
+    pn, yn = p.numpy().astype(np.float64), y.numpy().astype(np.float64)
+    cos = (pn * yn).sum(1) / np.linalg.norm(pn, axis=1) / np.linalg.norm(yn, axis=1)
+    expected = (1 - cos).mean() + ((pn - yn) ** 2).mean()
+    assert float(embedding_regression_loss(p, y)) == pytest.approx(expected, rel=1e-5)
+    assert float(embedding_regression_loss(y * 1, y)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="predictions and targets"):
+        embedding_regression_loss(p, y[:, :3])
+
+
+def test_outputs_do_not_depend_on_padding_side_or_a_task_id(assets, tmp_path):
+    """The <LCL-i> / <GLB> states are read at the right positions after the image tokens (left and right padding
+    agree), the answer predictions are what greedy generation emits, and the model reads no task id."""
+    from mit.tuning.config import RunConfig
+    from mit.tuning.tasks import make_collate
+    from mit.tuning.trainer import Trainer
+
+    settings = {"task": "multitask", "model": assets["llama"], "data": str(assets["mmud"]), "out": str(tmp_path)}
+    settings.update(encoder=assets["clip"], rank=8, sparsity=0.5, decoder_hidden=8, glb_hidden=16, progress=False)
+    trainer = Trainer(RunConfig.from_dict(settings), build_train_data=False)
+    model, spec, tokenizer = trainer.unwrapped.eval(), trainer.spec, trainer.tokenizer
+    items = [trainer.eval_dataset[j] for j in range(8)]
+    left = make_collate(spec, tokenizer, "left", 64)(items)
+    right = make_collate(spec, tokenizer, "right", 64)(items)
+    assert not torch.equal(left["input_ids"], right["input_ids"])  # some rows are padded
+    with torch.no_grad():
+        a, b = model(left), model(right)
+        for key in ("mask_logits", "glb_prediction", "loss"):
+            assert torch.allclose(a[key], b[key], atol=1e-4), key
+        for row in range(8):
+            answer_left, answer_right = left["labels"][row] != -100, right["labels"][row] != -100
+            assert torch.equal(a["answer_predictions"][row][answer_left], b["answer_predictions"][row][answer_right])
+        # the prediction at each answer's first position is greedy generation's first token from the prompt alone
+        patches = model.encoder(left["image"]).patches
+        for row in range(8):
+            prompt = left["input_ids"][row][(left["attention_mask"][row] == 1) & (left["labels"][row] == -100)]
+            first = model.llm.generate(
+                prompt[None],
+                attention_mask=torch.ones_like(prompt)[None],
+                image_features=patches[row : row + 1],
+                max_new_tokens=1,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            position = int((left["labels"][row] != -100).nonzero()[0])
+            assert int(first[0, -1]) == int(a["answer_predictions"][row, position]), row
+        # the states the heads read are the final states at the task tokens: those of a forward of the prompt cut
+        # right after each task token (causal attention), read at its last position
+        from mit.integrations.model import decoder_of
+
+        seen = {}
+        hooks = [
+            model.mask_decoder.register_forward_pre_hook(lambda m, args: seen.__setitem__("lcl", args[0])),
+            model.glb_head.register_forward_pre_hook(lambda m, args: seen.__setitem__("glb", args[0])),
+        ]
+        model(left)
+        for hook in hooks:
+            hook.remove()
+        final = []
+        hook = decoder_of(model.llm).norm.register_forward_hook(lambda m, args, output: final.append(output))
+        expected = {"lcl": [], "glb": []}
+        task_ids = [*model.lcl_ids.tolist(), model.glb_id]
+        for row in range(8):
+            real = left["input_ids"][row][left["attention_mask"][row] == 1]
+            for position in range(len(real)):
+                if int(real[position]) in task_ids:
+                    model.llm(input_ids=real[None, : position + 1], image_features=patches[row : row + 1])
+                    kind = "glb" if int(real[position]) == model.glb_id else "lcl"
+                    expected[kind].append(final[-1][0, -1])
+        hook.remove()
+        for kind in ("lcl", "glb"):
+            assert torch.allclose(torch.stack(expected[kind]), seen[kind], atol=1e-4), kind
+        del left["task"]
+        c = model(left)
+    assert torch.equal(c["mask_logits"], a["mask_logits"]) and torch.equal(c["glb_prediction"], a["glb_prediction"])
