@@ -15,6 +15,8 @@ examples (datasets and weights are downloaded by you; see README "Tuning on the 
   mit train --task cls --dataset food101 --model llama-2-7b-hf --encoder-pretrained ViT-L-14-336px.pt \\
       --quick-gelu --data UPMC-Food101 --out runs/food101 --mixed-precision bf16
   mit train --task msa --dataset mosi --model llama-2-7b-hf --data MOSI/Processed --out runs/mosi
+  mit train --task multitask --dataset mmud --model llama-2-7b-hf --encoder-pretrained clip-vit-large-patch14 \\
+      --data MMUD --rank 128 --sparsity 0.4 --max-length 300 --out runs/mmud     # neural tuning, four tasks at once
   mit train --config runs/refcoco.yaml --lr 2e-5          # a config file, with command-line overrides
   mit train --config runs/refcoco.yaml --resume           # continue a stopped run exactly where it stopped
   mit eval --checkpoint runs/refcoco --split testA        # evaluate the latest checkpoint on another split

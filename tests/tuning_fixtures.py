@@ -60,10 +60,11 @@ def write_tiny_clip_config(directory: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def write_tiny_llama(directory: pathlib.Path, hidden: int = 32, layers: int = 2) -> pathlib.Path:
-    """A random LlamaModel (hidden 32, 2 layers, 4 heads / 2 KV heads) and a whitespace word-level tokenizer."""
+def write_tiny_llama(directory: pathlib.Path, hidden: int = 32, layers: int = 2, causal: bool = False) -> pathlib.Path:
+    """A random LlamaModel (hidden 32, 2 layers, 4 heads / 2 KV heads; ``causal``: LlamaForCausalLM, with its LM
+    head) and a whitespace word-level tokenizer."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, PreTrainedTokenizerFast
 
     directory = pathlib.Path(directory)
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
@@ -88,7 +89,7 @@ def write_tiny_llama(directory: pathlib.Path, hidden: int = 32, layers: int = 2)
         eos_token_id=2,
     )
     torch.manual_seed(0)
-    LlamaModel(config).save_pretrained(directory)
+    (LlamaForCausalLM if causal else LlamaModel)(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 
@@ -245,6 +246,69 @@ def make_mosi(root: pathlib.Path, aligned: bool = False, n: int = 6) -> pathlib.
     name = "aligned_50.pkl" if aligned else "unaligned_50.pkl"
     with open(root / name, "wb") as f:
         pickle.dump(data, f)
+    return root
+
+
+MMUD_OBJECTS = (("red square", "the red box"), ("blue circle",), ("big apple",))
+
+
+def make_mmud(root: pathlib.Path, records: int = 3, glb_dim: int = 8, splits=("train", "valid")) -> pathlib.Path:
+    """MMUD's published layout: <root>/<split>.pkl (a list of 12-tuples, see mit.tuning.data.mmud), the images in
+    <root>/MergedImages/ (named by the last component of a Windows image_path, as the authors' files are), and
+    <root>/CLIPGENFeatureUN/<image>.pkl (a pickled (1, glb_dim) tensor).
+
+    Record i has 2 + i % 2 objects, each a rectangle; record 0's masks are flat COCO polygons, the others' COCO RLE
+    (a list of one uncompressed RLE dict, as the RefClef records). Its enriched text mentions <LCL-2> before <LCL-1>
+    and <LCL-2> twice."""
+    root = pathlib.Path(root)
+    (root / "MergedImages").mkdir(parents=True, exist_ok=True)
+    (root / "CLIPGENFeatureUN").mkdir(parents=True, exist_ok=True)
+    for s, split in enumerate(splits):
+        rows = []
+        for i in range(records):
+            seed = 100 * s + i
+            name = f"{seed}.jpg"
+            width, height = 40 + 4 * i, 36
+            image, _ = _image(seed, (width, height))
+            image.save(root / "MergedImages" / name, quality=95)
+            torch.manual_seed(seed)
+            with open(root / "CLIPGENFeatureUN" / f"{name}.pkl", "wb") as f:
+                pickle.dump(torch.randn(1, glb_dim), f)
+            count = 2 + i % 2
+            masks, boxes = [], []
+            for k in range(count):
+                x0, y0, x1, y1 = 4 + 10 * k, 4 + 6 * k, 14 + 10 * k, 20 + 6 * k
+                boxes.append([x0, y0, x1 - x0, y1 - y0])
+                if i == 0:
+                    masks.append([float(v) for v in (x0, y0, x1, y0, x1, y1, x0, y1)])
+                else:
+                    mask = np.zeros((height, width), dtype=bool)
+                    mask[y0:y1, x0:x1] = True
+                    masks.append([{"size": [height, width], "counts": mask_to_rle_counts(mask)}])
+            texts = [list(MMUD_OBJECTS[k]) for k in range(count)]
+            enriched = (
+                "##Question: which object is left of the circle ?\n##Answer:<SEP>the square <LCL-2> is left of "
+                "<LCL-1> and <LCL-2> is red ."
+            )
+            caption = f"a picture with {count} objects"
+            rows.append(
+                (
+                    f"D:\\MMUD\\MergedImages\\{name}",
+                    caption,
+                    enriched,
+                    texts,
+                    masks,
+                    boxes,
+                    height,
+                    width,
+                    [1] * count,
+                    ["thing"] * count,
+                    len(caption.split()),
+                    len(enriched.split()),
+                )
+            )
+        with open(root / f"{split}.pkl", "wb") as f:
+            pickle.dump(rows, f)
     return root
 
 

@@ -5,9 +5,10 @@ help text is the field's), config files use the same names (flat, or nested by s
 written), and every value is validated by type and range when the configuration is built (:mod:`mit.utils.settings`).
 
 Sections: ``llm`` (the frozen LLM and its prompts), ``data``, ``encoder`` (CLIP, for tasks with images), ``mit``
-(:class:`mit.MiTConfig` itself), ``heads``, ``optim`` (the paper's schedule by default) and ``run`` (output,
-checkpoints, evaluation, resume). Fields marked ``resume_safe`` may differ when a run is resumed; any other difference
-makes ``--resume`` refuse (:meth:`RunConfig.resume_conflicts`).
+(:class:`mit.MiTConfig` itself), ``neural`` (:class:`mit.NeuralTuningConfig` itself, for tasks whose method is
+neural tuning; its ``dropout`` is the flag ``--nt-dropout``), ``heads``, ``optim`` (the paper's schedule by
+default) and ``run`` (output, checkpoints, evaluation, resume). Fields marked ``resume_safe`` may differ when a run is
+resumed; any other difference makes ``--resume`` refuse (:meth:`RunConfig.resume_conflicts`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 from typing import Any
 
 from ..config import MiTConfig
+from ..neural import NeuralTuningConfig
 from ..utils.settings import differences, from_mapping, setting, to_flat, validate
 
 
@@ -46,6 +48,7 @@ SECTION_TITLES = {
     "data": "dataset files and splits",
     "encoder": "image encoder (tasks with images)",
     "mit": "MiT (mit.MiTConfig)",
+    "neural": "neural tuning (mit.NeuralTuningConfig; tasks with method 'neural')",
     "heads": "task heads",
     "optim": "optimisation (defaults: the paper's)",
     "run": "output, checkpoints, evaluation, resume",
@@ -146,13 +149,17 @@ class HeadConfig:
     seq_d_model: int = setting(128, help="msa: sequence encoder width", metavar="N", low=1)
     seq_layers: int = setting(3, help="msa: sequence encoder layers (paper: 3)", metavar="N", low=1)
     seq_heads: int = setting(4, help="msa: sequence encoder attention heads", metavar="N", low=1)
-    decoder_hidden: int = setting(256, help="refseg: decoder channels", metavar="N", low=1)
+    decoder_hidden: int = setting(256, help="refseg, multitask: mask decoder channels", metavar="N", low=1)
     cls_hidden: int = setting(512, help="cls: classification head hidden size", metavar="N", low=1)
     reg_hidden: int = setting(0, help="msa: regression head hidden size (0 = one linear layer)", metavar="N", low=0)
     dropout: float = setting(0.1, help="dropout in the trainable heads", metavar="P", low=0, high=1, high_open=True)
     bce_weight: float = setting(
         0.0, help="refseg: weight of a BCE term added to the DICE loss (paper: 0)", metavar="W", low=0
     )
+    glb_hidden: int = setting(1024, help="multitask: <GLB> regressor hidden size (reference: 1024)", metavar="N", low=1)
+    lm_weight: float = setting(1.0, help="multitask: weight of the LM loss on the answers", metavar="W", low=0)
+    mask_weight: float = setting(1.0, help="multitask: weight of the Dice loss of the masks", metavar="W", low=0)
+    glb_weight: float = setting(1.0, help="multitask: weight of the <GLB> loss (1 - cosine + MSE)", metavar="W", low=0)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -230,6 +237,7 @@ class RunConfig:
     run: RunSettings = setting()
     encoder: EncoderConfig = setting(default_factory=EncoderConfig)
     mit: MiTConfig = setting(default_factory=_default_mit)
+    neural: NeuralTuningConfig = setting(default_factory=NeuralTuningConfig)
     heads: HeadConfig = setting(default_factory=HeadConfig)
     optim: OptimConfig = setting(default_factory=OptimConfig)
 

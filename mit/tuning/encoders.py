@@ -23,6 +23,14 @@ class ImageFeatures:
     global_embedding: torch.Tensor
     levels: list[torch.Tensor]
 
+    @property
+    def patches(self) -> torch.Tensor:
+        """(B, grid_h * grid_w, width): the deepest chosen block's patch tokens, row-major, without the class token
+        (with the default ``feature_layers``, the last block: CLIP's last hidden state minus its class token). These
+        are neural tuning's image tokens (``image_features``)."""
+        deepest = self.levels[-1]
+        return deepest.flatten(2).transpose(1, 2)
+
 
 class CLIPImageEncoder(nn.Module):
     """Frozen CLIP image encoder (default ViT-L/14-336: 768-d embedding, 1024-wide 24x24 patch features).

@@ -37,3 +37,15 @@ def rmse_loss(predictions: torch.Tensor, targets: torch.Tensor, eps: float = 1e-
     if predictions.shape != targets.shape:
         raise ValueError(f"predictions {tuple(predictions.shape)} and targets {tuple(targets.shape)} differ in shape")
     return torch.sqrt(F.mse_loss(predictions.float(), targets.float()) + eps)
+
+
+def embedding_regression_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``mean(1 - cos(p, y)) + mean((p - y)^2)`` over (N, D) predicted and target embeddings: the cosine term aligns
+    the direction (what retrieval / a CLIP-conditioned generator reads), the MSE term the scale."""
+    if predictions.shape != targets.shape or predictions.dim() != 2:
+        raise ValueError(
+            f"predictions and targets: expected equal (N, D) shapes, got {tuple(predictions.shape)} and "
+            f"{tuple(targets.shape)}"
+        )
+    p, y = predictions.float(), targets.float()
+    return (1 - F.cosine_similarity(p, y, dim=-1)).mean() + F.mse_loss(p, y)

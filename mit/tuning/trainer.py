@@ -46,6 +46,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from ..neural import TASK_TOKENS
 from ..utils.files import atomic_write_text
 from ..utils.results import csv_text
 from . import distributed
@@ -215,8 +216,14 @@ class Trainer:
                 raise ValueError(
                     f"image_size: expected the CLIP model's input size {encoder.image_size}, got {image_size}"
                 )
-            # the infused embedding is CLIP's: its size is the encoder's, whatever --modality-dim says
-            config = config.replace(modality_dim=encoder.embed_dim)
+            if self.spec.method == "neural":
+                # the image tokens are CLIP's patch tokens: their width is the encoder's, whatever --image-dim says
+                config = config.replace(image_dim=encoder.width)
+            else:
+                # the infused embedding is CLIP's: its size is the encoder's, whatever --modality-dim says
+                config = config.replace(modality_dim=encoder.embed_dim)
+        if self.spec.method == "neural" and not config.neural.new_tokens:
+            config = config.replace(new_tokens=list(TASK_TOKENS))
         self.config = config
         # a resumed run must be the same run: checked before the (long) model load and before anything is written
         self._resume_from = self._find_checkpoint() if resume else None
@@ -226,9 +233,16 @@ class Trainer:
         self.train_dataset = datasets[0] if build_train_data else None
         self.eval_dataset = datasets[-1]
         with _quiet_loading(not config.run.progress):
-            llm, self.tokenizer = load_llm(config.llm.model, dtype)  # after the data: its errors come first
+            # after the data: its errors come first
+            llm, self.tokenizer = load_llm(config.llm.model, dtype, causal_lm=self.spec.causal_lm)
         self.model = build_task_model(
-            self.spec, llm, config.mit, encoder=encoder, dataset=self.eval_dataset, heads=config.heads
+            self.spec,
+            llm,
+            config.neural if self.spec.method == "neural" else config.mit,
+            encoder=encoder,
+            dataset=self.eval_dataset,
+            heads=config.heads,
+            tokenizer=self.tokenizer,
         )
         self.collate = make_collate(self.spec, self.tokenizer, config.llm.padding_side, config.llm.max_length)
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -261,6 +275,8 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.config.optim.seed + epoch)
         order = torch.randperm(len(self.train_dataset), generator=generator).tolist()
         mine = _shard(order, self.accelerator.process_index, self.accelerator.num_processes, pad=True)
+        if self.spec.order is not None:  # e.g. tasks mixed equally in every batch
+            mine = self.spec.order(self.train_dataset, mine)
         size = self.config.optim.batch_size
         return [mine[i : i + size] for i in range(0, len(mine), size)]
 

@@ -145,3 +145,13 @@ def test_sequence_encoder_masks_and_gradients():
         encoder({"audio": torch.randn(2, 6, 4), "vision": vision})
     with pytest.raises(ValueError, match="missing \\['vision'\\]"):
         encoder({"audio": audio})
+
+
+def test_patch_tokens_are_clips_last_hidden_state_without_the_class_token(tmp_path):
+    encoder = CLIPImageEncoder(write_tiny_clip_config(tmp_path))  # default feature layers end at the last block
+    images = torch.randn(2, 3, 32, 32)
+    patches = encoder(images).patches
+    with torch.no_grad():
+        direct = encoder.visual.tower(pixel_values=images).last_hidden_state
+    assert patches.shape == (2, 16, TINY_CLIP["hidden_size"])  # 4 x 4 patches of 8 pixels, row-major
+    torch.testing.assert_close(patches, direct[:, 1:])

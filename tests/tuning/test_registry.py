@@ -48,5 +48,5 @@ def test_a_registered_toy_task_trains_from_the_command_line(toy_task, tmp_path, 
 
 def test_unregistered_task_is_refused(tmp_path, capsys):
     assert "toy" not in task_names()
-    with pytest.raises(ValueError, match=r"task: expected one of \['refseg', 'cls', 'msa'\], got 'toy'"):
+    with pytest.raises(ValueError, match=r"task: expected one of \['refseg', 'cls', 'msa', 'multitask'\], got 'toy'"):
         RunConfig.from_dict({"task": "toy", "model": "m", "data": "d", "out": "o"})

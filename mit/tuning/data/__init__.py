@@ -4,6 +4,7 @@
   train2014 images
 - UPMC-Food101, :class:`Food101Dataset`: ``texts/{train,test}_titles.csv``, ``images/{train,test}/<class>/<image>``
 - SNLI-VE, :class:`SNLIVEDataset`: ``snli_ve_{train,dev,test}.jsonl``, Flickr30k images
+- MMUD, :class:`MMUDDataset`: ``{train,valid,test}.pkl`` (12-tuples), ``MergedImages/``, ``CLIPGENFeatureUN/``
 - CMU-MOSI / MOSEI, :class:`MSADataset`: MMSA's ``aligned_50.pkl`` / ``unaligned_50.pkl`` feature pickles
 
 Every adapter raises :class:`DatasetError` (a ValueError) naming the file and what it expected when a file is missing
@@ -12,6 +13,7 @@ or malformed.
 
 from .common import DatasetError
 from .food101 import Food101Dataset
+from .mmud import MMUDDataset
 from .mosi import MSADataset
 from .refcoco import RefCOCODataset, decode_rle, polygons_to_mask
 from .snli_ve import SNLI_VE_LABELS, SNLIVEDataset
@@ -20,6 +22,7 @@ __all__ = [
     "SNLI_VE_LABELS",
     "DatasetError",
     "Food101Dataset",
+    "MMUDDataset",
     "MSADataset",
     "RefCOCODataset",
     "SNLIVEDataset",

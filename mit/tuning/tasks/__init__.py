@@ -1,10 +1,10 @@
-"""Tasks: the registry (:mod:`.registry`), what tasks share (:mod:`.base`) and the paper's three tasks, one module
-each. To add a task, write a module that builds a :class:`TaskSpec` and register it: in this file for a built-in task,
-or with :func:`register_task` from your own code."""
+"""Tasks: the registry (:mod:`.registry`), what tasks share (:mod:`.base`) and the tasks, one module each (the
+paper's three, and neural tuning's ``multitask``). To add a task, write a module that builds a :class:`TaskSpec` and
+register it: in this file for a built-in task, or with :func:`register_task` from your own code."""
 
 from __future__ import annotations
 
-from . import classification, refseg, sentiment
+from . import classification, multitask, refseg, sentiment
 from .base import (
     TaskModel,
     batch_to,
@@ -18,7 +18,7 @@ from .base import (
 )
 from .registry import DatasetSpec, TaskSpec, dataset_names, get_task, register_task, task_names, unregister_task
 
-for _spec in (refseg.SPEC, classification.SPEC, sentiment.SPEC):
+for _spec in (refseg.SPEC, classification.SPEC, sentiment.SPEC, multitask.SPEC):
     register_task(_spec, replace=True)
 
 __all__ = [

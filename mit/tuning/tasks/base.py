@@ -17,6 +17,7 @@ from torch import nn
 
 from ...config import MiTConfig
 from ...integrations import FAMILIES, apply_mit
+from ...neural import NeuralTuningConfig, apply_neural_tuning
 from ..prompts import last_token_state, position_ids, tokenize_prompts
 from .registry import TaskSpec, get_task
 
@@ -38,22 +39,22 @@ def check_llm_path(model: str | os.PathLike) -> None:
         raise ValueError(f"--model {model}: expected a Hugging Face model directory with config.json (or 'smollm2')")
 
 
-def load_llm(model: str | os.PathLike, dtype: torch.dtype = torch.float32):
+def load_llm(model: str | os.PathLike, dtype: torch.dtype = torch.float32, causal_lm: bool = False):
     """The frozen LLM as a bare transformers decoder (``AutoModel``: no LM head; a family :func:`mit.apply_mit`
-    supports) and its tokenizer.
+    supports), or with ``causal_lm`` as ``AutoModelForCausalLM`` (with its LM head), and its tokenizer.
 
     ``model`` is a directory in Hugging Face format (``config.json``, weights, tokenizer files), or ``"smollm2"`` for
     the offline SmolLM2-135M-Instruct of :func:`mit.models.load_smollm2`."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if str(model) == "smollm2":
         from ...models import load_smollm2
 
         causal, tokenizer = load_smollm2(dtype=dtype)
-        return causal.model, tokenizer
+        return (causal if causal_lm else causal.model), tokenizer
     check_llm_path(model)
     path = pathlib.Path(model)
-    llm = AutoModel.from_pretrained(path, dtype=dtype)
+    llm = (AutoModelForCausalLM if causal_lm else AutoModel).from_pretrained(path, dtype=dtype)
     model_type = getattr(llm.config, "model_type", None)
     if model_type not in FAMILIES:
         raise ValueError(f"--model {path}: MiT supports model types {sorted(FAMILIES)}, got {model_type!r}")
@@ -104,13 +105,14 @@ def make_collate(
     spec = get_task(task) if isinstance(task, str) else task
 
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-        input_ids, attention_mask = tokenize_prompts(tokenizer, [x["prompt"] for x in items], padding_side, max_length)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "id": [x["id"] for x in items],
-            **spec.collate(items),
-        }
+        if spec.encode is not None:
+            text = spec.encode(tokenizer, items, padding_side, max_length)
+        else:
+            input_ids, attention_mask = tokenize_prompts(
+                tokenizer, [x["prompt"] for x in items], padding_side, max_length
+            )
+            text = {"input_ids": input_ids, "attention_mask": attention_mask}
+        return {**text, "id": [x["id"] for x in items], **spec.collate(items)}
 
     return collate
 
@@ -129,15 +131,43 @@ def batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def build_task_model(
-    task: str | TaskSpec, llm: nn.Module, mit_config: MiTConfig, *, encoder=None, dataset=None, heads=None
+    task: str | TaskSpec,
+    llm: nn.Module,
+    mit_config: MiTConfig | NeuralTuningConfig,
+    *,
+    encoder=None,
+    dataset=None,
+    heads=None,
+    tokenizer=None,
 ) -> nn.Module:
-    """Apply MiT to ``llm`` (a bare decoder model; frozen) and attach the encoder and head of ``task``.
+    """Apply the task's method to ``llm`` (frozen) and attach the encoder and heads of ``task``.
 
-    For tasks with an image encoder, ``mit_config.modality_dim`` must equal the encoder's embedding size. ``heads`` is
-    a :class:`mit.tuning.config.HeadConfig` (default: its defaults); ``dataset`` the evaluation dataset."""
+    ``method="mit"``: ``mit_config`` is a :class:`mit.MiTConfig`, ``llm`` a bare decoder; for tasks with an image
+    encoder ``mit_config.modality_dim`` must equal the encoder's embedding size. ``method="neural"``: ``mit_config``
+    is a :class:`mit.NeuralTuningConfig` (its ``image_dim`` the encoder's width when the task has images), ``llm`` a
+    causal LM when the task says ``causal_lm``, and ``tokenizer`` receives the config's new tokens. ``heads`` is a
+    :class:`mit.tuning.config.HeadConfig` (default: its defaults); ``dataset`` the evaluation dataset."""
     from ..config import HeadConfig
 
     spec = get_task(task) if isinstance(task, str) else task
+    heads = heads if heads is not None else HeadConfig()
+    if spec.method == "neural":
+        if not isinstance(mit_config, NeuralTuningConfig):
+            raise ValueError(
+                f"mit_config: task {spec.name!r} uses neural tuning and expects a NeuralTuningConfig, got "
+                f"{type(mit_config).__name__}"
+            )
+        if spec.uses_image_encoder:
+            if encoder is None:
+                raise ValueError(f"encoder: task {spec.name!r} needs a CLIPImageEncoder, got None")
+            if mit_config.image_dim != encoder.width:
+                raise ValueError(
+                    f"neural_config.image_dim: expected the CLIP width {encoder.width}, got {mit_config.image_dim}"
+                )
+        llm = apply_neural_tuning(llm, mit_config, tokenizer)
+        return spec.build_model(llm, mit_config, encoder, dataset, heads)
+    if not isinstance(mit_config, MiTConfig):
+        raise ValueError(f"mit_config: task {spec.name!r} expects a MiTConfig, got {type(mit_config).__name__}")
     if spec.uses_image_encoder:
         if encoder is None:
             raise ValueError(f"encoder: task {spec.name!r} needs a CLIPImageEncoder, got None")
@@ -147,7 +177,7 @@ def build_task_model(
                 f"got {mit_config.modality_dim}"
             )
     llm = apply_mit(llm, mit_config)
-    return spec.build_model(llm, mit_config, encoder, dataset, heads if heads is not None else HeadConfig())
+    return spec.build_model(llm, mit_config, encoder, dataset, heads)
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..encoders import CLIPImageEncoder
 
 Batch = dict[str, Any]
+METHODS = ("mit", "neural")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,14 @@ class TaskSpec:
         records: ``records(batch, out) -> list`` of per-sample evaluation records (any picklable values: they are
             gathered over processes).
         metrics: ``metrics(records) -> {name: value}``; must include ``selection_metric``.
+        method: ``"mit"`` (infusion, :func:`mit.apply_mit`, the run's ``mit`` section; ``build_model`` receives a
+            :class:`mit.MiTConfig`) or ``"neural"`` (:func:`mit.apply_neural_tuning`, the run's ``neural`` section;
+            ``build_model`` receives a :class:`mit.NeuralTuningConfig` whose ``image_dim`` is the CLIP width).
+        causal_lm: load the LLM with its LM head (``AutoModelForCausalLM``) instead of the bare decoder.
+        encode: ``encode(tokenizer, items, padding_side, max_length) -> dict`` replacing the prompt tokenisation
+            (e.g. prompt + answer with ``labels``); None: the prompts alone.
+        order: ``order(dataset, indices) -> indices``: rearranges a process's shuffled training indices before they
+            are cut into batches (e.g. to mix tasks equally in every batch); None: keep the shuffled order.
     """
 
     name: str
@@ -73,8 +82,14 @@ class TaskSpec:
     collate: Callable[[list[dict[str, Any]]], Batch]
     records: Callable[[Batch, dict[str, torch.Tensor]], list[Any]]
     metrics: Callable[[list[Any]], dict[str, float]]
+    method: str = "mit"
+    causal_lm: bool = False
+    encode: Callable[[Any, list[dict[str, Any]], str, int | None], Batch] | None = None
+    order: Callable[[Dataset, list[int]], list[int]] | None = None
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"TaskSpec {self.name!r}: method: expected one of {list(METHODS)}, got {self.method!r}")
         if not self.datasets:
             raise ValueError(f"TaskSpec {self.name!r}: datasets: expected at least one DatasetSpec, got none")
 
