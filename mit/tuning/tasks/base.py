@@ -151,31 +151,27 @@ def build_task_model(
 
     spec = get_task(task) if isinstance(task, str) else task
     heads = heads if heads is not None else HeadConfig()
+    if spec.uses_image_encoder and encoder is None:
+        raise ValueError(f"encoder: task {spec.name!r} needs a CLIPImageEncoder, got None")
     if spec.method == "neural":
         if not isinstance(mit_config, NeuralTuningConfig):
             raise ValueError(
                 f"mit_config: task {spec.name!r} uses neural tuning and expects a NeuralTuningConfig, got "
                 f"{type(mit_config).__name__}"
             )
-        if spec.uses_image_encoder:
-            if encoder is None:
-                raise ValueError(f"encoder: task {spec.name!r} needs a CLIPImageEncoder, got None")
-            if mit_config.image_dim != encoder.width:
-                raise ValueError(
-                    f"neural_config.image_dim: expected the CLIP width {encoder.width}, got {mit_config.image_dim}"
-                )
+        if spec.uses_image_encoder and mit_config.image_dim != encoder.width:
+            raise ValueError(
+                f"neural_config.image_dim: expected the CLIP width {encoder.width}, got {mit_config.image_dim}"
+            )
         llm = apply_neural_tuning(llm, mit_config, tokenizer)
         return spec.build_model(llm, mit_config, encoder, dataset, heads)
     if not isinstance(mit_config, MiTConfig):
         raise ValueError(f"mit_config: task {spec.name!r} expects a MiTConfig, got {type(mit_config).__name__}")
-    if spec.uses_image_encoder:
-        if encoder is None:
-            raise ValueError(f"encoder: task {spec.name!r} needs a CLIPImageEncoder, got None")
-        if mit_config.modality_dim != encoder.embed_dim:
-            raise ValueError(
-                f"mit_config.modality_dim: expected the CLIP embedding size {encoder.embed_dim}, "
-                f"got {mit_config.modality_dim}"
-            )
+    if spec.uses_image_encoder and mit_config.modality_dim != encoder.embed_dim:
+        raise ValueError(
+            f"mit_config.modality_dim: expected the CLIP embedding size {encoder.embed_dim}, "
+            f"got {mit_config.modality_dim}"
+        )
     llm = apply_mit(llm, mit_config)
     return spec.build_model(llm, mit_config, encoder, dataset, heads)
 
