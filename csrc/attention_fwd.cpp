@@ -27,7 +27,7 @@ constexpr int64_t kDecodeMinSplit = 256;
 template <typename A>
 inline bool online_softmax_row(A* s, int64_t n, A& m, A& l, A* o, int64_t D) {
   const A mx = row_max<A>(s, n);
-  const A m_new = std::max(m, mx);
+  const A m_new = max_nan(m, mx);  // NaN scores make the row NaN (std::max would drop them)
   if (m_new == -std::numeric_limits<A>::infinity()) {
     fill<A>(s, A(0), n);
     return false;
@@ -40,15 +40,29 @@ inline bool online_softmax_row(A* s, int64_t n, A& m, A& l, A* o, int64_t D) {
   return true;
 }
 
-// Finalise a row: o /= l, lse = m + log l; a row that saw no key gets o = 0, lse = +inf.
+// Finalise a row: o /= l, lse = m + log l. A row that sees no key (sees_key false: every key is masked, a property of
+// the masks alone) gets o = 0, lse = +inf. A row that sees keys keeps whatever its statistics give, like the
+// reference's softmax: NaN scores or values give NaN (a NaN l or m is never read as "no key"), and a row whose
+// visible scores are all -inf (l = 0) gives NaN.
 template <typename A>
-inline A finish_row(A* o, A m, A l, int64_t D) {
-  if (l > A(0)) {
-    scale_inplace<A>(o, A(1) / l, D);
-    return m + std::log(l);
+inline A finish_row(A* o, A m, A l, int64_t D, bool sees_key) {
+  if (!sees_key) {
+    fill<A>(o, A(0), D);
+    return std::numeric_limits<A>::infinity();
   }
-  fill<A>(o, A(0), D);
-  return std::numeric_limits<A>::infinity();
+  if (l == A(0)) {
+    fill<A>(o, std::numeric_limits<A>::quiet_NaN(), D);
+    return std::numeric_limits<A>::quiet_NaN();
+  }
+  scale_inplace<A>(o, A(1) / l, D);
+  return m + std::log(l);
+}
+
+// Whether query row i of sample b sees at least one key: first_key[b] is the first key kv_mask allows (0 without a
+// mask, Lk when the sample is fully masked).
+inline bool row_sees_key(const int64_t* first_key, int64_t b, int64_t i, const AttnShape& s, bool causal) {
+  const int64_t last = causal ? std::min(s.Lk - 1, i + s.off) : s.Lk - 1;
+  return first_key[b] <= last;
 }
 
 // Additive key mask of keys [n0, n0 + nb) of sample b: 0 where allowed, -inf where not. Returns the number allowed.
@@ -76,7 +90,8 @@ struct FwdInputs {
   const at::Tensor& k;
   const at::Tensor& v;
   const InfusionParams& p;
-  const bool* kv_mask;  // (B, Lk) or nullptr
+  const bool* kv_mask;       // (B, Lk) or nullptr
+  const int64_t* first_key;  // (B,) first key kv_mask allows (0 without a mask, Lk when none)
   bool causal;
   double scale;
   bool rescale;
@@ -196,14 +211,24 @@ void fwd_blocked(const FwdInputs& in, at::Tensor& out, at::Tensor& lse) {
         if (has_masked && valid > 0) add_inplace<A>(srow, madd, valid);
         online_softmax_row<A>(srow, nb, mrow[r], lrow[r], O + r * D, D);
       }
-      // O += P V'   (R x D)
-      gemm<A>(false, false, R, D, nb, A(1), S, nb, Vp, D, A(1), O, D);
+      // O += P V'   (R x D). A masked key has p = 0, and 0 * NaN = NaN: when the block holds a non-finite V' row, the
+      // keys a row does not see are skipped explicitly (a key a row does not see never reaches it, docs/semantics.md).
+      if (all_finite<A>(Vp, nb * D)) {
+        gemm<A>(false, false, R, D, nb, A(1), S, nb, Vp, D, A(1), O, D);
+      } else {
+        for (int64_t r = 0; r < R; r++) {
+          const int64_t valid = in.causal ? std::clamp<int64_t>(m0 + r % rows + s.off - n0 + 1, 0, nb) : nb;
+          for (int64_t c = 0; c < valid; c++) {
+            if (!has_masked || madd[c] == A(0)) axpy<A>(O + r * D, S[r * nb + c], Vp + c * D, D);
+          }
+        }
+      }
     }
 
     for (int64_t r = 0; r < R; r++) {
       const int64_t g = r / rows, i = m0 + r % rows;
       const int64_t row_index = (b * s.Hq + h * G + g) * s.Lq + i;
-      ld[row_index] = finish_row<A>(O + r * D, mrow[r], lrow[r], D);
+      ld[row_index] = finish_row<A>(O + r * D, mrow[r], lrow[r], D, row_sees_key(in.first_key, b, i, s, in.causal));
       from_acc<T>(O + r * D, od + row_index * D, D);
     }
   });
@@ -436,6 +461,7 @@ void fwd_decode(const FwdInputs& in, at::Tensor& out, at::Tensor& lse) {
         infuse_row<A>(vrows[c], vmv, vav, gbuf[c], Vp + c * D, D);
       }
       score_dots<A>(Qs, R, Kb, nb, D, S, NBK);
+      const bool vp_finite = all_finite<A>(Vp, nb * D);
       for (int64_t r = 0; r < R; r++) {
         A* srow = S + r * NBK;
         A* pr = prow + r * (D + 2);
@@ -451,7 +477,15 @@ void fwd_decode(const FwdInputs& in, at::Tensor& out, at::Tensor& lse) {
           }
         }
         if (!online_softmax_row<A>(srow, nb, pr[D], pr[D + 1], pr, D)) continue;
-        accumulate_pv<A>(pr, srow, Vp, valid, D);
+        if (vp_finite) {
+          accumulate_pv<A>(pr, srow, Vp, valid, D);  // skips p = 0, exact for finite V'
+        } else {
+          // A non-finite V' row: every key the row sees counts (0 * Inf = NaN as in the reference), no key it does
+          // not see does.
+          for (int64_t c = 0; c < valid; c++) {
+            if (!mask_row || mask_row[t0 + c]) axpy<A>(pr, srow[c], Vp + c * D, D);
+          }
+        }
       }
     }
   });
@@ -466,7 +500,7 @@ void fwd_decode(const FwdInputs& in, at::Tensor& out, at::Tensor& lse) {
       const int64_t r = x % R, bh = x / R, h = bh % s.Hkv, b = bh / s.Hkv;
       const int64_t g = r / s.Lq, i = r % s.Lq;
       A m = neg_inf;
-      for (int64_t j = 0; j < nsplit; j++) m = std::max(m, part_d[((bh * nsplit + j) * R + r) * (D + 2) + D]);
+      for (int64_t j = 0; j < nsplit; j++) m = max_nan(m, part_d[((bh * nsplit + j) * R + r) * (D + 2) + D]);
       A l = A(0);
       fill<A>(o.data(), A(0), D);
       if (m != neg_inf) {
@@ -479,7 +513,7 @@ void fwd_decode(const FwdInputs& in, at::Tensor& out, at::Tensor& lse) {
         }
       }
       const int64_t row_index = (b * s.Hq + h * G + g) * s.Lq + i;
-      ld[row_index] = finish_row<A>(o.data(), m, l, D);
+      ld[row_index] = finish_row<A>(o.data(), m, l, D, row_sees_key(in.first_key, b, i, s, in.causal));
       from_acc<T>(o.data(), od + b * so.b + (h * G + g) * so.h + i * so.l, D);
     }
   });
@@ -528,8 +562,18 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu_fwd(const at::Tensor& q_in, con
   if (out.numel() == 0) return {out, lse};
   const InfusionParams p = make_infusion_params(k_mul, k_add, v_mul, v_add, head_logit, acc);
   at::Tensor mask;
-  if (kv_mask.has_value()) mask = kv_mask->contiguous();
-  FwdInputs in{q, k, v, p, kv_mask.has_value() ? mask.const_data_ptr<bool>() : nullptr, causal, scale, rescale, s};
+  std::vector<int64_t> first_key(s.B, 0);
+  if (kv_mask.has_value()) {
+    mask = kv_mask->contiguous();
+    const bool* md = mask.const_data_ptr<bool>();
+    for (int64_t b = 0; b < s.B; b++) {
+      int64_t j = 0;
+      while (j < s.Lk && !md[b * s.Lk + j]) j++;
+      first_key[b] = j;
+    }
+  }
+  FwdInputs in{q,      k,     v,     p, kv_mask.has_value() ? mask.const_data_ptr<bool>() : nullptr, first_key.data(),
+               causal, scale, rescale, s};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "mit_attention_cpu_fwd", [&] {
     if (s.G * s.Lq <= kDecodeMaxRows) {
       fwd_decode<scalar_t>(in, out, lse);
