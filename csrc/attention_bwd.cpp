@@ -119,11 +119,6 @@ BwdResult<T> bwd_impl(const at::Tensor& dO, const at::Tensor& q, const at::Tenso
   A* dVd = dV_acc.data_ptr<A>();
   T* dqd = res.dq.template data_ptr<T>();
   const A inf = std::numeric_limits<A>::infinity();
-  // Per (b, query head): q and dO are finite. A tile with a non-finite q / dO row or K' / V' row takes an exact path
-  // that skips the (query, key) pairs the mask hides: the GEMMs would turn their p = 0 into 0 * NaN = NaN.
-  const at::Tensor rows_finite =
-      at::isfinite(q).all(-1).all(-1).logical_and_(at::isfinite(dO).all(-1).all(-1)).contiguous();
-  const bool* rows_finite_d = rows_finite.const_data_ptr<bool>();
   const bool q_direct = kSame && sq.l >= D;
   const bool do_direct = kSame && sdo.l >= D;
 
@@ -185,7 +180,9 @@ BwdResult<T> bwd_impl(const at::Tensor& dO, const at::Tensor& q, const at::Tenso
       }
       fill<A>(dKn, A(0), nb * D);
       fill<A>(dVn, A(0), nb * D);
-      const bool tile_finite = rows_finite_d[bhq] && all_finite<A>(Kp, nb * D) && all_finite<A>(Vp, nb * D);
+      // A tile with a non-finite q / dO row or K' / V' row takes an exact path that skips the (query, key) pairs the
+      // masks hide: the GEMMs would turn their p = 0 into 0 * NaN = NaN.
+      const bool kv_finite = all_finite<A>(Kp, nb * D) && all_finite<A>(Vp, nb * D);
 
       const int64_t m_lo = causal ? std::max<int64_t>(0, n0 - s.off) : 0;
       for (int64_t m0 = m_lo; m0 < s.Lq; m0 += kBwdBlockM) {
@@ -212,6 +209,7 @@ BwdResult<T> bwd_impl(const at::Tensor& dO, const at::Tensor& q, const at::Tenso
         }
         // S = scale Q K'^T -> P
         gemm<A>(false, true, rows, nb, D, scale, Qm, ldq, Kp, D, A(0), S, nb);
+        const bool tile_finite = kv_finite && rows_finite<A>(Qm, rows, ldq, D) && rows_finite<A>(dOm, rows, lddo, D);
         if (!tile_finite) {
           // Exact path (non-finite values): the five products pair by pair, over the pairs the masks allow only.
           for (int64_t r = 0; r < rows; r++) {

@@ -322,6 +322,21 @@ inline void score_dots(const A* Q, int64_t R, const A* K, int64_t n, int64_t D, 
 }
 
 // o[0, D) += sum_{c < n} p[c] V_c (V rows contiguous with stride D), keeping 64-wide slices of o in registers.
+// min over a row of probabilities (vectorised; only compared with 0, so a NaN may be dropped).
+template <typename A>
+inline A row_min(const A* x, int64_t n) {
+  using V = Vectorized<A>;
+  A m = std::numeric_limits<A>::infinity();
+  int64_t i = 0;
+  if (n >= V::size()) {
+    V vm(m);
+    for (; i + V::size() <= n; i += V::size()) vm = at::vec::minimum(vm, V::loadu(x + i));
+    m = at::vec::vec_reduce_all<A>([](Vectorized<A>& a, Vectorized<A>& b) { return at::vec::minimum(a, b); }, vm);
+  }
+  for (; i < n; i++) m = std::min(m, x[i]);
+  return m;
+}
+
 template <typename A>
 inline void accumulate_pv(A* o, const A* p, const A* V, int64_t n, int64_t D) {
   using Vec = Vectorized<A>;
@@ -461,7 +476,6 @@ void fwd_decode(const FwdInputs& in, at::Tensor& out, at::Tensor& lse) {
         infuse_row<A>(vrows[c], vmv, vav, gbuf[c], Vp + c * D, D);
       }
       score_dots<A>(Qs, R, Kb, nb, D, S, NBK);
-      const bool vp_finite = all_finite<A>(Vp, nb * D);
       for (int64_t r = 0; r < R; r++) {
         A* srow = S + r * NBK;
         A* pr = prow + r * (D + 2);
@@ -477,13 +491,15 @@ void fwd_decode(const FwdInputs& in, at::Tensor& out, at::Tensor& lse) {
           }
         }
         if (!online_softmax_row<A>(srow, nb, pr[D], pr[D + 1], pr, D)) continue;
-        if (vp_finite) {
-          accumulate_pv<A>(pr, srow, Vp, valid, D);  // skips p = 0, exact for finite V'
-        } else {
-          // A non-finite V' row: every key the row sees counts (0 * Inf = NaN as in the reference), no key it does
-          // not see does.
+        // Skips p = 0: exact for the keys the row does not see (they must not reach it, even a NaN V') and for
+        // finite V'. A key the row sees whose p underflowed to 0 still counts when its V' is not finite (0 * Inf =
+        // NaN, as in the reference): checked per such key only, so the common case costs one compare per key.
+        accumulate_pv<A>(pr, srow, Vp, valid, D);
+        if (valid > 0 && row_min<A>(srow, valid) == A(0)) {
           for (int64_t c = 0; c < valid; c++) {
-            if (!mask_row || mask_row[t0 + c]) axpy<A>(pr, srow[c], Vp + c * D, D);
+            if (srow[c] == A(0) && (!mask_row || mask_row[t0 + c]) && !all_finite<A>(Vp + c * D, D)) {
+              axpy<A>(pr, srow[c], Vp + c * D, D);
+            }
           }
         }
       }

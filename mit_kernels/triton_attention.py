@@ -9,7 +9,11 @@ The infusion is applied to each K/V tile right after it is loaded::
 
 so K' and V' never reach global memory and no (Lq, Lk) buffer exists. Softmax runs online in base 2:
 ``s = (q . K'_t) * scale * log2(e)``, and the forward saves ``lse2 = m + log2(l)`` per query row (+inf for a row that
-sees no key, so the backward's ``p = exp2(s - lse2)`` is 0 there).
+sees no key, so the backward's ``p = exp2(s - lse2)`` is 0 there; NaN for a row whose visible scores are all -inf).
+
+NaN / Inf propagate like the reference (docs/semantics.md): maxima propagate NaN, "the row sees no key" comes from the
+masks (never from a NaN ``l``), and every product over (query, key) pairs goes through :func:`_visible_dot`, so a key a
+row does not see never reaches it, even a NaN one.
 
 Backward (given dO), with ``delta_i = sum_d O_id dO_id``::
 
