@@ -16,6 +16,7 @@ from attention_cases import DEVICE, INPUT_NAMES, check_parity, run_attention
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mit_kernels import mit_attention
 from mit_kernels.dispatch import cpu_backend_available
 from mit_kernels.ffn import mit_ffn_gate
 
@@ -179,3 +180,24 @@ def test_ffn_gate_agrees_with_the_reference(backend, nonfinite):
             _assert_same_nonfinite(name, got, ref)
 
     prop()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lq", [1, 40])  # the C++ decode kernel and its blocked kernel
+def test_inf_value_of_a_visible_key_whose_probability_underflows(backend, lq):
+    """A key every row sees, with p = exp(s - m) = 0 exactly (score 1e4 below the others) and an infinite value: the
+    reference's 0 * Inf = NaN must come out (a kernel that skips p = 0 would give a finite row), in every row."""
+    device = _device(backend)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.rand(1, 1, lq, 8, generator=gen, dtype=torch.float64) + 1.0  # positive: q . k_3 is very negative
+    k = torch.randn(1, 1, 70, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, 1, 70, 8, generator=gen, dtype=torch.float64)
+    k[0, 0, 3] = -1e4
+    v[0, 0, 3, 5] = float("inf")
+    vectors = [torch.zeros(1, 1, 8, dtype=torch.float64) for _ in range(4)]
+    inputs = [x.to(device) for x in (q, k, v, *vectors, torch.ones(1, dtype=torch.float64))]
+    ref = mit_attention(*inputs, causal=False, rescale=False, backend="reference")
+    got = mit_attention(*inputs, causal=False, rescale=False, backend=backend)
+    assert ref[..., 5].isnan().all() and ref[..., :5].isfinite().all()
+    _assert_same_nonfinite("out", got.cpu(), ref.cpu())
