@@ -8,7 +8,9 @@
 //   O = softmax(q K'^T scale + mask) V'                   query head j reads KV head j / (Hq / Hkv)
 // causal is bottom-right aligned (query i sees key j iff j <= i + Lk - Lq); kv_mask (B, Lk) bool, True = may attend.
 // The forward returns O and lse (B, Hq, Lq) = natural log-sum-exp of the scaled, masked scores, +inf for a row that
-// sees no key (its output is 0, and exp(s - lse) = 0 gives it zero gradient).
+// sees no key (its output is 0, and exp(s - lse) = 0 gives it zero gradient), NaN for a row that sees keys whose
+// scores are all -inf (softmax is NaN there). NaN / Inf propagate like the reference; a key a row does not see never
+// reaches it, even a NaN one (docs/semantics.md): tiles holding a non-finite value take an exact pair-by-pair path.
 #pragma once
 
 #include <optional>

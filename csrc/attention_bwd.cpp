@@ -180,6 +180,9 @@ BwdResult<T> bwd_impl(const at::Tensor& dO, const at::Tensor& q, const at::Tenso
       }
       fill<A>(dKn, A(0), nb * D);
       fill<A>(dVn, A(0), nb * D);
+      // A tile with a non-finite q / dO row or K' / V' row takes an exact path that skips the (query, key) pairs the
+      // masks hide: the GEMMs would turn their p = 0 into 0 * NaN = NaN.
+      const bool kv_finite = all_finite<A>(Kp, nb * D) && all_finite<A>(Vp, nb * D);
 
       const int64_t m_lo = causal ? std::max<int64_t>(0, n0 - s.off) : 0;
       for (int64_t m0 = m_lo; m0 < s.Lq; m0 += kBwdBlockM) {
@@ -206,6 +209,29 @@ BwdResult<T> bwd_impl(const at::Tensor& dO, const at::Tensor& q, const at::Tenso
         }
         // S = scale Q K'^T -> P
         gemm<A>(false, true, rows, nb, D, scale, Qm, ldq, Kp, D, A(0), S, nb);
+        const bool tile_finite = kv_finite && rows_finite<A>(Qm, rows, ldq, D) && rows_finite<A>(dOm, rows, lddo, D);
+        if (!tile_finite) {
+          // Exact path (non-finite values): the five products pair by pair, over the pairs the masks allow only.
+          for (int64_t r = 0; r < rows; r++) {
+            const int64_t i = m0 + r;
+            const A L = lsed[bhq * s.Lq + i];
+            if (L == inf) continue;  // the row sees no key
+            const int64_t valid = causal ? std::clamp<int64_t>(i + s.off - n0 + 1, 0, nb) : nb;
+            const A dl = deltad[bhq * s.Lq + i];
+            const A* qr = Qm + r * ldq;
+            const A* dor = dOm + r * lddo;
+            A* dqr = dq_acc + i * D;
+            for (int64_t c = 0; c < valid; c++) {
+              if (has_masked && madd[c] != A(0)) continue;
+              const A pv = std::exp(S[r * nb + c] - L);
+              axpy<A>(dVn + c * D, pv, dor, D);
+              const A ds = pv * (dot<A>(dor, Vp + c * D, D) - dl);
+              axpy<A>(dKn + c * D, scale * ds, qr, D);
+              axpy<A>(dqr, scale * ds, Kp + c * D, D);
+            }
+          }
+          continue;
+        }
         bool any = false;
         for (int64_t r = 0; r < rows; r++) {
           const int64_t i = m0 + r;
@@ -320,9 +346,10 @@ BwdResult<T> bwd_impl(const at::Tensor& dO, const at::Tensor& q, const at::Tenso
           p_km[d] += gk * kc[d];
           p_ka[d] += gk;
           p_vm[d] += gv * vc[d];
-          p_va[d] += gv + w * vc[d];
+          // The cosine terms only exist with rescale (without it the gate is a constant: no 0 * Inf from them).
+          p_va[d] += gv + (rescale ? w * vc[d] : A(0));
           ok[d] = dKr[d] + gk * kmv[d];
-          ov[d] = dVr[d] + gv * vmv[d] + w * vav[d] - u * vc[d];
+          ov[d] = dVr[d] + gv * vmv[d] + (rescale ? w * vav[d] - u * vc[d] : A(0));
         }
         from_acc<T>(ok, dkd + (bh * s.Lk + t) * D, D);  // may overwrite dKr (same row): it is no longer read
         from_acc<T>(ov, dvd + (bh * s.Lk + t) * D, D);

@@ -27,7 +27,7 @@ constexpr int64_t kDecodeMinSplit = 256;
 template <typename A>
 inline bool online_softmax_row(A* s, int64_t n, A& m, A& l, A* o, int64_t D) {
   const A mx = row_max<A>(s, n);
-  const A m_new = std::max(m, mx);
+  const A m_new = max_nan(m, mx);  // NaN scores make the row NaN (std::max would drop them)
   if (m_new == -std::numeric_limits<A>::infinity()) {
     fill<A>(s, A(0), n);
     return false;
@@ -40,15 +40,29 @@ inline bool online_softmax_row(A* s, int64_t n, A& m, A& l, A* o, int64_t D) {
   return true;
 }
 
-// Finalise a row: o /= l, lse = m + log l; a row that saw no key gets o = 0, lse = +inf.
+// Finalise a row: o /= l, lse = m + log l. A row that sees no key (sees_key false: every key is masked, a property of
+// the masks alone) gets o = 0, lse = +inf. A row that sees keys keeps whatever its statistics give, like the
+// reference's softmax: NaN scores or values give NaN (a NaN l or m is never read as "no key"), and a row whose
+// visible scores are all -inf (l = 0) gives NaN.
 template <typename A>
-inline A finish_row(A* o, A m, A l, int64_t D) {
-  if (l > A(0)) {
-    scale_inplace<A>(o, A(1) / l, D);
-    return m + std::log(l);
+inline A finish_row(A* o, A m, A l, int64_t D, bool sees_key) {
+  if (!sees_key) {
+    fill<A>(o, A(0), D);
+    return std::numeric_limits<A>::infinity();
   }
-  fill<A>(o, A(0), D);
-  return std::numeric_limits<A>::infinity();
+  if (l == A(0)) {
+    fill<A>(o, std::numeric_limits<A>::quiet_NaN(), D);
+    return std::numeric_limits<A>::quiet_NaN();
+  }
+  scale_inplace<A>(o, A(1) / l, D);
+  return m + std::log(l);
+}
+
+// Whether query row i of sample b sees at least one key: first_key[b] is the first key kv_mask allows (0 without a
+// mask, Lk when the sample is fully masked).
+inline bool row_sees_key(const int64_t* first_key, int64_t b, int64_t i, const AttnShape& s, bool causal) {
+  const int64_t last = causal ? std::min(s.Lk - 1, i + s.off) : s.Lk - 1;
+  return first_key[b] <= last;
 }
 
 // Additive key mask of keys [n0, n0 + nb) of sample b: 0 where allowed, -inf where not. Returns the number allowed.
@@ -76,7 +90,8 @@ struct FwdInputs {
   const at::Tensor& k;
   const at::Tensor& v;
   const InfusionParams& p;
-  const bool* kv_mask;  // (B, Lk) or nullptr
+  const bool* kv_mask;       // (B, Lk) or nullptr
+  const int64_t* first_key;  // (B,) first key kv_mask allows (0 without a mask, Lk when none)
   bool causal;
   double scale;
   bool rescale;
@@ -196,14 +211,24 @@ void fwd_blocked(const FwdInputs& in, at::Tensor& out, at::Tensor& lse) {
         if (has_masked && valid > 0) add_inplace<A>(srow, madd, valid);
         online_softmax_row<A>(srow, nb, mrow[r], lrow[r], O + r * D, D);
       }
-      // O += P V'   (R x D)
-      gemm<A>(false, false, R, D, nb, A(1), S, nb, Vp, D, A(1), O, D);
+      // O += P V'   (R x D). A masked key has p = 0, and 0 * NaN = NaN: when the block holds a non-finite V' row, the
+      // keys a row does not see are skipped explicitly (a key a row does not see never reaches it, docs/semantics.md).
+      if (all_finite<A>(Vp, nb * D)) {
+        gemm<A>(false, false, R, D, nb, A(1), S, nb, Vp, D, A(1), O, D);
+      } else {
+        for (int64_t r = 0; r < R; r++) {
+          const int64_t valid = in.causal ? std::clamp<int64_t>(m0 + r % rows + s.off - n0 + 1, 0, nb) : nb;
+          for (int64_t c = 0; c < valid; c++) {
+            if (!has_masked || madd[c] == A(0)) axpy<A>(O + r * D, S[r * nb + c], Vp + c * D, D);
+          }
+        }
+      }
     }
 
     for (int64_t r = 0; r < R; r++) {
       const int64_t g = r / rows, i = m0 + r % rows;
       const int64_t row_index = (b * s.Hq + h * G + g) * s.Lq + i;
-      ld[row_index] = finish_row<A>(O + r * D, mrow[r], lrow[r], D);
+      ld[row_index] = finish_row<A>(O + r * D, mrow[r], lrow[r], D, row_sees_key(in.first_key, b, i, s, in.causal));
       from_acc<T>(O + r * D, od + row_index * D, D);
     }
   });
@@ -297,6 +322,21 @@ inline void score_dots(const A* Q, int64_t R, const A* K, int64_t n, int64_t D, 
 }
 
 // o[0, D) += sum_{c < n} p[c] V_c (V rows contiguous with stride D), keeping 64-wide slices of o in registers.
+// min over a row of probabilities (vectorised; only compared with 0, so a NaN may be dropped).
+template <typename A>
+inline A row_min(const A* x, int64_t n) {
+  using V = Vectorized<A>;
+  A m = std::numeric_limits<A>::infinity();
+  int64_t i = 0;
+  if (n >= V::size()) {
+    V vm(m);
+    for (; i + V::size() <= n; i += V::size()) vm = at::vec::minimum(vm, V::loadu(x + i));
+    m = at::vec::vec_reduce_all<A>([](Vectorized<A>& a, Vectorized<A>& b) { return at::vec::minimum(a, b); }, vm);
+  }
+  for (; i < n; i++) m = std::min(m, x[i]);
+  return m;
+}
+
 template <typename A>
 inline void accumulate_pv(A* o, const A* p, const A* V, int64_t n, int64_t D) {
   using Vec = Vectorized<A>;
@@ -451,7 +491,17 @@ void fwd_decode(const FwdInputs& in, at::Tensor& out, at::Tensor& lse) {
           }
         }
         if (!online_softmax_row<A>(srow, nb, pr[D], pr[D + 1], pr, D)) continue;
+        // Skips p = 0: exact for the keys the row does not see (they must not reach it, even a NaN V') and for
+        // finite V'. A key the row sees whose p underflowed to 0 still counts when its V' is not finite (0 * Inf =
+        // NaN, as in the reference): checked per such key only, so the common case costs one compare per key.
         accumulate_pv<A>(pr, srow, Vp, valid, D);
+        if (valid > 0 && row_min<A>(srow, valid) == A(0)) {
+          for (int64_t c = 0; c < valid; c++) {
+            if (srow[c] == A(0) && (!mask_row || mask_row[t0 + c]) && !all_finite<A>(Vp + c * D, D)) {
+              axpy<A>(pr, srow[c], Vp + c * D, D);
+            }
+          }
+        }
       }
     }
   });
@@ -466,7 +516,7 @@ void fwd_decode(const FwdInputs& in, at::Tensor& out, at::Tensor& lse) {
       const int64_t r = x % R, bh = x / R, h = bh % s.Hkv, b = bh / s.Hkv;
       const int64_t g = r / s.Lq, i = r % s.Lq;
       A m = neg_inf;
-      for (int64_t j = 0; j < nsplit; j++) m = std::max(m, part_d[((bh * nsplit + j) * R + r) * (D + 2) + D]);
+      for (int64_t j = 0; j < nsplit; j++) m = max_nan(m, part_d[((bh * nsplit + j) * R + r) * (D + 2) + D]);
       A l = A(0);
       fill<A>(o.data(), A(0), D);
       if (m != neg_inf) {
@@ -479,7 +529,7 @@ void fwd_decode(const FwdInputs& in, at::Tensor& out, at::Tensor& lse) {
         }
       }
       const int64_t row_index = (b * s.Hq + h * G + g) * s.Lq + i;
-      ld[row_index] = finish_row<A>(o.data(), m, l, D);
+      ld[row_index] = finish_row<A>(o.data(), m, l, D, row_sees_key(in.first_key, b, i, s, in.causal));
       from_acc<T>(o.data(), od + b * so.b + (h * G + g) * so.h + i * so.l, D);
     }
   });
@@ -528,8 +578,18 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu_fwd(const at::Tensor& q_in, con
   if (out.numel() == 0) return {out, lse};
   const InfusionParams p = make_infusion_params(k_mul, k_add, v_mul, v_add, head_logit, acc);
   at::Tensor mask;
-  if (kv_mask.has_value()) mask = kv_mask->contiguous();
-  FwdInputs in{q, k, v, p, kv_mask.has_value() ? mask.const_data_ptr<bool>() : nullptr, causal, scale, rescale, s};
+  std::vector<int64_t> first_key(s.B, 0);
+  if (kv_mask.has_value()) {
+    mask = kv_mask->contiguous();
+    const bool* md = mask.const_data_ptr<bool>();
+    for (int64_t b = 0; b < s.B; b++) {
+      int64_t j = 0;
+      while (j < s.Lk && !md[b * s.Lk + j]) j++;
+      first_key[b] = j;
+    }
+  }
+  FwdInputs in{q,      k,     v,     p, kv_mask.has_value() ? mask.const_data_ptr<bool>() : nullptr, first_key.data(),
+               causal, scale, rescale, s};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "mit_attention_cpu_fwd", [&] {
     if (s.G * s.Lq <= kDecodeMaxRows) {
       fwd_decode<scalar_t>(in, out, lse);

@@ -3,6 +3,7 @@
 // which only reports how the extension was built. Fake (meta) kernels and FLOP formulas are registered from Python in
 // mit_kernels/cpu_backend.py.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <pybind11/pybind11.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -75,6 +76,19 @@ const c10::TypedOperatorHandle<FfnBwdSig>& ffn_bwd_op() {
   return op;
 }
 
+// The backward ops have no derivative of their own. Under create_graph=True (grad mode on inside a backward) a
+// second-order gradient through them would come back as exactly 0, silently; raise instead, naming the op.
+void refuse_double_backward(const char* op, const variable_list& saved, const variable_list& grads) {
+  if (!at::GradMode::is_enabled()) return;
+  bool needs_graph = false;
+  for (const auto& x : saved) needs_graph = needs_graph || (x.defined() && x.requires_grad());
+  for (const auto& x : grads) needs_graph = needs_graph || (x.defined() && x.requires_grad());
+  TORCH_CHECK(!needs_graph, op,
+              " (backend='cpu') does not support double backward: its backward is not differentiable, so "
+              "create_graph=True cannot give correct second-order gradients. Use backend='reference' for "
+              "second-order gradients (gradient penalties, Hessian-vector products).");
+}
+
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -95,6 +109,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
+    refuse_double_backward("mit_kernels::attention_cpu_fwd", saved, grads);
     at::Tensor grad_out = grads[0];
     if (!grad_out.defined()) grad_out = at::zeros_like(saved[8]);
     const auto kv_mask = ctx->saved_data["kv_mask"].toOptional<at::Tensor>();
@@ -117,6 +132,7 @@ class FfnGateFunction : public torch::autograd::Function<FfnGateFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
+    refuse_double_backward("mit_kernels::ffn_gate_cpu_fwd", saved, grads);
     if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
     auto [dg, du, dm] = ffn_bwd_op().call(grads[0], saved[0], saved[1], saved[2]);
     return {dg, du, dm};

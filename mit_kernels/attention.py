@@ -9,7 +9,7 @@ import torch
 from . import dispatch, ops
 from .dispatch import BACKENDS, cpu_backend, triton_available, triton_interpreter_active
 from .reference import mit_attention_reference
-from .validation import check_attention_inputs
+from .validation import check_attention_inputs, check_bool, check_scale
 
 # The backend probes and resolver live in dispatch; these names stay importable from here.
 __all__ = ["BACKENDS", "mit_attention", "resolve_backend", "triton_available", "triton_interpreter_active"]
@@ -60,6 +60,9 @@ def mit_attention(
         (B, Hq, Lq, D) in q's dtype. Differentiable w.r.t. all eight tensors. Rows that see no key are 0.
     """
     check_attention_inputs(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, scale)
+    check_bool("causal", causal)
+    check_bool("rescale", rescale)
+    scale = check_scale(scale)
     which = dispatch.resolve(backend, q.device, q.shape[-1])
     if which == "reference":
         return mit_attention_reference(

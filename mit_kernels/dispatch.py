@@ -14,6 +14,8 @@ from types import ModuleType
 
 import torch
 
+from .validation import check_backend, check_device, check_head_dim
+
 BACKENDS = ("auto", "reference", "triton", "cpu")
 TRITON_MAX_HEAD_DIM = 256
 
@@ -56,8 +58,9 @@ def cpu_backend_available() -> bool:
 def resolve(backend: str, device: torch.device, head_dim: int | None = None) -> str:
     """The backend that runs an operator on ``device`` (head dim ``head_dim`` for attention), or ValueError naming
     why the requested one cannot."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend, BACKENDS)
+    check_device(device)
+    check_head_dim(head_dim)
     triton_fits = head_dim is None or head_dim <= TRITON_MAX_HEAD_DIM
     if backend == "auto":
         if device.type == "cuda" and triton_available() and triton_fits:

@@ -19,7 +19,13 @@ from . import dispatch
 from .dispatch import cpu_backend
 from .flops import ffn_gate_backward_flops, ffn_gate_flops
 from .reference import mit_ffn_gate_reference
-from .validation import check_rank, check_same_dtype_device, check_shape, check_tensor
+from .validation import (
+    check_rank,
+    check_same_dtype_device,
+    check_shape,
+    check_tensor,
+    refuse_double_backward,
+)
 
 # --------------------------------------------------------------------------------------------------------------------
 # Validation and backend selection
@@ -111,6 +117,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     gate, up, ffn_mul = ctx.saved_tensors
+    refuse_double_backward("mit_kernels::ffn_gate_triton_fwd", "triton", (gate, up, ffn_mul, grad_out))
     return ffn_gate_triton_bwd(grad_out, gate, up, ffn_mul)
 
 

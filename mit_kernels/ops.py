@@ -18,6 +18,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .flops import attention_backward_flops, attention_flops
 from .reference import accumulator_dtype
+from .validation import refuse_double_backward
 
 
 @torch.library.custom_op("mit_kernels::attention_triton_fwd", mutates_args=())
@@ -93,7 +94,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_lse2):
-    q, k, v, k_mul, k_add, v_mul, v_add, head_logit, out, lse2 = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    refuse_double_backward("mit_kernels::attention_triton_fwd", "triton", (*saved, grad_out))
+    q, k, v, k_mul, k_add, v_mul, v_add, head_logit, out, lse2 = saved
     grads = attention_triton_bwd(
         grad_out, q, k, v, k_mul, k_add, v_mul, v_add, head_logit, ctx.kv_mask, out, lse2,
         ctx.causal, ctx.scale, ctx.rescale,

@@ -101,15 +101,69 @@ def masked_softmax_attention(
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     allowed = attention_mask(q.shape[2], k.shape[2], causal=causal, kv_mask=kv_mask, device=q.device)
     if allowed is None:
-        return torch.matmul(torch.softmax(scores, dim=-1), v)
+        return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1), v)
+    scores = visible_scores(q, k, allowed) * scale
     row_sees_a_key = allowed.any(dim=-1, keepdim=True)
-    # Fill disallowed scores with -inf; rows with no key at all get a constant so softmax stays finite, and are zeroed.
+    # Fill disallowed scores with -inf; rows with no key at all get a constant so softmax stays finite; disallowed
+    # probabilities are then set to exactly 0 (a NaN row's softmax is NaN everywhere, masked keys included).
     scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~row_sees_a_key, 0.0)
-    probs = torch.softmax(scores, dim=-1) * row_sees_a_key
-    return torch.matmul(probs, v)
+    probs = torch.softmax(scores, dim=-1).masked_fill(~allowed, 0.0)
+    return probs_times_visible_values(probs, v, allowed)
+
+
+def _nonfinite_columns(*xs: torch.Tensor) -> torch.Tensor:
+    """Indices of the last-dim columns where any of ``xs`` holds a NaN or an Inf."""
+    bad = torch.zeros(xs[0].shape[-1], dtype=torch.bool, device=xs[0].device)
+    for x in xs:
+        bad |= (~torch.isfinite(x)).flatten(0, -2).any(dim=0)
+    return bad.nonzero().flatten()
+
+
+def visible_scores(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``q_i . k_j`` for every pair, such that a pair the mask hides passes back exactly zero gradient even when q_i or
+    k_j holds a NaN or an Inf (``matmul``'s backward would give ``0 * NaN = NaN``).
+
+    q (B, H, Lq, D), k (B, H, Lk, D), allowed bool broadcastable to (B, H, Lq, Lk). Returns (B, H, Lq, Lk). With
+    finite inputs this is exactly ``q @ k^T``; otherwise the columns holding non-finite entries are taken out of the
+    product and added back pair by pair, zeroed (before the product) where the pair is hidden.
+    """
+    if torch.compiler.is_compiling() or bool(torch.isfinite(q).all() & torch.isfinite(k).all()):
+        return torch.matmul(q, k.transpose(-1, -2))
+    columns = _nonfinite_columns(q, k)
+    scores = torch.matmul(q.index_fill(-1, columns, 0.0), k.index_fill(-1, columns, 0.0).transpose(-1, -2))
+    allowed = allowed.expand(scores.shape)
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    for d in columns.tolist():
+        qd = torch.where(allowed, q[..., :, None, d], zero)
+        kd = torch.where(allowed, k[..., None, :, d], zero)
+        scores = scores + qd * kd
+    return scores
+
+
+def probs_times_visible_values(probs: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``O_i = sum over the keys j row i sees of p_ij v_j``: a key a row does not see never reaches it, even when its
+    value is NaN or Inf (a plain ``probs @ v`` would give ``0 * NaN = NaN``).
+
+    probs (B, H, Lq, Lk), zero where not allowed; v (B, H, Lk, D); allowed bool, broadcastable to (B, H, Lq, Lk).
+    Returns (B, H, Lq, D). With finite values this is exactly ``probs @ v``; otherwise the non-finite entries are added
+    column by column over the allowed pairs only (``p_ij * v_jd``, so a visible key with p = 0 and v = Inf still
+    gives NaN, as IEEE arithmetic does).
+    """
+    if torch.compiler.is_compiling():
+        return torch.matmul(probs, v)  # no data-dependent branch under torch.compile
+    finite = torch.isfinite(v)
+    if bool(finite.all()):
+        return torch.matmul(probs, v)
+    out = torch.matmul(probs, v.masked_fill(~finite, 0.0))
+    zero = torch.zeros((), dtype=v.dtype, device=v.device)
+    bad = torch.where(finite, zero, v)
+    columns = _nonfinite_columns(v)
+    allowed = allowed.expand(probs.shape)
+    # where before the product: a disallowed pair contributes (and passes back) exactly 0, not 0 * NaN.
+    extra = [(probs * torch.where(allowed, bad[..., None, :, d], zero)).sum(-1) for d in columns.tolist()]
+    return out.index_add(-1, columns, torch.stack(extra, dim=-1))
 
 
 def mit_attention_reference(

@@ -9,7 +9,11 @@ The infusion is applied to each K/V tile right after it is loaded::
 
 so K' and V' never reach global memory and no (Lq, Lk) buffer exists. Softmax runs online in base 2:
 ``s = (q . K'_t) * scale * log2(e)``, and the forward saves ``lse2 = m + log2(l)`` per query row (+inf for a row that
-sees no key, so the backward's ``p = exp2(s - lse2)`` is 0 there).
+sees no key, so the backward's ``p = exp2(s - lse2)`` is 0 there; NaN for a row whose visible scores are all -inf).
+
+NaN / Inf propagate like the reference (docs/semantics.md): maxima propagate NaN, "the row sees no key" comes from the
+masks (never from a NaN ``l``), and every product over (query, key) pairs goes through :func:`_visible_dot`, so a key a
+row does not see never reaches it, even a NaN one.
 
 Backward (given dO), with ``delta_i = sum_d O_id dO_id``::
 
@@ -101,6 +105,41 @@ def _infuse(x, x_mul, x_add, gate):
 
 
 @triton.jit
+def _max_nan(a, b):
+    """Combine function of a NaN-propagating max reduction (tl.max may drop NaN on GPUs)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _visible_dot(acc, a, b, allowed, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b`` over the allowed pairs only: ``acc_id + sum_j a_ij b_jd`` for ``allowed[i, j]``, where ``a`` is 0
+    at every pair that is not allowed and ``b`` may hold NaN / Inf. A plain ``tl.dot`` would turn a hidden pair into
+    ``0 * NaN = NaN`` (e.g. a causally hidden key's NaN value reaching an earlier query); here the non-finite entries of
+    ``b`` are taken out of the product and added back over the allowed pairs with IEEE semantics (``a_ij * Inf`` is
+    ±Inf, or NaN for ``a_ij = 0``), by indicator products. The extra products run only for a tile that holds a
+    non-finite entry."""
+    finite = tl.abs(b) < float("inf")  # False for NaN and ±Inf
+    acc += tl.dot(a.to(DOT), tl.where(finite, b, 0.0).to(DOT), input_precision=PRECISION, out_dtype=ACC)
+    if tl.sum((~finite).to(tl.int32)) > 0:
+        pinf = (b == float("inf")).to(DOT)
+        ninf = (b == float("-inf")).to(DOT)
+        nan = (b != b).to(DOT)
+        pos = (allowed & (a > 0.0)).to(DOT)
+        neg = (allowed & (a < 0.0)).to(DOT)
+        zero = (allowed & (a == 0.0)).to(DOT)
+        nan_hits = tl.dot(allowed.to(DOT), nan, input_precision=PRECISION, out_dtype=ACC)
+        nan_hits += tl.dot(zero, pinf + ninf, input_precision=PRECISION, out_dtype=ACC)
+        pos_hits = tl.dot(pos, pinf, input_precision=PRECISION, out_dtype=ACC)
+        pos_hits += tl.dot(neg, ninf, input_precision=PRECISION, out_dtype=ACC)
+        neg_hits = tl.dot(pos, ninf, input_precision=PRECISION, out_dtype=ACC)
+        neg_hits += tl.dot(neg, pinf, input_precision=PRECISION, out_dtype=ACC)
+        acc = tl.where(pos_hits > 0.0, acc + float("inf"), acc)
+        acc = tl.where(neg_hits > 0.0, acc - float("inf"), acc)
+        acc = tl.where(nan_hits > 0.0, float("nan"), acc)
+    return acc
+
+
+@triton.jit
 def _scales(scale_hi, scale_lo, scale_log2_hi, scale_log2_lo, ACC: tl.constexpr):
     """Rebuild ``scale`` and ``scale * log2(e)`` in ACC from fp32 hi + lo halves (float kernel arguments are fp32;
     the split keeps ~48 bits, enough for fp64 gradcheck)."""
@@ -163,6 +202,7 @@ def _mit_attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    seen = tl.zeros([BLOCK_M], tl.int1)  # the row sees at least one key (a property of the masks alone)
 
     hi = Lk
     if CAUSAL:  # the last query of this block sees keys j <= (pid_m + 1) * BLOCK_M - 1 + Lk - Lq
@@ -172,25 +212,33 @@ def _mit_attn_fwd_kernel(
         k = _load_tile(k_base, offs_n, offs_d, stride_kn, Lk, D, ACC)
         v = _load_tile(v_base, offs_n, offs_d, stride_vn, Lk, D, ACC)
         gate, _, _, _ = _gate(v, v_add, clamped_norm_a, head_logit, RESCALE)
+        keep = _key_keep(KVM, b, offs_n, Lk, HAS_KV_MASK)
         k_inf = _infuse(k, k_mul, k_add, gate).to(DOT)
-        v_inf = _infuse(v, v_mul, v_add, gate).to(DOT)
+        # A padded key's V' row is zeroed: its p = 0 would otherwise turn a NaN / Inf there into 0 * NaN in P V'.
+        v_inf = tl.where(keep[:, None], _infuse(v, v_mul, v_add, gate), 0.0).to(DOT)
 
         s = tl.dot(q, tl.trans(k_inf), input_precision=PRECISION, out_dtype=ACC) * scale_log2
-        keep = _key_keep(KVM, b, offs_n, Lk, HAS_KV_MASK)
-        s = tl.where(_allowed(offs_m, offs_n, keep, Lq, Lk, CAUSAL), s, float("-inf"))
+        allowed = _allowed(offs_m, offs_n, keep, Lq, Lk, CAUSAL)
+        s = tl.where(allowed, s, float("-inf"))
+        seen = seen | (tl.max(allowed.to(tl.int32), axis=1) > 0)
 
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # NaN-propagating maxima: a NaN score makes its row NaN, as in the reference's softmax.
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_nan), propagate_nan=tl.PropagateNan.ALL)
         # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, never NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v_inf, input_precision=PRECISION, out_dtype=ACC)
+        p = tl.where(allowed, p, 0.0)
+        acc = _visible_dot(acc * alpha[:, None], p, v_inf, allowed, ACC, DOT, PRECISION)
         m_i = m_new
 
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+    # A row that sees no key gives 0 (lse2 = +inf); one that sees keys keeps what its statistics give: NaN for NaN
+    # scores or values (a NaN l is never read as "no key"), and NaN when all its visible scores are -inf (l = 0).
+    no_mass = l_i == 0.0
+    l_safe = tl.where(no_mass, 1.0, l_i)
+    out = tl.where(seen[:, None], tl.where(no_mass[:, None], float("nan"), acc / l_safe[:, None]), 0.0)
+    lse2 = tl.where(seen, tl.where(no_mass, float("nan"), m_i + tl.math.log2(l_safe)), float("inf"))
     o_ptrs = O + b * stride_ob + hq * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D))
     tl.store(LSE + pid_bh * Lq + offs_m, lse2.to(LSE.dtype.element_ty), mask=offs_m < Lq)
@@ -263,15 +311,17 @@ def _mit_attn_bwd_dq_kernel(
         k = _load_tile(k_base, offs_n, offs_d, stride_kn, Lk, D, ACC)
         v = _load_tile(v_base, offs_n, offs_d, stride_vn, Lk, D, ACC)
         gate, _, _, _ = _gate(v, v_add, clamped_norm_a, head_logit, RESCALE)
-        k_inf = _infuse(k, k_mul, k_add, gate).to(DOT)
+        keep = _key_keep(KVM, b, offs_n, Lk, HAS_KV_MASK)
+        # A padded key's K' row is zeroed: dS = 0 there, and 0 * NaN in dS K' would reach dq.
+        k_inf = tl.where(keep[:, None], _infuse(k, k_mul, k_add, gate), 0.0).to(DOT)
         v_inf = _infuse(v, v_mul, v_add, gate).to(DOT)
 
         s = tl.dot(q, tl.trans(k_inf), input_precision=PRECISION, out_dtype=ACC) * scale_log2
-        keep = _key_keep(KVM, b, offs_n, Lk, HAS_KV_MASK)
-        p = tl.where(_allowed(offs_m, offs_n, keep, Lq, Lk, CAUSAL), tl.math.exp2(s - lse2[:, None]), 0.0).to(ACC)
+        allowed = _allowed(offs_m, offs_n, keep, Lq, Lk, CAUSAL)
+        p = tl.where(allowed, tl.math.exp2(s - lse2[:, None]), 0.0).to(ACC)
         dp = tl.dot(do, tl.trans(v_inf), input_precision=PRECISION, out_dtype=ACC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(DOT), k_inf, input_precision=PRECISION, out_dtype=ACC)
+        ds = tl.where(allowed, p * (dp - delta[:, None]), 0.0)
+        dq = _visible_dot(dq, ds, k_inf, allowed, ACC, DOT, PRECISION)
 
     dq_ptrs = DQ + b * stride_dqb + hq * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D))
@@ -333,11 +383,13 @@ def _mit_attn_bwd_dkdv_kernel(
             s = tl.dot(q, tl.trans(k_inf), input_precision=PRECISION, out_dtype=ACC) * scale_log2
             allowed = _allowed(offs_m, offs_n, keep, Lq, Lk, CAUSAL)
             p = tl.where(allowed, tl.math.exp2(s - lse2[:, None]), 0.0).to(ACC)
-            dv_inf += tl.dot(tl.trans(p.to(DOT)), do, input_precision=PRECISION, out_dtype=ACC)
+            dv_inf = _visible_dot(dv_inf, tl.trans(p), do, tl.trans(allowed), ACC, DOT, PRECISION)
             dp = tl.dot(do, tl.trans(v_inf), input_precision=PRECISION, out_dtype=ACC)
-            ds = p * (dp - delta[:, None])
-            dk_inf += tl.dot(tl.trans(ds.to(DOT)), q, input_precision=PRECISION, out_dtype=ACC)
-    dk_inf = dk_inf * scale
+            ds = tl.where(allowed, p * (dp - delta[:, None]), 0.0)
+            dk_inf = _visible_dot(dk_inf, tl.trans(ds), q, tl.trans(allowed), ACC, DOT, PRECISION)
+    # A padded key gets exactly zero dK', dV' (0 * NaN in dS^T Q would put a NaN query row there).
+    dk_inf = tl.where(keep[:, None], dk_inf * scale, 0.0)
+    dv_inf = tl.where(keep[:, None], dv_inf, 0.0)
 
     # Through the infusion. Raw tiles are re-read here rather than kept live across the loop.
     k = _load_tile(k_base, offs_n, offs_d, stride_kn, Lk, D, ACC)

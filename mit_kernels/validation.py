@@ -3,6 +3,9 @@ what was expected: never a silent wrong answer."""
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -83,5 +86,64 @@ def check_attention_inputs(
         check_shape("kv_mask", kv_mask, (batch, lk), "(B, Lk)")
         if kv_mask.device != q.device:
             raise ValueError(f"kv_mask must be on q's device {q.device}, got {kv_mask.device}")
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+    check_scale(scale)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Keyword arguments of the public ops and of their backend selectors
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` is a real bool (True / False; not 1, "no" or a tensor); returns it."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool (True or False), got {value!r} of type {type(value).__name__}")
+    return value
+
+
+def check_scale(scale: object) -> float | None:
+    """``scale`` is None (meaning 1/sqrt(D)) or a finite real number > 0 (not a bool); returns it as a float."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise ValueError(
+            f"scale must be a positive float or None (1/sqrt(D)), got {scale!r} of type {type(scale).__name__}"
+        )
+    value = float(scale)
+    if not (math.isfinite(value) and value > 0):
         raise ValueError(f"scale must be a positive float or None (1/sqrt(D)), got {scale!r}")
+    return value
+
+
+def check_backend(backend: object, known: tuple[str, ...]) -> str:
+    """``backend`` is one of the ``known`` backend names (a str); returns it."""
+    if not isinstance(backend, str) or backend not in known:
+        raise ValueError(f"backend must be one of {known}, got {backend!r}")
+    return backend
+
+
+def check_device(device: object) -> torch.device:
+    """``device`` is a torch.device (what a tensor's ``.device`` gives); returns it."""
+    if not isinstance(device, torch.device):
+        raise ValueError(f"device must be a torch.device, got {device!r} of type {type(device).__name__}")
+    return device
+
+
+def check_head_dim(head_dim: object) -> int | None:
+    """``head_dim`` is None or an int >= 1 (not a bool); returns it."""
+    if head_dim is None:
+        return None
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"head_dim must be None or an int >= 1, got {head_dim!r}")
+    return head_dim
+
+
+def refuse_double_backward(op: str, backend: str, tensors: tuple) -> None:
+    """Raise a RuntimeError when a backward without a derivative of its own runs under ``create_graph=True`` (grad mode
+    on) with inputs that require grad: a second-order gradient through it would otherwise be wrong (zero or missing)."""
+    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tensors):
+        raise RuntimeError(
+            f"{op} (backend={backend!r}) does not support double backward: its backward is not differentiable, so "
+            "create_graph=True cannot give correct second-order gradients. Use backend='reference' for second-order "
+            "gradients (gradient penalties, Hessian-vector products)."
+        )

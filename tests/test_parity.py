@@ -18,10 +18,10 @@ from attention_cases import (
     DEVICE,
     INPUT_NAMES,
     assert_within_low_precision_rule,
+    check_parity,
     make_attention_inputs,
     make_kv_mask,
     max_abs_err,
-    reduction_magnitudes,
     run_attention,
 )
 
@@ -54,26 +54,6 @@ def require(backend: str) -> str:
     if backend == "cpu" and not cpu_backend_available():  # compiled at first use when needed: a compiler is missing
         pytest.fail("the C++ CPU kernels are not available (no C++ compiler?): kernel parity is never skipped")
     return backend
-
-
-def check_parity(inputs, dtype, backend, **kwargs):
-    """``backend`` in ``dtype`` vs the reference in ``dtype`` and in fp64, by the low-precision tolerance rule."""
-    gen = torch.Generator().manual_seed(1)
-    device = inputs[0].device
-    # Every run sees the same values: the fp64 reference gets the low-precision inputs and grad_out upcast.
-    grad_out = torch.randn(inputs[0].shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
-    out64, grads64 = run_attention([x.double() for x in inputs], grad_out.double(), "reference", **kwargs)
-    out_low, grads_low = run_attention(inputs, grad_out, "reference", **kwargs)
-    out, grads = run_attention(inputs, grad_out, backend, **kwargs)
-    assert out.dtype == dtype and out.shape == inputs[0].shape and out.is_contiguous()
-    magnitude = max(x.abs().max().item() for x in (out64, *grads64))
-    sums = reduction_magnitudes([x.double() for x in inputs], grad_out.double(), **kwargs)
-    assert_within_low_precision_rule("out", out, out_low, out64, magnitude)
-    # Triton's dot products take low-precision operands: its fp32 lambda gradient carries the input dtype's roundoff.
-    compute = dtype if backend == "triton" else None
-    for name, got, low, ref, sum_mag in zip(INPUT_NAMES, grads, grads_low, grads64, sums):
-        assert got.dtype == low.dtype and got.shape == low.shape, name
-        assert_within_low_precision_rule(f"d{name}", got, low, ref, max(magnitude, sum_mag), compute_dtype=compute)
 
 
 def _matrix(backend: str) -> list:

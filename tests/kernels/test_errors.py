@@ -120,3 +120,60 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
 
 def test_auto_uses_reference_or_cpu_on_cpu_tensors():
     assert resolve_backend("auto", torch.device("cpu")) in ("reference", "cpu")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Keyword arguments of the public ops and of the backend selectors
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keyword", ["causal", "rescale"])
+@pytest.mark.parametrize("value", ["no", 1, 0, None, torch.tensor(True), 1.0])
+def test_causal_and_rescale_must_be_bools(keyword, value):
+    with pytest.raises(ValueError, match=rf"{keyword} must be a bool \(True or False\), got .* of type"):
+        mit_attention(*_inputs(), backend="reference", **{keyword: value})
+
+
+@pytest.mark.parametrize("scale", [float("inf"), float("-inf"), float("nan"), True, False, 0, -2, "0.1", [0.1]])
+def test_scale_must_be_a_finite_positive_number(scale):
+    with pytest.raises(ValueError, match=r"scale must be a positive float or None \(1/sqrt\(D\)\), got "):
+        mit_attention(*_inputs(), backend="reference", scale=scale)
+
+
+def test_integer_and_numpy_scales_are_accepted():
+    import numpy as np
+
+    inputs = _inputs(torch.float64)
+    expected = mit_attention(*inputs, backend="reference", scale=0.5)
+    for scale in (np.float64(0.5), np.float32(0.5)):
+        torch.testing.assert_close(mit_attention(*inputs, backend="reference", scale=scale), expected)
+    assert mit_attention(*inputs, backend="reference", scale=1).shape == inputs[0].shape
+
+
+@pytest.mark.parametrize("backend", ["CPU", "", None, 1, ["cpu"], "torch"])
+def test_backend_must_be_a_known_name(backend):
+    from mit_kernels.ffn import mit_ffn_gate, resolve_ffn_backend
+
+    pattern = r"backend must be one of \('auto', 'reference', 'triton', 'cpu'\), got "
+    with pytest.raises(ValueError, match=pattern):
+        mit_attention(*_inputs(), backend=backend)
+    with pytest.raises(ValueError, match=pattern):
+        mit_ffn_gate(torch.randn(1, 2, 3), torch.randn(1, 2, 3), torch.randn(1, 3), backend=backend)
+    with pytest.raises(ValueError, match=pattern):
+        resolve_backend(backend, torch.device("cpu"))
+    with pytest.raises(ValueError, match=pattern):
+        resolve_ffn_backend(backend, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "device, head_dim, pattern",
+    [
+        ("cpu", None, r"device must be a torch.device, got 'cpu' of type str"),
+        (torch.device("cpu"), 0, r"head_dim must be None or an int >= 1, got 0"),
+        (torch.device("cpu"), True, r"head_dim must be None or an int >= 1, got True"),
+        (torch.device("cpu"), 16.0, r"head_dim must be None or an int >= 1, got 16.0"),
+    ],
+)
+def test_backend_selector_arguments(device, head_dim, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        resolve_backend("auto", device, head_dim)
