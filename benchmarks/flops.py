@@ -14,6 +14,12 @@ Methods (batch 1, text of L tokens, next-token loss on the text):
              ``nn.Linear(1024, 4096)`` projector, prepended to the text: the LLM attends over 576 + L tokens. Logits
              are computed at the text positions only (LLaVA computes them at every position: 576 x 2 x 4096 x 32000
              = 0.15 TFLOPs more in the forward; we give prefix concatenation the cheaper variant).
+  neural     neural tuning (``mit.apply_neural_tuning``, the reference run's settings: task neurons in layers 16 ... 31,
+             r = 128, targets qv, rho0 = 0.4, alpha = 0.2) with its image tokens: the tower's 576 patch tokens (as for
+             prefix) through its trainable image projection ``nt_image_projection`` (Linear(1024, 4096)), placed
+             before the text: the LLM attends over 576 + L tokens, as for prefix, and adds per adapted layer and token
+             ``W_z`` (4096 -> 128) and ``W_b`` (128 -> 4096 + 4096); logits at the text positions only (as prefix).
+             The top-k threshold (kthvalue), the RMSNorm over the neurons and the ReLU are elementwise: not counted.
   text_only  the LLM on the text alone, no image, training the RMSNorm weights of MiT's layers (a tiny tunable set
              at the same depth, so its backward covers the same layers as MiT's; as in memory_vs_seqlen.py).
 
@@ -30,8 +36,8 @@ Counting method (so the numbers can be reconciled with others):
 - fwd = forward of tower + LLM (+ projector / infusion maps). fwd_bwd adds one backward pass that computes the
   gradients of the trainable parameters only: the tower and the base LLM are frozen, so the tower has no backward at
   all, frozen linear layers compute only their input gradient, and the backward stops at the lowest layer whose
-  output leads to a trainable parameter (layer 12 for MiT; the input for prefix concatenation, whose projector sits
-  below layer 0). Optimizer updates are not counted.
+  output leads to a trainable parameter (layer 12 for MiT; the input for prefix concatenation and neural tuning, whose
+  projectors sit below layer 0). Optimizer updates are not counted.
 
 The paper (Table 1) gives 0.47 TFLOPs for MiT with LLaMA2-7B and 10.24 / 6.65 for LISA / PixelLM (LLaMA2-13B, with
 SAM or their own decoders) as "overall computation requirement", without stating length, pass or convention; the
@@ -64,7 +70,8 @@ import mit_kernels.dispatch
 from mit.utils.results import pyplot, write_csv
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-METHODS = ("mit", "prefix", "text_only")
+METHODS = ("mit", "prefix", "neural", "text_only")
+NEURAL = {"rank": 128, "sparsity": 0.4, "alpha": 0.2, "start_layer": 16, "targets": "qv"}  # the reference run
 PAPER_TFLOPS = {"MiT (paper, LLaMA2-7B)": 0.47, "LISA (LLaMA2-13B)": 10.24, "PixelLM (LLaMA2-13B)": 6.65}
 TOWER = "CLIP ViT-L/14-336 (transformers CLIPVisionModelWithProjection, meta)"
 CONVENTION = "FlopCounterMode; multiply-add=2; matmuls only; dense causal; frozen tower fwd only"
@@ -85,19 +92,22 @@ def meta_device_patches():
 
     - transformers' ``find_packed_sequence_indices`` calls ``.item()`` (impossible on meta); with no padding mask and
       consecutive positions it returns None ("not packed"), which is what it returns here.
+    - neural tuning's forward builds an all-ones padding mask for the image + text sequence (no padding here);
+      transformers' ``fast_all`` (``.sum() == numel``, compared with ``if``) cannot decide it on meta: it is True.
     - MiT's backend="auto" picks Triton on CUDA and C++ on CPU, and rejects the meta device; route it to the fused
       Triton custom ops, whose fake kernels run on meta and whose FLOP formulas the counter uses (what a GPU runs).
     """
     import transformers.masking_utils as masking_utils
 
-    saved = (masking_utils.find_packed_sequence_indices, mit_kernels.dispatch.resolve)
-    resolve = saved[1]
+    saved = (masking_utils.find_packed_sequence_indices, mit_kernels.dispatch.resolve, masking_utils.fast_all)
+    resolve, fast_all = saved[1], saved[2]
     masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    masking_utils.fast_all = lambda t: True if t.device.type == "meta" else fast_all(t)
     mit_kernels.dispatch.resolve = lambda b, d, head_dim=None: "triton" if d.type == "meta" else resolve(b, d, head_dim)
     try:
         yield
     finally:
-        masking_utils.find_packed_sequence_indices, mit_kernels.dispatch.resolve = saved
+        masking_utils.find_packed_sequence_indices, mit_kernels.dispatch.resolve, masking_utils.fast_all = saved
 
 
 def build(method: str, llm_shapes: dict, tower_shapes: dict):
@@ -115,6 +125,10 @@ def build(method: str, llm_shapes: dict, tower_shapes: dict):
         return llm, tower, None, [p for _, p in llm.mit_named_parameters()]
     if method == "prefix":
         return llm, tower, projector, list(projector.parameters())
+    if method == "neural":
+        config = mit.NeuralTuningConfig(**NEURAL, image_dim=tower_shapes["hidden_size"])
+        mit.apply_neural_tuning(llm, config)  # freezes the base
+        return llm, tower, None, [p for _, p in llm.neural_named_parameters()]
     layers = [llm.model.layers[i] for i in mit.default_layers(llm_shapes["num_hidden_layers"])]
     norms = [n.weight for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
     for p in norms:
@@ -136,7 +150,7 @@ def count(method: str, length: int, batch: int, llm_shapes: dict, tower_shapes: 
     with FlopCounterMode(display=False) as tower_counter:
         if method == "mit":
             image = tower(pixel_values=pixels).image_embeds  # (B, 768): the global embedding MiT infuses
-        elif method == "prefix":
+        elif method in ("prefix", "neural"):
             hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
             image = hidden[-2][:, 1:]  # (B, 576, 1024): LLaVA's patch features (penultimate layer, no CLS)
     with FlopCounterMode(display=False) as forward_counter:
@@ -145,6 +159,8 @@ def count(method: str, length: int, batch: int, llm_shapes: dict, tower_shapes: 
         elif method == "prefix":
             embeds = torch.cat([projector(image), llm.model.embed_tokens(ids)], dim=1)
             logits = llm(inputs_embeds=embeds, logits_to_keep=length).logits
+        elif method == "neural":  # the image tokens go through nt_image_projection, before the text
+            logits = llm(input_ids=ids, image_features=image, logits_to_keep=length).logits
         else:
             logits = llm(input_ids=ids).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
@@ -159,8 +175,8 @@ def count(method: str, length: int, batch: int, llm_shapes: dict, tower_shapes: 
     return {
         "method": method,
         "text_len": length,
-        "image_tokens": patches if method == "prefix" else 0,
-        "llm_tokens": length + (patches if method == "prefix" else 0),
+        "image_tokens": patches if method in ("prefix", "neural") else 0,
+        "llm_tokens": length + (patches if method in ("prefix", "neural") else 0),
         "tower_fwd": tower_fwd,
         "llm_fwd": llm_fwd,
         "fwd": tower_fwd + llm_fwd,
@@ -250,8 +266,9 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     for ax, key, title in ((axes[0], "fwd", "forward"), (axes[1], "fwd_bwd", "forward + backward (training)")):
         for method in METHODS:
             pts = sorted((r["text_len"], r[key] / 1e12) for r in rows if r["method"] == method)
-            style = "-" if method == "mit" else "--" if method == "prefix" else ":"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=method)
+            style = {"mit": "-", "prefix": "--", "neural": "-."}.get(method, ":")
+            marker = "x" if method == "neural" else "o"  # neural lies 0.4% above prefix: keep both visible
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=marker, label=method)
         for (name, value), color in zip(PAPER_TFLOPS.items(), ("tab:blue", "tab:red", "tab:purple")):
             ax.axhline(value, color=color, alpha=0.4, lw=1)
             ax.text(min(r["text_len"] for r in rows), value * 1.05, name, fontsize=7, color=color)

