@@ -90,23 +90,32 @@ def _decoder_forward(base: type) -> dict:
 
 
 def _model_forward(base: type) -> dict:
-    """``forward`` of ``NT<Model>``: the base signature plus keyword-only ``image_features`` (B, P, image_dim)."""
+    """``forward`` of ``NT<Model>``: the base signature plus keyword-only ``image_features`` (B, P, image_dim) and
+    ``image_mask`` (B,)."""
     images = inspect.Parameter(
         "image_features", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=torch.Tensor | None
     )
-    signature, nt_signature, var_keyword = _signature_with(base, [images])
+    image_mask = inspect.Parameter(
+        "image_mask", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=torch.Tensor | None
+    )
+    signature, nt_signature, var_keyword = _signature_with(base, [images, image_mask])
 
-    def forward(self, *args, image_features: torch.Tensor | None = None, **kwargs):
+    def forward(
+        self, *args, image_features: torch.Tensor | None = None, image_mask: torch.Tensor | None = None, **kwargs
+    ):
         bound = signature.bind(self, *args, **kwargs)
         bound.arguments.setdefault(var_keyword, {}).setdefault(STATE_KWARG, NeuralState())
         if image_features is not None:
-            self._nt_prepare_images(bound.arguments, image_features)
+            self._nt_prepare_images(bound.arguments, image_features, image_mask)
+        elif image_mask is not None:
+            raise ValueError("image_mask: given without image_features")
         return base.forward(*bound.args, **bound.kwargs)
 
     forward.__signature__ = nt_signature
     forward.__doc__ = (
         f"{base.__name__}.forward with ``image_features`` (B, P, image_dim): CLIP patch tokens, projected and "
-        "placed before each prompt's first real token (None: text only)."
+        "placed before each prompt's first real token (None: text only); ``image_mask`` (B,) bool: False for rows "
+        "that have no image (their image positions are masked out)."
     )
     return {"forward": forward}
 
@@ -132,7 +141,9 @@ class NeuralTuningModelMixin(Rebuildable):
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
 
-    def _nt_prepare_images(self, arguments: dict, image_features: torch.Tensor) -> None:
+    def _nt_prepare_images(
+        self, arguments: dict, image_features: torch.Tensor, image_mask: torch.Tensor | None = None
+    ) -> None:
         """Replace ``input_ids`` by ``inputs_embeds`` with the image tokens inserted (mask, labels and padding-aware
         positions follow) in the bound ``arguments``."""
         projection: ImageProjection | None = getattr(self, IMAGE_NAME, None)
@@ -152,7 +163,7 @@ class NeuralTuningModelMixin(Rebuildable):
         elif not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             raise ValueError(f"with image_features, attention_mask must be a (B, L) padding mask, got {mask!r:.80}")
         images = projection(image_features, embeds.dtype).to(embeds.device)
-        embeds, mask, labels = prepend_image_tokens(embeds, mask, images, arguments.get("labels"))
+        embeds, mask, labels = prepend_image_tokens(embeds, mask, images, arguments.get("labels"), image_mask)
         arguments.pop("input_ids", None)
         arguments["inputs_embeds"], arguments["attention_mask"] = embeds, mask
         if labels is not None:
@@ -160,7 +171,9 @@ class NeuralTuningModelMixin(Rebuildable):
         if arguments.get("position_ids") is None:
             arguments["position_ids"] = padding_aware_position_ids(mask, mask.shape[1])
 
-    def generate(self, *args, image_features: torch.Tensor | None = None, **kwargs):
+    def generate(
+        self, *args, image_features: torch.Tensor | None = None, image_mask: torch.Tensor | None = None, **kwargs
+    ):
         """transformers' ``generate``; with ``image_features`` (B, P, image_dim) the prompt's embeddings get the image
         tokens first and the call returns only the new tokens (as generate does for ``inputs_embeds``)."""
         if image_features is None:
@@ -169,7 +182,7 @@ class NeuralTuningModelMixin(Rebuildable):
         if ids is None or len(args) > 1:
             raise ValueError("generate with image_features takes the prompt as input_ids (first argument) only")
         arguments = {"input_ids": ids, "attention_mask": kwargs.pop("attention_mask", None)}
-        self._nt_prepare_images(arguments, image_features)
+        self._nt_prepare_images(arguments, image_features, image_mask)
         del arguments["position_ids"]  # generate derives them from the mask at every step
         return super().generate(inputs_embeds=arguments["inputs_embeds"], attention_mask=arguments["attention_mask"],
                                 **kwargs)  # fmt: skip

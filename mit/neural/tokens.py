@@ -43,12 +43,18 @@ class ImageProjection(nn.Module):
 
 
 def prepend_image_tokens(
-    embeds: torch.Tensor, mask: torch.Tensor, images: torch.Tensor, labels: torch.Tensor | None = None
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    image_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Insert the (B, P, hidden) ``images`` before each row's first real token of the (B, L, hidden) prompt.
 
     Row b with n leading padding positions becomes ``[pad * n, image * P, prompt tokens]``; the (B, L) padding mask
-    gets P ones there, the (B, L) labels P ``-100``. Returns (B, P + L, hidden), (B, P + L), labels or None."""
+    gets P ones there, the (B, L) labels P ``-100``. A row whose ``image_mask`` (B,) bool is False has no image: its P
+    positions come first, zero and masked out (``[masked * P, pad * n, prompt tokens]``, more left padding), so its
+    prompt sits where the other rows' prompts sit. Returns (B, P + L, hidden), (B, P + L), labels or None."""
     batch, length = mask.shape
     patches = images.shape[1]
     if images.shape[0] != batch or embeds.shape[:2] != (batch, length):
@@ -57,11 +63,21 @@ def prepend_image_tokens(
             f"{tuple(embeds.shape[:2])}, attention_mask {tuple(mask.shape)}"
         )
     leading = (mask.long().cumsum(-1) == 0).sum(-1, keepdim=True)  # (B, 1) left padding per row
+    image_ones = mask.new_ones(batch, patches)
+    if image_mask is not None:
+        if not (
+            isinstance(image_mask, torch.Tensor) and image_mask.dtype == torch.bool and image_mask.shape == (batch,)
+        ):
+            raise ValueError(f"image_mask: expected a ({batch},) bool tensor, got {image_mask!r:.80}")
+        present = image_mask.to(mask.device)
+        leading = torch.where(present[:, None], leading, torch.zeros_like(leading))
+        image_ones = image_ones * present[:, None].to(mask.dtype)
+        images = torch.where(present.to(images.device)[:, None, None], images, torch.zeros_like(images))
     j = torch.arange(patches + length, device=mask.device).expand(batch, -1)
     index = torch.where(j < leading, j + patches, torch.where(j < leading + patches, j - leading, j))
     full = torch.cat([images.to(embeds.dtype), embeds], dim=1)
     full = full.gather(1, index[..., None].expand(-1, -1, full.shape[-1]))
-    full_mask = torch.cat([mask.new_ones(batch, patches), mask], dim=1).gather(1, index)
+    full_mask = torch.cat([image_ones, mask], dim=1).gather(1, index)
     if labels is not None:
         labels = torch.cat([labels.new_full((batch, patches), -100), labels], dim=1).gather(1, index)
     return full, full_mask, labels

@@ -301,3 +301,27 @@ def test_tied_embeddings_share_one_trainable_row_set(tmp_path):
     mit.save_neural_adapter(model, tmp_path)
     fresh = mit.load_neural_adapter(fam.model("llama", tie_word_embeddings=True), tmp_path)
     assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+def test_image_mask_rows_without_an_image_equal_text_only_rows():
+    """A row with image_mask False gets its image positions zeroed and masked out (as more left padding): its logits
+    at the prompt equal the same prompt run without any image, whatever the image features hold."""
+    torch.manual_seed(0)
+    model = nt_model(image_dim=12).eval()
+    ids = torch.randint(0, 90, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0
+    features = torch.randn(2, 3, 12)
+    features[1] = float("nan")  # never read: row 1 has no image
+    present = torch.tensor([True, False])
+    with torch.no_grad():
+        both = model(input_ids=ids, attention_mask=mask, image_features=features, image_mask=present).logits
+        text = model(input_ids=ids[1:], attention_mask=mask[1:]).logits
+        imaged = model(input_ids=ids[:1], attention_mask=mask[:1], image_features=features[:1]).logits
+    assert torch.isfinite(both).all()
+    torch.testing.assert_close(both[1, 3 + 2 :], text[0, 2:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both[0], imaged[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"image_mask: expected a \(2,\) bool tensor"):
+        model(input_ids=ids, attention_mask=mask, image_features=features, image_mask=torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="image_mask: given without image_features"):
+        model(input_ids=ids, attention_mask=mask, image_mask=present)

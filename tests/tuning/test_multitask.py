@@ -239,10 +239,11 @@ def test_outputs_do_not_depend_on_padding_side_or_a_task_id(assets, tmp_path):
         patches = model.encoder(left["image"]).patches
         for row in range(8):
             prompt = left["input_ids"][row][(left["attention_mask"][row] == 1) & (left["labels"][row] == -100)]
+            image = {"image_features": patches[row : row + 1]} if left["has_image"][row] else {}  # t2i: no image
             first = model.llm.generate(
                 prompt[None],
                 attention_mask=torch.ones_like(prompt)[None],
-                image_features=patches[row : row + 1],
+                **image,
                 max_new_tokens=1,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
@@ -269,7 +270,8 @@ def test_outputs_do_not_depend_on_padding_side_or_a_task_id(assets, tmp_path):
             real = left["input_ids"][row][left["attention_mask"][row] == 1]
             for position in range(len(real)):
                 if int(real[position]) in task_ids:
-                    model.llm(input_ids=real[None, : position + 1], image_features=patches[row : row + 1])
+                    image = {"image_features": patches[row : row + 1]} if left["has_image"][row] else {}
+                    model.llm(input_ids=real[None, : position + 1], **image)
                     kind = "glb" if int(real[position]) == model.glb_id else "lcl"
                     expected[kind].append(final[-1][0, -1])
         hook.remove()

@@ -177,12 +177,15 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """``image`` (B, 3, S, S); ``masks`` (M, S, S) of all samples in order with ``mask_sample`` (M,) their rows;
     ``glb_target`` (G, D) of the t2i samples with ``glb_sample`` (G,); ``task`` (for the metrics only)."""
     glb = [(b, x["glb_target"]) for b, x in enumerate(items) if x["glb_target"] is not None]
+    # (B,) has_image: False for text-to-image prompts
     out = {
         "image": torch.stack([x["image"] for x in items]),
         "masks": torch.cat([x["masks"] for x in items]),
         "mask_sample": torch.tensor([b for b, x in enumerate(items) for _ in range(len(x["masks"]))], dtype=torch.long),
         "glb_sample": torch.tensor([b for b, _ in glb], dtype=torch.long),
         "task": [x["task"] for x in items],
+        # text-to-image prompts carry no image (as in the reference): the <GLB> target is that image's embedding
+        "has_image": torch.tensor([x["task"] != "t2i" for x in items], dtype=torch.bool),
     }
     if glb:
         out["glb_target"] = torch.stack([t for _, t in glb])
@@ -223,7 +226,12 @@ class NeuralMultiTaskModel(nn.Module):
         hook = decoder_of(self.llm).norm.register_forward_hook(lambda module, args, output: final.append(output))
         try:
             out = self.llm(
-                input_ids=ids, attention_mask=mask, image_features=patches, labels=batch.get("labels"), use_cache=False
+                input_ids=ids,
+                attention_mask=mask,
+                image_features=patches,
+                image_mask=batch["has_image"],
+                labels=batch.get("labels"),
+                use_cache=False,
             )
         finally:
             hook.remove()
