@@ -132,19 +132,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", metavar="FILE", help="also write the metrics to this JSON file")
     sub.add_parser(
         "demo",
-        help="real-model demonstrations: 'mit demo digits [--quick]' (see 'mit demo digits --help')",
+        help="real-model demonstrations: 'mit demo digits [--quick]', 'mit demo neural-digits [--quick]' (see "
+        "'mit demo digits --help')",
         description="Run a demonstration. 'digits': MiT teaches a frozen SmolLM2-135M to answer yes/no questions "
-        "about real handwritten digit images, against text-only and prefix-concatenation baselines.",
+        "about real handwritten digit images, against text-only and prefix-concatenation baselines. "
+        "'neural-digits': neural tuning, one adapter on a frozen SmolLM2-135M for four digit tasks (caption, draw, "
+        "two segmentations).",
     )
     return parser
 
 
-DEMOS = ("digits",)
+DEMOS = ("digits", "neural-digits")
 
 
 def _demo(argv: list[str]) -> int:
     if not argv or argv[0] not in DEMOS:
         raise CLIError(f"demo: choose one of {', '.join(DEMOS)} (got {argv[0] if argv else 'nothing'})")
+    if argv[0] == "neural-digits":
+        from .demo import neural_digits
+
+        neural_digits.main(argv[1:])
+        return 0
     from .demo import digits as demo_digits
 
     demo_digits.main(argv[1:])

@@ -1,0 +1,675 @@
+"""Real-model demonstration of neural tuning: one frozen SmolLM2-135M, one adapter, four tasks on real digit images.
+
+Data: scikit-learn's digits (1797 real 8x8 images), split by image (stratified 80 / 20): training samples are built
+from training images only, test samples from test images only. The four tasks, mixed equally in every batch, with no
+task id (the prompt selects the task):
+
+  caption         [image] "Caption:" -> " a handwritten seven" (LM loss on the answer; greedy generation must equal
+                  the caption exactly; chance 10%)
+  draw            "Draw a 7" -> "<GLB>"; the <GLB> token's final hidden state -> an MLP -> 64 pixels (MSE to a random
+                  training image of that digit); a logistic-regression digit classifier trained independently on the
+                  training split's real images scores the generated image (accuracy = predicted digit == 7)
+  segment_digit   [canvas] "Segment the 3" -> "<LCL-1>..<LCL-5>"; the canvas is two different digits side by side
+                  (8x16), the mask is the half holding the named digit
+  segment_larger  [canvas] "Segment the larger number" -> "<LCL-1>..<LCL-5>"; the mask is the larger digit's half
+
+Segmentation: the mean of the <LCL-k> tokens' final hidden states FiLM-conditions a small mask decoder over the patch
+features; mIoU and P@0.5 (fraction of samples with IoU >= 0.5) against the half mask; picking a half at random gives
+P@0.5 = 50%.
+
+Image tokens: no CLIP weights exist offline. Each 8x8 digit (one for captions, two for a canvas) is one patch,
+standardised with the training split's per-pixel statistics, through a small trainable patch encoder (an MLP giving
+``tokens_per_patch`` tokens of width ``patch_dim``, plus a learned position per patch); those are neural tuning's
+``image_features`` (B, P, patch_dim), projected by its trainable ``nt_image_projection`` and placed before the prompt.
+The <LCL-k> / <GLB> tokens are teacher-forced at evaluation (their positions are known); the LM loss also trains the
+model to emit them.
+
+Trainable: the task neurons of the adapted layers, the image projection, the new tokens' rows (SmolLM2 ties its
+embedding and LM head: one row set), the patch encoder, the mask decoder and the draw MLP; the LLM stays frozen.
+
+Variants (same data, steps, batch size, optimiser and heads):
+  neural     the main run: sparse task neurons (rho0 = ``sparsity``), one adapter for the four tasks;
+  dense      rho0 = 1 (every neuron but the smallest active: ``active_count(r, 1.0) = r - 1``), one adapter;
+  per_task   one adapter per task, each trained on its task alone for the same number of steps (4x the compute).
+
+Task selectivity (after the neural run): each unit's mean activation Z^a per task is measured on held-out prompts;
+switching off (zeroing in Z^a, through a pre-hook of ``b_proj``) the units most selective for task t (mean on t minus
+mean on the others) should hurt t and not the others; the same number of random units is the control.
+
+    mit demo neural-digits            # full run
+    mit demo neural-digits --quick    # the neural run only, few steps (~3 minutes on 2 CPU cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import pathlib
+import statistics
+import time
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..neural import TASK_TOKENS, NeuralTuningConfig, apply_neural_tuning
+from ..utils.results import pyplot, write_csv
+from .digits import DigitsSplit, load_digits_split, pixel_statistics
+
+TASKS = ("caption", "draw", "segment_digit", "segment_larger")
+VARIANTS = ("neural", "dense", "per_task")
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+LCL = TASK_TOKENS[:5]
+GLB = TASK_TOKENS[5]
+TARGETS = {"caption": 0.9, "draw": 0.9, "segment_digit": 0.9, "segment_larger": 0.9}
+
+
+@dataclasses.dataclass
+class NeuralDigitsConfig:
+    steps: int = 240
+    batch_size: int = 8  # batch_size / 4 samples of each task
+    lr: float = 3e-3
+    warmup_steps: int = 10
+    rank: int = 64
+    sparsity: float = 0.4
+    alpha: float = 0.2
+    start_layer: int = 22  # layers 22..29 adapted
+    patch_dim: int = 128
+    tokens_per_patch: int = 1
+    segment_tokens: int = 1  # how many of <LCL-1..5> a segmentation answer has
+    draw_weight: float = 10.0  # weight of the pixel MSE (pixels in [0, 1]: ~0.05 for the mean image)
+    variants: tuple[str, ...] = VARIANTS
+    selectivity: bool = True
+    selectivity_fraction: float = 0.05  # of all units (layers x rank) switched off
+    eval_caption: int | None = 150  # test images for the caption metric (None: all)
+    eval_segment: int = 200  # test canvases per segmentation task
+    seed: int = 0
+    test_fraction: float = 0.2
+
+
+def quick_config() -> NeuralDigitsConfig:
+    """The neural run only, 25 steps, smaller evaluation: the CI check (~3 minutes on 2 cores)."""
+    return NeuralDigitsConfig(steps=25, variants=("neural",), selectivity=False, eval_caption=20, eval_segment=40)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def caption_text(digit: int) -> str:
+    return f"a handwritten {WORDS[digit]}"
+
+
+def make_canvases(
+    split: DigitsSplit, count: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``count`` canvases of two different digits side by side. Returns pixels (N, 2, 64) (left, right), their digits
+    (N, 2), and, for "Segment the k", which side is named (N,) (alternating left / right: balanced)."""
+    first = torch.randint(0, len(split.labels), (count,), generator=gen)
+    second = torch.randint(0, len(split.labels), (count,), generator=gen)
+    same = split.labels[first] == split.labels[second]
+    while same.any():  # redraw until the two digits differ
+        second[same] = torch.randint(0, len(split.labels), (int(same.sum()),), generator=gen)
+        same = split.labels[first] == split.labels[second]
+    pixels = torch.stack([split.images[first], split.images[second]], dim=1)
+    digits = torch.stack([split.labels[first], split.labels[second]], dim=1)
+    named = torch.arange(count) % 2
+    return pixels, digits, named
+
+
+def half_mask(side: torch.Tensor) -> torch.Tensor:
+    """(N,) side index (0 = left) -> (N, 2, 64) masks: ones on that half of the 8x16 canvas."""
+    return nn.functional.one_hot(side, 2).float()[..., None].expand(-1, -1, 64).contiguous()
+
+
+def canvas_image(pixels: torch.Tensor) -> torch.Tensor:
+    """(N, 2, 64) -> (N, 8, 16), left digit then right digit."""
+    return pixels.view(-1, 2, 8, 8).permute(0, 2, 1, 3).reshape(-1, 8, 16)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model pieces
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class PatchEncoder(nn.Module):
+    """(B, n, 64) patches (8x8 digits in [0, 1]) -> tokens (B, n * T, patch_dim) and features (B, n, patch_dim).
+
+    Each patch is standardised with the training images' per-pixel statistics, then an MLP gives T tokens; a learned
+    position (per patch slot, at most ``max_patches``) is added to tokens and features."""
+
+    def __init__(
+        self, patch_dim: int, tokens_per_patch: int, pixel_mean: torch.Tensor, pixel_std: torch.Tensor,
+        max_patches: int = 2, hidden: int = 256,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.register_buffer("pixel_mean", pixel_mean.clone())
+        self.register_buffer("pixel_std", pixel_std.clone())
+        self.tokens_per_patch, self.patch_dim = tokens_per_patch, patch_dim
+        self.net = nn.Sequential(
+            nn.Linear(64, hidden), nn.GELU(), nn.Linear(hidden, (tokens_per_patch + 1) * patch_dim)
+        )
+        self.position = nn.Parameter(0.1 * torch.randn(max_patches, patch_dim))
+
+    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if patches.dim() != 3 or patches.shape[-1] != 64 or patches.shape[1] > self.position.shape[0]:
+            raise ValueError(f"patches must be (B, n <= {self.position.shape[0]}, 64), got {tuple(patches.shape)}")
+        batch, n, _ = patches.shape
+        out = self.net((patches - self.pixel_mean) / self.pixel_std).view(batch, n, self.tokens_per_patch + 1, -1)
+        out = out + self.position[:n, None]
+        return out[:, :, :-1].reshape(batch, n * self.tokens_per_patch, -1), out[:, :, -1]
+
+
+class MaskDecoder(nn.Module):
+    """FiLM of the patch features (B, n, C) by a condition (B, hidden), then per-patch pixel logits (B, n, 64)."""
+
+    def __init__(self, hidden_size: int, patch_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size)
+        self.film = nn.Linear(hidden_size, 2 * patch_dim)
+        self.out = nn.Sequential(nn.GELU(), nn.Linear(patch_dim, 64))
+
+    def forward(self, features: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.film(self.norm(condition)).chunk(2, dim=-1)
+        return self.out(features * (1 + gamma[:, None]) + beta[:, None])
+
+
+class DrawHead(nn.Module):
+    """The <GLB> token's final hidden state (B, hidden) -> 64 pixel values (B, 64)."""
+
+    def __init__(self, hidden_size: int, width: int = 256) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, width), nn.GELU(),
+                                 nn.Linear(width, 64))  # fmt: skip
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.net(hidden)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice loss, mean over samples; logits and target (N, ...)."""
+    prob = torch.sigmoid(logits).flatten(1)
+    target = target.flatten(1)
+    return (1 - (2 * (prob * target).sum(1) + 1) / (prob.sum(1) + target.sum(1) + 1)).mean()
+
+
+def iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample IoU of boolean masks (N, ...); an empty union counts as IoU 1."""
+    pred, target = pred.flatten(1).bool(), target.flatten(1).bool()
+    inter = (pred & target).sum(1).float()
+    union = (pred | target).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+class NeuralDigits(nn.Module):
+    """A frozen SmolLM2 with neural tuning (``llm``) and the demo's patch encoder and task heads."""
+
+    def __init__(self, base, tokenizer, cfg: NeuralDigitsConfig, sparsity: float, pixel_stats) -> None:
+        super().__init__()
+        import copy
+
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self.llm = copy.deepcopy(base)
+        config = NeuralTuningConfig(
+            rank=cfg.rank, sparsity=sparsity, alpha=cfg.alpha, start_layer=cfg.start_layer,
+            image_dim=cfg.patch_dim, new_tokens=list(TASK_TOKENS),
+        )  # fmt: skip
+        apply_neural_tuning(self.llm, config, self.tokenizer)
+        hidden = self.llm.config.hidden_size
+        self.encoder = PatchEncoder(cfg.patch_dim, cfg.tokens_per_patch, *pixel_stats)
+        self.mask_decoder = MaskDecoder(hidden, cfg.patch_dim)
+        self.draw_head = DrawHead(hidden)
+        tok = self.tokenizer
+        self.lcl_ids = tok.convert_tokens_to_ids(list(LCL))[: cfg.segment_tokens]
+        self.glb_id = tok.convert_tokens_to_ids(GLB)
+        self.eos_id = tok.eos_token_id
+        self.caption_prompt = tok("Caption:").input_ids
+        self.caption_answers = [[*tok(" " + caption_text(d)).input_ids, self.eos_id] for d in range(10)]
+        self.draw_prompts = [tok(f"Draw a {d}").input_ids for d in range(10)]
+        self.segment_prompts = [tok(f"Segment the {d}").input_ids for d in range(10)]
+        self.larger_prompt = tok("Segment the larger number").input_ids
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def units(self) -> list[nn.Module]:
+        """The adapted layers' neurons (``self_attn.nt_neurons``), in layer order."""
+        return [m for m in self.llm.modules() if type(m).__name__ == "NeuralTuningLayer"]
+
+    def run(self, rows: list[tuple[torch.Tensor | None, list[int], list[int]]]) -> tuple[torch.Tensor, list[int]]:
+        """Rows of (image tokens (P, patch_dim) or None, prompt ids, answer ids), left-padded into one batch through
+        the tuned LLM. Returns the final hidden states (B, L, hidden) and each row's padding length."""
+        llm = self.llm
+        embed = llm.get_input_embeddings()
+        lengths = [(0 if im is None else im.shape[0]) + len(p) + len(a) for im, p, a in rows]
+        width = max(lengths)
+        ids = torch.full((len(rows), width), self.eos_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        is_image = torch.zeros(len(rows), width, dtype=torch.bool)
+        images = []
+        pads = []
+        for b, ((im, prompt, answer), n) in enumerate(zip(rows, lengths)):
+            pad, p = width - n, 0 if im is None else im.shape[0]
+            pads.append(pad)
+            ids[b, pad + p :] = torch.tensor(prompt + answer)
+            mask[b, pad:] = 1
+            if im is not None:
+                is_image[b, pad : pad + p] = True
+                images.append(im)
+        embeds = embed(ids)
+        if images:
+            projected = llm.nt_image_projection(torch.cat(images)[None], embeds.dtype)[0]
+            embeds = embeds.masked_scatter(is_image[..., None], projected)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+        return out.last_hidden_state, pads
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_output_embeddings()(hidden)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Batches, losses, metrics
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build_rows(model: NeuralDigits, task: str, split: DigitsSplit, count: int, gen: torch.Generator | None,
+               index: torch.Tensor | None = None):  # fmt: skip
+    """Samples of one task: (rows for :meth:`NeuralDigits.run`, what the loss / metric needs)."""
+    if task == "caption":
+        pick = index if index is not None else torch.randint(0, len(split.labels), (count,), generator=gen)
+        tokens, _ = model.encoder(split.images[pick][:, None])
+        digits = split.labels[pick]
+        rows = [(tokens[i], model.caption_prompt, model.caption_answers[int(d)]) for i, d in enumerate(digits)]
+        return rows, {"digits": digits}
+    if task == "draw":
+        digits = index if index is not None else torch.randint(0, 10, (count,), generator=gen)
+        rows = [(None, model.draw_prompts[int(d)], [model.glb_id]) for d in digits]
+        target = None
+        if gen is not None:  # a random training image of each digit
+            target = torch.stack(
+                [
+                    split.images[split.labels == d][
+                        torch.randint(0, int((split.labels == d).sum()), (1,), generator=gen)
+                    ][0]
+                    for d in digits.tolist()
+                ]
+            )
+        return rows, {"digits": digits, "target": target}
+    pixels, digits, named = index if index is not None else make_canvases(split, count, gen)
+    tokens, features = model.encoder(pixels)
+    if task == "segment_digit":
+        side = named
+        prompts = [model.segment_prompts[int(digits[i, s])] for i, s in enumerate(side)]
+    else:
+        side = (digits[:, 1] > digits[:, 0]).long()
+        prompts = [model.larger_prompt] * len(side)
+    rows = [(tokens[i], prompts[i], model.lcl_ids) for i in range(len(side))]
+    return rows, {"features": features, "mask": half_mask(side)}
+
+
+def task_outputs(model: NeuralDigits, tasks: list[str], parts: list[tuple[list, dict]]) -> list[dict]:
+    """One forward over the rows of all ``parts``; per part: LM logits / targets of its answer tokens, and the draw
+    pixels or mask logits."""
+    rows = [r for part, _ in parts for r in part]
+    hidden, _ = model.run(rows)
+    width = hidden.shape[1]
+    outputs, start = [], 0
+    for task, (part, extra) in zip(tasks, parts):
+        out: dict = dict(extra)
+        positions, targets = [], []
+        for i, (_, _, answer) in enumerate(part):
+            end = width  # the answer occupies the last len(answer) positions; position t predicts token t + 1
+            for j, token in enumerate(answer):
+                positions.append((start + i, end - len(answer) + j - 1))
+                targets.append(token)
+        b, t = torch.tensor(positions).T
+        out["lm_logits"] = model.lm_logits(hidden[b, t])
+        out["lm_targets"] = torch.tensor(targets)
+        n = len(part)
+        rows_hidden = hidden[start : start + n]
+        if task == "draw":
+            out["pixels"] = model.draw_head(rows_hidden[:, -1])
+        elif task.startswith("segment"):
+            condition = rows_hidden[:, -len(model.lcl_ids) :].mean(1)
+            out["mask_logits"] = model.mask_decoder(out["features"], condition)
+        outputs.append(out)
+        start += n
+    return outputs
+
+
+def batch_loss(
+    model: NeuralDigits, tasks: list[str], outputs: list[dict], draw_weight: float = 1.0
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sum over the tasks of the LM loss on their answer tokens plus the task's own loss (draw: ``draw_weight`` times
+    the MSE of the pixels; segmentation: Dice + BCE of the mask). Returns the loss and its per-task parts."""
+    total, parts = 0.0, {}
+    for task, out in zip(tasks, outputs):
+        loss = nn.functional.cross_entropy(out["lm_logits"], out["lm_targets"])
+        if task == "draw":
+            loss = loss + draw_weight * nn.functional.mse_loss(out["pixels"], out["target"])
+        elif task.startswith("segment"):
+            logits, mask = out["mask_logits"], out["mask"]
+            loss = loss + dice_loss(logits, mask) + nn.functional.binary_cross_entropy_with_logits(logits, mask)
+        total = total + loss
+        parts[task] = loss.item()
+    return total, parts
+
+
+def lr_factor(step: int, cfg: NeuralDigitsConfig) -> float:
+    """Linear warm-up over ``cfg.warmup_steps``, then cosine decay to 0 at ``cfg.steps``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(model: NeuralDigits, tasks: tuple[str, ...], train_split: DigitsSplit, cfg: NeuralDigitsConfig, name: str):
+    """AdamW on the trainable parameters; every batch has ``batch_size / len(tasks)`` samples of each task. Returns
+    per-step loss rows and the training seconds."""
+    if cfg.batch_size % len(tasks):
+        raise ValueError(f"batch_size must be a multiple of the {len(tasks)} tasks, got {cfg.batch_size}")
+    per_task = cfg.batch_size // len(tasks)
+    optimiser = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: lr_factor(s, cfg))
+    gen = torch.Generator().manual_seed(1000 + cfg.seed)
+    model.train()
+    curve = []
+    start = time.perf_counter()
+    bar = tqdm(range(1, cfg.steps + 1), desc=name, unit="step", leave=False)
+    for step in bar:
+        parts = [build_rows(model, task, train_split, per_task, gen) for task in tasks]
+        loss, per = batch_loss(model, list(tasks), task_outputs(model, list(tasks), parts), cfg.draw_weight)
+        if not torch.isfinite(loss):
+            raise ValueError(f"{name}: non-finite loss {loss.item()} at step {step}")
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        curve.append({"variant": name, "step": step, "loss": loss.item(), **{f"loss_{t}": v for t, v in per.items()}})
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return curve, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EvalSets:
+    caption: torch.Tensor  # test image indices
+    canvases: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per segmentation task
+
+
+def eval_sets(test: DigitsSplit, cfg: NeuralDigitsConfig, caption: int | None = None, segment: int | None = None):
+    n = len(test.labels)
+    count = n if caption is None else min(caption, n)
+    gen = torch.Generator().manual_seed(12345)
+    segment = segment or cfg.eval_segment
+    return EvalSets(
+        caption=torch.linspace(0, n - 1, count).round().long(),
+        canvases={t: make_canvases(test, segment, gen) for t in ("segment_digit", "segment_larger")},
+    )
+
+
+def digit_classifier(train_split: DigitsSplit):
+    """A logistic-regression digit classifier trained only on the training split's real images."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(max_iter=3000).fit(train_split.images.numpy(), train_split.labels.numpy())
+
+
+@torch.no_grad()
+def evaluate(model: NeuralDigits, tasks: tuple[str, ...], test: DigitsSplit, sets: EvalSets, classifier,
+             batch: int = 50) -> dict[str, float]:  # fmt: skip
+    """The metrics of ``tasks``: caption exact-match accuracy (greedy generation with the image tokens), draw accuracy
+    (classifier on the generated images of "Draw a 0" .. "Draw a 9"), segmentation mIoU and P@0.5."""
+    model.eval()
+    out: dict[str, float] = {}
+    if "caption" in tasks:
+        correct = 0
+        for s in range(0, len(sets.caption), batch):
+            pick = sets.caption[s : s + batch]
+            tokens, _ = model.encoder(test.images[pick][:, None])
+            prompt = torch.tensor([model.caption_prompt] * len(pick))
+            ids = model.llm.generate(
+                prompt, attention_mask=torch.ones_like(prompt), image_features=tokens, max_new_tokens=8,
+                do_sample=False, pad_token_id=model.eos_id,
+            )  # fmt: skip
+            texts = model.tokenizer.batch_decode(ids, skip_special_tokens=True)
+            correct += sum(t.strip() == caption_text(int(d)) for t, d in zip(texts, test.labels[pick]))
+        out["caption_accuracy"] = correct / len(sets.caption)
+    if "draw" in tasks:
+        rows, extra = build_rows(model, "draw", test, 10, None, index=torch.arange(10))
+        pixels = task_outputs(model, ["draw"], [(rows, extra)])[0]["pixels"].clamp(0, 1)
+        out["draw_accuracy"] = float((classifier.predict(pixels.numpy()) == extra["digits"].numpy()).mean())
+    for task in ("segment_digit", "segment_larger"):
+        if task not in tasks:
+            continue
+        pixels, digits, named = sets.canvases[task]
+        ious = []
+        for s in range(0, len(named), batch):
+            sl = slice(s, s + batch)
+            part = build_rows(model, task, test, 0, None, index=(pixels[sl], digits[sl], named[sl]))
+            result = task_outputs(model, [task], [part])[0]
+            ious.append(iou(result["mask_logits"] > 0, result["mask"]))
+        ious = torch.cat(ious)
+        out[f"{task}_miou"] = ious.mean().item()
+        out[f"{task}_p50"] = (ious >= 0.5).float().mean().item()
+    model.train()
+    return out
+
+
+def headline(metrics: dict[str, float], task: str) -> float:
+    """The metric with the target: accuracy for caption / draw, P@0.5 for segmentation."""
+    return metrics[f"{task}_accuracy"] if task in ("caption", "draw") else metrics[f"{task}_p50"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Task selectivity
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def unit_activity(model: NeuralDigits, train_split: DigitsSplit, count: int = 40) -> torch.Tensor:
+    """Mean Z^a per task and unit, (tasks, layers, r), on ``count`` training samples per task (one task per forward:
+    no padding within a forward)."""
+    layers = model.units()
+    sums = torch.zeros(len(TASKS), len(layers), layers[0].rank)
+    current = {"task": 0}
+
+    def record(i):
+        def hook(module, args):
+            sums[current["task"], i] += args[0].flatten(0, -2).mean(0)
+
+        return hook
+
+    handles = [layer.b_proj.register_forward_pre_hook(record(i)) for i, layer in enumerate(layers)]
+    model.eval()
+    gen = torch.Generator().manual_seed(777)
+    try:
+        for t, task in enumerate(TASKS):
+            current["task"] = t
+            task_outputs(model, [task], [build_rows(model, task, train_split, count, gen)])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train()
+    return sums
+
+
+def switch_off(model: NeuralDigits, off: torch.Tensor) -> list:
+    """Zero the units where ``off`` (layers, r) is True in every Z^a (pre-hooks of ``b_proj``); returns the handles."""
+    keep = (~off).float()
+    return [layer.b_proj.register_forward_pre_hook(lambda m, a, k=keep[i]: (a[0] * k,))
+            for i, layer in enumerate(model.units())]  # fmt: skip
+
+
+def selectivity_test(model, train_split, test, classifier, cfg: NeuralDigitsConfig) -> list[dict]:
+    """Metrics with nothing off, with the units most selective for each task off, and with as many random units off."""
+    activity = unit_activity(model, train_split)
+    total = activity[0].numel()
+    m = max(1, round(cfg.selectivity_fraction * total))
+    sets = eval_sets(test, cfg, caption=50, segment=50)
+    rows = []
+
+    def measure(condition: str, off: torch.Tensor | None):
+        handles = switch_off(model, off) if off is not None else []
+        try:
+            metrics = evaluate(model, TASKS, test, sets, classifier)
+        finally:
+            for h in handles:
+                h.remove()
+        rows.append({"condition": condition, "units_off": 0 if off is None else int(off.sum()),
+                     **{t: headline(metrics, t) for t in TASKS}})  # fmt: skip
+        tqdm.write(f"selectivity {condition:24s}: " + ", ".join(f"{t} {rows[-1][t]:.2f}" for t in TASKS))
+
+    measure("none", None)
+    for t, task in enumerate(TASKS):
+        others = torch.cat([activity[:t], activity[t + 1 :]]).mean(0)
+        score = (activity[t] - others).flatten()
+        off = torch.zeros(total, dtype=torch.bool)
+        off[score.topk(m).indices] = True
+        measure(f"selective_{task}", off.view_as(activity[0]))
+    gen = torch.Generator().manual_seed(4242)
+    for r in range(2):
+        off = torch.zeros(total, dtype=torch.bool)
+        off[torch.randperm(total, generator=gen)[:m]] = True
+        measure(f"random_{r}", off.view_as(activity[0]))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Runs and results
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def run_variant(variant: str, base, tokenizer, split, classifier, cfg: NeuralDigitsConfig):
+    """Train and evaluate one variant. Returns (metrics row, curve rows, the trained model of the last run)."""
+    train_split, test = split
+    sets = eval_sets(test, cfg, caption=cfg.eval_caption)
+    stats = pixel_statistics(train_split.images)
+    groups = [(t,) for t in TASKS] if variant == "per_task" else [TASKS]
+    sparsity = 1.0 if variant == "dense" else cfg.sparsity
+    metrics, curves, seconds, params = {}, [], 0.0, 0
+    model = None
+    for tasks in groups:
+        torch.manual_seed(cfg.seed)
+        model = NeuralDigits(base, tokenizer, cfg, sparsity, stats)
+        name = variant if len(groups) == 1 else f"{variant}:{tasks[0]}"
+        curve, sec = train(model, tasks, train_split, cfg, name)
+        curves += curve
+        seconds += sec
+        params += sum(p.numel() for p in model.trainable_parameters())
+        metrics.update(evaluate(model, tasks, test, sets, classifier))
+    row = {"variant": variant, "sparsity": sparsity, "steps": cfg.steps, "lr": cfg.lr, **metrics,
+           "trainable_params": params, "train_seconds": seconds}  # fmt: skip
+    tqdm.write(f"{variant}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" ({seconds:.0f} s)")
+    return row, curves, model
+
+
+def run_demo(cfg: NeuralDigitsConfig, out_dir: pathlib.Path, base=None, tokenizer=None, stem: str = "neural_digits"):
+    """Run the variants (and the selectivity test) and write ``{stem}.csv`` (one row per variant),
+    ``{stem}_curves.csv`` (training losses), ``{stem}_selectivity.csv`` and ``{stem}.png`` into ``out_dir``."""
+    from ..models import load_smollm2
+
+    unknown = set(cfg.variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"variants must be among {VARIANTS}, got {sorted(unknown)}")
+    if base is None:
+        base, tokenizer = load_smollm2()
+    split = load_digits_split(cfg.test_fraction)
+    classifier = digit_classifier(split[0])
+    rows, curves, selectivity = [], [], []
+    for variant in cfg.variants:
+        row, curve, model = run_variant(variant, base, tokenizer, split, classifier, cfg)
+        rows.append(row)
+        curves += curve
+        if variant == "neural" and cfg.selectivity:
+            selectivity = selectivity_test(model, split[0], split[1], classifier, cfg)
+        del model
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out_dir / f"{stem}.csv")
+    write_csv(curves, out_dir / f"{stem}_curves.csv")
+    if selectivity:
+        write_csv(selectivity, out_dir / f"{stem}_selectivity.csv")
+    plot(rows, curves, selectivity, out_dir / f"{stem}.png")
+    return rows, selectivity
+
+
+def plot(rows: list[dict], curves: list[dict], selectivity: list[dict], path: pathlib.Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    panels = 3 if selectivity else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
+    ax = axes[0]
+    width = 0.8 / max(1, len(rows))
+    for i, row in enumerate(rows):
+        values = [headline(row, t) if any(k.startswith(t) for k in row) else float("nan") for t in TASKS]
+        ax.bar([j + i * width for j in range(len(TASKS))], values, width, label=row["variant"])
+    ax.axhline(0.9, color="black", linestyle="--", linewidth=1, label="target 0.9")
+    ax.plot([-0.2, 1.6], [0.1, 0.1], color="grey", linestyle=":", linewidth=1, label="chance")
+    ax.plot([1.6, 3.8], [0.5, 0.5], color="grey", linestyle=":", linewidth=1)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(TASKS))], ["caption\nacc", "draw\nacc", "seg digit\nP@0.5",
+                  "seg larger\nP@0.5"])  # fmt: skip
+    ax.set(ylim=(0, 1.05), title=f"test metrics after {rows[0]['steps']} steps")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    for variant in dict.fromkeys(c["variant"] for c in curves):
+        points = [c for c in curves if c["variant"] == variant]
+        window = 10
+        losses = [
+            statistics.fmean(p["loss"] for p in points[max(0, i - window + 1) : i + 1]) for i in range(len(points))
+        ]
+        ax.plot([p["step"] for p in points], losses, label=variant)
+    ax.set(xlabel="step", ylabel="training loss (10-step mean)", yscale="log", title="training loss")
+    ax.legend(fontsize=7)
+    if selectivity:
+        ax = axes[2]
+        width = 0.8 / len(selectivity)
+        for i, row in enumerate(selectivity):
+            ax.bar([j + i * width for j in range(len(TASKS))], [row[t] for t in TASKS], width,
+                   label=f"{row['condition']} ({row['units_off']} off)")  # fmt: skip
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(TASKS))], ["caption", "draw", "seg digit", "seg larger"])
+        ax.set(ylim=(0, 1.05), title="units switched off (neural run)")
+        ax.legend(fontsize=6)
+    fig.suptitle("Neural tuning, frozen SmolLM2-135M, one adapter for four digit tasks", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(
+        prog="mit demo neural-digits", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="the neural run only, 25 steps, smaller evaluation")
+    parser.add_argument("--steps", type=int, help="optimiser steps per run")
+    parser.add_argument("--lr", type=float, help="learning rate (AdamW, every trainable parameter)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="variants to run")
+    parser.add_argument("--no-selectivity", action="store_true", help="skip the task-selectivity test")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"), help="output directory")
+    args = parser.parse_args(argv)
+    cfg = quick_config() if args.quick else NeuralDigitsConfig()
+    if args.steps:
+        cfg.steps = args.steps
+    if args.lr:
+        cfg.lr = args.lr
+    if args.variants:
+        cfg.variants = tuple(args.variants)
+    if args.no_selectivity:
+        cfg.selectivity = False
+    stem = "neural_digits" + ("_quick" if args.quick else "")
+    rows, _ = run_demo(cfg, args.out, stem=stem)
+    for row in rows:
+        print(row)
+    print(f"wrote {args.out}/{stem}.csv, {stem}_curves.csv and {stem}.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
