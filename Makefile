@@ -1,6 +1,7 @@
 PYTHON ?= python
-# The integration tests, run again in the second environment at the lowest supported transformers release.
-INTEGRATION_TESTS = integrations kernels/test_cpu_extension.py kernels/test_cpu_backend.py
+# The integration tests (MiT and neural tuning), run again in the second environment at the lowest supported
+# transformers release.
+INTEGRATION_TESTS = integrations neural kernels/test_cpu_extension.py kernels/test_cpu_backend.py
 SECOND = .venv-second
 # The torch the second environment starts with: another minor release than the newest one the first environment
 # gets, so that the C++ kernels are compiled and tested against two torch versions.

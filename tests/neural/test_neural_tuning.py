@@ -4,12 +4,14 @@ checked against an independent computation."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import math
 
 import integration_families as fam
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -17,6 +19,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 import mit
 from mit.neural import NeuralTuningConfig, active_count, apply_neural_tuning, sparsify
 
+# transformers 5.24 renamed past_key_values to cache (argument and output field); the test runs on both
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 RANK = 8
 
 
@@ -278,7 +282,8 @@ def test_refusals_name_what_was_received():
     with pytest.raises(ValueError, match="image_dim=12"):
         model(ids, image_features=torch.randn(3, 2, 5))
     with pytest.raises(ValueError, match="KV cache"):
-        model(ids, image_features=torch.randn(3, 2, 12), cache=model(ids, use_cache=True).cache)
+        cache = getattr(model(ids, use_cache=True), CACHE_ARG)  # the output's field has the argument's name
+        model(ids, image_features=torch.randn(3, 2, 12), **{CACHE_ARG: cache})
     with pytest.raises(ValueError, match="image_dim=None"):
         nt_model()(ids, image_features=torch.randn(3, 2, 12))
     with pytest.raises(ValueError, match="already a NTLlamaForCausalLM"):
