@@ -642,6 +642,7 @@ def run_variant(variant: str, base, tokenizer, split, classifier, cfg: NeuralDig
         params += sum(p.numel() for p in model.trainable_parameters())
         metrics.update(evaluate(model, tasks, test, sets, classifier))
     row = {"variant": variant, "sparsity": sparsity, "steps": cfg.steps, "lr": cfg.lr, "head_lr": cfg.head_lr,
+           "encoder_pretrain_steps": cfg.encoder_pretrain_steps,
            **metrics,
            "trainable_params": params, "train_seconds": seconds}  # fmt: skip
     tqdm.write(f"{variant}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" ({seconds:.0f} s)")
@@ -729,6 +730,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--lr", type=float, help="learning rate of the task neurons (AdamW)")
     parser.add_argument("--head-lr", type=float, help="learning rate of the patch encoder, projection, tokens, heads")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="variants to run")
+    parser.add_argument("--encoder-pretrain-steps", type=int, help="patch-encoder pretraining steps (0: none)")
     parser.add_argument("--freeze-encoder", action="store_true", help="keep the pretrained patch encoder frozen")
     parser.add_argument("--no-selectivity", action="store_true", help="skip the task-selectivity test")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"), help="output directory")
@@ -742,6 +744,8 @@ def main(argv: list[str] | None = None):
         cfg.head_lr = args.head_lr
     if args.variants:
         cfg.variants = tuple(args.variants)
+    if args.encoder_pretrain_steps is not None:
+        cfg.encoder_pretrain_steps = args.encoder_pretrain_steps
     if args.freeze_encoder:
         cfg.train_encoder = False
     if args.no_selectivity:

@@ -1,7 +1,7 @@
 """The neural-tuning demonstration (mit demo neural-digits): data, masks, metrics, the encoder pretraining, the draw
 targets, and the quick run on SmolLM2.
 
-The quick run (25 steps of the four-task mix, batch 8: ~2-3 minutes on 2 shared cores including the model load) is
+The quick run (25 steps of the four-task mix, batch 8: 62 s measured on 2 cores including the model load) is
 far too short for the task metrics (the full 400-step run reaches the targets; README, "Neural tuning on digits");
 what it checks is that one adapter trains on the mixed batch: every task's training loss (its LM loss on the answer
 tokens, mostly the new <GLB> / <LCL-1> tokens at this stage, plus its own loss) falls below half its start, and that
