@@ -6,9 +6,10 @@ task id (the prompt selects the task):
 
   caption         [image] "Caption:" -> " a handwritten seven" (LM loss on the answer; greedy generation must equal
                   the caption exactly; chance 10%)
-  draw            "Draw a 7" -> "<GLB>"; the <GLB> token's final hidden state -> an MLP -> 64 pixels (MSE to a random
-                  training image of that digit); a logistic-regression digit classifier trained independently on the
-                  training split's real images scores the generated image (accuracy = predicted digit == 7)
+  draw            "Draw a 7" -> "<GLB>"; the <GLB> token's final hidden state -> an MLP -> 64 pixels (MSE to the
+                  digit's mean training image, plus the cross-entropy of a linear digit read-out of the same state);
+                  a logistic-regression digit classifier trained independently on the training split's real images
+                  scores the generated image (accuracy = predicted digit == 7)
   segment_digit   [canvas] "Segment the 3" -> "<LCL-1>..<LCL-5>"; the canvas is two different digits side by side
                   (8x16), the mask is the half holding the named digit
   segment_larger  [canvas] "Segment the larger number" -> "<LCL-1>..<LCL-5>"; the mask is the larger digit's half
@@ -18,9 +19,11 @@ features; mIoU and P@0.5 (fraction of samples with IoU >= 0.5) against the half 
 P@0.5 = 50%.
 
 Image tokens: no CLIP weights exist offline. Each 8x8 digit (one for captions, two for a canvas) is one patch,
-standardised with the training split's per-pixel statistics, through a small trainable patch encoder (an MLP giving
-``tokens_per_patch`` tokens of width ``patch_dim``, plus a learned position per patch); those are neural tuning's
-``image_features`` (B, P, patch_dim), projected by its trainable ``nt_image_projection`` and placed before the prompt.
+standardised with the training split's per-pixel statistics, through a small patch encoder (an MLP giving
+``tokens_per_patch`` tokens of width ``patch_dim``, plus a learned position per patch), first pretrained as a digit
+classifier on the training images (:func:`pretrain_encoder`, the analogue of a pretrained CLIP encoder), then trained
+on with the adapter; its tokens are neural tuning's ``image_features`` (B, P, patch_dim), projected by the trainable
+``nt_image_projection`` and placed after ``<|im_start|>`` and before the prompt.
 The <LCL-k> / <GLB> tokens are teacher-forced at evaluation (their positions are known); the LM loss also trains the
 model to emit them.
 
@@ -67,18 +70,24 @@ TARGETS = {"caption": 0.9, "draw": 0.9, "segment_digit": 0.9, "segment_larger": 
 
 @dataclasses.dataclass
 class NeuralDigitsConfig:
-    steps: int = 240
+    steps: int = 400
     batch_size: int = 8  # batch_size / 4 samples of each task
-    lr: float = 3e-3
+    lr: float = 3e-3  # the task neurons
+    head_lr: float = 3e-3  # patch encoder, image projection, new tokens' rows, mask decoder, draw head
     warmup_steps: int = 10
     rank: int = 64
     sparsity: float = 0.4
     alpha: float = 0.2
-    start_layer: int = 22  # layers 22..29 adapted
+    start_layer: int = 12  # layers 12..29 adapted
     patch_dim: int = 128
-    tokens_per_patch: int = 1
+    tokens_per_patch: int = 4
     segment_tokens: int = 1  # how many of <LCL-1..5> a segmentation answer has
     draw_weight: float = 10.0  # weight of the pixel MSE (pixels in [0, 1]: ~0.05 for the mean image)
+    draw_target: str = "mean"  # "mean": the digit's mean training image; "sample": a random training image of it
+    draw_class_weight: float = 1.0  # weight of the cross-entropy of a linear digit read-out of the <GLB> state
+    encoder_pretrain_steps: int = 300  # full-batch Adam steps of the patch encoder as a digit classifier (0: none)
+    train_encoder: bool = True  # False: the pretrained patch encoder stays frozen (as the paper's CLIP encoder)
+    bos: bool = True  # start every row with <|im_start|>, so the image tokens are not the attention-sink position 0
     variants: tuple[str, ...] = VARIANTS
     selectivity: bool = True
     selectivity_fraction: float = 0.05  # of all units (layers x rank) switched off
@@ -162,6 +171,32 @@ class PatchEncoder(nn.Module):
         return out[:, :, :-1].reshape(batch, n * self.tokens_per_patch, -1), out[:, :, -1]
 
 
+def pretrain_encoder(encoder: PatchEncoder, train_split: DigitsSplit, steps: int, seed: int = 0) -> list[float]:
+    """Train ``encoder`` (in place) as a digit classifier on the training split's images: a linear read-out of every
+    token and of the feature (B, patch_dim) -> 10 logits, cross-entropy, full-batch Adam (lr 3e-3) for ``steps``;
+    the read-outs are dropped. The analogue of the pretrained (CLIP) image encoder of the paper: the image tokens
+    carry the digit from the start. Returns the loss per step."""
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    gen = torch.Generator().manual_seed(seed)
+    readout = nn.Linear(encoder.patch_dim, 10)
+    with torch.no_grad():
+        readout.weight.copy_(torch.randn(10, encoder.patch_dim, generator=gen) / encoder.patch_dim**0.5)
+        readout.bias.zero_()
+    optimiser = torch.optim.Adam([*encoder.parameters(), *readout.parameters()], lr=3e-3)
+    images, labels = train_split.images[:, None], train_split.labels
+    losses = []
+    for _ in range(steps):
+        tokens, features = encoder(images)  # (N, T, C), (N, 1, C)
+        logits = readout(torch.cat([tokens, features], dim=1))  # (N, T + 1, 10)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(logits.shape[1]))
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    return losses
+
+
 class MaskDecoder(nn.Module):
     """FiLM of the patch features (B, n, C) by a condition (B, hidden), then per-patch pixel logits (B, n, 64)."""
 
@@ -177,15 +212,19 @@ class MaskDecoder(nn.Module):
 
 
 class DrawHead(nn.Module):
-    """The <GLB> token's final hidden state (B, hidden) -> 64 pixel values (B, 64)."""
+    """The <GLB> token's final hidden state (B, hidden) -> 64 pixel values (B, 64), and 10 digit logits (B, 10) of a
+    linear read-out of the same (normalised) state: a training signal that separates the digits' <GLB> states (the
+    pixels alone regressed about one mean image for every prompt); only the pixels are evaluated."""
 
     def __init__(self, hidden_size: int, width: int = 256) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, width), nn.GELU(),
-                                 nn.Linear(width, 64))  # fmt: skip
+        self.norm = nn.LayerNorm(hidden_size)
+        self.net = nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, 64))
+        self.digit = nn.Linear(hidden_size, 10)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.net(hidden)
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        normed = self.norm(hidden)
+        return self.net(normed), self.digit(normed)
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -219,12 +258,14 @@ class NeuralDigits(nn.Module):
         apply_neural_tuning(self.llm, config, self.tokenizer)
         hidden = self.llm.config.hidden_size
         self.encoder = PatchEncoder(cfg.patch_dim, cfg.tokens_per_patch, *pixel_stats)
+        self.encoder_pretrain_loss: list[float] = []
         self.mask_decoder = MaskDecoder(hidden, cfg.patch_dim)
         self.draw_head = DrawHead(hidden)
         tok = self.tokenizer
         self.lcl_ids = tok.convert_tokens_to_ids(list(LCL))[: cfg.segment_tokens]
         self.glb_id = tok.convert_tokens_to_ids(GLB)
         self.eos_id = tok.eos_token_id
+        self.prefix = [tok.bos_token_id] if cfg.bos and tok.bos_token_id is not None else []
         self.caption_prompt = tok("Caption:").input_ids
         self.caption_answers = [[*tok(" " + caption_text(d)).input_ids, self.eos_id] for d in range(10)]
         self.draw_prompts = [tok(f"Draw a {d}").input_ids for d in range(10)]
@@ -234,16 +275,27 @@ class NeuralDigits(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def parameter_groups(self, lr: float, head_lr: float) -> list[dict]:
+        """AdamW groups: the task neurons (``nt_neurons``) at ``lr``; everything else trainable (patch encoder, image
+        projection, new tokens' rows, mask decoder, draw head) at ``head_lr``."""
+        neurons, heads = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (neurons if ".nt_neurons." in name else heads).append(param)
+        return [{"params": neurons, "lr": lr}, {"params": heads, "lr": head_lr}]
+
     def units(self) -> list[nn.Module]:
         """The adapted layers' neurons (``self_attn.nt_neurons``), in layer order."""
         return [m for m in self.llm.modules() if type(m).__name__ == "NeuralTuningLayer"]
 
     def run(self, rows: list[tuple[torch.Tensor | None, list[int], list[int]]]) -> tuple[torch.Tensor, list[int]]:
         """Rows of (image tokens (P, patch_dim) or None, prompt ids, answer ids), left-padded into one batch through
-        the tuned LLM. Returns the final hidden states (B, L, hidden) and each row's padding length."""
+        the tuned LLM as ``[pad, <|im_start|> (cfg.bos), image tokens, prompt, answer]``. Returns the final hidden
+        states (B, L, hidden) and each row's padding length."""
         llm = self.llm
         embed = llm.get_input_embeddings()
-        lengths = [(0 if im is None else im.shape[0]) + len(p) + len(a) for im, p, a in rows]
+        lead = self.prefix
+        lengths = [len(lead) + (0 if im is None else im.shape[0]) + len(p) + len(a) for im, p, a in rows]
         width = max(lengths)
         ids = torch.full((len(rows), width), self.eos_id, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -253,10 +305,11 @@ class NeuralDigits(nn.Module):
         for b, ((im, prompt, answer), n) in enumerate(zip(rows, lengths)):
             pad, p = width - n, 0 if im is None else im.shape[0]
             pads.append(pad)
-            ids[b, pad + p :] = torch.tensor(prompt + answer)
+            ids[b, pad : pad + len(lead)] = torch.tensor(lead, dtype=torch.long)
+            ids[b, pad + len(lead) + p :] = torch.tensor(prompt + answer)
             mask[b, pad:] = 1
             if im is not None:
-                is_image[b, pad : pad + p] = True
+                is_image[b, pad + len(lead) : pad + len(lead) + p] = True
                 images.append(im)
         embeds = embed(ids)
         if images:
@@ -276,8 +329,11 @@ class NeuralDigits(nn.Module):
 
 
 def build_rows(model: NeuralDigits, task: str, split: DigitsSplit, count: int, gen: torch.Generator | None,
-               index: torch.Tensor | None = None):  # fmt: skip
-    """Samples of one task: (rows for :meth:`NeuralDigits.run`, what the loss / metric needs)."""
+               index: torch.Tensor | None = None, draw_target: str = "mean"):  # fmt: skip
+    """Samples of one task: (rows for :meth:`NeuralDigits.run`, what the loss / metric needs). ``draw_target``:
+    "mean" (the digit's mean training image) or "sample" (a random training image of the digit)."""
+    if draw_target not in ("mean", "sample"):
+        raise ValueError(f"draw_target must be 'mean' or 'sample', got {draw_target!r}")
     if task == "caption":
         pick = index if index is not None else torch.randint(0, len(split.labels), (count,), generator=gen)
         tokens, _ = model.encoder(split.images[pick][:, None])
@@ -288,7 +344,10 @@ def build_rows(model: NeuralDigits, task: str, split: DigitsSplit, count: int, g
         digits = index if index is not None else torch.randint(0, 10, (count,), generator=gen)
         rows = [(None, model.draw_prompts[int(d)], [model.glb_id]) for d in digits]
         target = None
-        if gen is not None:  # a random training image of each digit
+        if gen is not None and draw_target == "mean":  # the digit's mean training image
+            means = torch.stack([split.images[split.labels == d].mean(0) for d in range(10)])
+            target = means[digits]
+        elif gen is not None:  # a random training image of each digit
             target = torch.stack(
                 [
                     split.images[split.labels == d][
@@ -331,7 +390,7 @@ def task_outputs(model: NeuralDigits, tasks: list[str], parts: list[tuple[list, 
         n = len(part)
         rows_hidden = hidden[start : start + n]
         if task == "draw":
-            out["pixels"] = model.draw_head(rows_hidden[:, -1])
+            out["pixels"], out["digit_logits"] = model.draw_head(rows_hidden[:, -1])
         elif task.startswith("segment"):
             condition = rows_hidden[:, -len(model.lcl_ids) :].mean(1)
             out["mask_logits"] = model.mask_decoder(out["features"], condition)
@@ -341,15 +400,18 @@ def task_outputs(model: NeuralDigits, tasks: list[str], parts: list[tuple[list, 
 
 
 def batch_loss(
-    model: NeuralDigits, tasks: list[str], outputs: list[dict], draw_weight: float = 1.0
+    model: NeuralDigits, tasks: list[str], outputs: list[dict], draw_weight: float = 1.0, draw_class_weight: float = 0.0
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum over the tasks of the LM loss on their answer tokens plus the task's own loss (draw: ``draw_weight`` times
-    the MSE of the pixels; segmentation: Dice + BCE of the mask). Returns the loss and its per-task parts."""
+    the MSE of the pixels plus ``draw_class_weight`` times the cross-entropy of the digit read-out; segmentation:
+    Dice + BCE of the mask). Returns the loss and its per-task parts."""
     total, parts = 0.0, {}
     for task, out in zip(tasks, outputs):
         loss = nn.functional.cross_entropy(out["lm_logits"], out["lm_targets"])
         if task == "draw":
             loss = loss + draw_weight * nn.functional.mse_loss(out["pixels"], out["target"])
+            if draw_class_weight:
+                loss = loss + draw_class_weight * nn.functional.cross_entropy(out["digit_logits"], out["digits"])
         elif task.startswith("segment"):
             logits, mask = out["mask_logits"], out["mask"]
             loss = loss + dice_loss(logits, mask) + nn.functional.binary_cross_entropy_with_logits(logits, mask)
@@ -372,7 +434,7 @@ def train(model: NeuralDigits, tasks: tuple[str, ...], train_split: DigitsSplit,
     if cfg.batch_size % len(tasks):
         raise ValueError(f"batch_size must be a multiple of the {len(tasks)} tasks, got {cfg.batch_size}")
     per_task = cfg.batch_size // len(tasks)
-    optimiser = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=0.0)
+    optimiser = torch.optim.AdamW(model.parameter_groups(cfg.lr, cfg.head_lr), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: lr_factor(s, cfg))
     gen = torch.Generator().manual_seed(1000 + cfg.seed)
     model.train()
@@ -380,8 +442,9 @@ def train(model: NeuralDigits, tasks: tuple[str, ...], train_split: DigitsSplit,
     start = time.perf_counter()
     bar = tqdm(range(1, cfg.steps + 1), desc=name, unit="step", leave=False)
     for step in bar:
-        parts = [build_rows(model, task, train_split, per_task, gen) for task in tasks]
-        loss, per = batch_loss(model, list(tasks), task_outputs(model, list(tasks), parts), cfg.draw_weight)
+        parts = [build_rows(model, task, train_split, per_task, gen, draw_target=cfg.draw_target) for task in tasks]
+        outputs = task_outputs(model, list(tasks), parts)
+        loss, per = batch_loss(model, list(tasks), outputs, cfg.draw_weight, cfg.draw_class_weight)
         if not torch.isfinite(loss):
             raise ValueError(f"{name}: non-finite loss {loss.item()} at step {step}")
         optimiser.zero_grad(set_to_none=True)
@@ -423,9 +486,24 @@ def digit_classifier(train_split: DigitsSplit):
 
 
 @torch.no_grad()
+def greedy_answers(model: NeuralDigits, tokens: torch.Tensor, prompt: list[int], max_new: int = 8) -> list[list[int]]:
+    """Greedy decoding of (B, P, patch_dim) image tokens + ``prompt`` through :meth:`NeuralDigits.run` (the training
+    layout, re-run in full at each step: the answers are a few tokens); each answer stops after its EOS."""
+    answers: list[list[int]] = [[] for _ in range(len(tokens))]
+    for _ in range(max_new):
+        open_rows = [b for b, a in enumerate(answers) if not a or a[-1] != model.eos_id]
+        if not open_rows:
+            break
+        hidden, _ = model.run([(tokens[b], prompt, answers[b]) for b in open_rows])
+        for b, token in zip(open_rows, model.lm_logits(hidden[:, -1]).argmax(-1).tolist()):
+            answers[b].append(token)
+    return answers
+
+
+@torch.no_grad()
 def evaluate(model: NeuralDigits, tasks: tuple[str, ...], test: DigitsSplit, sets: EvalSets, classifier,
              batch: int = 50) -> dict[str, float]:  # fmt: skip
-    """The metrics of ``tasks``: caption exact-match accuracy (greedy generation with the image tokens), draw accuracy
+    """The metrics of ``tasks``: caption exact-match accuracy (greedy decoding with the image tokens), draw accuracy
     (classifier on the generated images of "Draw a 0" .. "Draw a 9"), segmentation mIoU and P@0.5."""
     model.eval()
     out: dict[str, float] = {}
@@ -434,12 +512,8 @@ def evaluate(model: NeuralDigits, tasks: tuple[str, ...], test: DigitsSplit, set
         for s in range(0, len(sets.caption), batch):
             pick = sets.caption[s : s + batch]
             tokens, _ = model.encoder(test.images[pick][:, None])
-            prompt = torch.tensor([model.caption_prompt] * len(pick))
-            ids = model.llm.generate(
-                prompt, attention_mask=torch.ones_like(prompt), image_features=tokens, max_new_tokens=8,
-                do_sample=False, pad_token_id=model.eos_id,
-            )  # fmt: skip
-            texts = model.tokenizer.batch_decode(ids, skip_special_tokens=True)
+            texts = model.tokenizer.batch_decode(greedy_answers(model, tokens, model.caption_prompt),
+                                                 skip_special_tokens=True)  # fmt: skip
             correct += sum(t.strip() == caption_text(int(d)) for t, d in zip(texts, test.labels[pick]))
         out["caption_accuracy"] = correct / len(sets.caption)
     if "draw" in tasks:
@@ -559,13 +633,17 @@ def run_variant(variant: str, base, tokenizer, split, classifier, cfg: NeuralDig
     for tasks in groups:
         torch.manual_seed(cfg.seed)
         model = NeuralDigits(base, tokenizer, cfg, sparsity, stats)
+        model.encoder_pretrain_loss = pretrain_encoder(model.encoder, train_split, cfg.encoder_pretrain_steps, cfg.seed)
+        model.encoder.requires_grad_(cfg.train_encoder)
         name = variant if len(groups) == 1 else f"{variant}:{tasks[0]}"
         curve, sec = train(model, tasks, train_split, cfg, name)
         curves += curve
         seconds += sec
         params += sum(p.numel() for p in model.trainable_parameters())
         metrics.update(evaluate(model, tasks, test, sets, classifier))
-    row = {"variant": variant, "sparsity": sparsity, "steps": cfg.steps, "lr": cfg.lr, **metrics,
+    row = {"variant": variant, "sparsity": sparsity, "steps": cfg.steps, "lr": cfg.lr, "head_lr": cfg.head_lr,
+           "encoder_pretrain_steps": cfg.encoder_pretrain_steps,
+           **metrics,
            "trainable_params": params, "train_seconds": seconds}  # fmt: skip
     tqdm.write(f"{variant}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" ({seconds:.0f} s)")
     return row, curves, model
@@ -649,8 +727,11 @@ def main(argv: list[str] | None = None):
     )
     parser.add_argument("--quick", action="store_true", help="the neural run only, 25 steps, smaller evaluation")
     parser.add_argument("--steps", type=int, help="optimiser steps per run")
-    parser.add_argument("--lr", type=float, help="learning rate (AdamW, every trainable parameter)")
+    parser.add_argument("--lr", type=float, help="learning rate of the task neurons (AdamW)")
+    parser.add_argument("--head-lr", type=float, help="learning rate of the patch encoder, projection, tokens, heads")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="variants to run")
+    parser.add_argument("--encoder-pretrain-steps", type=int, help="patch-encoder pretraining steps (0: none)")
+    parser.add_argument("--freeze-encoder", action="store_true", help="keep the pretrained patch encoder frozen")
     parser.add_argument("--no-selectivity", action="store_true", help="skip the task-selectivity test")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"), help="output directory")
     args = parser.parse_args(argv)
@@ -659,8 +740,14 @@ def main(argv: list[str] | None = None):
         cfg.steps = args.steps
     if args.lr:
         cfg.lr = args.lr
+    if args.head_lr:
+        cfg.head_lr = args.head_lr
     if args.variants:
         cfg.variants = tuple(args.variants)
+    if args.encoder_pretrain_steps is not None:
+        cfg.encoder_pretrain_steps = args.encoder_pretrain_steps
+    if args.freeze_encoder:
+        cfg.train_encoder = False
     if args.no_selectivity:
         cfg.selectivity = False
     stem = "neural_digits" + ("_quick" if args.quick else "")
