@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..utils.files import atomic_write
+from ..utils.tensors import check_tensors_match
 from .adapter_files import CONFIG_NAME, FORMAT, SHAPE_KEYS, WEIGHTS_NAME, AdapterFiles, convert_v1_names, read_adapter
 from .model import decoder_of, is_mit_model, plan_mit
 
@@ -50,19 +51,10 @@ def save_adapter(model, directory: str | os.PathLike) -> pathlib.Path:
 
 def _check_tensors(files: AdapterFiles, params: dict[str, torch.nn.Parameter]) -> None:
     """Names and shapes of the file's tensors against the parameters the config gives this model."""
-    tensors = files.tensors
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        raise ValueError(
-            f"{files.weights_path}: its tensors do not match the MiT parameters its config gives this model: "
-            f"missing {missing}, unexpected {unexpected}"
-        )
-    for name, param in params.items():
-        if tensors[name].shape != param.shape:
-            raise ValueError(
-                f"{files.weights_path}: tensor {name} has shape {tuple(tensors[name].shape)}, the model expects "
-                f"{tuple(param.shape)}"
-            )
+    shapes = {name: param.shape for name, param in params.items()}
+    check_tensors_match(
+        files.tensors, shapes, str(files.weights_path), "the MiT parameters its config gives this model"
+    )
 
 
 def load_adapter(model, directory: str | os.PathLike):

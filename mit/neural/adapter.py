@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from ..integrations.adapter import WEIGHTS_NAME, _base_shape
 from ..utils.files import atomic_write
+from ..utils.tensors import check_tensors_match
 from .config import NeuralTuningConfig
 from .model import apply_neural_tuning, is_neural_model, neural_named_parameters
 
@@ -81,15 +82,9 @@ def load_neural_adapter(model, directory: str | os.PathLike, tokenizer=None):
         apply_neural_tuning(model, config, new_token_ids=saved_ids or None)
     tensors = load_file(str(weights_path))
     params = dict(neural_named_parameters(model))
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        raise ValueError(f"adapter tensors do not match the model: missing {missing}, unexpected {unexpected}")
+    # every name and shape checked before the first copy: a mismatch leaves the parameters as they were
+    check_tensors_match(tensors, {n: p.shape for n, p in params.items()}, str(weights_path))
     with torch.no_grad():
         for name, param in params.items():
-            if tensors[name].shape != param.shape:
-                raise ValueError(
-                    f"adapter tensor {name} has shape {tuple(tensors[name].shape)}, the model expects "
-                    f"{tuple(param.shape)}"
-                )
             param.copy_(tensors[name])
     return model

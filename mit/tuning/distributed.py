@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..utils.tensors import check_tensors_match
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
@@ -131,16 +133,9 @@ def load_trainable(
     if kind == types.FSDP:
         reshard(model)
     params = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {source} does not match the model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]} (same --task, --dataset and model settings?)"
-        )
-    for n, p in params.items():
-        shape = tuple(getattr(p, "ds_shape", p.shape))  # a sharded parameter's full shape (DTensor, ZeRO-3)
-        if tuple(tensors[n].shape) != shape:
-            raise ValueError(f"checkpoint {source}: {n} has shape {tuple(tensors[n].shape)}, the model expects {shape}")
+    # a sharded parameter's full shape: ds_shape under ZeRO-3, the DTensor's (global) shape under FSDP2
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in params.items()}
+    check_tensors_match(tensors, shapes, f"checkpoint {source}", hint=" (same --task, --dataset and model settings?)")
     with torch.no_grad():
         if kind == types.DEEPSPEED:
             import deepspeed
