@@ -13,24 +13,16 @@ from mit.tuning.tasks import trainable_state_dict
 from mit.tuning.trainer import Trainer
 
 
+def make_config(llama: str, clip: str, data: str, out: str, **overrides) -> RunConfig:
+    """The run's settings (shared with the single-process reference run of the test, which changes the batch size)."""
+    settings = dict(task="cls", model=llama, data=data, out=out, encoder=clip, batch_size=2, epochs=1, max_steps=1)
+    settings.update(dropout=0.0, lr=1e-3, cls_hidden=16, progress=False)
+    return RunConfig.from_dict({**settings, **overrides})
+
+
 def main(llama: str, clip: str, data: str, out: str) -> None:
     torch.set_num_threads(1)
-    config = RunConfig.from_dict(
-        dict(
-            task="cls",
-            model=llama,
-            data=data,
-            out=out,
-            encoder=clip,
-            batch_size=2,
-            epochs=1,
-            max_steps=1,
-            dropout=0.0,
-            lr=1e-3,
-            cls_hidden=16,
-            progress=False,
-        )
-    )
+    config = make_config(llama, clip, data, out)
     trainer = Trainer(config)
     assert trainer.accelerator.num_processes == 2, trainer.accelerator.state
     assert torch.distributed.get_backend() == "gloo"

@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from tuning_ddp_worker import make_config
 from tuning_fixtures import make_food101, one_thread, write_tiny_clip_config, write_tiny_llama
 
-from mit.tuning.config import RunConfig
 from mit.tuning.trainer import Trainer
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -59,22 +59,7 @@ def test_two_processes_synchronise_gradients(tmp_path):
         assert torch.equal(rank0[name], rank1[name]), name  # ... and still the same parameters
 
     # one process, one step on the union of both batches (4 samples; mean loss = mean of the two processes' means)
-    config = RunConfig.from_dict(
-        dict(
-            task="cls",
-            model=str(llama),
-            data=str(data),
-            out=str(tmp_path / "single"),
-            encoder=str(clip),
-            batch_size=4,
-            epochs=1,
-            max_steps=1,
-            dropout=0.0,
-            lr=1e-3,
-            cls_hidden=16,
-            progress=False,
-        )
-    )
+    config = make_config(str(llama), str(clip), str(data), str(tmp_path / "single"), batch_size=4)
     single = Trainer(config)
     assert sorted(single._train_batches(0)[0]) == sorted(b0.tolist() + b1.tolist())
     single.train()
