@@ -368,14 +368,15 @@ class Trainer:
     def _count_nonfinite_parameters(self) -> int:
         """Trainable parameter tensors (this process's shards, summed over processes) holding a NaN or Inf; the same
         number on every process, so that all of them stop together."""
-        local = 0
-        for p in self.unwrapped.parameters():
-            if p.requires_grad:
-                values = p.to_local() if hasattr(p, "to_local") else p  # DTensor shards under FSDP2
-                local += int(not bool(torch.isfinite(values).all()))
-        if self.accelerator.num_processes == 1:
-            return local
-        return int(self.accelerator.reduce(torch.tensor(local, device=self.accelerator.device), "sum").item())
+        flags = [
+            (~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()).to(self.accelerator.device)
+            for p in self.unwrapped.parameters()  # DTensor shards under FSDP2
+            if p.requires_grad
+        ]
+        local = torch.stack(flags).sum() if flags else torch.zeros((), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            local = self.accelerator.reduce(local, "sum")
+        return int(local.item())  # one device sync per step
 
     def _train_epoch(self, batches: list[list[int]], progress) -> bool:
         """Train on the rest of this epoch's micro-batches; True if ``max_steps`` stopped the run."""
