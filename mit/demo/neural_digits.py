@@ -30,17 +30,32 @@ model to emit them.
 Trainable: the task neurons of the adapted layers, the image projection, the new tokens' rows (SmolLM2 ties its
 embedding and LM head: one row set), the patch encoder, the mask decoder and the draw MLP; the LLM stays frozen.
 
-Variants (same data, steps, batch size, optimiser and heads):
+Variants (same data, steps, optimiser, heads and samples of each task per step):
   neural     the main run: sparse task neurons (rho0 = ``sparsity``), one adapter for the four tasks;
   dense      rho0 = 1 (every neuron but the smallest active: ``active_count(r, 1.0) = r - 1``), one adapter;
-  per_task   one adapter per task, each trained on its task alone for the same number of steps (4x the compute).
+  per_task   one adapter per task, each trained on its task alone for the same number of steps on the same samples
+             of its task per step as a joint adapter (batch_size / 4): the same data and compute in total;
+  mit        Multimodal Infusion Tuning on the three tasks with an image (drawing has no image to infuse): the
+             per-sample modality embedding is the patch encoder's feature of each digit (a canvas: both, left then
+             right; a single digit: its feature and zeros), infused into the paper's layers for this depth (12, 16,
+             20, 24, 28, 29); one adapter. MiT has no
+             image tokens and no new tokens: a segmentation is conditioned on the last prompt token's final hidden
+             state (no LM loss on an answer token); captions are decoded with the modality embedding.
 
-Task selectivity (after the neural run): each unit's mean activation Z^a per task is measured on held-out prompts;
-switching off (zeroing in Z^a, through a pre-hook of ``b_proj``) the units most selective for task t (mean on t minus
-mean on the others) should hurt t and not the others; the same number of random units is the control.
+Learning rates: each variant's adapter learning rate (``lr``: neurons or infusion maps; ``head_lr`` stays fixed) is
+chosen from ``lrs`` on a validation split of the training images (``validation_fraction``, split by image, stratified),
+by the mean of the variant's headline validation metrics at the first seed; the test metrics of the chosen learning
+rate are reported (mean over ``seeds``). The test images are never used for a choice.
 
-    mit demo neural-digits            # full run
-    mit demo neural-digits --quick    # the neural run only, few steps (~3 minutes on 2 CPU cores)
+Task selectivity (after the neural runs at the chosen learning rate): each unit's mean activation Z^a per task is
+measured on training prompts; switching off (zeroing in Z^a, through a pre-hook of ``b_proj``) the units most
+selective for task t (mean on t minus mean on the others) should hurt t and not the others; the same number of random
+units is the control.
+
+    mit demo neural-digits                        # every variant, learning rate and seed (hours on 2 CPU cores)
+    mit demo neural-digits --variants mit --lrs 3e-3 --out DIR       # a part of the grid
+    mit demo neural-digits --from-runs DIR1 DIR2 --out DIR           # merge parts: summary, CSVs, plot
+    mit demo neural-digits --quick                # the neural run only, few steps (~1 minute on 2 CPU cores)
 """
 
 from __future__ import annotations
@@ -61,7 +76,8 @@ from ..utils.results import pyplot, write_csv
 from .digits import DigitsSplit, load_digits_split, pixel_statistics
 
 TASKS = ("caption", "draw", "segment_digit", "segment_larger")
-VARIANTS = ("neural", "dense", "per_task")
+IMAGE_TASKS = ("caption", "segment_digit", "segment_larger")  # the tasks MiT can serve: an image to infuse
+VARIANTS = ("neural", "dense", "per_task", "mit")
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 LCL = TASK_TOKENS[:5]
 GLB = TASK_TOKENS[5]
@@ -72,7 +88,9 @@ TARGETS = {"caption": 0.9, "draw": 0.9, "segment_digit": 0.9, "segment_larger": 
 class NeuralDigitsConfig:
     steps: int = 400
     batch_size: int = 8  # batch_size / 4 samples of each task
-    lr: float = 3e-3  # the task neurons
+    lr: float = 3e-3  # the adapter: task neurons (neural, dense, per_task) or infusion maps (mit)
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # the adapter learning rates tried per variant (lr is ignored then)
+    seeds: tuple[int, ...] = (0,)  # every run of the grid at the first seed; the chosen lr at all of them
     head_lr: float = 3e-3  # patch encoder, image projection, new tokens' rows, mask decoder, draw head
     warmup_steps: int = 10
     rank: int = 64
@@ -93,13 +111,16 @@ class NeuralDigitsConfig:
     selectivity_fraction: float = 0.05  # of all units (layers x rank) switched off
     eval_caption: int | None = 150  # test images for the caption metric (None: all)
     eval_segment: int = 200  # test canvases per segmentation task
-    seed: int = 0
+    seed: int = 0  # of one run (the grid sets it from ``seeds``)
     test_fraction: float = 0.2
+    validation_fraction: float = 0.2  # of the training images, held out to choose the learning rate
 
 
 def quick_config() -> NeuralDigitsConfig:
     """The neural run only, 25 steps, smaller evaluation: the CI check (~3 minutes on 2 cores)."""
-    return NeuralDigitsConfig(steps=25, variants=("neural",), selectivity=False, eval_caption=20, eval_segment=40)
+    return NeuralDigitsConfig(
+        steps=25, variants=("neural",), lrs=(3e-3,), selectivity=False, eval_caption=20, eval_segment=40
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -242,28 +263,25 @@ def iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
-class NeuralDigits(nn.Module):
-    """A frozen SmolLM2 with neural tuning (``llm``) and the demo's patch encoder and task heads."""
+class DigitsModel(nn.Module):
+    """A frozen SmolLM2 with an adapter (``llm``; :meth:`attach` in the subclass), the demo's patch encoder and task
+    heads. Rows are ``[pad, <|im_start|> (cfg.bos), image part, prompt, answer]``, left-padded."""
 
-    def __init__(self, base, tokenizer, cfg: NeuralDigitsConfig, sparsity: float, pixel_stats) -> None:
+    adapter_marker = ""  # a substring of the adapter's parameter names (their learning rate is ``lr``)
+
+    def __init__(self, base, tokenizer, cfg: NeuralDigitsConfig, pixel_stats) -> None:
         super().__init__()
         import copy
 
         self.tokenizer = copy.deepcopy(tokenizer)
         self.llm = copy.deepcopy(base)
-        config = NeuralTuningConfig(
-            rank=cfg.rank, sparsity=sparsity, alpha=cfg.alpha, start_layer=cfg.start_layer,
-            image_dim=cfg.patch_dim, new_tokens=list(TASK_TOKENS),
-        )  # fmt: skip
-        apply_neural_tuning(self.llm, config, self.tokenizer)
+        self.attach(cfg)
         hidden = self.llm.config.hidden_size
         self.encoder = PatchEncoder(cfg.patch_dim, cfg.tokens_per_patch, *pixel_stats)
         self.encoder_pretrain_loss: list[float] = []
         self.mask_decoder = MaskDecoder(hidden, cfg.patch_dim)
         self.draw_head = DrawHead(hidden)
         tok = self.tokenizer
-        self.lcl_ids = tok.convert_tokens_to_ids(list(LCL))[: cfg.segment_tokens]
-        self.glb_id = tok.convert_tokens_to_ids(GLB)
         self.eos_id = tok.eos_token_id
         self.prefix = [tok.bos_token_id] if cfg.bos and tok.bos_token_id is not None else []
         self.caption_prompt = tok("Caption:").input_ids
@@ -272,55 +290,138 @@ class NeuralDigits(nn.Module):
         self.segment_prompts = [tok(f"Segment the {d}").input_ids for d in range(10)]
         self.larger_prompt = tok("Segment the larger number").input_ids
 
+    def attach(self, cfg: NeuralDigitsConfig) -> None:
+        raise NotImplementedError
+
+    def image_inputs(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, n, 64) patches -> (each row's image part, stacked (B, ...); the patch features (B, n, patch_dim))."""
+        raise NotImplementedError
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
     def parameter_groups(self, lr: float, head_lr: float) -> list[dict]:
-        """AdamW groups: the task neurons (``nt_neurons``) at ``lr``; everything else trainable (patch encoder, image
-        projection, new tokens' rows, mask decoder, draw head) at ``head_lr``."""
-        neurons, heads = [], []
+        """AdamW groups: the adapter (names containing ``adapter_marker``) at ``lr``; everything else trainable (patch
+        encoder, image projection, new tokens' rows, mask decoder, draw head) at ``head_lr``."""
+        adapter, heads = [], []
         for name, param in self.named_parameters():
             if param.requires_grad:
-                (neurons if ".nt_neurons." in name else heads).append(param)
-        return [{"params": neurons, "lr": lr}, {"params": heads, "lr": head_lr}]
+                (adapter if self.adapter_marker in name else heads).append(param)
+        return [{"params": adapter, "lr": lr}, {"params": heads, "lr": head_lr}]
+
+    def layout(self, rows: list, image_lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+        """Token ids (B, L) with ``image_lengths[b]`` placeholder positions after the prefix, attention mask (B, L),
+        padding-aware positions (B, L) and each row's padding length."""
+        lead = self.prefix
+        lengths = [len(lead) + n + len(p) + len(a) for (_, p, a), n in zip(rows, image_lengths)]
+        width = max(lengths)
+        ids = torch.full((len(rows), width), self.eos_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        pads = []
+        for b, ((_, prompt, answer), n, total) in enumerate(zip(rows, image_lengths, lengths)):
+            pad = width - total
+            pads.append(pad)
+            ids[b, pad : pad + len(lead)] = torch.tensor(lead, dtype=torch.long)
+            ids[b, pad + len(lead) + n :] = torch.tensor(prompt + answer)
+            mask[b, pad:] = 1
+        return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0), pads
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_output_embeddings()(hidden)
+
+
+class NeuralDigits(DigitsModel):
+    """Neural tuning: the image part of a row is its image tokens (P, patch_dim), projected by the adapter's
+    ``nt_image_projection`` into the sequence; answers of segmentation / draw are the new tokens <LCL-k> / <GLB>."""
+
+    adapter_marker = ".nt_neurons."
+
+    def __init__(self, base, tokenizer, cfg: NeuralDigitsConfig, sparsity: float, pixel_stats) -> None:
+        self.sparsity = sparsity
+        super().__init__(base, tokenizer, cfg, pixel_stats)
+        self.segment_answer = self.tokenizer.convert_tokens_to_ids(list(LCL))[: cfg.segment_tokens]
+        self.draw_answer = [self.tokenizer.convert_tokens_to_ids(GLB)]
+
+    def attach(self, cfg: NeuralDigitsConfig) -> None:
+        config = NeuralTuningConfig(
+            rank=cfg.rank, sparsity=self.sparsity, alpha=cfg.alpha, start_layer=cfg.start_layer,
+            image_dim=cfg.patch_dim, new_tokens=list(TASK_TOKENS),
+        )  # fmt: skip
+        apply_neural_tuning(self.llm, config, self.tokenizer)
+
+    def image_inputs(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(patches)
 
     def units(self) -> list[nn.Module]:
         """The adapted layers' neurons (``self_attn.nt_neurons``), in layer order."""
         return [m for m in self.llm.modules() if type(m).__name__ == "NeuralTuningLayer"]
 
     def run(self, rows: list[tuple[torch.Tensor | None, list[int], list[int]]]) -> tuple[torch.Tensor, list[int]]:
-        """Rows of (image tokens (P, patch_dim) or None, prompt ids, answer ids), left-padded into one batch through
-        the tuned LLM as ``[pad, <|im_start|> (cfg.bos), image tokens, prompt, answer]``. Returns the final hidden
-        states (B, L, hidden) and each row's padding length."""
+        """Rows of (image tokens (P, patch_dim) or None, prompt ids, answer ids) through the tuned LLM. Returns the
+        final hidden states (B, L, hidden) and each row's padding length."""
         llm = self.llm
-        embed = llm.get_input_embeddings()
-        lead = self.prefix
-        lengths = [len(lead) + (0 if im is None else im.shape[0]) + len(p) + len(a) for im, p, a in rows]
-        width = max(lengths)
-        ids = torch.full((len(rows), width), self.eos_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        is_image = torch.zeros(len(rows), width, dtype=torch.bool)
-        images = []
-        pads = []
-        for b, ((im, prompt, answer), n) in enumerate(zip(rows, lengths)):
-            pad, p = width - n, 0 if im is None else im.shape[0]
-            pads.append(pad)
-            ids[b, pad : pad + len(lead)] = torch.tensor(lead, dtype=torch.long)
-            ids[b, pad + len(lead) + p :] = torch.tensor(prompt + answer)
-            mask[b, pad:] = 1
-            if im is not None:
-                is_image[b, pad + len(lead) : pad + len(lead) + p] = True
-                images.append(im)
-        embeds = embed(ids)
+        image_lengths = [0 if im is None else im.shape[0] for im, _, _ in rows]
+        ids, mask, positions, pads = self.layout(rows, image_lengths)
+        is_image = torch.zeros(ids.shape, dtype=torch.bool)
+        for b, (n, pad) in enumerate(zip(image_lengths, pads)):
+            is_image[b, pad + len(self.prefix) : pad + len(self.prefix) + n] = True
+        embeds = llm.get_input_embeddings()(ids)
+        images = [im for im, _, _ in rows if im is not None]
         if images:
             projected = llm.nt_image_projection(torch.cat(images)[None], embeds.dtype)[0]
             embeds = embeds.masked_scatter(is_image[..., None], projected)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
         out = llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
         return out.last_hidden_state, pads
 
-    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.llm.get_output_embeddings()(hidden)
+
+class MiTDigits(DigitsModel):
+    """Multimodal Infusion Tuning: the image part of a row is one modality embedding (2 * patch_dim,): the patch
+    encoder's feature of each digit, left then right (a single digit: its feature, then zeros), infused by
+    :func:`mit.apply_mit` into the paper's layers (:func:`mit.config.default_layers`: 12, 16, 20, 24, 28, 29). No
+    image tokens, no new tokens: a segmentation answer is empty (the condition is the last prompt token's state);
+    drawing has no image and is not served."""
+
+    adapter_marker = ".mit_"
+
+    def __init__(self, base, tokenizer, cfg: NeuralDigitsConfig, pixel_stats) -> None:
+        super().__init__(base, tokenizer, cfg, pixel_stats)
+        self.segment_answer: list[int] = []
+
+    def attach(self, cfg: NeuralDigitsConfig) -> None:
+        from ..config import MiTConfig
+        from ..integrations import apply_mit
+
+        apply_mit(self.llm, MiTConfig(modality_dim=2 * cfg.patch_dim))  # the paper's layers: 12, 16, ..., 28, 29
+
+    def image_inputs(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, features = self.encoder(patches)  # (B, n, C)
+        slots = self.encoder.position.shape[0]
+        embedding = nn.functional.pad(features, (0, 0, 0, slots - features.shape[1])).flatten(1)
+        return embedding, features
+
+    def run(self, rows: list[tuple[torch.Tensor | None, list[int], list[int]]]) -> tuple[torch.Tensor, list[int]]:
+        """Rows of (modality embedding (2 * patch_dim,), prompt ids, answer ids) through the MiT model (its own
+        top-level forward with ``modality_embedding``; the final hidden states are read by a forward hook on the
+        decoder). Returns the final hidden states (B, L, hidden) and each row's padding length."""
+        if any(im is None for im, _, _ in rows):
+            raise ValueError("rows: MiT needs a modality embedding for every row (it cannot serve 'draw')")
+        ids, mask, positions, pads = self.layout(rows, [0] * len(rows))
+        captured = {}
+        handle = self.llm.model.register_forward_hook(lambda m, a, out: captured.update(hidden=out.last_hidden_state))
+        try:
+            self.llm(
+                input_ids=ids, attention_mask=mask, position_ids=positions,
+                modality_embedding=torch.stack([im for im, _, _ in rows]), logits_to_keep=1,
+            )  # fmt: skip
+        finally:
+            handle.remove()
+        return captured["hidden"], pads
+
+
+def build_model(variant: str, base, tokenizer, cfg: NeuralDigitsConfig, pixel_stats) -> DigitsModel:
+    if variant == "mit":
+        return MiTDigits(base, tokenizer, cfg, pixel_stats)
+    return NeuralDigits(base, tokenizer, cfg, 1.0 if variant == "dense" else cfg.sparsity, pixel_stats)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -328,7 +429,7 @@ class NeuralDigits(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def build_rows(model: NeuralDigits, task: str, split: DigitsSplit, count: int, gen: torch.Generator | None,
+def build_rows(model: DigitsModel, task: str, split: DigitsSplit, count: int, gen: torch.Generator | None,
                index: torch.Tensor | None = None, draw_target: str = "mean"):  # fmt: skip
     """Samples of one task: (rows for :meth:`NeuralDigits.run`, what the loss / metric needs). ``draw_target``:
     "mean" (the digit's mean training image) or "sample" (a random training image of the digit)."""
@@ -336,13 +437,13 @@ def build_rows(model: NeuralDigits, task: str, split: DigitsSplit, count: int, g
         raise ValueError(f"draw_target must be 'mean' or 'sample', got {draw_target!r}")
     if task == "caption":
         pick = index if index is not None else torch.randint(0, len(split.labels), (count,), generator=gen)
-        tokens, _ = model.encoder(split.images[pick][:, None])
+        tokens, _ = model.image_inputs(split.images[pick][:, None])
         digits = split.labels[pick]
         rows = [(tokens[i], model.caption_prompt, model.caption_answers[int(d)]) for i, d in enumerate(digits)]
         return rows, {"digits": digits}
     if task == "draw":
         digits = index if index is not None else torch.randint(0, 10, (count,), generator=gen)
-        rows = [(None, model.draw_prompts[int(d)], [model.glb_id]) for d in digits]
+        rows = [(None, model.draw_prompts[int(d)], model.draw_answer) for d in digits]
         target = None
         if gen is not None and draw_target == "mean":  # the digit's mean training image
             means = torch.stack([split.images[split.labels == d].mean(0) for d in range(10)])
@@ -358,18 +459,18 @@ def build_rows(model: NeuralDigits, task: str, split: DigitsSplit, count: int, g
             )
         return rows, {"digits": digits, "target": target}
     pixels, digits, named = index if index is not None else make_canvases(split, count, gen)
-    tokens, features = model.encoder(pixels)
+    tokens, features = model.image_inputs(pixels)
     if task == "segment_digit":
         side = named
         prompts = [model.segment_prompts[int(digits[i, s])] for i, s in enumerate(side)]
     else:
         side = (digits[:, 1] > digits[:, 0]).long()
         prompts = [model.larger_prompt] * len(side)
-    rows = [(tokens[i], prompts[i], model.lcl_ids) for i in range(len(side))]
+    rows = [(tokens[i], prompts[i], model.segment_answer) for i in range(len(side))]
     return rows, {"features": features, "mask": half_mask(side)}
 
 
-def task_outputs(model: NeuralDigits, tasks: list[str], parts: list[tuple[list, dict]]) -> list[dict]:
+def task_outputs(model: DigitsModel, tasks: list[str], parts: list[tuple[list, dict]]) -> list[dict]:
     """One forward over the rows of all ``parts``; per part: LM logits / targets of its answer tokens, and the draw
     pixels or mask logits."""
     rows = [r for part, _ in parts for r in part]
@@ -384,15 +485,16 @@ def task_outputs(model: NeuralDigits, tasks: list[str], parts: list[tuple[list, 
             for j, token in enumerate(answer):
                 positions.append((start + i, end - len(answer) + j - 1))
                 targets.append(token)
-        b, t = torch.tensor(positions).T
-        out["lm_logits"] = model.lm_logits(hidden[b, t])
-        out["lm_targets"] = torch.tensor(targets)
+        if positions:  # none for MiT's segmentation (its answer is empty)
+            b, t = torch.tensor(positions).T
+            out["lm_logits"] = model.lm_logits(hidden[b, t])
+            out["lm_targets"] = torch.tensor(targets)
         n = len(part)
         rows_hidden = hidden[start : start + n]
         if task == "draw":
             out["pixels"], out["digit_logits"] = model.draw_head(rows_hidden[:, -1])
         elif task.startswith("segment"):
-            condition = rows_hidden[:, -len(model.lcl_ids) :].mean(1)
+            condition = rows_hidden[:, -max(1, len(model.segment_answer)) :].mean(1)
             out["mask_logits"] = model.mask_decoder(out["features"], condition)
         outputs.append(out)
         start += n
@@ -400,14 +502,16 @@ def task_outputs(model: NeuralDigits, tasks: list[str], parts: list[tuple[list, 
 
 
 def batch_loss(
-    model: NeuralDigits, tasks: list[str], outputs: list[dict], draw_weight: float = 1.0, draw_class_weight: float = 0.0
+    model: DigitsModel, tasks: list[str], outputs: list[dict], draw_weight: float = 1.0, draw_class_weight: float = 0.0
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum over the tasks of the LM loss on their answer tokens plus the task's own loss (draw: ``draw_weight`` times
     the MSE of the pixels plus ``draw_class_weight`` times the cross-entropy of the digit read-out; segmentation:
     Dice + BCE of the mask). Returns the loss and its per-task parts."""
     total, parts = 0.0, {}
     for task, out in zip(tasks, outputs):
-        loss = nn.functional.cross_entropy(out["lm_logits"], out["lm_targets"])
+        loss = torch.zeros(())
+        if "lm_logits" in out:
+            loss = nn.functional.cross_entropy(out["lm_logits"], out["lm_targets"])
         if task == "draw":
             loss = loss + draw_weight * nn.functional.mse_loss(out["pixels"], out["target"])
             if draw_class_weight:
@@ -428,12 +532,11 @@ def lr_factor(step: int, cfg: NeuralDigitsConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train(model: NeuralDigits, tasks: tuple[str, ...], train_split: DigitsSplit, cfg: NeuralDigitsConfig, name: str):
-    """AdamW on the trainable parameters; every batch has ``batch_size / len(tasks)`` samples of each task. Returns
+def train(model: DigitsModel, tasks: tuple[str, ...], samples_per_task: int, train_split: DigitsSplit,
+          cfg: NeuralDigitsConfig, name: str):  # fmt: skip
+    """AdamW on the trainable parameters; every batch has ``samples_per_task`` samples of each of ``tasks``. Returns
     per-step loss rows and the training seconds."""
-    if cfg.batch_size % len(tasks):
-        raise ValueError(f"batch_size must be a multiple of the {len(tasks)} tasks, got {cfg.batch_size}")
-    per_task = cfg.batch_size // len(tasks)
+    per_task = samples_per_task
     optimiser = torch.optim.AdamW(model.parameter_groups(cfg.lr, cfg.head_lr), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: lr_factor(s, cfg))
     gen = torch.Generator().manual_seed(1000 + cfg.seed)
@@ -451,7 +554,7 @@ def train(model: NeuralDigits, tasks: tuple[str, ...], train_split: DigitsSplit,
         loss.backward()
         optimiser.step()
         schedule.step()
-        curve.append({"variant": name, "step": step, "loss": loss.item(), **{f"loss_{t}": v for t, v in per.items()}})
+        curve.append({"run": name, "step": step, "loss": loss.item(), **{f"loss_{t}": v for t, v in per.items()}})
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return curve, time.perf_counter() - start
 
@@ -486,7 +589,7 @@ def digit_classifier(train_split: DigitsSplit):
 
 
 @torch.no_grad()
-def greedy_answers(model: NeuralDigits, tokens: torch.Tensor, prompt: list[int], max_new: int = 8) -> list[list[int]]:
+def greedy_answers(model: DigitsModel, tokens: torch.Tensor, prompt: list[int], max_new: int = 8) -> list[list[int]]:
     """Greedy decoding of (B, P, patch_dim) image tokens + ``prompt`` through :meth:`NeuralDigits.run` (the training
     layout, re-run in full at each step: the answers are a few tokens); each answer stops after its EOS."""
     answers: list[list[int]] = [[] for _ in range(len(tokens))]
@@ -501,7 +604,7 @@ def greedy_answers(model: NeuralDigits, tokens: torch.Tensor, prompt: list[int],
 
 
 @torch.no_grad()
-def evaluate(model: NeuralDigits, tasks: tuple[str, ...], test: DigitsSplit, sets: EvalSets, classifier,
+def evaluate(model: DigitsModel, tasks: tuple[str, ...], test: DigitsSplit, sets: EvalSets, classifier,
              batch: int = 50) -> dict[str, float]:  # fmt: skip
     """The metrics of ``tasks``: caption exact-match accuracy (greedy decoding with the image tokens), draw accuracy
     (classifier on the generated images of "Draw a 0" .. "Draw a 9"), segmentation mIoU and P@0.5."""
@@ -511,7 +614,7 @@ def evaluate(model: NeuralDigits, tasks: tuple[str, ...], test: DigitsSplit, set
         correct = 0
         for s in range(0, len(sets.caption), batch):
             pick = sets.caption[s : s + batch]
-            tokens, _ = model.encoder(test.images[pick][:, None])
+            tokens, _ = model.image_inputs(test.images[pick][:, None])
             texts = model.tokenizer.batch_decode(greedy_answers(model, tokens, model.caption_prompt),
                                                  skip_special_tokens=True)  # fmt: skip
             correct += sum(t.strip() == caption_text(int(d)) for t, d in zip(texts, test.labels[pick]))
@@ -621,101 +724,263 @@ def selectivity_test(model, train_split, test, classifier, cfg: NeuralDigitsConf
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def run_variant(variant: str, base, tokenizer, split, classifier, cfg: NeuralDigitsConfig):
-    """Train and evaluate one variant. Returns (metrics row, curve rows, the trained model of the last run)."""
-    train_split, test = split
-    sets = eval_sets(test, cfg, caption=cfg.eval_caption)
+def split_validation(train_split: DigitsSplit, fraction: float, seed: int = 0) -> tuple[DigitsSplit, DigitsSplit]:
+    """Stratified split of the training images, by image, into (training, validation): learning rates are chosen on
+    the validation images; the test images are never used for a choice."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {fraction}")
+    from sklearn.model_selection import train_test_split
+
+    keep, held = train_test_split(
+        range(len(train_split.labels)), test_size=fraction, random_state=seed, stratify=train_split.labels.numpy()
+    )
+    keep, held = torch.tensor(keep), torch.tensor(held)
+    part = lambda i: DigitsSplit(train_split.images[i], train_split.labels[i], train_split.index[i])  # noqa: E731
+    return part(keep), part(held)
+
+
+def variant_groups(variant: str) -> list[tuple[str, ...]]:
+    """The task groups of ``variant``, one adapter each. Every adapter sees ``batch_size / 4`` samples of each of its
+    tasks per step, so every variant trains on the same samples of a task (MiT: of its three tasks)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "per_task":
+        return [(t,) for t in TASKS]
+    return [IMAGE_TASKS if variant == "mit" else TASKS]
+
+
+def validation_score(metrics: dict[str, float], tasks: tuple[str, ...]) -> float:
+    """Mean of the headline validation metrics of ``tasks`` (what a learning rate is chosen by)."""
+    return statistics.fmean(metrics[f"val_{t}_accuracy" if t in ("caption", "draw") else f"val_{t}_p50"] for t in tasks)
+
+
+def run_variant(variant: str, base, tokenizer, data, classifier, cfg: NeuralDigitsConfig):
+    """Train ``variant`` at ``cfg.lr`` and ``cfg.seed``; evaluate on the validation and the test images. ``data`` is
+    (training, validation, test) splits. Returns (metrics row, curve rows, the trained model of the last group)."""
+    train_split, val, test = data
+    sets = {name: eval_sets(split, cfg, caption=cfg.eval_caption) for name, split in (("val", val), ("test", test))}
     stats = pixel_statistics(train_split.images)
-    groups = [(t,) for t in TASKS] if variant == "per_task" else [TASKS]
-    sparsity = 1.0 if variant == "dense" else cfg.sparsity
-    metrics, curves, seconds, params = {}, [], 0.0, 0
+    groups = variant_groups(variant)
+    if cfg.batch_size % len(TASKS):
+        raise ValueError(f"batch_size must be a multiple of the {len(TASKS)} tasks, got {cfg.batch_size}")
+    metrics, curves, seconds, params, served = {}, [], 0.0, 0, []
     model = None
+    run_name = f"{variant} lr={cfg.lr:g} seed={cfg.seed}"
     for tasks in groups:
         torch.manual_seed(cfg.seed)
-        model = NeuralDigits(base, tokenizer, cfg, sparsity, stats)
+        model = build_model(variant, base, tokenizer, cfg, stats)
         model.encoder_pretrain_loss = pretrain_encoder(model.encoder, train_split, cfg.encoder_pretrain_steps, cfg.seed)
         model.encoder.requires_grad_(cfg.train_encoder)
-        name = variant if len(groups) == 1 else f"{variant}:{tasks[0]}"
-        curve, sec = train(model, tasks, train_split, cfg, name)
-        curves += curve
+        name = run_name if len(groups) == 1 else f"{run_name} task={tasks[0]}"
+        curve, sec = train(model, tasks, cfg.batch_size // len(TASKS), train_split, cfg, name)
+        curves += [{"variant": variant, "lr": cfg.lr, "seed": cfg.seed, **c} for c in curve]
         seconds += sec
         params += sum(p.numel() for p in model.trainable_parameters())
-        metrics.update(evaluate(model, tasks, test, sets, classifier))
-    row = {"variant": variant, "sparsity": sparsity, "steps": cfg.steps, "lr": cfg.lr, "head_lr": cfg.head_lr,
-           "encoder_pretrain_steps": cfg.encoder_pretrain_steps,
-           **metrics,
+        metrics.update({f"val_{k}": v for k, v in evaluate(model, tasks, val, sets["val"], classifier).items()})
+        metrics.update(evaluate(model, tasks, test, sets["test"], classifier))
+        served += tasks
+    row = {"variant": variant, "lr": cfg.lr, "seed": cfg.seed, "head_lr": cfg.head_lr,
+           "sparsity": 1.0 if variant == "dense" else (cfg.sparsity if variant != "mit" else float("nan")),
+           "steps": cfg.steps, "encoder_pretrain_steps": cfg.encoder_pretrain_steps,
+           "val_score": validation_score(metrics, tuple(served)), **metrics,
            "trainable_params": params, "train_seconds": seconds}  # fmt: skip
-    tqdm.write(f"{variant}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" ({seconds:.0f} s)")
+    tqdm.write(f"{run_name}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" ({seconds:.0f} s)")
     return row, curves, model
 
 
 def run_demo(cfg: NeuralDigitsConfig, out_dir: pathlib.Path, base=None, tokenizer=None, stem: str = "neural_digits"):
-    """Run the variants (and the selectivity test) and write ``{stem}.csv`` (one row per variant),
-    ``{stem}_curves.csv`` (training losses), ``{stem}_selectivity.csv`` and ``{stem}.png`` into ``out_dir``."""
+    """Run every variant at every learning rate of ``cfg.lrs`` (first seed), then each variant's chosen learning rate
+    at the other seeds (and the selectivity test after each neural run); write the results (:func:`write_results`).
+    Returns (summary rows, run rows, selectivity rows)."""
     from ..models import load_smollm2
 
     unknown = set(cfg.variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"variants must be among {VARIANTS}, got {sorted(unknown)}")
+    if not cfg.lrs or not cfg.seeds:
+        raise ValueError(f"lrs and seeds must be non-empty, got lrs={cfg.lrs}, seeds={cfg.seeds}")
     if base is None:
         base, tokenizer = load_smollm2()
-    split = load_digits_split(cfg.test_fraction)
-    classifier = digit_classifier(split[0])
-    rows, curves, selectivity = [], [], []
+    train_split, test = load_digits_split(cfg.test_fraction)
+    train_split, val = split_validation(train_split, cfg.validation_fraction)
+    data = (train_split, val, test)
+    classifier = digit_classifier(train_split)
+    runs, curves, selectivity = [], [], []
+
+    def one(variant: str, lr: float, seed: int):
+        run_cfg = dataclasses.replace(cfg, lr=lr, seed=seed)
+        row, curve, model = run_variant(variant, base, tokenizer, data, classifier, run_cfg)
+        runs.append(row)
+        curves.extend(curve)
+        return model, run_cfg
+
+    def select(model, run_cfg) -> None:  # the selectivity test, on neural runs at the chosen learning rate
+        rows = selectivity_test(model, train_split, test, classifier, run_cfg)
+        selectivity.extend({"lr": run_cfg.lr, "seed": run_cfg.seed, **r} for r in rows)
+
     for variant in cfg.variants:
-        row, curve, model = run_variant(variant, base, tokenizer, split, classifier, cfg)
-        rows.append(row)
-        curves += curve
-        if variant == "neural" and cfg.selectivity:
-            selectivity = selectivity_test(model, split[0], split[1], classifier, cfg)
-        del model
+        tested = variant == "neural" and cfg.selectivity
+        first = {lr: one(variant, lr, cfg.seeds[0]) for lr in cfg.lrs}  # kept until the choice (neural only)
+        chosen = choose_lr([r for r in runs if r["variant"] == variant], cfg.seeds[0])
+        if tested:
+            select(*first[chosen])
+        del first
+        for seed in cfg.seeds[1:]:
+            model, run_cfg = one(variant, chosen, seed)
+            if tested:
+                select(model, run_cfg)
+            del model
+    summary = write_results(runs, curves, selectivity, out_dir, stem)
+    return summary, runs, selectivity
+
+
+def choose_lr(runs: list[dict], seed: int) -> float:
+    """The learning rate of the run with the best ``val_score`` among ``runs`` at ``seed`` (ties: the smaller lr)."""
+    candidates = sorted((r for r in runs if int(r["seed"]) == seed), key=lambda r: (-float(r["val_score"]), r["lr"]))
+    if not candidates:
+        raise ValueError(f"runs: no run at seed {seed} to choose a learning rate from")
+    return float(candidates[0]["lr"])
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """One row per variant: its learning rate chosen on validation at the first seed, and the test metrics of that
+    learning rate, mean / min / max over its seeds."""
+    out = []
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        mine = [r for r in runs if r["variant"] == variant]
+        first = min(int(r["seed"]) for r in mine)
+        lr = choose_lr(mine, first)
+        chosen = [r for r in mine if float(r["lr"]) == lr]
+        tried = " ".join(f"{x:g}" for x in sorted({float(r["lr"]) for r in mine}))
+        row = {"variant": variant, "lr": lr, "lrs_tried": tried,
+               "seeds": " ".join(str(int(r["seed"])) for r in chosen), "steps": chosen[0]["steps"]}  # fmt: skip
+        row["val_score"] = statistics.fmean(float(r["val_score"]) for r in chosen)
+        for key in METRIC_KEYS:
+            values = [float(r[key]) for r in chosen if r.get(key) not in (None, "")]
+            if values:
+                row[key] = statistics.fmean(values)
+                row[f"{key}_min"], row[f"{key}_max"] = min(values), max(values)
+        row["trainable_params"] = chosen[0]["trainable_params"]
+        row["train_seconds"] = statistics.fmean(float(r["train_seconds"]) for r in chosen)
+        out.append(row)
+    return out
+
+
+METRIC_KEYS = ("caption_accuracy", "draw_accuracy", "segment_digit_miou", "segment_digit_p50", "segment_larger_miou",
+               "segment_larger_p50")  # fmt: skip
+
+
+def write_results(runs, curves, selectivity, out_dir: pathlib.Path, stem: str) -> list[dict]:
+    """Write ``{stem}.csv`` (the summary per variant), ``{stem}_runs.csv`` (every run: validation and test metrics),
+    ``{stem}_curves.csv`` (training losses), ``{stem}_selectivity.csv`` and ``{stem}.png``; return the summary."""
+    summary = summarise(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out_dir / f"{stem}.csv")
+    write_csv(summary, out_dir / f"{stem}.csv")
+    write_csv(runs, out_dir / f"{stem}_runs.csv")
     write_csv(curves, out_dir / f"{stem}_curves.csv")
     if selectivity:
         write_csv(selectivity, out_dir / f"{stem}_selectivity.csv")
-    plot(rows, curves, selectivity, out_dir / f"{stem}.png")
-    return rows, selectivity
+    plot(summary, runs, curves, selectivity, out_dir / f"{stem}.png")
+    return summary
 
 
-def plot(rows: list[dict], curves: list[dict], selectivity: list[dict], path: pathlib.Path) -> None:
+def read_rows(path: pathlib.Path) -> list[dict]:
+    """A CSV written by :func:`write_results`, numbers parsed (empty cells dropped)."""
+    import csv
+
+    def parse(value: str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+
+    with open(path, newline="") as f:
+        return [{k: parse(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def merge_runs(dirs: list[pathlib.Path], out_dir: pathlib.Path, stem: str = "neural_digits") -> list[dict]:
+    """Merge the ``{stem}_runs.csv`` / ``_curves.csv`` / ``_selectivity.csv`` of several invocations (parts of the
+    grid run side by side) into one set of results in ``out_dir``; a run present twice is an error."""
+    runs, curves, selectivity = [], [], []
+    for d in dirs:
+        d = pathlib.Path(d)
+        if not (d / f"{stem}_runs.csv").exists():
+            raise ValueError(f"from_runs: {d} has no {stem}_runs.csv")
+        runs += read_rows(d / f"{stem}_runs.csv")
+        curves += read_rows(d / f"{stem}_curves.csv")
+        if (d / f"{stem}_selectivity.csv").exists():
+            selectivity += read_rows(d / f"{stem}_selectivity.csv")
+    keys = [(r["variant"], float(r["lr"]), int(r["seed"])) for r in runs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"from_runs: a run appears twice: {sorted(k for k in keys if keys.count(k) > 1)}")
+    return write_results(runs, curves, selectivity, out_dir, stem)
+
+
+def plot(summary: list[dict], runs: list[dict], curves: list[dict], selectivity: list[dict], path: pathlib.Path):
     plt = pyplot()
     if plt is None:
         return
-    panels = 3 if selectivity else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
+    panels = 4 if selectivity and any(r["variant"] == "neural" for r in summary) else 3
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4))
     ax = axes[0]
-    width = 0.8 / max(1, len(rows))
-    for i, row in enumerate(rows):
-        values = [headline(row, t) if any(k.startswith(t) for k in row) else float("nan") for t in TASKS]
-        ax.bar([j + i * width for j in range(len(TASKS))], values, width, label=row["variant"])
+    width = 0.8 / max(1, len(summary))
+    for i, row in enumerate(summary):
+        keys = [f"{t}_accuracy" if t in ("caption", "draw") else f"{t}_p50" for t in TASKS]
+        values = [float(row.get(k, float("nan"))) for k in keys]
+        low = [v - float(row.get(f"{k}_min", v)) for k, v in zip(keys, values)]
+        high = [float(row.get(f"{k}_max", v)) - v for k, v in zip(keys, values)]
+        seeds = len(str(row["seeds"]).split())
+        ax.bar([j + i * width for j in range(len(TASKS))], values, width, yerr=[low, high], capsize=2,
+               label=f"{row['variant']} (lr {row['lr']:g}, {seeds} seed{'s' if seeds > 1 else ''})")  # fmt: skip
     ax.axhline(0.9, color="black", linestyle="--", linewidth=1, label="target 0.9")
     ax.plot([-0.2, 1.6], [0.1, 0.1], color="grey", linestyle=":", linewidth=1, label="chance")
     ax.plot([1.6, 3.8], [0.5, 0.5], color="grey", linestyle=":", linewidth=1)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(TASKS))], ["caption\nacc", "draw\nacc", "seg digit\nP@0.5",
                   "seg larger\nP@0.5"])  # fmt: skip
-    ax.set(ylim=(0, 1.05), title=f"test metrics after {rows[0]['steps']} steps")
-    ax.legend(fontsize=7)
+    ax.set(ylim=(0, 1.05), title=f"test, chosen lr (bars: seed mean, min-max), {summary[0]['steps']:g} steps")
+    ax.legend(fontsize=6)
     ax = axes[1]
-    for variant in dict.fromkeys(c["variant"] for c in curves):
-        points = [c for c in curves if c["variant"] == variant]
-        window = 10
-        losses = [
-            statistics.fmean(p["loss"] for p in points[max(0, i - window + 1) : i + 1]) for i in range(len(points))
-        ]
-        ax.plot([p["step"] for p in points], losses, label=variant)
-    ax.set(xlabel="step", ylabel="training loss (10-step mean)", yscale="log", title="training loss")
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        first = min(int(r["seed"]) for r in runs if r["variant"] == variant)
+        points = sorted((float(r["lr"]), float(r["val_score"])) for r in runs
+                        if r["variant"] == variant and int(r["seed"]) == first)  # fmt: skip
+        ax.plot(*zip(*points), marker="o", label=variant)
+    ax.set(xscale="log", xlabel="adapter learning rate", ylabel="validation score (mean headline metric)",
+           title="learning-rate choice (validation images)")  # fmt: skip
     ax.legend(fontsize=7)
+    ax = axes[2]
+    for row in summary:
+        first = min(int(s) for s in str(row["seeds"]).split())
+        for name in dict.fromkeys(c["run"] for c in curves if c["variant"] == row["variant"]
+                                  and float(c["lr"]) == row["lr"] and int(c["seed"]) == first):  # fmt: skip
+            points = [c for c in curves if c["run"] == name]
+            window = 10
+            losses = [
+                statistics.fmean(float(p["loss"]) for p in points[max(0, i - window + 1) : i + 1])
+                for i in range(len(points))
+            ]
+            ax.plot([p["step"] for p in points], losses, label=name, linewidth=1)
+    ax.set(xlabel="step", ylabel="training loss (10-step mean)", yscale="log", title="training loss (chosen lr)")
+    ax.legend(fontsize=5)
+    neural = [r for r in summary if r["variant"] == "neural"]
+    selectivity = [r for r in selectivity if neural and float(r["lr"]) == neural[0]["lr"]]  # the chosen lr's runs
     if selectivity:
-        ax = axes[2]
-        width = 0.8 / len(selectivity)
-        for i, row in enumerate(selectivity):
-            ax.bar([j + i * width for j in range(len(TASKS))], [row[t] for t in TASKS], width,
-                   label=f"{row['condition']} ({row['units_off']} off)")  # fmt: skip
+        ax = axes[3]
+        conditions = list(dict.fromkeys(r["condition"] for r in selectivity))
+        width = 0.8 / len(conditions)
+        for i, condition in enumerate(conditions):
+            mine = [r for r in selectivity if r["condition"] == condition]
+            base_rows = {(r["lr"], r["seed"]): r for r in selectivity if r["condition"] == "none"}
+            drops = [statistics.fmean(float(r[t]) - float(base_rows[(r["lr"], r["seed"])][t]) for r in mine)
+                     for t in TASKS]  # fmt: skip
+            ax.bar([j + i * width for j in range(len(TASKS))], drops, width,
+                   label=f"{condition} ({int(mine[0]['units_off'])} off)")  # fmt: skip
+        ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(TASKS))], ["caption", "draw", "seg digit", "seg larger"])
-        ax.set(ylim=(0, 1.05), title="units switched off (neural run)")
+        runs_n = len({(r["lr"], r["seed"]) for r in selectivity})
+        ax.set(ylabel="change of the test metric", title=f"units switched off (neural, mean of {runs_n} runs)")
         ax.legend(fontsize=6)
-    fig.suptitle("Neural tuning, frozen SmolLM2-135M, one adapter for four digit tasks", fontsize=10)
+    fig.suptitle("Neural tuning vs dense / per-task / MiT, frozen SmolLM2-135M, four digit tasks", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -727,35 +992,36 @@ def main(argv: list[str] | None = None):
     )
     parser.add_argument("--quick", action="store_true", help="the neural run only, 25 steps, smaller evaluation")
     parser.add_argument("--steps", type=int, help="optimiser steps per run")
-    parser.add_argument("--lr", type=float, help="learning rate of the task neurons (AdamW)")
+    parser.add_argument("--lrs", type=float, nargs="+", help="adapter learning rates to try per variant (AdamW)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds: the grid at the first, the chosen lr at all")
     parser.add_argument("--head-lr", type=float, help="learning rate of the patch encoder, projection, tokens, heads")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="variants to run")
     parser.add_argument("--encoder-pretrain-steps", type=int, help="patch-encoder pretraining steps (0: none)")
     parser.add_argument("--freeze-encoder", action="store_true", help="keep the pretrained patch encoder frozen")
     parser.add_argument("--no-selectivity", action="store_true", help="skip the task-selectivity test")
+    parser.add_argument("--from-runs", type=pathlib.Path, nargs="+", metavar="DIR",
+                        help="train nothing: merge earlier invocations' results (their --out) into --out")  # fmt: skip
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"), help="output directory")
     args = parser.parse_args(argv)
-    cfg = quick_config() if args.quick else NeuralDigitsConfig()
-    if args.steps:
-        cfg.steps = args.steps
-    if args.lr:
-        cfg.lr = args.lr
-    if args.head_lr:
-        cfg.head_lr = args.head_lr
-    if args.variants:
-        cfg.variants = tuple(args.variants)
-    if args.encoder_pretrain_steps is not None:
-        cfg.encoder_pretrain_steps = args.encoder_pretrain_steps
-    if args.freeze_encoder:
-        cfg.train_encoder = False
-    if args.no_selectivity:
-        cfg.selectivity = False
     stem = "neural_digits" + ("_quick" if args.quick else "")
-    rows, _ = run_demo(cfg, args.out, stem=stem)
-    for row in rows:
+    if args.from_runs:
+        summary = merge_runs(args.from_runs, args.out, stem)
+    else:
+        cfg = quick_config() if args.quick else NeuralDigitsConfig()
+        for field, value in (("steps", args.steps), ("lrs", args.lrs), ("seeds", args.seeds),
+                             ("head_lr", args.head_lr), ("variants", args.variants),
+                             ("encoder_pretrain_steps", args.encoder_pretrain_steps)):  # fmt: skip
+            if value is not None:
+                setattr(cfg, field, tuple(value) if isinstance(value, list) else value)
+        if args.freeze_encoder:
+            cfg.train_encoder = False
+        if args.no_selectivity:
+            cfg.selectivity = False
+        summary, _, _ = run_demo(cfg, args.out, stem=stem)
+    for row in summary:
         print(row)
-    print(f"wrote {args.out}/{stem}.csv, {stem}_curves.csv and {stem}.png")
-    return rows
+    print(f"wrote {args.out}/{stem}.csv, {stem}_runs.csv, {stem}_curves.csv and {stem}.png")
+    return summary
 
 
 if __name__ == "__main__":

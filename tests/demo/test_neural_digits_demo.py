@@ -97,7 +97,7 @@ def test_draw_targets_are_the_digit_mean_images_or_a_training_image_of_the_digit
     from types import SimpleNamespace
 
     train, _ = nd.load_digits_split()
-    fake = SimpleNamespace(draw_prompts=[[d] for d in range(10)], glb_id=99)
+    fake = SimpleNamespace(draw_prompts=[[d] for d in range(10)], draw_answer=[99])
     digits = torch.tensor([3, 7, 3, 0])
     gen = torch.Generator().manual_seed(0)
     rows, extra = nd.build_rows(fake, "draw", train, 4, gen, index=digits, draw_target="mean")
