@@ -19,7 +19,7 @@ from ..integrations.adapter import WEIGHTS_NAME, _base_shape
 from ..utils.files import atomic_write
 from ..utils.tensors import check_tensors_match
 from .config import NeuralTuningConfig
-from .model import apply_neural_tuning, is_neural_model, neural_named_parameters
+from .model import apply_neural_tuning, is_neural_model, neural_named_parameters, planned_neural_parameters
 
 CONFIG_NAME = "neural_config.json"
 FORMAT = "mit-neural-adapter-v1"
@@ -48,7 +48,8 @@ def load_neural_adapter(model, directory: str | os.PathLike, tokenizer=None):
     :func:`apply_neural_tuning` with the saved config first) and return it.
 
     With ``tokenizer``, the saved new tokens are added to it and must get the saved ids; without, the model is resized
-    to the saved ids. A model of another shape, or tensors that do not match, raise ValueError naming the mismatch."""
+    to the saved ids. A model of another shape, tensors that do not match, or a tokenizer that would give other ids
+    raise ValueError naming the mismatch, before anything changes (model and tokenizer stay as they were)."""
     directory = pathlib.Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
@@ -71,20 +72,42 @@ def load_neural_adapter(model, directory: str | os.PathLike, tokenizer=None):
     if mismatched:
         details = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in mismatched.items())
         raise ValueError(f"the adapter at {directory} was saved from a model of another shape ({details})")
-    if not is_neural_model(model):
+    tensors = load_file(str(weights_path))
+    plain = not is_neural_model(model)
+    # everything is checked before the first change (tokenizer, embedding size, modules, parameters): a bad adapter
+    # leaves the model and the tokenizer as they were
+    if plain:
+        expected = planned_neural_parameters(model, config, saved_ids or None)
         if tokenizer is not None and config.new_tokens:
-            tokenizer.add_tokens(list(config.new_tokens), special_tokens=True)
-            ids = [int(i) for i in tokenizer.convert_tokens_to_ids(list(config.new_tokens))]
+            ids = _ids_after_adding(tokenizer, list(config.new_tokens))
             if ids != saved_ids:
                 raise ValueError(
-                    f"the tokenizer gives the new tokens ids {ids}, the adapter was saved with {saved_ids}"
+                    f"the tokenizer would give the new tokens ids {ids}, the adapter was saved with {saved_ids}"
                 )
+    else:
+        expected = {n: p.shape for n, p in neural_named_parameters(model)}
+    check_tensors_match(tensors, expected, str(weights_path))
+    if plain:
+        if tokenizer is not None and config.new_tokens:
+            tokenizer.add_tokens(list(config.new_tokens), special_tokens=True)
         apply_neural_tuning(model, config, new_token_ids=saved_ids or None)
-    tensors = load_file(str(weights_path))
     params = dict(neural_named_parameters(model))
-    # every name and shape checked before the first copy: a mismatch leaves the parameters as they were
-    check_tensors_match(tensors, {n: p.shape for n, p in params.items()}, str(weights_path))
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name])
     return model
+
+
+def _ids_after_adding(tokenizer, tokens: list[str]) -> list[int]:
+    """The ids ``tokenizer.add_tokens(tokens)`` would give (a token already known keeps its id; new ones are numbered
+    from ``len(tokenizer)`` in order), without adding them."""
+    vocab = tokenizer.get_vocab()
+    ids, following = [], len(tokenizer)
+    for token in tokens:
+        if token in vocab:
+            ids.append(int(vocab[token]))
+        else:
+            vocab[token] = following
+            ids.append(following)
+            following += 1
+    return ids

@@ -198,16 +198,19 @@ def is_neural_model(model: object) -> bool:
     return isinstance(model, NeuralTuningModelMixin)
 
 
-def _attach_neurons(layer: nn.Module, index: int, config: NeuralTuningConfig, model_config) -> None:
+def _make_neurons(layer: nn.Module, index: int, config: NeuralTuningConfig, model_config, like: torch.Tensor):
+    """The :class:`NeuralTuningLayer` for decoder layer ``layer`` (parameters on ``like``'s device)."""
     attention = layer.self_attn
     heads = model_config.num_attention_heads
     kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
     head_dim = getattr(attention, "head_dim", None) or model_config.hidden_size // heads
     eps = float(getattr(model_config, "rms_norm_eps", None) or 1e-6)
-    like = next(attention.parameters())
-    neurons = NeuralTuningLayer(
-        config, index, model_config.hidden_size, heads * head_dim, kv_heads * head_dim, eps, like
-    )
+    return NeuralTuningLayer(config, index, model_config.hidden_size, heads * head_dim, kv_heads * head_dim, eps, like)
+
+
+def _attach_neurons(layer: nn.Module, index: int, config: NeuralTuningConfig, model_config) -> None:
+    attention = layer.self_attn
+    neurons = _make_neurons(layer, index, config, model_config, next(attention.parameters()))
     setattr(attention, NEURONS_NAME, neurons)
     if all(isinstance(getattr(attention, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj")):
         attention.q_proj.register_forward_hook(neurons.add_q)
@@ -229,10 +232,43 @@ def _attach_neurons(layer: nn.Module, index: int, config: NeuralTuningConfig, mo
     layer.__class__ = mit_subclass(NTDecoderLayerMixin, type(layer))
 
 
+def planned_neural_parameters(
+    model: nn.Module, config: NeuralTuningConfig, new_token_ids: list[int] | None
+) -> dict[str, torch.Size]:
+    """Name -> shape of every parameter :func:`apply_neural_tuning` (``model``, ``config``, ``new_token_ids=...``)
+    would add, built on the meta device from the same constructors, without changing ``model``: what
+    :func:`mit.load_neural_adapter` checks a file against before it touches the model."""
+    decoder = decoder_of(model)
+    family_of(decoder.config)
+    names = {id(m): n for n, m in model.named_modules()}
+    meta = torch.empty(0, device="meta", dtype=next(decoder.parameters()).dtype)
+    shapes: dict[str, torch.Size] = {}
+
+    def add(prefix: str, module: nn.Module) -> None:
+        shapes.update({f"{prefix}.{n}": p.shape for n, p in module.named_parameters()})
+
+    for index in config.resolved_layers(len(decoder.layers)):
+        layer = decoder.layers[index]
+        add(f"{names[id(layer.self_attn)]}.{NEURONS_NAME}", _make_neurons(layer, index, config, decoder.config, meta))
+    if config.image_dim is not None:
+        add(IMAGE_NAME, ImageProjection(config.image_dim, decoder.config.hidden_size, meta))
+    if new_token_ids:
+        _check_contiguous(list(new_token_ids))
+        embedding = model.get_input_embeddings()
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        tied = head is not None and head.weight is embedding.weight
+        rows = torch.empty(len(new_token_ids), embedding.weight.shape[1], device="meta", dtype=meta.dtype)
+        add(TOKENS_NAME, NewTokenRows(new_token_ids[0], rows, None if head is None or tied else rows, tied))
+    return shapes
+
+
+def _check_contiguous(token_ids: list[int]) -> None:
+    if token_ids and token_ids != list(range(token_ids[0], token_ids[0] + len(token_ids))):
+        raise ValueError(f"the new tokens must have contiguous ids, got {token_ids}")
+
+
 def _add_new_tokens(model: nn.Module, token_ids: list[int]) -> None:
     first = token_ids[0]
-    if token_ids != list(range(first, first + len(token_ids))):
-        raise ValueError(f"the new tokens must have contiguous ids, got {token_ids}")
     embedding = model.get_input_embeddings()
     if embedding.num_embeddings < first + len(token_ids):
         model.resize_token_embeddings(first + len(token_ids))
@@ -276,6 +312,7 @@ def apply_neural_tuning(
         raise ValueError(
             f"new_token_ids must have one id per new token ({len(config.new_tokens)}), got {new_token_ids}"
         )
+    _check_contiguous(list(new_token_ids or []))
 
     for p in model.parameters():
         p.requires_grad_(False)

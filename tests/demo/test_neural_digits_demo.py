@@ -134,3 +134,129 @@ def test_quick_run_trains_one_adapter_on_the_four_tasks(tmp_path):
         losses = [float(c[f"loss_{task}"]) for c in curve]
         assert np.mean(losses[-5:]) < QUICK_LOSS_RATIO[task] * np.mean(losses[:5]), task
     assert (tmp_path / "neural_digits_quick.png").stat().st_size > 10_000
+
+
+def test_validation_split_is_by_image_disjoint_and_stratified():
+    train, test = nd.load_digits_split()
+    fit, val = nd.split_validation(train, 0.2)
+    fit_ids, val_ids = set(fit.index.tolist()), set(val.index.tolist())
+    assert not fit_ids & val_ids and fit_ids | val_ids == set(train.index.tolist())
+    assert not val_ids & set(test.index.tolist())
+    assert abs(len(val.labels) - 0.2 * len(train.labels)) <= 1
+    for d in range(10):  # every digit in the same proportion (to one image)
+        share = (train.labels == d).float().mean().item() * len(val.labels)
+        assert abs((val.labels == d).sum().item() - share) <= 1
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="validation_fraction"):
+            nd.split_validation(train, bad)
+
+
+def _run(variant, lr, seed, val_score, test_value, **extra):
+    metrics = {k: test_value for k in nd.METRIC_KEYS}
+    return {"variant": variant, "lr": lr, "seed": seed, "steps": 400, "val_score": val_score, **metrics,
+            "trainable_params": 10, "train_seconds": 1.0, **extra}  # fmt: skip
+
+
+def test_learning_rate_is_chosen_on_validation_and_reported_over_seeds():
+    runs = [
+        _run("neural", 1e-3, 0, 0.70, 0.99),  # best on test, not on validation: must not be chosen
+        _run("neural", 3e-3, 0, 0.80, 0.90),
+        _run("neural", 1e-2, 0, 0.80, 0.50),  # tie on validation: the smaller learning rate wins
+        _run("neural", 3e-3, 1, 0.10, 0.70),  # a later seed's validation score takes no part in the choice
+        _run("neural", 3e-3, 2, 0.10, 0.80),
+        _run("mit", 1e-2, 0, 0.60, 0.40),
+        _run("mit", 1e-3, 0, 0.20, 0.30),
+    ]
+    assert nd.choose_lr(runs[:3], 0) == 3e-3
+    with pytest.raises(ValueError, match="seed 5"):
+        nd.choose_lr(runs, 5)
+    neural, mit = nd.summarise(runs)
+    assert neural["variant"] == "neural" and neural["lr"] == 3e-3 and neural["seeds"] == "0 1 2"
+    assert neural["lrs_tried"] == "0.001 0.003 0.01"
+    assert neural["caption_accuracy"] == pytest.approx(0.8)
+    assert (neural["caption_accuracy_min"], neural["caption_accuracy_max"]) == (0.7, 0.9)
+    assert mit["lr"] == 1e-2 and mit["seeds"] == "0" and mit["segment_larger_p50"] == 0.4
+
+
+def test_partial_runs_merge_into_one_summary_and_a_run_twice_is_an_error(tmp_path):
+    first = [_run("neural", lr, 0, v, v) for lr, v in ((1e-3, 0.5), (3e-3, 0.6))]
+    second = [_run("dense", 3e-3, 0, 0.4, 0.4)]
+    curves = lambda runs: [  # noqa: E731
+        {
+            "variant": r["variant"],
+            "lr": r["lr"],
+            "seed": r["seed"],
+            "run": f"{r['variant']} {r['lr']}",
+            "step": s,
+            "loss": 1.0 / s,
+        }
+        for r in runs
+        for s in (1, 2)
+    ]
+    nd.write_results(first, curves(first), [], tmp_path / "a", "neural_digits")
+    nd.write_results(second, curves(second), [], tmp_path / "b", "neural_digits")
+    summary = nd.merge_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "all")
+    assert [(r["variant"], r["lr"]) for r in summary] == [("neural", 3e-3), ("dense", 3e-3)]
+    merged = nd.read_rows(tmp_path / "all" / "neural_digits_runs.csv")
+    assert len(merged) == 3 and merged[0]["val_score"] == 0.5
+    with pytest.raises(ValueError, match="appears twice"):
+        nd.merge_runs([tmp_path / "a", tmp_path / "a"], tmp_path / "again")
+    with pytest.raises(ValueError, match="from_runs"):
+        nd.merge_runs([tmp_path / "missing"], tmp_path / "again")
+
+
+def test_every_variant_sees_the_same_samples_of_a_task_per_step():
+    assert nd.variant_groups("neural") == [nd.TASKS] == nd.variant_groups("dense")
+    assert nd.variant_groups("per_task") == [(t,) for t in nd.TASKS]
+    assert nd.variant_groups("mit") == [("caption", "segment_digit", "segment_larger")]  # drawing has no image
+    with pytest.raises(ValueError, match="variant"):
+        nd.variant_groups("lora")
+
+
+def test_mit_variant_infuses_the_image_and_trains_on_the_image_tasks():
+    """MiT on the real SmolLM2: the modality embedding is both digits' features (a single digit: then zeros), the
+    untrained (zero-initialised) infusion leaves the frozen model's states unchanged, a draw row is refused, only the
+    infusion maps are in the adapter's learning-rate group, a segmentation loss reaches them, and training lowers the
+    caption loss."""
+    from mit.models import load_smollm2
+
+    try:
+        base, tokenizer = load_smollm2()
+    except ImportError as error:
+        pytest.skip(f"{error} ({SMOLLM2_INSTALL})")
+    train, _ = nd.load_digits_split()
+    cfg = nd.NeuralDigitsConfig(encoder_pretrain_steps=0)
+    torch.manual_seed(0)
+    model = nd.build_model("mit", base, tokenizer, cfg, nd.pixel_statistics(train.images))
+    assert isinstance(model, nd.MiTDigits) and model.segment_answer == []
+    single, features = model.image_inputs(train.images[:3, None])
+    assert single.shape == (3, 2 * cfg.patch_dim) and features.shape == (3, 1, cfg.patch_dim)
+    assert torch.equal(single[:, : cfg.patch_dim], features[:, 0]) and not single[:, cfg.patch_dim :].any()
+    pair, features = model.image_inputs(train.images[:4].view(2, 2, 64))
+    assert torch.equal(pair, features.flatten(1))
+
+    rows = [(single[i], model.caption_prompt, model.caption_answers[3]) for i in range(3)]
+    with torch.no_grad():
+        hidden, _ = model.run(rows)
+        ids, mask, positions, _ = model.layout(rows, [0, 0, 0])
+        frozen = base.model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    torch.testing.assert_close(hidden, frozen, rtol=1e-5, atol=1e-4)  # the fused attention's fp32 rounding only
+    with pytest.raises(ValueError, match="draw"):
+        model.run([(None, model.draw_prompts[1], [])])
+
+    adapter, heads = model.parameter_groups(1e-3, 1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert adapter["params"] and all(".mit_" in names[id(p)] for p in adapter["params"])
+    assert not any(".mit_" in names[id(p)] for p in heads["params"])
+    assert not any(p.requires_grad for p in model.llm.parameters() if ".mit_" not in names[id(p)])
+
+    # a segmentation loss reaches the infusion maps (through the last prompt token's state)
+    part = nd.build_rows(model, "segment_digit", train, 2, torch.Generator().manual_seed(0))
+    loss, _ = nd.batch_loss(model, ["segment_digit"], nd.task_outputs(model, ["segment_digit"], [part]))
+    loss.backward()
+    assert sum(p.grad.abs().sum().item() for p in adapter["params"] if p.grad is not None) > 0
+    model.zero_grad(set_to_none=True)
+    cfg.steps, cfg.warmup_steps = 30, 3  # captions are learned within a few steps (segmentation takes hundreds)
+    curve, _ = nd.train(model, nd.IMAGE_TASKS, 2, train, cfg, "mit")
+    losses = [c["loss_caption"] for c in curve]
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses

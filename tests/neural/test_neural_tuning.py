@@ -330,3 +330,72 @@ def test_image_mask_rows_without_an_image_equal_text_only_rows():
         model(input_ids=ids, attention_mask=mask, image_features=features, image_mask=torch.tensor([1, 0]))
     with pytest.raises(ValueError, match="image_mask: given without image_features"):
         model(input_ids=ids, attention_mask=mask, image_mask=present)
+
+
+def test_a_bad_adapter_leaves_the_plain_model_and_the_tokenizer_as_they_were(tmp_path):
+    """Every check of load_neural_adapter runs before the first change: the tokenizer's new ids, the tensors' names
+    and shapes against the parameters apply_neural_tuning would create (built on the meta device), contiguous ids."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    class Tokenizer:  # the part of a Hugging Face tokenizer the loader uses
+        def __init__(self, known=()):
+            self.vocab = {t: 97 + i for i, t in enumerate(known)}
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+        def __len__(self):
+            return 97 + len(self.vocab)
+
+        def add_tokens(self, tokens, special_tokens=False):
+            for t in tokens:
+                self.vocab.setdefault(t, len(self))
+
+        def convert_tokens_to_ids(self, tokens):
+            return [self.vocab[t] for t in tokens]
+
+    config = NeuralTuningConfig(rank=RANK, image_dim=12, new_tokens=["<A>", "<B>"])
+    trained = apply_neural_tuning(fam.model("llama"), config, Tokenizer())
+    saved = tmp_path / "good"
+    mit.save_neural_adapter(trained, saved)
+    planned = mit.neural.model.planned_neural_parameters(fam.model("llama"), config, [97, 98])
+    assert planned == {n: p.shape for n, p in trained.neural_named_parameters()}
+
+    def corrupt(name, edit_tensors=None, edit_meta=None):
+        target = tmp_path / name
+        target.mkdir()
+        tensors, meta = (
+            load_file(str(saved / "adapter_model.safetensors")),
+            json.loads((saved / "neural_config.json").read_text()),
+        )
+        edit_tensors and edit_tensors(tensors)
+        edit_meta and edit_meta(meta)
+        save_file(tensors, str(target / "adapter_model.safetensors"))
+        (target / "neural_config.json").write_text(json.dumps(meta))
+        return target
+
+    first = next(iter(planned))
+    cases = [
+        (corrupt("shape", lambda t: t.update({first: torch.zeros(3, 3)})), Tokenizer(), "shape"),
+        (corrupt("missing", lambda t: t.pop("nt_image_projection.proj.bias")), Tokenizer(), "missing"),
+        (corrupt("extra", lambda t: t.update({"nt_other": torch.zeros(1)})), Tokenizer(), "unexpected"),
+        (saved, Tokenizer(known=["<Z>"]), "would give the new tokens ids \\[98, 99\\]"),
+        (corrupt("ids", edit_meta=lambda m: m.update(new_token_ids=[97, 99])), None, "contiguous"),
+    ]
+    for directory, tokenizer, message in cases:
+        model = fam.model("llama")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        vocab = None if tokenizer is None else tokenizer.get_vocab()
+        with pytest.raises(ValueError, match=message):
+            mit.load_neural_adapter(model, directory, tokenizer=tokenizer)
+        assert type(model) is LlamaForCausalLM and not mit.neural.is_neural_model(model)
+        after = model.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+        assert all(p.requires_grad for p in model.parameters())
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+        assert tokenizer is None or tokenizer.get_vocab() == vocab
+    tokenizer = Tokenizer()
+    loaded = mit.load_neural_adapter(fam.model("llama"), saved, tokenizer=tokenizer)
+    assert tokenizer.get_vocab() == {"<A>": 97, "<B>": 98} and loaded.nt_new_token_ids == [97, 98]
