@@ -53,12 +53,12 @@ class NTDecoderLayerMixin(Rebuildable):
             self.training
             and getattr(self, "gradient_checkpointing", False)
             and isinstance(checkpoint, functools.partial)
-            and checkpoint.keywords.get("use_reentrant") is True
+            and checkpoint.keywords.get("use_reentrant", True) is not False  # torch's default when absent: True
         ):
             raise ValueError(
-                "gradient_checkpointing_kwargs={'use_reentrant': True} is not supported by neural tuning (the "
-                "cross-layer neurons would get no gradient through the recomputation); expected use_reentrant=False "
-                "(transformers' default)"
+                f"gradient_checkpointing_kwargs={checkpoint.keywords} (reentrant checkpointing) is not supported by "
+                "neural tuning (the cross-layer neurons would get no gradient through the recomputation); expected "
+                "use_reentrant=False (transformers' default when no kwargs are given)"
             )
         neurons.state = kwargs.get(STATE_KWARG)
         try:

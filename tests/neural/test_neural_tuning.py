@@ -222,12 +222,21 @@ def test_generate_with_image_tokens_under_left_padding_equals_each_sample_alone(
         assert torch.equal(batch[b], single[0])
 
 
+def checkpointing_enable(model, **kwargs) -> None:
+    """transformers 5.24 renamed gradient_checkpointing_enable to activation_checkpointing_enable (5.17 has only the
+    old name, which 5.24 deprecates)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(**({"activation_checkpointing_kwargs": kwargs} if kwargs else {}))
+    else:
+        model.gradient_checkpointing_enable(**({"gradient_checkpointing_kwargs": kwargs} if kwargs else {}))
+
+
 def test_gradient_checkpointing_reuses_the_cross_layer_state_and_rho():
     grads = []
     for checkpointing in (False, True):
         model = nt_model(dropout=0.1).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            checkpointing_enable(model)
         torch.manual_seed(3)
         ids = fam.padded_batch()[0]
         model(ids, labels=ids).loss.backward()
@@ -235,9 +244,13 @@ def test_gradient_checkpointing_reuses_the_cross_layer_state_and_rho():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    with pytest.raises(ValueError, match="use_reentrant"):
-        model(ids, labels=ids)
+    for kwargs in ({"use_reentrant": True}, {}, {"preserve_rng_state": True}):  # absent: torch's default, reentrant
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        with pytest.raises(ValueError, match="reentrant"):
+            model(ids, labels=ids)
 
 
 def test_config_validation_names_the_argument():
