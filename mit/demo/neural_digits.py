@@ -90,7 +90,8 @@ class NeuralDigitsConfig:
     batch_size: int = 8  # batch_size / 4 samples of each task
     lr: float = 3e-3  # the adapter: task neurons (neural, dense, per_task) or infusion maps (mit)
     lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # the adapter learning rates tried per variant (lr is ignored then)
-    seeds: tuple[int, ...] = (0,)  # every run of the grid at the first seed; the chosen lr at all of them
+    seeds: tuple[int, ...] = (0, 1, 2)  # every run of the grid at the first seed; the chosen lr at all of them
+    extend_edges: int = 2  # while the chosen lr is the smallest / largest tried, try half a decade further (at most)
     head_lr: float = 3e-3  # patch encoder, image projection, new tokens' rows, mask decoder, draw head
     warmup_steps: int = 10
     rank: int = 64
@@ -119,7 +120,7 @@ class NeuralDigitsConfig:
 def quick_config() -> NeuralDigitsConfig:
     """The neural run only, 25 steps, smaller evaluation: the CI check (~3 minutes on 2 cores)."""
     return NeuralDigitsConfig(
-        steps=25, variants=("neural",), lrs=(3e-3,), selectivity=False, eval_caption=20, eval_segment=40
+        steps=25, variants=("neural",), lrs=(3e-3,), seeds=(0,), selectivity=False, eval_caption=20, eval_segment=40
     )
 
 
@@ -789,8 +790,10 @@ def run_variant(variant: str, base, tokenizer, data, classifier, cfg: NeuralDigi
 
 
 def run_demo(cfg: NeuralDigitsConfig, out_dir: pathlib.Path, base=None, tokenizer=None, stem: str = "neural_digits"):
-    """Run every variant at every learning rate of ``cfg.lrs`` (first seed), then each variant's chosen learning rate
-    at the other seeds (and the selectivity test after each neural run); write the results (:func:`write_results`).
+    """Run every variant at every learning rate of ``cfg.lrs`` (first seed; while the best is at an edge, up to
+    ``cfg.extend_edges`` more, half a decade further each), then each variant's chosen learning rate at the other seeds
+    (and the selectivity test on the neural runs at the chosen learning rate); write the results
+    (:func:`write_results`).
     Returns (summary rows, run rows, selectivity rows)."""
     from ..models import load_smollm2
 
@@ -820,8 +823,14 @@ def run_demo(cfg: NeuralDigitsConfig, out_dir: pathlib.Path, base=None, tokenize
 
     for variant in cfg.variants:
         tested = variant == "neural" and cfg.selectivity
-        first = {lr: one(variant, lr, cfg.seeds[0]) for lr in cfg.lrs}  # kept until the choice (neural only)
+        first = {lr: one(variant, lr, cfg.seeds[0]) for lr in cfg.lrs}  # kept until the choice
         chosen = choose_lr([r for r in runs if r["variant"] == variant], cfg.seeds[0])
+        for _ in range(cfg.extend_edges if len(cfg.lrs) > 1 else 0):
+            further = beyond_edge(chosen, list(first))
+            if further is None:
+                break
+            first[further] = one(variant, further, cfg.seeds[0])
+            chosen = choose_lr([r for r in runs if r["variant"] == variant], cfg.seeds[0])
         if tested:
             select(*first[chosen])
         del first
@@ -832,6 +841,20 @@ def run_demo(cfg: NeuralDigitsConfig, out_dir: pathlib.Path, base=None, tokenize
             del model
     summary = write_results(runs, curves, selectivity, out_dir, stem)
     return summary, runs, selectivity
+
+
+def beyond_edge(chosen: float, tried: list[float]) -> float | None:
+    """Half a decade beyond ``chosen`` on the 1, 3, 10, 30 ... grid when it is the smallest (or largest) of ``tried``,
+    else None: a choice at the edge of a sweep says the best may lie outside it."""
+    if chosen == min(tried):
+        further = chosen / 10**0.5
+    elif chosen == max(tried):
+        further = chosen * 10**0.5
+    else:
+        return None
+    exponent = math.floor(math.log10(further))
+    mantissa = further / 10**exponent
+    return float(f"{(1 if mantissa < 1.7 else 3 if mantissa < 5.5 else 10) * 10**exponent:.0e}")
 
 
 def choose_lr(runs: list[dict], seed: int) -> float:
@@ -994,6 +1017,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--steps", type=int, help="optimiser steps per run")
     parser.add_argument("--lrs", type=float, nargs="+", help="adapter learning rates to try per variant (AdamW)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds: the grid at the first, the chosen lr at all")
+    parser.add_argument("--extend-edges", type=int, help="at most this many lrs beyond an edge the choice sits on")
     parser.add_argument("--head-lr", type=float, help="learning rate of the patch encoder, projection, tokens, heads")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="variants to run")
     parser.add_argument("--encoder-pretrain-steps", type=int, help="patch-encoder pretraining steps (0: none)")
@@ -1010,6 +1034,7 @@ def main(argv: list[str] | None = None):
         cfg = quick_config() if args.quick else NeuralDigitsConfig()
         for field, value in (("steps", args.steps), ("lrs", args.lrs), ("seeds", args.seeds),
                              ("head_lr", args.head_lr), ("variants", args.variants),
+                             ("extend_edges", args.extend_edges),
                              ("encoder_pretrain_steps", args.encoder_pretrain_steps)):  # fmt: skip
             if value is not None:
                 setattr(cfg, field, tuple(value) if isinstance(value, list) else value)

@@ -178,6 +178,14 @@ def test_learning_rate_is_chosen_on_validation_and_reported_over_seeds():
     assert mit["lr"] == 1e-2 and mit["seeds"] == "0" and mit["segment_larger_p50"] == 0.4
 
 
+def test_a_choice_at_the_edge_of_the_sweep_extends_it_by_half_a_decade():
+    assert nd.beyond_edge(1e-3, [1e-3, 3e-3, 1e-2]) == 3e-4
+    assert nd.beyond_edge(3e-4, [3e-4, 1e-3, 3e-3]) == 1e-4
+    assert nd.beyond_edge(1e-2, [1e-3, 3e-3, 1e-2]) == 3e-2
+    assert nd.beyond_edge(3e-2, [1e-2, 3e-2]) == 1e-1
+    assert nd.beyond_edge(3e-3, [1e-3, 3e-3, 1e-2]) is None
+
+
 def test_partial_runs_merge_into_one_summary_and_a_run_twice_is_an_error(tmp_path):
     first = [_run("neural", lr, 0, v, v) for lr, v in ((1e-3, 0.5), (3e-3, 0.6))]
     second = [_run("dense", 3e-3, 0, 0.4, 0.4)]
