@@ -15,8 +15,8 @@ task id (the prompt selects the task):
   segment_larger  [canvas] "Segment the larger number" -> "<LCL-1>..<LCL-5>"; the mask is the larger digit's half
 
 Segmentation: the mean of the <LCL-k> tokens' final hidden states FiLM-conditions a small mask decoder over the patch
-features; mIoU and P@0.5 (fraction of samples with IoU >= 0.5) against the half mask; picking a half at random gives
-P@0.5 = 50%.
+features; mIoU and P@0.5 (fraction of samples with IoU > 0.5) against the half mask; picking a half at random gives
+P@0.5 = 50%, the whole canvas (IoU exactly 0.5) 0%.
 
 Image tokens: no CLIP weights exist offline. Each 8x8 digit (one for captions, two for a canvas) is one patch,
 standardised with the training split's per-pixel statistics, through a small patch encoder (an MLP giving
@@ -44,8 +44,9 @@ Variants (same data, steps, optimiser, heads and samples of each task per step):
 
 Learning rates: each variant's adapter learning rate (``lr``: neurons or infusion maps; ``head_lr`` stays fixed) is
 chosen from ``lrs`` on a validation split of the training images (``validation_fraction``, split by image, stratified),
-by the mean of the variant's headline validation metrics at the first seed; the test metrics of the chosen learning
-rate are reported (mean over ``seeds``). The test images are never used for a choice.
+by the mean of the variant's validation accuracies (caption, draw) and mIoUs (segmentation) at the first seed; the test
+metrics of the chosen learning rate are reported (mean over ``seeds``). The test images are never used for a choice.
+P@0.5 counts IoU > 0.5 strictly (the whole canvas has IoU exactly 0.5); ``*_p50_incl`` counts IoU >= 0.5.
 
 Task selectivity (after the neural runs at the chosen learning rate): each unit's mean activation Z^a per task is
 measured on training prompts; switching off (zeroing in Z^a, through a pre-hook of ``b_proj``) the units most
@@ -636,7 +637,10 @@ def evaluate(model: DigitsModel, tasks: tuple[str, ...], test: DigitsSplit, sets
             ious.append(iou(result["mask_logits"] > 0, result["mask"]))
         ious = torch.cat(ious)
         out[f"{task}_miou"] = ious.mean().item()
-        out[f"{task}_p50"] = (ious >= 0.5).float().mean().item()
+        # IoU > 0.5, strictly: the two halves are 64 pixels each, so the whole canvas (or any mask covering the named
+        # half and as much of the other) has IoU exactly 0.5 and must not count as a hit
+        out[f"{task}_p50"] = (ious > 0.5).float().mean().item()
+        out[f"{task}_p50_incl"] = (ious >= 0.5).float().mean().item()  # IoU >= 0.5, which counts the whole canvas
     model.train()
     return out
 
@@ -750,9 +754,14 @@ def variant_groups(variant: str) -> list[tuple[str, ...]]:
     return [IMAGE_TASKS if variant == "mit" else TASKS]
 
 
-def validation_score(metrics: dict[str, float], tasks: tuple[str, ...]) -> float:
-    """Mean of the headline validation metrics of ``tasks`` (what a learning rate is chosen by)."""
-    return statistics.fmean(metrics[f"val_{t}_accuracy" if t in ("caption", "draw") else f"val_{t}_p50"] for t in tasks)
+def validation_score(metrics: dict[str, float], tasks: tuple[str, ...] | None = None) -> float:
+    """What a learning rate is chosen by: the mean over ``tasks`` (None: every task with validation metrics in
+    ``metrics``) of the validation accuracy (caption, draw) or mIoU (segmentation: unlike P@0.5 it has no threshold
+    a degenerate mask can sit on; a random half or the whole canvas scores 0.5)."""
+    if tasks is None:
+        tasks = tuple(t for t in TASKS if f"val_{t}_accuracy" in metrics or f"val_{t}_miou" in metrics)
+    keys = [f"val_{t}_accuracy" if t in ("caption", "draw") else f"val_{t}_miou" for t in tasks]
+    return statistics.fmean(float(metrics[k]) for k in keys)
 
 
 def run_variant(variant: str, base, tokenizer, data, classifier, cfg: NeuralDigitsConfig):
@@ -815,6 +824,7 @@ def run_demo(cfg: NeuralDigitsConfig, out_dir: pathlib.Path, base=None, tokenize
         row, curve, model = run_variant(variant, base, tokenizer, data, classifier, run_cfg)
         runs.append(row)
         curves.extend(curve)
+        write_results(runs, curves, selectivity, out_dir, stem)  # after every run: an interrupted grid keeps its runs
         return model, run_cfg
 
     def select(model, run_cfg) -> None:  # the selectivity test, on neural runs at the chosen learning rate
@@ -858,8 +868,9 @@ def beyond_edge(chosen: float, tried: list[float]) -> float | None:
 
 
 def choose_lr(runs: list[dict], seed: int) -> float:
-    """The learning rate of the run with the best ``val_score`` among ``runs`` at ``seed`` (ties: the smaller lr)."""
-    candidates = sorted((r for r in runs if int(r["seed"]) == seed), key=lambda r: (-float(r["val_score"]), r["lr"]))
+    """The learning rate of the run with the best :func:`validation_score` among ``runs`` at ``seed`` (ties: the
+    smaller lr)."""
+    candidates = sorted((r for r in runs if int(r["seed"]) == seed), key=lambda r: (-validation_score(r), r["lr"]))
     if not candidates:
         raise ValueError(f"runs: no run at seed {seed} to choose a learning rate from")
     return float(candidates[0]["lr"])
@@ -877,7 +888,7 @@ def summarise(runs: list[dict]) -> list[dict]:
         tried = " ".join(f"{x:g}" for x in sorted({float(r["lr"]) for r in mine}))
         row = {"variant": variant, "lr": lr, "lrs_tried": tried,
                "seeds": " ".join(str(int(r["seed"])) for r in chosen), "steps": chosen[0]["steps"]}  # fmt: skip
-        row["val_score"] = statistics.fmean(float(r["val_score"]) for r in chosen)
+        row["val_score"] = statistics.fmean(validation_score(r) for r in chosen)
         for key in METRIC_KEYS:
             values = [float(r[key]) for r in chosen if r.get(key) not in (None, "")]
             if values:
@@ -890,7 +901,7 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 METRIC_KEYS = ("caption_accuracy", "draw_accuracy", "segment_digit_miou", "segment_digit_p50", "segment_larger_miou",
-               "segment_larger_p50")  # fmt: skip
+               "segment_larger_p50", "segment_digit_p50_incl", "segment_larger_p50_incl")  # fmt: skip
 
 
 def write_results(runs, curves, selectivity, out_dir: pathlib.Path, stem: str) -> list[dict]:
@@ -965,10 +976,10 @@ def plot(summary: list[dict], runs: list[dict], curves: list[dict], selectivity:
     ax = axes[1]
     for variant in dict.fromkeys(r["variant"] for r in runs):
         first = min(int(r["seed"]) for r in runs if r["variant"] == variant)
-        points = sorted((float(r["lr"]), float(r["val_score"])) for r in runs
+        points = sorted((float(r["lr"]), validation_score(r)) for r in runs
                         if r["variant"] == variant and int(r["seed"]) == first)  # fmt: skip
         ax.plot(*zip(*points), marker="o", label=variant)
-    ax.set(xscale="log", xlabel="adapter learning rate", ylabel="validation score (mean headline metric)",
+    ax.set(xscale="log", xlabel="adapter learning rate", ylabel="validation score (mean accuracy / mIoU)",
            title="learning-rate choice (validation images)")  # fmt: skip
     ax.legend(fontsize=7)
     ax = axes[2]

@@ -153,7 +153,10 @@ def test_validation_split_is_by_image_disjoint_and_stratified():
 
 def _run(variant, lr, seed, val_score, test_value, **extra):
     metrics = {k: test_value for k in nd.METRIC_KEYS}
-    return {"variant": variant, "lr": lr, "seed": seed, "steps": 400, "val_score": val_score, **metrics,
+    tasks = nd.IMAGE_TASKS if variant == "mit" else nd.TASKS
+    val = {f"val_{t}_accuracy" if t in ("caption", "draw") else f"val_{t}_miou": val_score for t in tasks}
+    val |= {f"val_{t}_p50": 1.0 for t in tasks if t.startswith("segment")}  # P@0.5 takes no part in the choice
+    return {"variant": variant, "lr": lr, "seed": seed, "steps": 400, "val_score": val_score, **val, **metrics,
             "trainable_params": 10, "train_seconds": 1.0, **extra}  # fmt: skip
 
 
@@ -173,7 +176,8 @@ def test_learning_rate_is_chosen_on_validation_and_reported_over_seeds():
     neural, mit = nd.summarise(runs)
     assert neural["variant"] == "neural" and neural["lr"] == 3e-3 and neural["seeds"] == "0 1 2"
     assert neural["lrs_tried"] == "0.001 0.003 0.01"
-    assert neural["caption_accuracy"] == pytest.approx(0.8)
+    assert neural["caption_accuracy"] == pytest.approx(0.8) and neural["val_score"] == pytest.approx(1 / 3)
+    assert nd.validation_score({"val_caption_accuracy": 0.9, "val_segment_digit_miou": 0.5, "val_draw_p50": 1}) == 0.7
     assert (neural["caption_accuracy_min"], neural["caption_accuracy_max"]) == (0.7, 0.9)
     assert mit["lr"] == 1e-2 and mit["seeds"] == "0" and mit["segment_larger_p50"] == 0.4
 
