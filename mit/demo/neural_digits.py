@@ -923,10 +923,12 @@ def read_rows(path: pathlib.Path) -> list[dict]:
     import csv
 
     def parse(value: str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
+        for kind in (int, float):  # counts and seeds stay integers (write_csv writes floats with 6 digits)
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+        return value
 
     with open(path, newline="") as f:
         return [{k: parse(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]

@@ -211,6 +211,7 @@ def test_partial_runs_merge_into_one_summary_and_a_run_twice_is_an_error(tmp_pat
     assert [(r["variant"], r["lr"]) for r in summary] == [("neural", 3e-3), ("dense", 3e-3)]
     merged = nd.read_rows(tmp_path / "all" / "neural_digits_runs.csv")
     assert len(merged) == 3 and merged[0]["val_score"] == 0.5
+    assert merged[0]["trainable_params"] == 10 and isinstance(merged[0]["seed"], int)
     with pytest.raises(ValueError, match="appears twice"):
         nd.merge_runs([tmp_path / "a", tmp_path / "a"], tmp_path / "again")
     with pytest.raises(ValueError, match="from_runs"):
