@@ -819,13 +819,14 @@ def run_demo(cfg: NeuralDigitsConfig, out_dir: pathlib.Path, base=None, tokenize
     classifier = digit_classifier(train_split)
     runs, curves, selectivity = [], [], []
 
-    def one(variant: str, lr: float, seed: int):
+    def one(variant: str, lr: float, seed: int, keep: bool):
+        """Train and evaluate one run; return (the trained model if ``keep`` else None, its config)."""
         run_cfg = dataclasses.replace(cfg, lr=lr, seed=seed)
         row, curve, model = run_variant(variant, base, tokenizer, data, classifier, run_cfg)
         runs.append(row)
         curves.extend(curve)
         write_results(runs, curves, selectivity, out_dir, stem)  # after every run: an interrupted grid keeps its runs
-        return model, run_cfg
+        return (model if keep else None), run_cfg
 
     def select(model, run_cfg) -> None:  # the selectivity test, on neural runs at the chosen learning rate
         rows = selectivity_test(model, train_split, test, classifier, run_cfg)
@@ -833,19 +834,20 @@ def run_demo(cfg: NeuralDigitsConfig, out_dir: pathlib.Path, base=None, tokenize
 
     for variant in cfg.variants:
         tested = variant == "neural" and cfg.selectivity
-        first = {lr: one(variant, lr, cfg.seeds[0]) for lr in cfg.lrs}  # kept until the choice
+        # each first-seed run's model is kept until the choice only when the selectivity test will need it
+        first = {lr: one(variant, lr, cfg.seeds[0], keep=tested) for lr in cfg.lrs}
         chosen = choose_lr([r for r in runs if r["variant"] == variant], cfg.seeds[0])
         for _ in range(cfg.extend_edges if len(cfg.lrs) > 1 else 0):
             further = beyond_edge(chosen, list(first))
             if further is None:
                 break
-            first[further] = one(variant, further, cfg.seeds[0])
+            first[further] = one(variant, further, cfg.seeds[0], keep=tested)
             chosen = choose_lr([r for r in runs if r["variant"] == variant], cfg.seeds[0])
         if tested:
             select(*first[chosen])
         del first
         for seed in cfg.seeds[1:]:
-            model, run_cfg = one(variant, chosen, seed)
+            model, run_cfg = one(variant, chosen, seed, keep=tested)
             if tested:
                 select(model, run_cfg)
             del model
