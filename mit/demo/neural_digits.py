@@ -46,16 +46,19 @@ Learning rates: each variant's adapter learning rate (``lr``: neurons or infusio
 chosen from ``lrs`` on a validation split of the training images (``validation_fraction``, split by image, stratified),
 by the mean of the variant's validation accuracies (caption, draw) and mIoUs (segmentation) at the first seed; the test
 metrics of the chosen learning rate are reported (mean over ``seeds``). The test images are never used for a choice.
+Runs with another recipe (``RECIPE_FIELDS``: ``--steps``, ``--segment-tokens``, ``--head-lr``, the encoder's
+pretraining / freezing) are another setting: summarised, and their learning rate chosen, apart.
 P@0.5 counts IoU > 0.5 strictly (the whole canvas has IoU exactly 0.5); ``*_p50_incl`` counts IoU >= 0.5.
 
 Task selectivity (after the neural runs at the chosen learning rate): each unit's mean activation Z^a per task is
 measured on training prompts; switching off (zeroing in Z^a, through a pre-hook of ``b_proj``) the units most
 selective for task t (mean on t minus mean on the others) should hurt t and not the others; the same number of random
-units is the control.
+units is the control. Several doses (``selectivity_fractions``) give a dose-response.
 
     mit demo neural-digits                        # every variant, learning rate and seed (hours on 2 CPU cores)
     mit demo neural-digits --variants mit --lrs 3e-3 --out DIR       # a part of the grid
     mit demo neural-digits --from-runs DIR1 DIR2 --out DIR           # merge parts: summary, CSVs, plot
+    mit demo neural-digits --variants neural --lrs 3e-3 --seeds 0 --selectivity-fractions 0.02 0.05 0.1 0.2 --out DIR
     mit demo neural-digits --quick                # the neural run only, few steps (~1 minute on 2 CPU cores)
 """
 
@@ -110,7 +113,8 @@ class NeuralDigitsConfig:
     bos: bool = True  # start every row with <|im_start|>, so the image tokens are not the attention-sink position 0
     variants: tuple[str, ...] = VARIANTS
     selectivity: bool = True
-    selectivity_fraction: float = 0.05  # of all units (layers x rank) switched off
+    selectivity_fractions: tuple[float, ...] = (0.05,)  # doses: fractions of all units (layers x rank) switched off
+    selectivity_samples: int = 50  # test images / canvases per task for each condition of the selectivity test
     eval_caption: int | None = 150  # test images for the caption metric (None: all)
     eval_segment: int = 200  # test canvases per segmentation task
     seed: int = 0  # of one run (the grid sets it from ``seeds``)
@@ -691,11 +695,15 @@ def switch_off(model: NeuralDigits, off: torch.Tensor) -> list:
 
 
 def selectivity_test(model, train_split, test, classifier, cfg: NeuralDigitsConfig) -> list[dict]:
-    """Metrics with nothing off, with the units most selective for each task off, and with as many random units off."""
+    """Metrics with nothing off and, for each dose in ``cfg.selectivity_fractions``, with that fraction of the units
+    off: the units most selective for each task, and as many random units (two draws). Rows: condition, units_off and
+    the headline metric per task (``cfg.selectivity_samples`` test images or canvases per task)."""
+    fractions = cfg.selectivity_fractions
+    if not fractions or any(not 0.0 < f < 1.0 for f in fractions):
+        raise ValueError(f"selectivity_fractions must be fractions in (0, 1), got {fractions}")
     activity = unit_activity(model, train_split)
     total = activity[0].numel()
-    m = max(1, round(cfg.selectivity_fraction * total))
-    sets = eval_sets(test, cfg, caption=50, segment=50)
+    sets = eval_sets(test, cfg, caption=cfg.selectivity_samples, segment=cfg.selectivity_samples)
     rows = []
 
     def measure(condition: str, off: torch.Tensor | None):
@@ -710,17 +718,19 @@ def selectivity_test(model, train_split, test, classifier, cfg: NeuralDigitsConf
         tqdm.write(f"selectivity {condition:24s}: " + ", ".join(f"{t} {rows[-1][t]:.2f}" for t in TASKS))
 
     measure("none", None)
-    for t, task in enumerate(TASKS):
-        others = torch.cat([activity[:t], activity[t + 1 :]]).mean(0)
-        score = (activity[t] - others).flatten()
-        off = torch.zeros(total, dtype=torch.bool)
-        off[score.topk(m).indices] = True
-        measure(f"selective_{task}", off.view_as(activity[0]))
-    gen = torch.Generator().manual_seed(4242)
-    for r in range(2):
-        off = torch.zeros(total, dtype=torch.bool)
-        off[torch.randperm(total, generator=gen)[:m]] = True
-        measure(f"random_{r}", off.view_as(activity[0]))
+    for fraction in fractions:
+        m = max(1, round(fraction * total))
+        for t, task in enumerate(TASKS):
+            others = torch.cat([activity[:t], activity[t + 1 :]]).mean(0)
+            score = (activity[t] - others).flatten()
+            off = torch.zeros(total, dtype=torch.bool)
+            off[score.topk(m).indices] = True
+            measure(f"selective_{task}", off.view_as(activity[0]))
+        gen = torch.Generator().manual_seed(4242)  # the same draws at every dose: nested random sets
+        for r in range(2):
+            off = torch.zeros(total, dtype=torch.bool)
+            off[torch.randperm(total, generator=gen)[:m]] = True
+            measure(f"random_{r}", off.view_as(activity[0]))
     return rows
 
 
@@ -783,15 +793,14 @@ def run_variant(variant: str, base, tokenizer, data, classifier, cfg: NeuralDigi
         model.encoder.requires_grad_(cfg.train_encoder)
         name = run_name if len(groups) == 1 else f"{run_name} task={tasks[0]}"
         curve, sec = train(model, tasks, cfg.batch_size // len(TASKS), train_split, cfg, name)
-        curves += [{"variant": variant, "lr": cfg.lr, "seed": cfg.seed, **c} for c in curve]
+        curves += [{"variant": variant, **recipe(cfg), "lr": cfg.lr, "seed": cfg.seed, **c} for c in curve]
         seconds += sec
         params += sum(p.numel() for p in model.trainable_parameters())
         metrics.update({f"val_{k}": v for k, v in evaluate(model, tasks, val, sets["val"], classifier).items()})
         metrics.update(evaluate(model, tasks, test, sets["test"], classifier))
         served += tasks
-    row = {"variant": variant, "lr": cfg.lr, "seed": cfg.seed, "head_lr": cfg.head_lr,
+    row = {"variant": variant, "lr": cfg.lr, "seed": cfg.seed, **recipe(cfg),
            "sparsity": 1.0 if variant == "dense" else (cfg.sparsity if variant != "mit" else float("nan")),
-           "steps": cfg.steps, "encoder_pretrain_steps": cfg.encoder_pretrain_steps,
            "val_score": validation_score(metrics, tuple(served)), **metrics,
            "trainable_params": params, "train_seconds": seconds}  # fmt: skip
     tqdm.write(f"{run_name}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" ({seconds:.0f} s)")
@@ -830,7 +839,7 @@ def run_demo(cfg: NeuralDigitsConfig, out_dir: pathlib.Path, base=None, tokenize
 
     def select(model, run_cfg) -> None:  # the selectivity test, on neural runs at the chosen learning rate
         rows = selectivity_test(model, train_split, test, classifier, run_cfg)
-        selectivity.extend({"lr": run_cfg.lr, "seed": run_cfg.seed, **r} for r in rows)
+        selectivity.extend({**recipe(run_cfg), "lr": run_cfg.lr, "seed": run_cfg.seed, **r} for r in rows)
 
     for variant in cfg.variants:
         tested = variant == "neural" and cfg.selectivity
@@ -878,18 +887,49 @@ def choose_lr(runs: list[dict], seed: int) -> float:
     return float(candidates[0]["lr"])
 
 
+RECIPE_FIELDS = ("steps", "segment_tokens", "head_lr", "encoder_pretrain_steps", "train_encoder")
+
+
+def recipe(cfg: NeuralDigitsConfig) -> dict:
+    """The fields of ``cfg`` that make a run part of one experiment rather than another (besides its variant)."""
+    return {field: getattr(cfg, field) for field in RECIPE_FIELDS}
+
+
+def setting(row: dict) -> tuple:
+    """A run's (variant, *recipe): the runs a learning rate is chosen among, and one row of the summary (runs of a
+    variant with another recipe, e.g. more steps, are another experiment, never averaged with these). A field a row
+    predates has its default."""
+    default = NeuralDigitsConfig()
+    values = []
+    for field in RECIPE_FIELDS:
+        kind = type(getattr(default, field))
+        value = row.get(field, getattr(default, field))
+        values.append(value in (True, "True", 1) if kind is bool else kind(value))
+    return (str(row["variant"]), *values)
+
+
+def setting_label(row: dict, rows: list[dict]) -> str:
+    """The variant of ``row``, with the recipe fields that differ among ``rows`` (e.g. "neural steps 800")."""
+    keys = [setting(r) for r in rows]
+    varying = [i for i, field in enumerate(RECIPE_FIELDS) if len({k[i + 1] for k in keys}) > 1]
+    mine = setting(row)
+    return " ".join([mine[0], *(f"{RECIPE_FIELDS[i]} {mine[i + 1]:g}" if isinstance(mine[i + 1], float)
+                                 else f"{RECIPE_FIELDS[i]} {mine[i + 1]}" for i in varying)])  # fmt: skip
+
+
 def summarise(runs: list[dict]) -> list[dict]:
-    """One row per variant: its learning rate chosen on validation at the first seed, and the test metrics of that
-    learning rate, mean / min / max over its seeds."""
+    """One row per :func:`setting` (variant, recipe): its learning rate chosen on validation at the first seed, and
+    the test metrics of that learning rate, mean / min / max over its seeds."""
     out = []
-    for variant in dict.fromkeys(r["variant"] for r in runs):
-        mine = [r for r in runs if r["variant"] == variant]
+    for group in dict.fromkeys(setting(r) for r in runs):
+        mine = [r for r in runs if setting(r) == group]
+        variant = group[0]
         first = min(int(r["seed"]) for r in mine)
         lr = choose_lr(mine, first)
         chosen = [r for r in mine if float(r["lr"]) == lr]
         tried = " ".join(f"{x:g}" for x in sorted({float(r["lr"]) for r in mine}))
-        row = {"variant": variant, "lr": lr, "lrs_tried": tried,
-               "seeds": " ".join(str(int(r["seed"])) for r in chosen), "steps": chosen[0]["steps"]}  # fmt: skip
+        row = {"variant": variant, "lr": lr, "lrs_tried": tried, "seeds": " ".join(str(int(r["seed"])) for r in chosen),
+               **dict(zip(RECIPE_FIELDS, group[1:]))}  # fmt: skip
         row["val_score"] = statistics.fmean(validation_score(r) for r in chosen)
         for key in METRIC_KEYS:
             values = [float(r[key]) for r in chosen if r.get(key) not in (None, "")]
@@ -938,30 +978,64 @@ def read_rows(path: pathlib.Path) -> list[dict]:
 
 def merge_runs(dirs: list[pathlib.Path], out_dir: pathlib.Path, stem: str = "neural_digits") -> list[dict]:
     """Merge the ``{stem}_runs.csv`` / ``_curves.csv`` / ``_selectivity.csv`` of several invocations (parts of the
-    grid run side by side) into one set of results in ``out_dir``; a run present twice is an error."""
-    runs, curves, selectivity = [], [], []
+    grid run side by side) into one set of results in ``out_dir``. Runs are deterministic, so a run (variant, steps,
+    lr, seed) present in several parts (e.g. repeated for more selectivity doses) must have the same metrics there and
+    is kept once, with its first part's curves; different metrics are an error, as are different results of one
+    selectivity condition (run, condition, units off). Curve and selectivity rows written before they recorded their
+    recipe get their run's."""
+    runs, curves, selectivity = {}, {}, {}
     for d in dirs:
         d = pathlib.Path(d)
         if not (d / f"{stem}_runs.csv").exists():
             raise ValueError(f"from_runs: {d} has no {stem}_runs.csv")
-        runs += read_rows(d / f"{stem}_runs.csv")
-        curves += read_rows(d / f"{stem}_curves.csv")
-        if (d / f"{stem}_selectivity.csv").exists():
-            selectivity += read_rows(d / f"{stem}_selectivity.csv")
-    keys = [(r["variant"], float(r["lr"]), int(r["seed"])) for r in runs]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"from_runs: a run appears twice: {sorted(k for k in keys if keys.count(k) > 1)}")
-    return write_results(runs, curves, selectivity, out_dir, stem)
+        mine = read_rows(d / f"{stem}_runs.csv")
+        recipes = {(r["variant"], float(r["lr"]), int(r["seed"])): {f: r[f] for f in RECIPE_FIELDS if f in r}
+                   for r in mine}  # fmt: skip
+        new = set()
+        for r in mine:
+            key = (*setting(r), float(r["lr"]), int(r["seed"]))
+            if key not in runs:
+                runs[key] = r
+                new.add(key)
+            elif any(runs[key].get(k) != r.get(k) for k in _run_metric_keys(runs[key], r)):
+                raise ValueError(f"from_runs: run {key} appears twice with different metrics (in {d})")
+        for c in read_rows(d / f"{stem}_curves.csv"):
+            c = {**recipes[(c["variant"], float(c["lr"]), int(c["seed"]))], **c}
+            if (*setting(c), float(c["lr"]), int(c["seed"])) in new:
+                curves[(*setting(c), float(c["lr"]), int(c["seed"]), c["run"], int(c["step"]))] = c
+        if (d / f"{stem}_selectivity.csv").exists():  # the selectivity test runs on neural runs only
+            for r in read_rows(d / f"{stem}_selectivity.csv"):
+                r = {**recipes[("neural", float(r["lr"]), int(r["seed"]))], **r}
+                key = (*setting({"variant": "neural", **r}), float(r["lr"]), int(r["seed"]), r["condition"],
+                       int(r["units_off"]))  # fmt: skip
+                if key in selectivity and any(float(selectivity[key][t]) != float(r[t]) for t in TASKS):
+                    raise ValueError(f"from_runs: selectivity {key} appears twice with different metrics (in {d})")
+                selectivity.setdefault(key, r)
+    return write_results(list(runs.values()), list(curves.values()), list(selectivity.values()), out_dir, stem)
+
+
+def _run_metric_keys(first: dict, second: dict) -> list[str]:
+    """The keys two rows of one run must agree on: every validation and test metric either holds (not times)."""
+    return [k for k in {*first, *second} if k.startswith("val_") or k in METRIC_KEYS]
 
 
 def plot(summary: list[dict], runs: list[dict], curves: list[dict], selectivity: list[dict], path: pathlib.Path):
     plt = pyplot()
     if plt is None:
         return
-    panels = 4 if selectivity and any(r["variant"] == "neural" for r in summary) else 3
+    neural = [r for r in summary if r["variant"] == "neural"]
+    selectivity = [r for r in selectivity if neural and float(r["lr"]) == neural[0]["lr"]  # the first neural setting
+                   and setting({"variant": "neural", **r}) == setting(neural[0])]  # fmt: skip
+    doses = sorted({int(r["units_off"]) for r in selectivity if r["condition"] != "none"})
+    panels = 3 + bool(selectivity) + (len(doses) > 1)
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4))
     ax = axes[0]
     width = 0.8 / max(1, len(summary))
+    step_counts = sorted({int(r["steps"]) for r in summary})
+
+    def name(row: dict) -> str:  # the variant, with the recipe fields that vary among the settings
+        return setting_label(row, summary)
+
     for i, row in enumerate(summary):
         keys = [f"{t}_accuracy" if t in ("caption", "draw") else f"{t}_p50" for t in TASKS]
         values = [float(row.get(k, float("nan"))) for k in keys]
@@ -969,55 +1043,83 @@ def plot(summary: list[dict], runs: list[dict], curves: list[dict], selectivity:
         high = [float(row.get(f"{k}_max", v)) - v for k, v in zip(keys, values)]
         seeds = len(str(row["seeds"]).split())
         ax.bar([j + i * width for j in range(len(TASKS))], values, width, yerr=[low, high], capsize=2,
-               label=f"{row['variant']} (lr {row['lr']:g}, {seeds} seed{'s' if seeds > 1 else ''})")  # fmt: skip
+               label=f"{name(row)} (lr {row['lr']:g}, {seeds} seed{'s' if seeds > 1 else ''})")  # fmt: skip
     ax.axhline(0.9, color="black", linestyle="--", linewidth=1, label="target 0.9")
     ax.plot([-0.2, 1.6], [0.1, 0.1], color="grey", linestyle=":", linewidth=1, label="chance")
     ax.plot([1.6, 3.8], [0.5, 0.5], color="grey", linestyle=":", linewidth=1)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(TASKS))], ["caption\nacc", "draw\nacc", "seg digit\nP@0.5",
                   "seg larger\nP@0.5"])  # fmt: skip
-    ax.set(ylim=(0, 1.05), title=f"test, chosen lr (bars: seed mean, min-max), {summary[0]['steps']:g} steps")
+    steps_text = " / ".join(str(n) for n in step_counts)
+    ax.set(ylim=(0, 1.05), title=f"test, chosen lr (bars: seed mean, min-max), {steps_text} steps")
     ax.legend(fontsize=6)
     ax = axes[1]
-    for variant in dict.fromkeys(r["variant"] for r in runs):
-        first = min(int(r["seed"]) for r in runs if r["variant"] == variant)
-        points = sorted((float(r["lr"]), validation_score(r)) for r in runs
-                        if r["variant"] == variant and int(r["seed"]) == first)  # fmt: skip
-        ax.plot(*zip(*points), marker="o", label=variant)
+    for key in dict.fromkeys(setting(r) for r in runs):
+        mine = [r for r in runs if setting(r) == key]
+        first = min(int(r["seed"]) for r in mine)
+        points = sorted((float(r["lr"]), validation_score(r)) for r in mine if int(r["seed"]) == first)
+        ax.plot(*zip(*points), marker="o", label=name(mine[0]))
     ax.set(xscale="log", xlabel="adapter learning rate", ylabel="validation score (mean accuracy / mIoU)",
            title="learning-rate choice (validation images)")  # fmt: skip
     ax.legend(fontsize=7)
     ax = axes[2]
     for row in summary:
         first = min(int(s) for s in str(row["seeds"]).split())
-        for name in dict.fromkeys(c["run"] for c in curves if c["variant"] == row["variant"]
-                                  and float(c["lr"]) == row["lr"] and int(c["seed"]) == first):  # fmt: skip
-            points = [c for c in curves if c["run"] == name]
+        mine = [c for c in curves if setting(c) == setting(row) and float(c["lr"]) == row["lr"]
+                and int(c["seed"]) == first]  # fmt: skip
+        for run in dict.fromkeys(c["run"] for c in mine):  # one per task group (per_task: four)
+            points = [c for c in mine if c["run"] == run]
             window = 10
             losses = [
                 statistics.fmean(float(p["loss"]) for p in points[max(0, i - window + 1) : i + 1])
                 for i in range(len(points))
             ]
-            ax.plot([p["step"] for p in points], losses, label=name, linewidth=1)
+            extra = name(row)[len(row["variant"]) :]  # the recipe fields that vary, if any
+            ax.plot([p["step"] for p in points], losses, label=run + extra, linewidth=1)
     ax.set(xlabel="step", ylabel="training loss (10-step mean)", yscale="log", title="training loss (chosen lr)")
     ax.legend(fontsize=5)
-    neural = [r for r in summary if r["variant"] == "neural"]
-    selectivity = [r for r in selectivity if neural and float(r["lr"]) == neural[0]["lr"]]  # the chosen lr's runs
     if selectivity:
+        base_rows = {r["seed"]: r for r in selectivity if r["condition"] == "none"}
+
+        def change(row: dict, task: str) -> float:  # of the task's metric against nothing off, same run
+            return float(row[task]) - float(base_rows[row["seed"]][task])
+
+        # the bars: the dose most runs have (every run has the default one)
+        dose = max(doses, key=lambda n: (len({r["seed"] for r in selectivity if r["units_off"] == n}), -n))
+        at_dose = [r for r in selectivity if int(r["units_off"]) == dose]
         ax = axes[3]
-        conditions = list(dict.fromkeys(r["condition"] for r in selectivity))
+        conditions = list(dict.fromkeys(r["condition"] for r in at_dose))
         width = 0.8 / len(conditions)
         for i, condition in enumerate(conditions):
-            mine = [r for r in selectivity if r["condition"] == condition]
-            base_rows = {(r["lr"], r["seed"]): r for r in selectivity if r["condition"] == "none"}
-            drops = [statistics.fmean(float(r[t]) - float(base_rows[(r["lr"], r["seed"])][t]) for r in mine)
-                     for t in TASKS]  # fmt: skip
-            ax.bar([j + i * width for j in range(len(TASKS))], drops, width,
-                   label=f"{condition} ({int(mine[0]['units_off'])} off)")  # fmt: skip
+            mine = [r for r in at_dose if r["condition"] == condition]
+            drops = [statistics.fmean(change(r, t) for r in mine) for t in TASKS]
+            ax.bar([j + i * width for j in range(len(TASKS))], drops, width, label=condition)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(TASKS))], ["caption", "draw", "seg digit", "seg larger"])
-        runs_n = len({(r["lr"], r["seed"]) for r in selectivity})
-        ax.set(ylabel="change of the test metric", title=f"units switched off (neural, mean of {runs_n} runs)")
+        runs_n = len({r["seed"] for r in at_dose})
+        ax.set(ylabel="change of the test metric",
+               title=f"{dose} units switched off (neural, mean of {runs_n} runs)")  # fmt: skip
         ax.legend(fontsize=6)
+    if len(doses) > 1:  # dose-response: each task's change when its own selective units / random units are off
+        ax = axes[4]
+        seeds = sorted({r["seed"] for r in selectivity if int(r["units_off"]) not in (0, dose)})
+        dosed = [r for r in selectivity if r["seed"] in seeds]
+
+        def curve(task: str, off: str) -> list[tuple[int, float]]:  # (units off, mean change of the task) per dose
+            points = []
+            for n in doses:
+                mine = [r for r in dosed if r["condition"].startswith(off) and int(r["units_off"]) == n]
+                changes = [change(r, task) for r in mine]
+                if changes:
+                    points.append((n, statistics.fmean(changes)))
+            return points
+
+        for t, task in enumerate(TASKS):
+            ax.plot(*zip(*curve(task, f"selective_{task}")), marker="o", color=f"C{t}", label=f"{task}: own units off")
+            ax.plot(*zip(*curve(task, "random")), marker="x", linestyle="--", color=f"C{t}", label=f"{task}: random")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set(xlabel="units switched off", ylabel="change of the task's test metric",
+               title=f"dose-response (seed{'s' if len(seeds) > 1 else ''} {' '.join(map(str, seeds))})")  # fmt: skip
+        ax.legend(fontsize=5)
     fig.suptitle("Neural tuning vs dense / per-task / MiT, frozen SmolLM2-135M, four digit tasks", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -1036,8 +1138,12 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--head-lr", type=float, help="learning rate of the patch encoder, projection, tokens, heads")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="variants to run")
     parser.add_argument("--encoder-pretrain-steps", type=int, help="patch-encoder pretraining steps (0: none)")
+    parser.add_argument("--segment-tokens", type=int, choices=range(1, len(LCL) + 1),
+                        help="how many of <LCL-1..5> a segmentation answer has (the reference: 5)")  # fmt: skip
     parser.add_argument("--freeze-encoder", action="store_true", help="keep the pretrained patch encoder frozen")
     parser.add_argument("--no-selectivity", action="store_true", help="skip the task-selectivity test")
+    parser.add_argument("--selectivity-fractions", type=float, nargs="+",
+                        help="doses of the selectivity test: fractions of the units switched off")  # fmt: skip
     parser.add_argument("--from-runs", type=pathlib.Path, nargs="+", metavar="DIR",
                         help="train nothing: merge earlier invocations' results (their --out) into --out")  # fmt: skip
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"), help="output directory")
@@ -1050,7 +1156,9 @@ def main(argv: list[str] | None = None):
         for field, value in (("steps", args.steps), ("lrs", args.lrs), ("seeds", args.seeds),
                              ("head_lr", args.head_lr), ("variants", args.variants),
                              ("extend_edges", args.extend_edges),
-                             ("encoder_pretrain_steps", args.encoder_pretrain_steps)):  # fmt: skip
+                             ("selectivity_fractions", args.selectivity_fractions),
+                             ("encoder_pretrain_steps", args.encoder_pretrain_steps),
+                             ("segment_tokens", args.segment_tokens)):  # fmt: skip
             if value is not None:
                 setattr(cfg, field, tuple(value) if isinstance(value, list) else value)
         if args.freeze_encoder:

@@ -143,28 +143,39 @@ def test_static_cache_generation_equals_dynamic_cache_generation(family, padded)
         assert torch.equal(full.logits[:, SEQ_LEN - 1 : -1].argmax(-1), dynamic[:, SEQ_LEN:])
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(family):
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_gradient_checkpointing_gives_the_same_gradients(family, reentrant):
+    """With the base model frozen (only the infusion maps train, as in MiT tuning) and the embedding coming from a
+    trainable encoder: checkpointed layers give the infusion maps and the embedding the gradients of the plain run,
+    also under reentrant checkpointing (whose recomputation sees only the tensors passed positionally)."""
     model_type, _, infused = family
     ids, mask = padded_batch()
-    emb = embedding()
     m = copy.deepcopy(infused)
+    m.requires_grad_(False)
+    params = [p.requires_grad_() for _, p in m.mit_named_parameters()]
     m.train()
 
-    def gradients():
+    def gradients():  # backward(), not autograd.grad(): reentrant checkpointing supports only the former
+        emb = embedding().requires_grad_()
+        for p in params:
+            p.grad = None
         loss = m(ids, attention_mask=mask, modality_embedding=emb, labels=ids, use_cache=False).loss
-        grads = torch.autograd.grad(loss, [p for _, p in m.mit_named_parameters()])
-        return loss.detach(), grads
+        loss.backward()
+        return loss.detach(), [p.grad for p in params] + [emb.grad]
 
     loss, plain = gradients()
+    assert all(g is not None and g.abs().sum() > 0 for g in plain), model_type
+    kwargs = {"use_reentrant": reentrant}
     # transformers 5.24 renamed it activation_checkpointing_enable (the old name is deprecated)
     if hasattr(m, "activation_checkpointing_enable"):
-        m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     assert any(getattr(layer, "gradient_checkpointing", False) for layer in m.model.layers)
     loss_ckpt, checkpointed = gradients()
     assert torch.equal(loss, loss_ckpt)
     for a, b in zip(plain, checkpointed):
+        assert b is not None, model_type
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=model_type)
 
 
