@@ -981,14 +981,14 @@ def merge_runs(dirs: list[pathlib.Path], out_dir: pathlib.Path, stem: str = "neu
     grid run side by side) into one set of results in ``out_dir``. Runs are deterministic, so a run (variant, steps,
     lr, seed) present in several parts (e.g. repeated for more selectivity doses) must have the same metrics there and
     is kept once, with its first part's curves; different metrics are an error, as are different results of one
-    selectivity condition (run, condition, units off). Curve and selectivity rows written before they recorded their
-    recipe get their run's."""
+    selectivity condition (run, condition, units off). Rows written before they recorded (all of) their recipe get
+    their run's, and the defaults for what the run did not record either."""
     runs, curves, selectivity = {}, {}, {}
     for d in dirs:
         d = pathlib.Path(d)
         if not (d / f"{stem}_runs.csv").exists():
             raise ValueError(f"from_runs: {d} has no {stem}_runs.csv")
-        mine = read_rows(d / f"{stem}_runs.csv")
+        mine = [_with_recipe(r) for r in read_rows(d / f"{stem}_runs.csv")]
         recipes = {(r["variant"], float(r["lr"]), int(r["seed"])): {f: r[f] for f in RECIPE_FIELDS if f in r}
                    for r in mine}  # fmt: skip
         new = set()
@@ -1000,18 +1000,23 @@ def merge_runs(dirs: list[pathlib.Path], out_dir: pathlib.Path, stem: str = "neu
             elif any(runs[key].get(k) != r.get(k) for k in _run_metric_keys(runs[key], r)):
                 raise ValueError(f"from_runs: run {key} appears twice with different metrics (in {d})")
         for c in read_rows(d / f"{stem}_curves.csv"):
-            c = {**recipes[(c["variant"], float(c["lr"]), int(c["seed"]))], **c}
+            c = _with_recipe({**recipes[(c["variant"], float(c["lr"]), int(c["seed"]))], **c})
             if (*setting(c), float(c["lr"]), int(c["seed"])) in new:
                 curves[(*setting(c), float(c["lr"]), int(c["seed"]), c["run"], int(c["step"]))] = c
         if (d / f"{stem}_selectivity.csv").exists():  # the selectivity test runs on neural runs only
             for r in read_rows(d / f"{stem}_selectivity.csv"):
-                r = {**recipes[("neural", float(r["lr"]), int(r["seed"]))], **r}
+                r = _with_recipe({**recipes[("neural", float(r["lr"]), int(r["seed"]))], **r}, "neural")
                 key = (*setting({"variant": "neural", **r}), float(r["lr"]), int(r["seed"]), r["condition"],
                        int(r["units_off"]))  # fmt: skip
                 if key in selectivity and any(float(selectivity[key][t]) != float(r[t]) for t in TASKS):
                     raise ValueError(f"from_runs: selectivity {key} appears twice with different metrics (in {d})")
                 selectivity.setdefault(key, r)
     return write_results(list(runs.values()), list(curves.values()), list(selectivity.values()), out_dir, stem)
+
+
+def _with_recipe(row: dict, variant: str | None = None) -> dict:
+    """``row`` with every recipe field (:data:`RECIPE_FIELDS`), the defaults for those it predates."""
+    return {**row, **dict(zip(RECIPE_FIELDS, setting({"variant": variant or row["variant"], **row})[1:]))}
 
 
 def _run_metric_keys(first: dict, second: dict) -> list[str]:

@@ -257,6 +257,7 @@ def test_partial_runs_merge_into_one_summary_and_a_run_twice_is_an_error(tmp_pat
     ]  # fmt: skip
     merged = nd.read_rows(tmp_path / "all" / "neural_digits_curves.csv")
     assert sorted({(c["variant"], c["steps"]) for c in merged}) == [("dense", 400), ("neural", 400), ("neural", 800)]
+    assert all(c["segment_tokens"] == 1 and c["train_encoder"] == "True" for c in merged)  # the defaults, filled in
     with pytest.raises(ValueError, match="from_runs"):
         nd.merge_runs([tmp_path / "missing"], tmp_path / "again")
 
