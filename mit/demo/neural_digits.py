@@ -717,20 +717,24 @@ def selectivity_test(model, train_split, test, classifier, cfg: NeuralDigitsConf
                      **{t: headline(metrics, t) for t in TASKS}})  # fmt: skip
         tqdm.write(f"selectivity {condition:24s}: " + ", ".join(f"{t} {rows[-1][t]:.2f}" for t in TASKS))
 
+    # selectivity of each unit for task t: its mean activity on t minus its mean on the other tasks, (tasks, total)
+    scores = torch.stack([(activity[t] - torch.cat([activity[:t], activity[t + 1 :]]).mean(0)).flatten()
+                          for t in range(len(TASKS))])  # fmt: skip
+    gen = torch.Generator().manual_seed(4242)
+    orders = [torch.randperm(total, generator=gen) for _ in range(2)]  # cut shorter per dose: nested random sets
+
+    def units(indices: torch.Tensor) -> torch.Tensor:  # flat unit indices -> the (layers, r) mask
+        off = torch.zeros(total, dtype=torch.bool)
+        off[indices] = True
+        return off.view_as(activity[0])
+
     measure("none", None)
     for fraction in fractions:
         m = max(1, round(fraction * total))
-        for t, task in enumerate(TASKS):
-            others = torch.cat([activity[:t], activity[t + 1 :]]).mean(0)
-            score = (activity[t] - others).flatten()
-            off = torch.zeros(total, dtype=torch.bool)
-            off[score.topk(m).indices] = True
-            measure(f"selective_{task}", off.view_as(activity[0]))
-        gen = torch.Generator().manual_seed(4242)  # the same draws at every dose: nested random sets
-        for r in range(2):
-            off = torch.zeros(total, dtype=torch.bool)
-            off[torch.randperm(total, generator=gen)[:m]] = True
-            measure(f"random_{r}", off.view_as(activity[0]))
+        for task, score in zip(TASKS, scores):
+            measure(f"selective_{task}", units(score.topk(m).indices))
+        for r, order in enumerate(orders):
+            measure(f"random_{r}", units(order[:m]))
     return rows
 
 
@@ -895,16 +899,17 @@ def recipe(cfg: NeuralDigitsConfig) -> dict:
     return {field: getattr(cfg, field) for field in RECIPE_FIELDS}
 
 
+_RECIPE_DEFAULTS = recipe(NeuralDigitsConfig())
+
+
 def setting(row: dict) -> tuple:
     """A run's (variant, *recipe): the runs a learning rate is chosen among, and one row of the summary (runs of a
     variant with another recipe, e.g. more steps, are another experiment, never averaged with these). A field a row
     predates has its default."""
-    default = NeuralDigitsConfig()
     values = []
-    for field in RECIPE_FIELDS:
-        kind = type(getattr(default, field))
-        value = row.get(field, getattr(default, field))
-        values.append(value in (True, "True", 1) if kind is bool else kind(value))
+    for field, default in _RECIPE_DEFAULTS.items():
+        value = row.get(field, default)
+        values.append(value in (True, "True", 1) if isinstance(default, bool) else type(default)(value))
     return (str(row["variant"]), *values)
 
 
@@ -989,8 +994,7 @@ def merge_runs(dirs: list[pathlib.Path], out_dir: pathlib.Path, stem: str = "neu
         if not (d / f"{stem}_runs.csv").exists():
             raise ValueError(f"from_runs: {d} has no {stem}_runs.csv")
         mine = [_with_recipe(r) for r in read_rows(d / f"{stem}_runs.csv")]
-        recipes = {(r["variant"], float(r["lr"]), int(r["seed"])): {f: r[f] for f in RECIPE_FIELDS if f in r}
-                   for r in mine}  # fmt: skip
+        recipes = {(r["variant"], float(r["lr"]), int(r["seed"])): {f: r[f] for f in RECIPE_FIELDS} for r in mine}
         new = set()
         for r in mine:
             key = (*setting(r), float(r["lr"]), int(r["seed"]))
@@ -1000,12 +1004,13 @@ def merge_runs(dirs: list[pathlib.Path], out_dir: pathlib.Path, stem: str = "neu
             elif any(runs[key].get(k) != r.get(k) for k in _run_metric_keys(runs[key], r)):
                 raise ValueError(f"from_runs: run {key} appears twice with different metrics (in {d})")
         for c in read_rows(d / f"{stem}_curves.csv"):
-            c = _with_recipe({**recipes[(c["variant"], float(c["lr"]), int(c["seed"]))], **c})
-            if (*setting(c), float(c["lr"]), int(c["seed"])) in new:
-                curves[(*setting(c), float(c["lr"]), int(c["seed"]), c["run"], int(c["step"]))] = c
+            c = {**recipes[(c["variant"], float(c["lr"]), int(c["seed"]))], **c}  # older rows: their run's recipe
+            run = (*setting(c), float(c["lr"]), int(c["seed"]))
+            if run in new:
+                curves[(*run, c["run"], int(c["step"]))] = c
         if (d / f"{stem}_selectivity.csv").exists():  # the selectivity test runs on neural runs only
             for r in read_rows(d / f"{stem}_selectivity.csv"):
-                r = _with_recipe({**recipes[("neural", float(r["lr"]), int(r["seed"]))], **r}, "neural")
+                r = {**recipes[("neural", float(r["lr"]), int(r["seed"]))], **r}  # older rows: their run's recipe
                 key = (*setting({"variant": "neural", **r}), float(r["lr"]), int(r["seed"]), r["condition"],
                        int(r["units_off"]))  # fmt: skip
                 if key in selectivity and any(float(selectivity[key][t]) != float(r[t]) for t in TASKS):
@@ -1014,9 +1019,9 @@ def merge_runs(dirs: list[pathlib.Path], out_dir: pathlib.Path, stem: str = "neu
     return write_results(list(runs.values()), list(curves.values()), list(selectivity.values()), out_dir, stem)
 
 
-def _with_recipe(row: dict, variant: str | None = None) -> dict:
-    """``row`` with every recipe field (:data:`RECIPE_FIELDS`), the defaults for those it predates."""
-    return {**row, **dict(zip(RECIPE_FIELDS, setting({"variant": variant or row["variant"], **row})[1:]))}
+def _with_recipe(row: dict) -> dict:
+    """A run's ``row`` with every recipe field (:data:`RECIPE_FIELDS`), the defaults for those it predates."""
+    return {**row, **dict(zip(RECIPE_FIELDS, setting(row)[1:]))}
 
 
 def _run_metric_keys(first: dict, second: dict) -> list[str]:
