@@ -3,6 +3,8 @@ PYTHON ?= python
 # transformers release.
 INTEGRATION_TESTS = integrations neural kernels/test_cpu_extension.py kernels/test_cpu_backend.py
 SECOND = .venv-second
+# The lowest Triton pyproject allows, installed beside the newest (compile checks only: tests/kernels/test_compile_check.py).
+TRITON_LOWEST = .triton-lowest
 # The torch the second environment starts with: another minor release than the newest one the first environment
 # gets, so that the C++ kernels are compiled and tested against two torch versions.
 SECOND_TORCH ?= torch<2.14
@@ -20,7 +22,8 @@ test:
 	$(PYTHON) -m mit_kernels build
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
-	cd tests && $(PYTHON) -m pytest -c ../pyproject.toml --rootdir ..
+	$(PYTHON) -m pip install --quiet --no-deps --upgrade --target $(TRITON_LOWEST) "$$($(PYTHON) .ci/requirement.py triton --lowest)"
+	cd tests && MIT_TRITON_LOWEST=$(abspath $(TRITON_LOWEST)) $(PYTHON) -m pytest -c ../pyproject.toml --rootdir ..
 
 # A second, fresh environment that already holds a torch ($(SECOND_TORCH)): `pip install .` must leave that torch
 # untouched and compile the C++ kernels against it at install time; then the integration tests, the CPU kernels'

@@ -41,7 +41,7 @@ class MiTConfig:
         head_rescale: gate the infusion per KV head by ``sigmoid(lambda + cos(v_t, v_add))`` (paper's "A.R"); off
             means a gate of 1.
         head_logit_init: initial lambda (1.0, as in the authors' code).
-        backend: kernel backend passed to mit_kernels ("auto", "reference", "triton", "cpu").
+        backend: kernel backend passed to mit_kernels ("auto", "reference", "triton", "cpu", "sdpa").
     """
 
     modality_dim: int = setting(

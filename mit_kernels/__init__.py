@@ -12,12 +12,14 @@ import torch  # noqa: F401  (imported before any compiled extension)
 
 from . import cpu_backend  # noqa: F401  (registers the C++ operators' Python side when a matching build exists)
 from .attention import BACKENDS, mit_attention, resolve_backend
+from .dispatch import MitKernelFallbackWarning
 from .ffn import mit_ffn_gate
 from .reference import mit_attention_reference, mit_ffn_gate_reference
 
 __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
+    "MitKernelFallbackWarning",
     "__version__",
     "mit_attention",
     "mit_attention_reference",

@@ -1,5 +1,7 @@
 """``python -m mit_kernels``: report which backends this installation can run; ``python -m mit_kernels build``:
-compile the C++ CPU kernels for the running torch now (instead of at first use).
+compile the C++ CPU kernels for the running torch now (instead of at first use); ``python -m mit_kernels
+compile-check``: compile every Triton kernel for sm_80 / sm_90 without a GPU and compare it with a plain
+flash-attention kernel (:mod:`mit_kernels.compile_check`).
 
 The report prints the torch and Triton versions (and whether the Triton interpreter is on), which build of the C++ CPU
 kernels is loaded (prebuilt at install, cached, or none, and why; its OpenMP threads, flags and GEMM), CUDA
@@ -15,7 +17,7 @@ import sys
 import torch
 
 from . import __version__
-from .attention import resolve_backend, triton_available, triton_interpreter_active
+from .attention import triton_available, triton_interpreter_active
 
 
 def _triton_lines() -> list[str]:
@@ -64,6 +66,24 @@ def _cuda_lines() -> list[str]:
     return [f"CUDA:           available, device {index}: {torch.cuda.get_device_name(index)}"]
 
 
+def _gpu_auto_choice() -> str:
+    """What ``backend="auto"`` runs on CUDA tensors: Triton, or the exact "sdpa" backend and why. On a machine without
+    CUDA, what it would run given the installed Triton (the compute capability is read on the device)."""
+    from . import dispatch
+
+    triton = "'triton' (fused kernels)"
+    sdpa = "'sdpa' (exact: infusion + torch SDPA)"
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        reason = dispatch.triton_unusable_reason(device)
+        return triton if reason is None else f"{sdpa} because {reason}"
+    reason = dispatch.triton_software_reason()
+    if reason is not None:
+        return f"{sdpa} because {reason}"
+    minimum = "{}.{}".format(*dispatch.TRITON_MIN_CAPABILITY)
+    return f"{triton} if the device's compute capability is >= {minimum} (checked on the device), else {sdpa}"
+
+
 def _auto_lines() -> list[str]:
     from . import cpu_backend, cpu_build, cpu_extension
 
@@ -73,9 +93,8 @@ def _auto_lines() -> list[str]:
         cpu = "'cpu' (after compiling at first use)"
     else:
         cpu = "'reference'"
-    cuda = repr(resolve_backend("auto", torch.device("cuda")))
     note = "" if torch.cuda.is_available() else " (no CUDA device here)"
-    return [f"auto picks:     CPU tensors -> {cpu}; CUDA tensors -> {cuda}{note}"]
+    return [f"auto picks:     CPU tensors -> {cpu}", f"                CUDA tensors -> {_gpu_auto_choice()}{note}"]
 
 
 def build(force: bool, verbose: bool) -> int:
@@ -107,6 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     build_parser = sub.add_parser("build", help="compile the C++ CPU kernels for the running torch now")
     build_parser.add_argument("--force", action="store_true", help="recompile even if a matching build exists")
     build_parser.add_argument("--verbose", action="store_true", help="show the compiler's commands")
+    sub.add_parser(
+        "compile-check",
+        add_help=False,
+        help="compile every Triton kernel for real GPU targets (no GPU needed); --help for its options",
+    )
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["compile-check"]:  # its own options: mit_kernels.compile_check.main
+        from . import compile_check
+
+        return compile_check.main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "build":
         return build(args.force, args.verbose)

@@ -9,6 +9,7 @@ import torch
 from . import dispatch, ops
 from .dispatch import BACKENDS, cpu_backend, triton_available, triton_interpreter_active
 from .reference import mit_attention_reference
+from .sdpa_attention import sdpa_attention
 from .validation import check_attention_inputs, check_bool, check_scale
 
 # The backend probes and resolver live in dispatch; these names stay importable from here.
@@ -17,7 +18,8 @@ __all__ = ["BACKENDS", "mit_attention", "resolve_backend", "triton_available", "
 
 def resolve_backend(backend: str, device: torch.device, head_dim: int | None = None) -> str:
     """The backend :func:`mit_attention` runs for ``backend`` on ``device`` (see :func:`mit_kernels.dispatch.resolve`:
-    "auto" takes Triton on CUDA when the head dim fits, the C++ kernels on CPU, the reference otherwise)."""
+    "auto" takes Triton on CUDA when it can run there and the head dim fits, else "sdpa"; the C++ kernels on CPU, the
+    reference otherwise)."""
     return dispatch.resolve(backend, device, head_dim)
 
 
@@ -54,7 +56,11 @@ def mit_attention(
         scale: softmax scale, default ``1/sqrt(D)``.
         kv_mask: optional (B, Lk) bool, True where the key may be attended.
         rescale: apply the head-level gate; with False, g = 1.
-        backend: "auto", "reference", "triton" or "cpu" (the compiled C++ kernels, CPU tensors).
+        backend: "auto", "reference", "triton", "cpu" (the compiled C++ kernels, CPU tensors) or "sdpa" (exact:
+            the infusion in PyTorch, then torch's scaled_dot_product_attention; :mod:`mit_kernels.sdpa_attention`).
+            "auto" on CUDA runs Triton when it can run on the device, else "sdpa"; when a Triton kernel fails to
+            compile or launch there, it warns once (:class:`mit_kernels.dispatch.MitKernelFallbackWarning`) and runs
+            "sdpa" on that device from then on.
 
     Returns:
         (B, Hq, Lq, D) in q's dtype. Differentiable w.r.t. all eight tensors. Rows that see no key are 0.
@@ -72,8 +78,25 @@ def mit_attention(
     if which == "cpu":
         module, _ = cpu_backend()
         return module.attention(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = ops.attention_triton_fwd(
-        q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, bool(causal), scale, bool(rescale)
-    )
+    if which == "sdpa":
+        return sdpa_attention(
+            q, k, v, k_mul, k_add, v_mul, v_add, head_logit,
+            causal=causal, scale=scale, kv_mask=kv_mask, rescale=rescale,
+        )  # fmt: skip
+    triton_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    # Under "auto" (eager: a compiled graph fails inside the graph, out of reach here) a kernel that cannot be compiled
+    # or launched on this device falls back to "sdpa", in the forward here and in the backward (ops._backward).
+    args = (q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, triton_scale, rescale)
+    if backend != "auto" or torch.compiler.is_compiling():
+        return ops.attention_triton_fwd(*args)[0]
+    try:
+        out, _ = ops.attention_triton_fwd(*args, True)
+    except Exception as exc:
+        if not dispatch.is_triton_failure(exc):
+            raise
+        dispatch.record_triton_failure(q.device, exc)
+        return sdpa_attention(
+            q, k, v, k_mul, k_add, v_mul, v_add, head_logit,
+            causal=causal, scale=scale, kv_mask=kv_mask, rescale=rescale,
+        )  # fmt: skip
     return out

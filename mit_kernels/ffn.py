@@ -8,6 +8,12 @@ gradients (recomputing silu; only the inputs are saved). Both have fake (meta) i
 through them without a graph break, and FLOP formulas, so ``torch.utils.flop_counter.FlopCounterMode`` counts them.
 
 FLOP convention: elementwise FLOPs, ``6 B L F`` forward and ``15 B L F`` backward (:mod:`mit_kernels.flops`).
+
+Under ``backend="auto"`` (eager) a Triton kernel that fails to compile or launch
+(:func:`mit_kernels.dispatch.is_triton_failure`) falls back to the reference (eager PyTorch, already fast for an
+elementwise op), in the forward and in the backward, with one warning; ``auto`` then stops using Triton on that
+device. Where ``auto`` gives attention the ``"sdpa"`` backend (and with ``backend="sdpa"``) the gate runs the
+reference.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ def check_ffn_gate_inputs(gate: object, up: object, ffn_mul: object) -> None:
 
 
 def resolve_ffn_backend(backend: str, device: torch.device) -> str:
-    """The backend :func:`mit_ffn_gate` runs for ``backend`` on ``device`` (:func:`mit_kernels.dispatch.resolve`)."""
+    """The backend :func:`mit_ffn_gate` runs for ``backend`` on ``device`` (:func:`mit_kernels.dispatch.resolve`;
+    "sdpa" means the reference, the gate has no attention)."""
     return dispatch.resolve(backend, device)
 
 
@@ -64,7 +71,8 @@ def mit_ffn_gate(gate: torch.Tensor, up: torch.Tensor, ffn_mul: torch.Tensor, *,
             without a copy when its last dimension is contiguous).
         up: (B, L, F) up projection ``up_proj(x)``, gate's dtype and device.
         ffn_mul: (B, F) per-sample multiplicative infusion, gate's dtype and device.
-        backend: "auto", "reference", "triton" or "cpu" (the compiled extension).
+        backend: "auto", "reference", "triton", "cpu" (the compiled extension) or "sdpa" (the attention's exact
+            fallback backend; the gate then runs the reference).
 
     Returns:
         (B, L, F) in gate's dtype. Differentiable w.r.t. all three tensors; the gradient of ffn_mul is a sum over L.
@@ -72,12 +80,20 @@ def mit_ffn_gate(gate: torch.Tensor, up: torch.Tensor, ffn_mul: torch.Tensor, *,
     """
     check_ffn_gate_inputs(gate, up, ffn_mul)
     which = dispatch.resolve(backend, gate.device)
-    if which == "reference":
+    if which in ("reference", "sdpa"):
         return mit_ffn_gate_reference(gate, up, ffn_mul)
     if which == "cpu":
         module, _ = cpu_backend()
         return module.ffn_gate(gate, up, ffn_mul)
-    return ffn_gate_triton_fwd(gate, up, ffn_mul)
+    if backend != "auto" or torch.compiler.is_compiling():
+        return ffn_gate_triton_fwd(gate, up, ffn_mul)
+    try:
+        return ffn_gate_triton_fwd(gate, up, ffn_mul, True)
+    except Exception as exc:
+        if not dispatch.is_triton_failure(exc):
+            raise
+        dispatch.record_triton_failure(gate.device, exc)
+        return mit_ffn_gate_reference(gate, up, ffn_mul)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -86,14 +102,18 @@ def mit_ffn_gate(gate: torch.Tensor, up: torch.Tensor, ffn_mul: torch.Tensor, *,
 
 
 @torch.library.custom_op("mit_kernels::ffn_gate_triton_fwd", mutates_args=())
-def ffn_gate_triton_fwd(gate: torch.Tensor, up: torch.Tensor, ffn_mul: torch.Tensor) -> torch.Tensor:
+def ffn_gate_triton_fwd(
+    gate: torch.Tensor, up: torch.Tensor, ffn_mul: torch.Tensor, fallback: bool = False
+) -> torch.Tensor:
+    """``fallback`` (set by ``backend="auto"``): a backward kernel that fails to compile or launch falls back to the
+    reference's gradients."""
     from . import triton_ffn
 
     return triton_ffn.ffn_gate_triton_fwd(gate, up, ffn_mul)
 
 
 @ffn_gate_triton_fwd.register_fake
-def _(gate, up, ffn_mul):
+def _(gate, up, ffn_mul, fallback=False):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
@@ -112,13 +132,24 @@ def _(grad_out, gate, up, ffn_mul):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)  # gate, up, ffn_mul: the backward recomputes silu, no intermediate is kept
+    gate, up, ffn_mul, *fallback = inputs
+    ctx.save_for_backward(gate, up, ffn_mul)  # the backward recomputes silu, no intermediate is kept
+    ctx.fallback = bool(fallback and fallback[0])
 
 
 def _backward(ctx, grad_out):
     gate, up, ffn_mul = ctx.saved_tensors
     refuse_double_backward("mit_kernels::ffn_gate_triton_fwd", "triton", (gate, up, ffn_mul, grad_out))
-    return ffn_gate_triton_bwd(grad_out, gate, up, ffn_mul)
+    try:
+        grads = ffn_gate_triton_bwd(grad_out, gate, up, ffn_mul)
+    except Exception as exc:
+        if not (ctx.fallback and dispatch.is_triton_failure(exc)):
+            raise
+        dispatch.record_triton_failure(gate.device, exc)
+        leaves = [x.detach().requires_grad_() for x in (gate, up, ffn_mul)]
+        with torch.enable_grad():
+            grads = torch.autograd.grad(mit_ffn_gate_reference(*leaves), leaves, grad_out)
+    return (*grads, None)
 
 
 ffn_gate_triton_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,50 +1,77 @@
-"""Triton kernels for MiT attention: a flash-attention-2 forward and backward with the infusion fused in.
+"""Triton kernels for MiT attention: an infusion pre-pass, then flash-attention-2 forward and backward.
 
-The infusion is applied to each K/V tile right after it is loaded::
+The infusion, per key token t of KV head h (all in fp32, fp64 for fp64 inputs)::
 
     c_t  = <v_t, a> / (max(|v_t|, eps) * max(|a|, eps))        a = v_add, eps = 1e-8
     g_t  = sigmoid(lambda_h + c_t)                              (1 when RESCALE is off)
     K'_t = k_t + g_t * (k_t * k_mul + k_add)
     V'_t = v_t + g_t * (v_t * v_mul + v_add)
 
-so K' and V' never reach global memory and no (Lq, Lk) buffer exists. Softmax runs online in base 2:
-``s = (q . K'_t) * scale * log2(e)``, and the forward saves ``lse2 = m + log2(l)`` per query row (+inf for a row that
-sees no key, so the backward's ``p = exp2(s - lse2)`` is 0 there; NaN for a row whose visible scores are all -inf).
+Passes (one program per tile; every grid is one-dimensional, so no axis meets CUDA's 65,535 limit):
 
-NaN / Inf propagate like the reference (docs/semantics.md): maxima propagate NaN, "the row sees no key" comes from the
-masks (never from a NaN ``l``), and every product over (query, key) pairs goes through :func:`_visible_dot`, so a key a
-row does not see never reaches it, even a NaN one.
+- ``_infuse_kv_kernel`` writes K' and V' once per call, in the inputs' dtype (exactly the values a tile-load fusion
+  would feed ``tl.dot``). The attention kernels then read K', V' like plain flash attention reads K, V: their inner
+  loops hold no infusion, so they compile to the same registers, shared memory and tensor-core instructions as a plain
+  flash-attention kernel of the same tile (``python -m mit_kernels compile-check`` measures both side by side).
+  Cost: one read of K, V and one write of K', V' (O(B Hkv Lk D)), against the O(B Hq Lq Lk D) attention work.
+- Decode (Lq <= ``DECODE_ROWS``) is memory-bound: there the forward infuses each K/V tile as it is loaded
+  (``INFUSE=True``) instead, so the cache is read once per step and nothing is written.
+- Forward: softmax runs online in base 2, ``s = (q . K'_t) * scale * log2(e)``; it saves ``lse2 = m + log2(l)`` per
+  query row (+inf for a row that sees no key, so the backward's ``p = exp2(s - lse2)`` is 0 there; NaN for a row whose
+  visible scores are all -inf).
+- Backward, given dO, with ``delta_i = sum_d O_id dO_id``::
 
-Backward (given dO), with ``delta_i = sum_d O_id dO_id``::
+      p_it  = exp2(s_it - lse2_i)
+      dV'_t = sum_i p_it dO_i                     dP_it = dO_i . V'_t
+      dS_it = p_it (dP_it - delta_i)
+      dK'_t = scale * sum_i dS_it q_i             dq_i  = scale * sum_t dS_it K'_t
 
-    p_it  = exp2(s_it - lse2_i)
-    dV'_t = sum_i p_it dO_i                     dP_it = dO_i . V'_t
-    dS_it = p_it (dP_it - delta_i)
-    dK'_t = scale * sum_i dS_it q_i             dq_i  = scale * sum_t dS_it K'_t
+  (``_attn_bwd_dq_kernel``: one program per query block; ``_attn_bwd_dkdv_kernel``: one program per key block, looping
+  over the group's query heads; dK', dV' are written in fp32), then ``_infusion_bwd_kernel`` takes them through the
+  infusion, per key token t::
 
-and then through the infusion (all in fp32, per key token t of KV head h)::
+      dk_t     = dK'_t * (1 + g_t k_mul)                 dv_t (direct) = dV'_t * (1 + g_t v_mul)
+      dk_mul   = sum_t g_t dK'_t * k_t                   dv_mul  = sum_t g_t dV'_t * v_t
+      dk_add   = sum_t g_t dK'_t                         dv_add (direct) = sum_t g_t dV'_t
+      dg_t     = <dK'_t, k_t * k_mul + k_add> + <dV'_t, v_t * v_mul + v_add>
+      dz_t     = dg_t g_t (1 - g_t)                      dlambda_h = sum_{b,t} dz_t
+      dv_t    += dz_t (a / (n_v n_a) - c_t v_t / (|v_t| n_v))
+      dv_add  += sum_t dz_t (v_t / (n_v n_a) - c_t a / (|a| n_a))
 
-    dk_t     = dK'_t * (1 + g_t k_mul)                 dv_t (direct) = dV'_t * (1 + g_t v_mul)
-    dk_mul   = sum_t g_t dK'_t * k_t                   dv_mul  = sum_t g_t dV'_t * v_t
-    dk_add   = sum_t g_t dK'_t                         dv_add (direct) = sum_t g_t dV'_t
-    dg_t     = <dK'_t, k_t * k_mul + k_add> + <dV'_t, v_t * v_mul + v_add>
-    dz_t     = dg_t g_t (1 - g_t)                      dlambda_h = sum_{b,t} dz_t
-    dv_t    += dz_t (a / (n_v n_a) - c_t v_t / (|v_t| n_v))
-    dv_add  += sum_t dz_t (v_t / (n_v n_a) - c_t a / (|a| n_a))
+  where ``n_x = max(|x|, eps)``: exactly the gradient torch's cosine_similarity gives (its clamp passes gradient),
+  with ``x / |x|`` read as 0 for x = 0.
 
-where ``n_x = max(|x|, eps)``: exactly the gradient torch's cosine_similarity gives (its clamp passes gradient), with
-``x / |x|`` read as 0 for x = 0.
+NaN / Inf (docs/semantics.md: a key a row does not see never influences it). Each attention pass runs twice, as two
+compiled variants of one kernel: the fast variant (``EXACT=False``) does plain flash-attention arithmetic and marks, per
+output row, whether the row came out non-finite; the exact variant (``EXACT=True``) runs over the same grid, and a
+program with no marked row does no work (its loop is empty, its stores are masked off). With finite inputs a hidden
+pair (probability 0) contributes exactly 0 and the rows stay finite, so the fast result is the exact one; a hidden pair
+that meets a NaN / Inf (``0 * NaN``) always leaves a NaN in its row, which is then recomputed by the exact variant:
+masked maxima that propagate NaN, and every product over (query, key) pairs through :func:`_visible_dot`, which takes
+non-finite entries out of ``tl.dot`` and adds them back over the visible pairs only. "The row sees a key" comes from
+the masks (the first attendable key, tracked per tile), never from the softmax statistics. Finite inputs pay one
+extra launch of empty programs per pass and a per-row finiteness test.
 
-Determinism: no atomics. dq has its own kernel (one program per query block); dk and dv come from one program per key
-block that loops over the group's query heads; the per-(b, h) vector gradients are written as per-key-block partial
-sums and reduced with ``torch.sum`` afterwards, so results are bitwise reproducible run to run.
+Precision: elementwise work in fp32 (fp64 for fp64 inputs); the gate's square roots and divisions are IEEE-rounded
+(``sqrt_rn`` / ``div_rn``), as is the final ``acc / l``. fp16 / bf16 dots take their operands in the input dtype
+(tensor cores, fp32 accumulation). fp32 dots use ``tf32x3`` on GPUs (three TF32 tensor-core products: about fp32
+accuracy at tensor-core speed; plain ``ieee`` fp32 never reaches the tensor cores and spills). The softmax's exp2 is
+the hardware's approximate ``ex2``, as in every flash-attention kernel. The interpreter ignores the dot precision and
+computes bf16 arithmetic wrongly, so there every tile is cast to fp32 after loading.
 
-GQA: query head ``j`` reads KV head ``j // group`` directly; nothing is repeated in memory.
+Determinism: no atomics. The per-(b, h) vector gradients are written as per-key-block partial sums and reduced with
+``torch.sum``, so results are bitwise reproducible run to run.
 
-Offsets: the program ids are widened to int64 before anything is multiplied by a stride, so every element offset
-(``b * stride_b + h * stride_h + row * stride_row``, and the rows of LSE, delta and the partial sums) is computed in
-64 bits. With 32-bit arithmetic ``b * stride_b`` overflows once B·H·L·D passes 2^31 elements (e.g. B 16, 32 heads,
-L 32k, D 128), and a view with a large head stride overflows sooner; tests/kernels/test_triton_offsets.py runs such a view.
+GQA: query head ``j`` reads KV head ``j // group``; nothing is repeated in memory.
+
+Offsets: every element offset is 64-bit (program ids and row indices are widened before they meet a stride), so
+``b * stride_b``, ``h * stride_h`` and ``row * stride_row`` never overflow, causal or not
+(tests/kernels/test_triton_offsets.py runs a view whose offsets pass 2^31 elements).
+
+Compilation: lengths and counts are not specialised (``do_not_specialize``), so Lq = 1, a length divisible by 16 and
+any other length share one binary per (dtype, head-dim bucket, flags, tile); strides keep Triton's divisibility
+specialisation, which gives the vectorised loads (with a head dim that is a multiple of 16 every stride of a
+contiguous tensor is, whatever the length).
 """
 
 from __future__ import annotations
@@ -54,11 +81,14 @@ import triton
 import triton.language as tl
 
 from .reference import accumulator_dtype
-from .triton_common import interpreter_active, tl_accumulator, tl_dtype
-from .triton_configs import DECODE_ROWS, TileConfig, choose
+from .triton_common import Launch, interpreter_active, tl_accumulator, tl_dtype
+from .triton_configs import DECODE_ROWS, TileConfig, choose, elementwise_rows, exact_config
 
 LOG2E = 1.4426950408889634
-COSINE_EPS = 1e-8
+COSINE_EPS: tl.constexpr = tl.constexpr(1e-8)  # jit functions may only read constexpr globals
+
+# Integer arguments that must not be specialised on their value (== 1, % 16): lengths and counts.
+_LENGTHS = ["Hq", "Hkv", "Lq", "Lk", "NUM_M_BLOCKS", "NUM_N_BLOCKS"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -67,30 +97,58 @@ COSINE_EPS = 1e-8
 
 
 @triton.jit
+def _sqrt(x):
+    """IEEE-rounded square root (``sqrt_rn`` is fp32 only; fp64 ``sqrt`` is already correctly rounded)."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def _div(x, y):
+    """IEEE-rounded division (``div_rn`` is fp32 only; fp64 division is already correctly rounded)."""
+    if x.dtype == tl.float64:
+        return x / y
+    else:
+        return tl.div_rn(x, y)
+
+
+@triton.jit
 def _load_vectors(KM, KA, VM, VA, vec_off, offs_d, D, ACC: tl.constexpr):
-    """Load the four (D,) infusion vectors of one (b, h) and return them with ``max(|v_add|, eps)`` and ``|v_add|``."""
+    """Load the four (D,) infusion vectors of one (b, h) and return them with ``|v_add|`` and ``max(|v_add|, eps)``."""
     mask_d = offs_d < D
     k_mul = tl.load(KM + vec_off + offs_d, mask=mask_d, other=0.0).to(ACC)
     k_add = tl.load(KA + vec_off + offs_d, mask=mask_d, other=0.0).to(ACC)
     v_mul = tl.load(VM + vec_off + offs_d, mask=mask_d, other=0.0).to(ACC)
     v_add = tl.load(VA + vec_off + offs_d, mask=mask_d, other=0.0).to(ACC)
-    norm_a = tl.sqrt(tl.sum(v_add * v_add, axis=0))
+    norm_a = _sqrt(tl.sum(v_add * v_add, axis=0))
     return k_mul, k_add, v_mul, v_add, norm_a, tl.maximum(norm_a, COSINE_EPS)
 
 
 @triton.jit
 def _load_tile(ptr, offs_n, offs_d, stride_n, L, D, ACC: tl.constexpr):
-    """Load a (BLOCK_N, BLOCK_D) tile of rows ``offs_n`` (zero outside [0, L) x [0, D)) and cast it to ACC."""
+    """Load a (BLOCK_N, BLOCK_D) tile of rows ``offs_n`` (zero outside [0, L) x [0, D)) and cast it to ACC. Row
+    offsets are 64-bit."""
     mask = (offs_n[:, None] < L) & (offs_d[None, :] < D)
-    return tl.load(ptr + offs_n[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+    return tl.load(ptr + offs_n.to(tl.int64)[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _store_tile(ptr, x, offs_n, offs_d, stride_n, L, D, extra_mask):
+    """Store a (BLOCK_N, BLOCK_D) tile at rows ``offs_n`` (64-bit offsets), inside [0, L) x [0, D) and where
+    ``extra_mask`` (BLOCK_N,) holds, converting to the pointer's dtype."""
+    mask = (offs_n[:, None] < L) & (offs_d[None, :] < D) & extra_mask[:, None]
+    tl.store(ptr + offs_n.to(tl.int64)[:, None] * stride_n + offs_d[None, :], x.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _gate(v, v_add, clamped_norm_a, head_logit, RESCALE: tl.constexpr):
-    """Per-token gate g (BLOCK_N,), cosine c and ``max(|v_t|, eps)``, from a value tile v (BLOCK_N, BLOCK_D)."""
-    norm_v = tl.sqrt(tl.sum(v * v, axis=1))
+    """Per-token gate g (BLOCK_N,), cosine c, ``|v_t|`` and ``max(|v_t|, eps)`` from a value tile v (BLOCK_N, BLOCK_D).
+    Square root and division are IEEE-rounded (no flush of tiny norms, roundoff agreement with torch)."""
+    norm_v = _sqrt(tl.sum(v * v, axis=1))
     clamped_norm_v = tl.maximum(norm_v, COSINE_EPS)
-    cos = tl.sum(v * v_add[None, :], axis=1) / (clamped_norm_v * clamped_norm_a)
+    cos = _div(tl.sum(v * v_add[None, :], axis=1), clamped_norm_v * clamped_norm_a)
     if RESCALE:
         gate = tl.sigmoid(head_logit + cos)
     else:
@@ -111,32 +169,35 @@ def _max_nan(a, b):
 
 
 @triton.jit
+def _nonfinite_rows(x):
+    """(ROWS,) bool: the row of x (ROWS, COLS) holds a NaN or an Inf."""
+    return tl.max((~(tl.abs(x) < float("inf"))).to(tl.int32), axis=1) > 0
+
+
+@triton.jit
 def _visible_dot(acc, a, b, allowed, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc + a @ b`` over the allowed pairs only: ``acc_id + sum_j a_ij b_jd`` for ``allowed[i, j]``, where ``a`` is 0
-    at every pair that is not allowed and ``b`` may hold NaN / Inf. A plain ``tl.dot`` would turn a hidden pair into
-    ``0 * NaN = NaN`` (e.g. a causally hidden key's NaN value reaching an earlier query); here the non-finite entries of
-    ``b`` are taken out of the product and added back over the allowed pairs with IEEE semantics (``a_ij * Inf`` is
-    ±Inf, or NaN for ``a_ij = 0``), by indicator products. The extra products run only for a tile that holds a
-    non-finite entry."""
+    """``acc + a @ b`` over the allowed pairs only (the exact variants' product): ``acc_id + sum_j a_ij b_jd`` for
+    ``allowed[i, j]``, where ``a`` is 0 at every pair that is not allowed and ``b`` may hold NaN / Inf. A plain
+    ``tl.dot`` would turn a hidden pair into ``0 * NaN = NaN``; here the non-finite entries of ``b`` are taken out of
+    the product and added back over the allowed pairs with IEEE semantics (``a_ij * Inf`` is ±Inf, or NaN for
+    ``a_ij = 0``), by indicator products."""
     finite = tl.abs(b) < float("inf")  # False for NaN and ±Inf
     acc += tl.dot(a.to(DOT), tl.where(finite, b, 0.0).to(DOT), input_precision=PRECISION, out_dtype=ACC)
-    if tl.sum((~finite).to(tl.int32)) > 0:
-        pinf = (b == float("inf")).to(DOT)
-        ninf = (b == float("-inf")).to(DOT)
-        nan = (b != b).to(DOT)
-        pos = (allowed & (a > 0.0)).to(DOT)
-        neg = (allowed & (a < 0.0)).to(DOT)
-        zero = (allowed & (a == 0.0)).to(DOT)
-        nan_hits = tl.dot(allowed.to(DOT), nan, input_precision=PRECISION, out_dtype=ACC)
-        nan_hits += tl.dot(zero, pinf + ninf, input_precision=PRECISION, out_dtype=ACC)
-        pos_hits = tl.dot(pos, pinf, input_precision=PRECISION, out_dtype=ACC)
-        pos_hits += tl.dot(neg, ninf, input_precision=PRECISION, out_dtype=ACC)
-        neg_hits = tl.dot(pos, ninf, input_precision=PRECISION, out_dtype=ACC)
-        neg_hits += tl.dot(neg, pinf, input_precision=PRECISION, out_dtype=ACC)
-        acc = tl.where(pos_hits > 0.0, acc + float("inf"), acc)
-        acc = tl.where(neg_hits > 0.0, acc - float("inf"), acc)
-        acc = tl.where(nan_hits > 0.0, float("nan"), acc)
-    return acc
+    pinf = (b == float("inf")).to(DOT)
+    ninf = (b == float("-inf")).to(DOT)
+    nan = (b != b).to(DOT)
+    pos = (allowed & (a > 0.0)).to(DOT)
+    neg = (allowed & (a < 0.0)).to(DOT)
+    zero = (allowed & (a == 0.0)).to(DOT)
+    nan_hits = tl.dot(allowed.to(DOT), nan, input_precision=PRECISION, out_dtype=ACC)
+    nan_hits += tl.dot(zero, pinf + ninf, input_precision=PRECISION, out_dtype=ACC)
+    pos_hits = tl.dot(pos, pinf, input_precision=PRECISION, out_dtype=ACC)
+    pos_hits += tl.dot(neg, ninf, input_precision=PRECISION, out_dtype=ACC)
+    neg_hits = tl.dot(pos, ninf, input_precision=PRECISION, out_dtype=ACC)
+    neg_hits += tl.dot(neg, pinf, input_precision=PRECISION, out_dtype=ACC)
+    acc = tl.where(pos_hits > 0.0, acc + float("inf"), acc)
+    acc = tl.where(neg_hits > 0.0, acc - float("inf"), acc)
+    return tl.where(nan_hits > 0.0, float("nan"), acc)
 
 
 @triton.jit
@@ -151,9 +212,18 @@ def _scales(scale_hi, scale_lo, scale_log2_hi, scale_log2_lo, ACC: tl.constexpr)
 @triton.jit
 def _allowed(offs_m, offs_n, kv_keep, Lq, Lk, CAUSAL: tl.constexpr):
     """(BLOCK_M, BLOCK_N) mask of the (query, key) pairs that may attend (bottom-right causal, key padding)."""
-    ok = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk) & kv_keep[None, :]
+    ok = (offs_m[:, None] < Lq) & kv_keep[None, :]
     if CAUSAL:
         ok = ok & (offs_n[None, :] <= offs_m[:, None] + (Lk - Lq))
+    return ok
+
+
+@triton.jit
+def _allowed_t(offs_n, offs_m, kv_keep, Lq, Lk, CAUSAL: tl.constexpr):
+    """(BLOCK_N, BLOCK_M): :func:`_allowed` transposed (keys along rows), for the dK'/dV' pass."""
+    ok = kv_keep[:, None] & (offs_m[None, :] < Lq)
+    if CAUSAL:
+        ok = ok & (offs_n[:, None] <= offs_m[None, :] + (Lk - Lq))
     return ok
 
 
@@ -166,82 +236,160 @@ def _key_keep(KVM, b, offs_n, Lk, HAS_KV_MASK: tl.constexpr):
     return keep
 
 
+@triton.jit
+def _first_kept(first, keep, offs_n, Lk):
+    """The smallest attendable key index seen so far: ``min(first, min{n in offs_n : keep[n]})`` (Lk when none)."""
+    return tl.minimum(first, tl.min(tl.where(keep, offs_n, Lk), axis=0))
+
+
+@triton.jit
+def _row_sees_a_key(offs_m, first, Lq, Lk, CAUSAL: tl.constexpr):
+    """(BLOCK_M,) bool: query row i sees at least one key, given the first attendable key ``first`` (a property of the
+    masks alone: never read from the softmax statistics, which NaN / Inf can corrupt)."""
+    seen = (offs_m < Lq) & (first < Lk)
+    if CAUSAL:
+        seen = seen & (first <= offs_m + (Lk - Lq))
+    return seen
+
+
+@triton.jit
+def _any_marked(MARK, row_base, offs, L):
+    """The exact variants' switch: True when any row ``offs`` of this program was marked non-finite by the fast
+    variant."""
+    return tl.max(tl.load(MARK + row_base + offs, mask=offs < L, other=0).to(tl.int32), axis=0) > 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Infusion pre-pass
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=_LENGTHS)
+def _infuse_kv_kernel(
+    K, V, KM, KA, VM, VA, HL, KI, VI,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    Hkv, Lk, D, NUM_N_BLOCKS,
+    RESCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """K', V' of one block of keys of one (b, h), written contiguous (B, Hkv, Lk, D) in the inputs' dtype."""
+    pid = tl.program_id(0)
+    pid_bh = (pid // NUM_N_BLOCKS).to(tl.int64)
+    offs_n = (pid % NUM_N_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    k_mul, k_add, v_mul, v_add, _norm_a, clamped_norm_a = _load_vectors(KM, KA, VM, VA, pid_bh * D, offs_d, D, ACC)
+    head_logit = tl.load(HL + h).to(ACC)
+    k = _load_tile(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, Lk, D, ACC)
+    v = _load_tile(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, Lk, D, ACC)
+    gate = _gate(v, v_add, clamped_norm_a, head_logit, RESCALE)[0]
+    every = offs_n >= 0
+    _store_tile(KI + pid_bh * Lk * D, _infuse(k, k_mul, k_add, gate), offs_n, offs_d, D, Lk, D, every)
+    _store_tile(VI + pid_bh * Lk * D, _infuse(v, v_mul, v_add, gate), offs_n, offs_d, D, Lk, D, every)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _mit_attn_fwd_kernel(
-    Q, K, V, KM, KA, VM, VA, HL, KVM, O, LSE,
+@triton.jit(do_not_specialize=_LENGTHS)
+def _attn_fwd_kernel(
+    Q, K, V, KM, KA, VM, VA, HL, KVM, O, LSE, MARK,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
-    Hq, Hkv, Lq, Lk, D, scale_hi, scale_lo, scale_log2_hi, scale_log2_lo,
+    Hq, Hkv, Lq, Lk, D, NUM_M_BLOCKS, scale_hi, scale_lo, scale_log2_hi, scale_log2_lo,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, RESCALE: tl.constexpr, HAS_KV_MASK: tl.constexpr,
+    INFUSE: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    """O and lse2 of one block of query rows of one query head. K, V are K', V' (the pre-pass's output) unless INFUSE,
+    in which case they are the raw keys and values, infused tile by tile (decode). MARK (B*Hq*Lq int8): written by the
+    fast variant (1 = the row came out non-finite), read by the exact one."""
+    pid = tl.program_id(0)
+    pid_bh = (pid // NUM_M_BLOCKS).to(tl.int64)
+    pid_m = NUM_M_BLOCKS - 1 - pid % NUM_M_BLOCKS  # the longest causal rows start first
     b = pid_bh // Hq
     hq = pid_bh % Hq
     h = hq // GROUP
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    hi = Lk
+    if CAUSAL:  # the last query of this block sees keys j <= (pid_m + 1) * BLOCK_M - 1 + Lk - Lq
+        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + Lk - Lq)
+    todo = offs_m >= 0
+    if EXACT:  # only a program with a marked row does any work
+        run = _any_marked(MARK, pid_bh * Lq, offs_m, Lq)
+        todo = todo & run
+        hi = tl.where(run, hi, 0)
     q = _load_tile(Q + b * stride_qb + hq * stride_qh, offs_m, offs_d, stride_qm, Lq, D, ACC).to(DOT)
-
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    k_mul, k_add, v_mul, v_add, _, clamped_norm_a = _load_vectors(KM, KA, VM, VA, (b * Hkv + h) * D, offs_d, D, ACC)
-    head_logit = tl.load(HL + h).to(ACC)
-    _scale, scale_log2 = _scales(scale_hi, scale_lo, scale_log2_hi, scale_log2_lo, ACC)
+    if INFUSE:
+        k_mul, k_add, v_mul, v_add, _norm_a, clamped_norm_a = _load_vectors(
+            KM, KA, VM, VA, (b * Hkv + h) * D, offs_d, D, ACC
+        )
+        head_logit = tl.load(HL + h).to(ACC)
+    scale_log2 = _scales(scale_hi, scale_lo, scale_log2_hi, scale_log2_lo, ACC)[1]
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    seen = tl.zeros([BLOCK_M], tl.int1)  # the row sees at least one key (a property of the masks alone)
-
-    hi = Lk
-    if CAUSAL:  # the last query of this block sees keys j <= (pid_m + 1) * BLOCK_M - 1 + Lk - Lq
-        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + Lk - Lq)
+    first = Lk * 0  # the first attendable key (int32, like the loop's offsets); without a padding mask, key 0
+    if HAS_KV_MASK:
+        first = Lk + 0
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, offs_n, offs_d, stride_kn, Lk, D, ACC)
-        v = _load_tile(v_base, offs_n, offs_d, stride_vn, Lk, D, ACC)
-        gate, _, _, _ = _gate(v, v_add, clamped_norm_a, head_logit, RESCALE)
         keep = _key_keep(KVM, b, offs_n, Lk, HAS_KV_MASK)
-        k_inf = _infuse(k, k_mul, k_add, gate).to(DOT)
-        # A padded key's V' row is zeroed: its p = 0 would otherwise turn a NaN / Inf there into 0 * NaN in P V'.
-        v_inf = tl.where(keep[:, None], _infuse(v, v_mul, v_add, gate), 0.0).to(DOT)
+        if INFUSE:  # K', V' rounded to the inputs' dtype, exactly as the pre-pass stores them
+            v_raw = _load_tile(v_base, offs_n, offs_d, stride_vn, Lk, D, ACC)
+            gate = _gate(v_raw, v_add, clamped_norm_a, head_logit, RESCALE)[0]
+            k_raw = _load_tile(k_base, offs_n, offs_d, stride_kn, Lk, D, ACC)
+            k = _infuse(k_raw, k_mul, k_add, gate).to(K.dtype.element_ty).to(DOT)
+            v = _infuse(v_raw, v_mul, v_add, gate).to(V.dtype.element_ty).to(DOT)
+        else:
+            k = _load_tile(k_base, offs_n, offs_d, stride_kn, Lk, D, DOT)
+            v = _load_tile(v_base, offs_n, offs_d, stride_vn, Lk, D, DOT)
+        if EXACT:  # a padded key's V' row is zeroed: its p = 0 would otherwise meet a NaN / Inf there
+            v = tl.where(keep[:, None], v, 0.0)
 
-        s = tl.dot(q, tl.trans(k_inf), input_precision=PRECISION, out_dtype=ACC) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * scale_log2
         allowed = _allowed(offs_m, offs_n, keep, Lq, Lk, CAUSAL)
         s = tl.where(allowed, s, float("-inf"))
-        seen = seen | (tl.max(allowed.to(tl.int32), axis=1) > 0)
-
-        # NaN-propagating maxima: a NaN score makes its row NaN, as in the reference's softmax.
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_nan), propagate_nan=tl.PropagateNan.ALL)
+        if HAS_KV_MASK:
+            first = _first_kept(first, keep, offs_n, Lk)
+        if EXACT:  # NaN-propagating maxima: a NaN score makes its row NaN, as in the reference's softmax
+            m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_nan), propagate_nan=tl.PropagateNan.ALL)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, never NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        p = tl.where(allowed, p, 0.0)
-        acc = _visible_dot(acc * alpha[:, None], p, v_inf, allowed, ACC, DOT, PRECISION)
+        if EXACT:
+            acc = _visible_dot(acc * alpha[:, None], tl.where(allowed, p, 0.0), v, allowed, ACC, DOT, PRECISION)
+        else:
+            acc = tl.dot(p.to(DOT), v, acc * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
         m_i = m_new
 
     # A row that sees no key gives 0 (lse2 = +inf); one that sees keys keeps what its statistics give: NaN for NaN
-    # scores or values (a NaN l is never read as "no key"), and NaN when all its visible scores are -inf (l = 0).
+    # scores or values, and NaN when all its visible scores are -inf (l = 0).
+    seen = _row_sees_a_key(offs_m, first, Lq, Lk, CAUSAL)
     no_mass = l_i == 0.0
     l_safe = tl.where(no_mass, 1.0, l_i)
-    out = tl.where(seen[:, None], tl.where(no_mass[:, None], float("nan"), acc / l_safe[:, None]), 0.0)
+    out = tl.where(seen[:, None], tl.where(no_mass[:, None], float("nan"), _div(acc, l_safe[:, None])), 0.0)
     lse2 = tl.where(seen, tl.where(no_mass, float("nan"), m_i + tl.math.log2(l_safe)), float("inf"))
-    o_ptrs = O + b * stride_ob + hq * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D))
-    tl.store(LSE + pid_bh * Lq + offs_m, lse2.to(LSE.dtype.element_ty), mask=offs_m < Lq)
+    _store_tile(O + b * stride_ob + hq * stride_oh, out, offs_m, offs_d, stride_om, Lq, D, todo)
+    tl.store(LSE + pid_bh * Lq + offs_m, lse2.to(LSE.dtype.element_ty), mask=(offs_m < Lq) & todo)
+    if not EXACT:
+        marked = _nonfinite_rows(out) | (seen & ~(tl.abs(lse2) < float("inf")))
+        tl.store(MARK + pid_bh * Lq + offs_m, marked.to(tl.int8), mask=offs_m < Lq)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -249,200 +397,229 @@ def _mit_attn_fwd_kernel(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _mit_attn_bwd_delta_kernel(
+@triton.jit(do_not_specialize=_LENGTHS)
+def _attn_bwd_delta_kernel(
     O, DO, DELTA,
     stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
-    Hq, Lq, D,
+    Hq, Lq, D, NUM_M_BLOCKS,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """delta_i = sum_d O_id * dO_id, per query row (fp32; fp64 for fp64 inputs)."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    pid_bh = (pid // NUM_M_BLOCKS).to(tl.int64)
     b = pid_bh // Hq
     hq = pid_bh % Hq
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid % NUM_M_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     o = _load_tile(O + b * stride_ob + hq * stride_oh, offs_m, offs_d, stride_om, Lq, D, ACC)
     do = _load_tile(DO + b * stride_dob + hq * stride_doh, offs_m, offs_d, stride_dom, Lq, D, ACC)
     tl.store(DELTA + pid_bh * Lq + offs_m, tl.sum(o * do, axis=1), mask=offs_m < Lq)
 
 
-@triton.jit
-def _mit_attn_bwd_dq_kernel(
-    Q, K, V, KM, KA, VM, VA, HL, KVM, DO, LSE, DELTA, DQ,
+@triton.jit(do_not_specialize=_LENGTHS)
+def _attn_bwd_dq_kernel(
+    Q, K, V, KVM, DO, LSE, DELTA, DQ, MARK,
     stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
-    Hq, Hkv, Lq, Lk, D, scale_hi, scale_lo, scale_log2_hi, scale_log2_lo,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, RESCALE: tl.constexpr, HAS_KV_MASK: tl.constexpr,
+    Hq, Hkv, Lq, Lk, D, NUM_M_BLOCKS, scale_hi, scale_lo, scale_log2_hi, scale_log2_lo,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dq_i = scale * sum_t dS_it K'_t for one block of queries of one query head (K', V' recomputed per tile)."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    """dq_i = scale * sum_t dS_it K'_t for one block of queries of one query head; K, V are K', V' (contiguous)."""
+    pid = tl.program_id(0)
+    pid_bh = (pid // NUM_M_BLOCKS).to(tl.int64)
+    pid_m = NUM_M_BLOCKS - 1 - pid % NUM_M_BLOCKS
     b = pid_bh // Hq
     hq = pid_bh % Hq
     h = hq // GROUP
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + Lk - Lq)
+    todo = offs_m >= 0
+    if EXACT:
+        run = _any_marked(MARK, pid_bh * Lq, offs_m, Lq)
+        todo = todo & run
+        hi = tl.where(run, hi, 0)
     q = _load_tile(Q + b * stride_qb + hq * stride_qh, offs_m, offs_d, stride_qm, Lq, D, ACC).to(DOT)
     do = _load_tile(DO + b * stride_dob + hq * stride_doh, offs_m, offs_d, stride_dom, Lq, D, ACC).to(DOT)
     lse2 = tl.load(LSE + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf")).to(ACC)
     delta = tl.load(DELTA + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0).to(ACC)
-
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    k_mul, k_add, v_mul, v_add, _, clamped_norm_a = _load_vectors(KM, KA, VM, VA, (b * Hkv + h) * D, offs_d, D, ACC)
-    head_logit = tl.load(HL + h).to(ACC)
+    k_base = K + (b * Hkv + h) * Lk * D
+    v_base = V + (b * Hkv + h) * Lk * D
     scale, scale_log2 = _scales(scale_hi, scale_lo, scale_log2_hi, scale_log2_lo, ACC)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    hi = Lk
-    if CAUSAL:
-        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + Lk - Lq)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, offs_n, offs_d, stride_kn, Lk, D, ACC)
-        v = _load_tile(v_base, offs_n, offs_d, stride_vn, Lk, D, ACC)
-        gate, _, _, _ = _gate(v, v_add, clamped_norm_a, head_logit, RESCALE)
         keep = _key_keep(KVM, b, offs_n, Lk, HAS_KV_MASK)
-        # A padded key's K' row is zeroed: dS = 0 there, and 0 * NaN in dS K' would reach dq.
-        k_inf = tl.where(keep[:, None], _infuse(k, k_mul, k_add, gate), 0.0).to(DOT)
-        v_inf = _infuse(v, v_mul, v_add, gate).to(DOT)
-
-        s = tl.dot(q, tl.trans(k_inf), input_precision=PRECISION, out_dtype=ACC) * scale_log2
+        k = _load_tile(k_base, offs_n, offs_d, D, Lk, D, DOT)
+        v = _load_tile(v_base, offs_n, offs_d, D, Lk, D, DOT)
+        if EXACT:  # a padded key's K' row is zeroed: dS = 0 there, and 0 * NaN in dS K' would reach dq
+            k = tl.where(keep[:, None], k, 0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * scale_log2
         allowed = _allowed(offs_m, offs_n, keep, Lq, Lk, CAUSAL)
-        p = tl.where(allowed, tl.math.exp2(s - lse2[:, None]), 0.0).to(ACC)
-        dp = tl.dot(do, tl.trans(v_inf), input_precision=PRECISION, out_dtype=ACC)
-        ds = tl.where(allowed, p * (dp - delta[:, None]), 0.0)
-        dq = _visible_dot(dq, ds, k_inf, allowed, ACC, DOT, PRECISION)
+        p = tl.where(allowed, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
+        if EXACT:
+            ds = tl.where(allowed, p * (dp - delta[:, None]), 0.0)
+            dq = _visible_dot(dq, ds, k, allowed, ACC, DOT, PRECISION)
+        else:
+            dq = tl.dot((p * (dp - delta[:, None])).to(DOT), k, dq, input_precision=PRECISION, out_dtype=ACC)
 
-    dq_ptrs = DQ + b * stride_dqb + hq * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D))
+    dq = dq * scale
+    _store_tile(DQ + b * stride_dqb + hq * stride_dqh, dq, offs_m, offs_d, stride_dqm, Lq, D, todo)
+    if not EXACT:
+        tl.store(MARK + pid_bh * Lq + offs_m, _nonfinite_rows(dq).to(tl.int8), mask=offs_m < Lq)
 
 
-@triton.jit
-def _mit_attn_bwd_dkdv_kernel(
-    Q, K, V, KM, KA, VM, VA, HL, KVM, DO, LSE, DELTA,
-    DK, DV, DKM_PART, DKA_PART, DVM_PART, DVA_PART, DHL_PART,
+@triton.jit(do_not_specialize=_LENGTHS)
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, KVM, DO, LSE, DELTA, DKI, DVI, MARK,
     stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
-    stride_dkb, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvh, stride_dvn,
-    Hq, Hkv, Lq, Lk, D, scale_hi, scale_lo, scale_log2_hi, scale_log2_lo, NUM_KV_BLOCKS,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, RESCALE: tl.constexpr, HAS_KV_MASK: tl.constexpr,
+    Hq, Hkv, Lq, Lk, D, NUM_N_BLOCKS, scale_hi, scale_lo, scale_log2_hi, scale_log2_lo,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One block of keys of one KV head: accumulate dK', dV' over the group's query heads, then push them through
-    the infusion to dk, dv and this block's partial sums of dk_mul, dk_add, dv_mul, dv_add and dlambda."""
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    """dK', dV' (fp32, contiguous) of one block of keys of one KV head, summed over the group's query heads. Computed
+    transposed (keys along rows): ``s^T = K' q^T``, so no computed tile is transposed."""
+    pid = tl.program_id(0)
+    pid_bh = (pid // NUM_N_BLOCKS).to(tl.int64)
+    pid_n = pid % NUM_N_BLOCKS
     b = pid_bh // Hkv
     h = pid_bh % Hkv
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    k_mul, k_add, v_mul, v_add, norm_a, clamped_norm_a = _load_vectors(KM, KA, VM, VA, pid_bh * D, offs_d, D, ACC)
-    head_logit = tl.load(HL + h).to(ACC)
-    scale, scale_log2 = _scales(scale_hi, scale_lo, scale_log2_hi, scale_log2_lo, ACC)
-    v = _load_tile(v_base, offs_n, offs_d, stride_vn, Lk, D, ACC)
-    gate, _, _, _ = _gate(v, v_add, clamped_norm_a, head_logit, RESCALE)
-    k_inf = _infuse(_load_tile(k_base, offs_n, offs_d, stride_kn, Lk, D, ACC), k_mul, k_add, gate).to(DOT)
-    v_inf = _infuse(v, v_mul, v_add, gate).to(DOT)
     keep = _key_keep(KVM, b, offs_n, Lk, HAS_KV_MASK)
+    k = _load_tile(K + pid_bh * Lk * D, offs_n, offs_d, D, Lk, D, DOT)
+    v = _load_tile(V + pid_bh * Lk * D, offs_n, offs_d, D, Lk, D, DOT)
+    scale, scale_log2 = _scales(scale_hi, scale_lo, scale_log2_hi, scale_log2_lo, ACC)
 
-    dk_inf = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    dv_inf = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     lo = 0
     if CAUSAL:  # query i sees key j iff i >= j - (Lk - Lq): skip query blocks entirely before that
         lo = tl.maximum(0, pid_n * BLOCK_N - (Lk - Lq))
         lo = (lo // BLOCK_M) * BLOCK_M
+    todo = offs_n >= 0
+    hi = Lq
+    if EXACT:
+        run = _any_marked(MARK, pid_bh * Lk, offs_n, Lk)
+        todo = todo & run
+        hi = tl.where(run, hi, 0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for g in range(GROUP):
         hq = h * GROUP + g
         q_base = Q + b * stride_qb + hq * stride_qh
         do_base = DO + b * stride_dob + hq * stride_doh
         row_base = (b * Hq + hq) * Lq
-        for start_m in range(lo, Lq, BLOCK_M):
+        for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = _load_tile(q_base, offs_m, offs_d, stride_qm, Lq, D, ACC).to(DOT)
-            do = _load_tile(do_base, offs_m, offs_d, stride_dom, Lq, D, ACC).to(DOT)
+            q = _load_tile(q_base, offs_m, offs_d, stride_qm, Lq, D, DOT)
+            do = _load_tile(do_base, offs_m, offs_d, stride_dom, Lq, D, DOT)
             lse2 = tl.load(LSE + row_base + offs_m, mask=offs_m < Lq, other=float("inf")).to(ACC)
             delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < Lq, other=0.0).to(ACC)
 
-            s = tl.dot(q, tl.trans(k_inf), input_precision=PRECISION, out_dtype=ACC) * scale_log2
-            allowed = _allowed(offs_m, offs_n, keep, Lq, Lk, CAUSAL)
-            p = tl.where(allowed, tl.math.exp2(s - lse2[:, None]), 0.0).to(ACC)
-            dv_inf = _visible_dot(dv_inf, tl.trans(p), do, tl.trans(allowed), ACC, DOT, PRECISION)
-            dp = tl.dot(do, tl.trans(v_inf), input_precision=PRECISION, out_dtype=ACC)
-            ds = tl.where(allowed, p * (dp - delta[:, None]), 0.0)
-            dk_inf = _visible_dot(dk_inf, tl.trans(ds), q, tl.trans(allowed), ACC, DOT, PRECISION)
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC) * scale_log2
+            allowed_t = _allowed_t(offs_n, offs_m, keep, Lq, Lk, CAUSAL)
+            p_t = tl.where(allowed_t, tl.math.exp2(s_t - lse2[None, :]), 0.0)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
+            if EXACT:
+                dv = _visible_dot(dv, p_t, do, allowed_t, ACC, DOT, PRECISION)
+                ds_t = tl.where(allowed_t, p_t * (dp_t - delta[None, :]), 0.0)
+                dk = _visible_dot(dk, ds_t, q, allowed_t, ACC, DOT, PRECISION)
+            else:
+                dv = tl.dot(p_t.to(DOT), do, dv, input_precision=PRECISION, out_dtype=ACC)
+                dk = tl.dot((p_t * (dp_t - delta[None, :])).to(DOT), q, dk, input_precision=PRECISION, out_dtype=ACC)
     # A padded key gets exactly zero dK', dV' (0 * NaN in dS^T Q would put a NaN query row there).
-    dk_inf = tl.where(keep[:, None], dk_inf * scale, 0.0)
-    dv_inf = tl.where(keep[:, None], dv_inf, 0.0)
+    dk = tl.where(keep[:, None], dk * scale, 0.0)
+    dv = tl.where(keep[:, None], dv, 0.0)
+    _store_tile(DKI + pid_bh * Lk * D, dk, offs_n, offs_d, D, Lk, D, todo)
+    _store_tile(DVI + pid_bh * Lk * D, dv, offs_n, offs_d, D, Lk, D, todo)
+    if not EXACT:
+        marked = _nonfinite_rows(dk) | _nonfinite_rows(dv)
+        tl.store(MARK + pid_bh * Lk + offs_n, marked.to(tl.int8), mask=offs_n < Lk)
 
-    # Through the infusion. Raw tiles are re-read here rather than kept live across the loop.
-    k = _load_tile(k_base, offs_n, offs_d, stride_kn, Lk, D, ACC)
+
+@triton.jit(do_not_specialize=_LENGTHS)
+def _infusion_bwd_kernel(
+    K, V, KM, KA, VM, VA, HL, DKI, DVI,
+    DK, DV, DKM_PART, DKA_PART, DVM_PART, DVA_PART, DHL_PART,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    Hkv, Lk, D, NUM_N_BLOCKS,
+    RESCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """One block of keys of one (b, h): dK', dV' through the infusion to dk, dv, and this block's partial sums of
+    dk_mul, dk_add, dv_mul, dv_add and dlambda (module docstring)."""
+    pid = tl.program_id(0)
+    pid_bh = (pid // NUM_N_BLOCKS).to(tl.int64)
+    pid_n = pid % NUM_N_BLOCKS
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+
+    k_mul, k_add, v_mul, v_add, norm_a, clamped_norm_a = _load_vectors(KM, KA, VM, VA, pid_bh * D, offs_d, D, ACC)
+    head_logit = tl.load(HL + h).to(ACC)
+    k = _load_tile(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, Lk, D, ACC)
+    v = _load_tile(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, Lk, D, ACC)
+    dk_inf = _load_tile(DKI + pid_bh * Lk * D, offs_n, offs_d, D, Lk, D, ACC)
+    dv_inf = _load_tile(DVI + pid_bh * Lk * D, offs_n, offs_d, D, Lk, D, ACC)
+    gate, cos, norm_v, clamped_norm_v = _gate(v, v_add, clamped_norm_a, head_logit, RESCALE)
+
     dk = dk_inf * (1.0 + gate[:, None] * k_mul[None, :])
     dv = dv_inf * (1.0 + gate[:, None] * v_mul[None, :])
-    part = pid_bh * NUM_KV_BLOCKS + pid_n
-    tl.store(DKM_PART + part * D + offs_d, tl.sum(gate[:, None] * dk_inf * k, axis=0), mask=offs_d < D)
-    tl.store(DKA_PART + part * D + offs_d, tl.sum(gate[:, None] * dk_inf, axis=0), mask=offs_d < D)
-    tl.store(DVM_PART + part * D + offs_d, tl.sum(gate[:, None] * dv_inf * v, axis=0), mask=offs_d < D)
+    part = pid_bh * NUM_N_BLOCKS + pid_n
+    tl.store(DKM_PART + part * D + offs_d, tl.sum(gate[:, None] * dk_inf * k, axis=0), mask=mask_d)
+    tl.store(DKA_PART + part * D + offs_d, tl.sum(gate[:, None] * dk_inf, axis=0), mask=mask_d)
+    tl.store(DVM_PART + part * D + offs_d, tl.sum(gate[:, None] * dv_inf * v, axis=0), mask=mask_d)
     dv_add = tl.sum(gate[:, None] * dv_inf, axis=0)
     if RESCALE:
-        gate, cos, norm_v, clamped_norm_v = _gate(v, v_add, clamped_norm_a, head_logit, RESCALE)
         dgate = tl.sum(
             dk_inf * (k * k_mul[None, :] + k_add[None, :]) + dv_inf * (v * v_mul[None, :] + v_add[None, :]), axis=1
         )
         dz = dgate * gate * (1.0 - gate)  # d loss / d(lambda + c_t)
         tl.store(DHL_PART + part, tl.sum(dz, axis=0))
         # d c / d v_t = a / (n_v n_a) - c v_t / (|v_t| n_v);  d c / d a = v_t / (n_v n_a) - c a / (|a| n_a)
-        inv_norm_v = tl.where(norm_v > 0.0, 1.0 / tl.where(norm_v > 0.0, norm_v, 1.0), 0.0)
-        inv_norm_a = tl.where(norm_a > 0.0, 1.0 / tl.where(norm_a > 0.0, norm_a, 1.0), 0.0)
-        w = dz / (clamped_norm_v * clamped_norm_a)
-        dv += w[:, None] * v_add[None, :] - (dz * cos * inv_norm_v / clamped_norm_v)[:, None] * v
-        dv_add += tl.sum(w[:, None] * v, axis=0) - tl.sum(dz * cos, axis=0) * inv_norm_a / clamped_norm_a * v_add
-    tl.store(DVA_PART + part * D + offs_d, dv_add, mask=offs_d < D)
-
-    mask_nd = (offs_n[:, None] < Lk) & (offs_d[None, :] < D)
-    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
-    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask_nd)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask_nd)
+        inv_norm_v = tl.where(norm_v > 0.0, _div(norm_v * 0.0 + 1.0, tl.where(norm_v > 0.0, norm_v, 1.0)), 0.0)
+        inv_norm_a = tl.where(norm_a > 0.0, _div(norm_a * 0.0 + 1.0, tl.where(norm_a > 0.0, norm_a, 1.0)), 0.0)
+        w = _div(dz, clamped_norm_v * clamped_norm_a)
+        dv += w[:, None] * v_add[None, :] - _div(dz * cos * inv_norm_v, clamped_norm_v)[:, None] * v
+        dv_add += tl.sum(w[:, None] * v, axis=0) - _div(tl.sum(dz * cos, axis=0) * inv_norm_a, clamped_norm_a) * v_add
+    tl.store(DVA_PART + part * D + offs_d, dv_add, mask=mask_d)
+    every = offs_n >= 0
+    _store_tile(DK + b * stride_dkb + h * stride_dkh, dk, offs_n, offs_d, stride_dkn, Lk, D, every)
+    _store_tile(DV + b * stride_dvb + h * stride_dvh, dv, offs_n, offs_d, stride_dvn, Lk, D, every)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Launchers
+# Launch plans: every kernel launch of a call, built without launching (the compile check compiles exactly these)
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _precision(dtype: torch.dtype) -> dict:
-    """Accumulator dtype, tl.dot operand dtype and precision.
-
-    Elementwise work is always fp32 (fp64 for fp64 inputs). On a GPU fp16/bf16 dots take their operands in the input
-    dtype (tensor cores, fp32 accumulation), and fp32 dots use IEEE fp32 (no silent TF32). The interpreter computes
-    bf16 arithmetic wrongly, so there every dot runs in fp32.
-    """
+def dot_settings(dtype: torch.dtype) -> dict:
+    """Accumulator dtype, tl.dot operand dtype and precision for inputs of ``dtype`` (module docstring: Precision)."""
     acc = tl_accumulator(dtype)
-    if dtype in (torch.float16, torch.bfloat16) and not interpreter_active():
-        dot = tl_dtype(dtype)
-    else:
-        dot = acc
-    return {"ACC": acc, "DOT": dot, "PRECISION": "ieee"}
+    interpreted = interpreter_active()
+    dot = tl_dtype(dtype) if dtype in (torch.float16, torch.bfloat16) and not interpreted else acc
+    precision = "tf32x3" if dtype == torch.float32 and not interpreted else "ieee"
+    return {"ACC": acc, "DOT": dot, "PRECISION": precision}
 
 
-def _block_d(d: int) -> int:
+def block_d_of(d: int) -> int:
+    """The head-dim bucket: D rounded up to a power of two, at least 16 (tl.dot's minimum)."""
     return max(16, triton.next_power_of_2(d))
 
 
@@ -459,10 +636,159 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _kv_mask_arg(kv_mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    if kv_mask is None:
-        return q, False
-    return kv_mask.contiguous().view(torch.uint8), True
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+class _Inputs:
+    """The inputs of one call, normalised (last dim contiguous, vectors contiguous), with the shared launch values."""
+
+    def __init__(self, q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale):
+        self.q, self.k, self.v = (_last_dim_contiguous(x) for x in (q, k, v))
+        self.vectors = tuple(x.contiguous() for x in (k_mul, k_add, v_mul, v_add))
+        self.head_logit = head_logit.contiguous()
+        self.batch, self.hq, self.lq, self.d = q.shape
+        self.hkv, self.lk = k.shape[1], k.shape[2]
+        self.group = self.hq // self.hkv
+        self.block_d = block_d_of(self.d)
+        self.causal, self.rescale, self.scale = bool(causal), bool(rescale), float(scale)
+        self.has_kv_mask = kv_mask is not None
+        self.kvm = kv_mask.contiguous().view(torch.uint8) if kv_mask is not None else self.q
+        self.dots = dot_settings(q.dtype)
+        self.interpreted = interpreter_active()
+        self.tune_key = (q.dtype, self.group, self.causal, self.rescale, self.has_kv_mask)
+
+    def infuse_launch(self) -> tuple[Launch, torch.Tensor, torch.Tensor]:
+        """The pre-pass, and the K', V' it writes (contiguous, (B, Hkv, Lk, D), the inputs' dtype)."""
+        k_inf = torch.empty(self.batch, self.hkv, self.lk, self.d, device=self.k.device, dtype=self.k.dtype)
+        v_inf = torch.empty(self.batch, self.hkv, self.lk, self.d, device=self.v.device, dtype=self.v.dtype)
+        rows = elementwise_rows(self.interpreted)
+        n_blocks = triton.cdiv(self.lk, rows)
+        launch = Launch(
+            "infuse", _infuse_kv_kernel, (n_blocks * self.batch * self.hkv,),
+            (self.k, self.v, *self.vectors, self.head_logit, k_inf, v_inf,
+             *_strides(self.k), *_strides(self.v), self.hkv, self.lk, self.d, n_blocks),
+            {"RESCALE": self.rescale, "BLOCK_N": rows, "BLOCK_D": self.block_d, "ACC": self.dots["ACC"],
+             **_warps(self.interpreted)},
+        )  # fmt: skip
+        return launch, k_inf, v_inf
+
+
+def _warps(interpreted: bool, num_warps: int = 4) -> dict:
+    return {} if interpreted else {"num_warps": num_warps}
+
+
+class ForwardPlan(_Inputs):
+    """The forward's launches: [pre-pass,] fast attention, exact attention. ``attention(config, exact)`` builds one."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.decode = self.lq <= DECODE_ROWS
+        self.out = torch.empty_like(self.q, memory_format=torch.contiguous_format)
+        rows = (self.batch, self.hq, self.lq)
+        self.lse2 = torch.empty(rows, device=self.q.device, dtype=accumulator_dtype(self.q.dtype))
+        self.marks = torch.empty(rows, device=self.q.device, dtype=torch.int8)
+        self.k_src, self.v_src, self.pre = self.k, self.v, None
+        if not self.decode:
+            self.pre, self.k_src, self.v_src = self.infuse_launch()
+
+    def attention(self, config: TileConfig, exact: bool = False) -> Launch:
+        """The attention pass on ``config`` (RESCALE is passed only to the infusing decode variant, which computes the
+        gate: the other variants compile once for both settings)."""
+        n_m = triton.cdiv(self.lq, config.block_m)
+        return Launch(
+            "fwd_exact" if exact else "fwd", _attn_fwd_kernel, (n_m * self.batch * self.hq,),
+            (self.q, self.k_src, self.v_src, *self.vectors, self.head_logit, self.kvm, self.out, self.lse2, self.marks,
+             *_strides(self.q), *_strides(self.k_src), *_strides(self.v_src), *_strides(self.out),
+             self.hq, self.hkv, self.lq, self.lk, self.d, n_m, *_split_scales(self.scale)),
+            {"GROUP": self.group, "CAUSAL": self.causal, "HAS_KV_MASK": self.has_kv_mask, "INFUSE": self.decode,
+             "RESCALE": self.rescale and self.decode, "EXACT": exact, "BLOCK_D": self.block_d, **self.dots,
+             **config.launch_args(self.interpreted)},
+            config,
+        )  # fmt: skip
+
+    def launches(self, config: TileConfig) -> list[Launch]:
+        exact = exact_config(config, "fwd")
+        return [*([self.pre] if self.pre else []), self.attention(config), self.attention(exact, exact=True)]
+
+
+class BackwardPlan(_Inputs):
+    """The backward's launches: pre-pass, delta, dq (fast, exact), dK'dV' (fast, exact), infusion backward."""
+
+    def __init__(self, grad_out, q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, out, lse2, causal, scale,
+                 rescale):  # fmt: skip
+        super().__init__(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale)
+        self.grad_out, self.out, self.lse2 = _last_dim_contiguous(grad_out), _last_dim_contiguous(out), lse2
+        dev, acc = self.q.device, accumulator_dtype(self.q.dtype)
+        self.pre, self.k_inf, self.v_inf = self.infuse_launch()
+        self.delta = torch.empty((self.batch, self.hq, self.lq), device=dev, dtype=acc)
+        self.dq = torch.empty_like(self.q, memory_format=torch.contiguous_format)
+        self.dq_marks = torch.empty((self.batch, self.hq, self.lq), device=dev, dtype=torch.int8)
+        self.dk_inf = torch.empty((self.batch, self.hkv, self.lk, self.d), device=dev, dtype=acc)
+        self.dv_inf = torch.empty_like(self.dk_inf)
+        self.kv_marks = torch.empty((self.batch, self.hkv, self.lk), device=dev, dtype=torch.int8)
+        self.dk = torch.empty_like(self.k, memory_format=torch.contiguous_format)
+        self.dv = torch.empty_like(self.v, memory_format=torch.contiguous_format)
+        self.rows = elementwise_rows(self.interpreted)
+        self.n_parts = triton.cdiv(self.lk, self.rows)
+        self.parts = [
+            torch.empty((self.batch, self.hkv, self.n_parts, self.d), device=dev, dtype=acc) for _ in range(4)
+        ]
+        self.dhl_part = torch.zeros((self.batch, self.hkv, self.n_parts), device=dev, dtype=acc)
+        self.common = {"GROUP": self.group, "CAUSAL": self.causal, "HAS_KV_MASK": self.has_kv_mask,
+                       "BLOCK_D": self.block_d, **self.dots}  # fmt: skip
+
+    def delta_launch(self) -> Launch:
+        n_m = triton.cdiv(self.lq, self.rows)
+        return Launch(
+            "delta", _attn_bwd_delta_kernel, (n_m * self.batch * self.hq,),
+            (self.out, self.grad_out, self.delta, *_strides(self.out), *_strides(self.grad_out),
+             self.hq, self.lq, self.d, n_m),
+            {"BLOCK_M": self.rows, "BLOCK_D": self.block_d, "ACC": self.dots["ACC"], **_warps(self.interpreted)},
+        )  # fmt: skip
+
+    def dq_launch(self, config: TileConfig, exact: bool = False) -> Launch:
+        n_m = triton.cdiv(self.lq, config.block_m)
+        return Launch(
+            "bwd_dq_exact" if exact else "bwd_dq", _attn_bwd_dq_kernel, (n_m * self.batch * self.hq,),
+            (self.q, self.k_inf, self.v_inf, self.kvm, self.grad_out, self.lse2, self.delta, self.dq, self.dq_marks,
+             *_strides(self.q), *_strides(self.grad_out), *_strides(self.dq),
+             self.hq, self.hkv, self.lq, self.lk, self.d, n_m, *_split_scales(self.scale)),
+            {**self.common, "EXACT": exact, **config.launch_args(self.interpreted)},
+            config,
+        )  # fmt: skip
+
+    def dkdv_launch(self, config: TileConfig, exact: bool = False) -> Launch:
+        n_n = triton.cdiv(self.lk, config.block_n)
+        return Launch(
+            "bwd_dkdv_exact" if exact else "bwd_dkdv", _attn_bwd_dkdv_kernel, (n_n * self.batch * self.hkv,),
+            (self.q, self.k_inf, self.v_inf, self.kvm, self.grad_out, self.lse2, self.delta, self.dk_inf, self.dv_inf,
+             self.kv_marks, *_strides(self.q), *_strides(self.grad_out),
+             self.hq, self.hkv, self.lq, self.lk, self.d, n_n, *_split_scales(self.scale)),
+            {**self.common, "EXACT": exact, **config.launch_args(self.interpreted)},
+            config,
+        )  # fmt: skip
+
+    def infusion_launch(self) -> Launch:
+        return Launch(
+            "infusion_bwd", _infusion_bwd_kernel, (self.n_parts * self.batch * self.hkv,),
+            (self.k, self.v, *self.vectors, self.head_logit, self.dk_inf, self.dv_inf,
+             self.dk, self.dv, *self.parts, self.dhl_part,
+             *_strides(self.k), *_strides(self.v), *_strides(self.dk), *_strides(self.dv),
+             self.hkv, self.lk, self.d, self.n_parts),
+            {"RESCALE": self.rescale, "BLOCK_N": self.rows, "BLOCK_D": self.block_d, "ACC": self.dots["ACC"],
+             **_warps(self.interpreted, 8)},  # four fp32 (rows, D) tiles live at once: 8 warps keep them in registers
+        )  # fmt: skip
+
+    def gradients(self) -> tuple[torch.Tensor, ...]:
+        dk_mul, dk_add, dv_mul, dv_add = (p.sum(dim=2).to(self.q.dtype) for p in self.parts)
+        dhead_logit = self.dhl_part.sum(dim=(0, 2)).to(self.head_logit.dtype)
+        return self.dq, self.dk, self.dv, dk_mul, dk_add, dv_mul, dv_add, dhead_logit
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Entry points (torch.library ops call these; inputs are validated there)
+# --------------------------------------------------------------------------------------------------------------------
 
 
 def mit_attention_triton_fwd(
@@ -479,34 +805,18 @@ def mit_attention_triton_fwd(
     scale: float,
     rescale: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward. Returns ``out`` (B, Hq, Lq, D) in q's dtype and ``lse2`` (B, Hq, Lq) fp32 (base-2 log-sum-exp
+    """Run the forward. Returns ``out`` (B, Hq, Lq, D) in q's dtype and ``lse2`` (B, Hq, Lq) fp32 (base-2 log-sum-exp
     of the scaled scores; +inf for rows that see no key). Inputs are assumed validated."""
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    k_mul, k_add, v_mul, v_add = (x.contiguous() for x in (k_mul, k_add, v_mul, v_add))
-    batch, hq, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse2 = torch.empty((batch, hq, lq), device=q.device, dtype=accumulator_dtype(q.dtype))
-    kvm, has_kv_mask = _kv_mask_arg(kv_mask, q)
-    block_d = _block_d(d)
-
-    def launch(config: TileConfig) -> None:
-        grid = (triton.cdiv(lq, config.block_m), batch * hq)
-        _mit_attn_fwd_kernel[grid](
-            q, k, v, k_mul, k_add, v_mul, v_add, head_logit.contiguous(), kvm, out, lse2,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            hq, hkv, lq, lk, d, *_split_scales(scale),
-            GROUP=hq // hkv, CAUSAL=causal, RESCALE=rescale, HAS_KV_MASK=has_kv_mask, BLOCK_D=block_d,
-            **config.launch_args(), **_precision(q.dtype),
-        )  # fmt: skip
-
-    key = (q.dtype, hq // hkv, causal, rescale, has_kv_mask)
-    decode = lq <= DECODE_ROWS
-    launch(choose("fwd", block_d, q, key, launch, decode=decode, interpreter=interpreter_active()))
-    return out, lse2
+    plan = ForwardPlan(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale)
+    if plan.pre is not None:
+        plan.pre()
+    config = choose(
+        "fwd", plan.block_d, plan.q, plan.tune_key, lambda c: plan.attention(c)(), decode=plan.decode,
+        interpreter=plan.interpreted,
+    )  # fmt: skip
+    plan.attention(config)()
+    plan.attention(exact_config(config, "fwd"), exact=True)()
+    return plan.out, plan.lse2
 
 
 def mit_attention_triton_bwd(
@@ -526,69 +836,32 @@ def mit_attention_triton_bwd(
     scale: float,
     rescale: bool,
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the backward. Returns (dq, dk, dv, dk_mul, dk_add, dv_mul, dv_add, dhead_logit) in the inputs' dtypes.
+    """Run the backward. Returns (dq, dk, dv, dk_mul, dk_add, dv_mul, dv_add, dhead_logit) in the inputs' dtypes.
 
     Deterministic: the (B, Hkv, D) vector gradients and dhead_logit are per-key-block partial sums (fp32) reduced by
     ``torch.sum``; no atomics are used anywhere."""
-    q, k, v, out, grad_out = (_last_dim_contiguous(x) for x in (q, k, v, out, grad_out))
-    k_mul, k_add, v_mul, v_add = (x.contiguous() for x in (k_mul, k_add, v_mul, v_add))
-    batch, hq, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
-    prec = _precision(q.dtype)
-    acc_dtype = accumulator_dtype(q.dtype)
-    kvm, has_kv_mask = _kv_mask_arg(kv_mask, q)
-    common = {"GROUP": hq // hkv, "CAUSAL": causal, "RESCALE": rescale, "HAS_KV_MASK": has_kv_mask, **prec}
+    plan = BackwardPlan(
+        grad_out, q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, out, lse2, causal, scale, rescale
+    )
+    plan.pre()
+    plan.delta_launch()()
+    tune = {"interpreter": plan.interpreted}
+    dq_config = choose("bwd_dq", plan.block_d, plan.q, plan.tune_key, lambda c: plan.dq_launch(c)(), **tune)
+    plan.dq_launch(dq_config)()
+    plan.dq_launch(exact_config(dq_config, "bwd_dq"), exact=True)()
+    dkdv_config = choose("bwd_dkdv", plan.block_d, plan.q, plan.tune_key, lambda c: plan.dkdv_launch(c)(), **tune)
+    plan.dkdv_launch(dkdv_config)()
+    plan.dkdv_launch(exact_config(dkdv_config, "bwd_dkdv"), exact=True)()
+    plan.infusion_launch()()
+    return plan.gradients()
 
-    block_d = _block_d(d)
-    interpreted = interpreter_active()
-    key = (q.dtype, hq // hkv, causal, rescale, has_kv_mask)
-    delta = torch.empty((batch, hq, lq), device=q.device, dtype=acc_dtype)
-    delta_rows = 16 if interpreted else 64
-    _mit_attn_bwd_delta_kernel[(triton.cdiv(lq, delta_rows), batch * hq)](
-        out, grad_out, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        hq, lq, d, BLOCK_M=delta_rows, BLOCK_D=block_d, ACC=prec["ACC"],
-    )  # fmt: skip
 
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-
-    def launch_dq(config: TileConfig) -> None:
-        _mit_attn_bwd_dq_kernel[(triton.cdiv(lq, config.block_m), batch * hq)](
-            q, k, v, k_mul, k_add, v_mul, v_add, head_logit.contiguous(), kvm, grad_out, lse2, delta, dq,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            hq, hkv, lq, lk, d, *_split_scales(scale),
-            BLOCK_D=block_d, **common, **config.launch_args(),
-        )  # fmt: skip
-
-    launch_dq(choose("bwd_dq", block_d, q, key, launch_dq, interpreter=interpreted))
-
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-
-    def launch_dkdv(config: TileConfig) -> tuple[list[torch.Tensor], torch.Tensor]:
-        num_kv_blocks = triton.cdiv(lk, config.block_n)
-        parts = [torch.empty((batch, hkv, num_kv_blocks, d), device=q.device, dtype=acc_dtype) for _ in range(4)]
-        dhl_part = torch.zeros((batch, hkv, num_kv_blocks), device=q.device, dtype=acc_dtype)
-        _mit_attn_bwd_dkdv_kernel[(num_kv_blocks, batch * hkv)](
-            q, k, v, k_mul, k_add, v_mul, v_add, head_logit.contiguous(), kvm, grad_out, lse2, delta,
-            dk, dv, *parts, dhl_part,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
-            hq, hkv, lq, lk, d, *_split_scales(scale), num_kv_blocks,
-            BLOCK_D=block_d, **common, **config.launch_args(),
-        )  # fmt: skip
-        return parts, dhl_part
-
-    parts, dhl_part = launch_dkdv(choose("bwd_dkdv", block_d, q, key, launch_dkdv, interpreter=interpreted))
-    dk_mul, dk_add, dv_mul, dv_add = (p.sum(dim=2).to(q.dtype) for p in parts)
-    dhead_logit = dhl_part.sum(dim=(0, 2)).to(head_logit.dtype)
-    return dq, dk, dv, dk_mul, dk_add, dv_mul, dv_add, dhead_logit
+__all__ = [
+    "BackwardPlan",
+    "ForwardPlan",
+    "Launch",
+    "block_d_of",
+    "dot_settings",
+    "mit_attention_triton_bwd",
+    "mit_attention_triton_fwd",
+]

@@ -7,6 +7,8 @@ kernels were (or will be) defined.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -41,3 +43,19 @@ def tl_dtype(dtype: torch.dtype):
 def tl_accumulator(dtype: torch.dtype):
     """The Triton accumulator dtype for inputs of ``dtype``: fp64 for fp64, fp32 otherwise."""
     return tl_dtype(accumulator_dtype(dtype))
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch, built without launching: ``kernel[grid](*args, **kwargs)``. ``name`` names the pass and
+    ``config`` its tile; ``python -m mit_kernels compile-check`` compiles exactly these for real GPU targets."""
+
+    name: str
+    kernel: object
+    grid: tuple[int]
+    args: tuple
+    kwargs: dict
+    config: object = None
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.kwargs)

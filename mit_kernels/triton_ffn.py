@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .reference import accumulator_dtype
-from .triton_common import interpreter_active, tl_accumulator
+from .triton_common import Launch, interpreter_active, tl_accumulator
 
 # --------------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -43,7 +43,7 @@ def _row_offsets(ptr, b, offs_l, offs_f, stride_b, stride_l):
     return ptr + b.to(tl.int64) * stride_b + offs_l.to(tl.int64)[:, None] * stride_l + offs_f[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "F", "NUM_L_BLOCKS"])
 def _ffn_gate_fwd_kernel(
     G, U, M, Y,
     stride_gb, stride_gl,
@@ -67,7 +67,7 @@ def _ffn_gate_fwd_kernel(
     tl.store(_row_offsets(Y, b, offs_l, offs_f, stride_yb, stride_yl), y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "F", "NUM_CHUNKS"])
 def _ffn_gate_bwd_kernel(
     DY, G, U, M, DG, DU, DM_PART,
     stride_dyb, stride_dyl,
@@ -145,25 +145,54 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def ffn_gate_triton_fwd(gate: torch.Tensor, up: torch.Tensor, ffn_mul: torch.Tensor) -> torch.Tensor:
-    """Launch the forward. Returns ``silu(gate) * up * (1 + ffn_mul[:, None, :])``, (B, L, F) contiguous in gate's
-    dtype. Inputs are assumed validated: gate and up (B, L, F), ffn_mul (B, F), one float dtype, one device."""
+def ffn_gate_fwd_launch(gate: torch.Tensor, up: torch.Tensor, ffn_mul: torch.Tensor) -> tuple[Launch, torch.Tensor]:
+    """The forward's launch (not run) and the output it writes."""
     gate, up = _last_dim_contiguous(gate), _last_dim_contiguous(up)
     ffn_mul = ffn_mul.contiguous()
     batch, l, f = gate.shape
     out = torch.empty((batch, l, f), device=gate.device, dtype=gate.dtype)
-    if out.numel() == 0:
-        return out
     cfg = _config(l, f)
     num_l_blocks = triton.cdiv(l, cfg["BLOCK_L"])
-    _ffn_gate_fwd_kernel[(batch * num_l_blocks, triton.cdiv(f, cfg["BLOCK_F"]))](
-        gate, up, ffn_mul, out,
-        gate.stride(0), gate.stride(1),
-        up.stride(0), up.stride(1),
-        out.stride(0), out.stride(1),
-        l, f, num_l_blocks,
-        BLOCK_L=cfg["BLOCK_L"], BLOCK_F=cfg["BLOCK_F"], ACC=_acc(gate.dtype)[1], **_launch_options(cfg),
+    launch = Launch(
+        "ffn_fwd", _ffn_gate_fwd_kernel, (batch * num_l_blocks, triton.cdiv(f, cfg["BLOCK_F"])),
+        (gate, up, ffn_mul, out,
+         gate.stride(0), gate.stride(1), up.stride(0), up.stride(1), out.stride(0), out.stride(1),
+         l, f, num_l_blocks),
+        {"BLOCK_L": cfg["BLOCK_L"], "BLOCK_F": cfg["BLOCK_F"], "ACC": _acc(gate.dtype)[1], **_launch_options(cfg)},
     )  # fmt: skip
+    return launch, out
+
+
+def ffn_gate_bwd_launch(
+    grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, ffn_mul: torch.Tensor
+) -> tuple[Launch, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The backward's launch (not run) and the d gate, d up and d m partial-sum buffers it writes."""
+    grad_out, gate, up = (_last_dim_contiguous(x) for x in (grad_out, gate, up))
+    ffn_mul = ffn_mul.contiguous()
+    batch, l, f = gate.shape
+    acc_torch, acc_tl = _acc(gate.dtype)
+    d_gate = torch.empty((batch, l, f), device=gate.device, dtype=gate.dtype)
+    d_up = torch.empty((batch, l, f), device=gate.device, dtype=up.dtype)
+    cfg = _config(l, f)
+    num_chunks = triton.cdiv(l, cfg["CHUNK_L"])
+    dm_part = torch.empty((batch, num_chunks, f), device=gate.device, dtype=acc_torch)
+    launch = Launch(
+        "ffn_bwd", _ffn_gate_bwd_kernel, (batch * num_chunks, triton.cdiv(f, cfg["BLOCK_F"])),
+        (grad_out, gate, up, ffn_mul, d_gate, d_up, dm_part,
+         grad_out.stride(0), grad_out.stride(1), gate.stride(0), gate.stride(1), up.stride(0), up.stride(1),
+         d_gate.stride(0), d_gate.stride(1), d_up.stride(0), d_up.stride(1),
+         l, f, num_chunks),
+        {**cfg, "ACC": acc_tl, **_launch_options(cfg)},
+    )  # fmt: skip
+    return launch, (d_gate, d_up, dm_part)
+
+
+def ffn_gate_triton_fwd(gate: torch.Tensor, up: torch.Tensor, ffn_mul: torch.Tensor) -> torch.Tensor:
+    """Launch the forward. Returns ``silu(gate) * up * (1 + ffn_mul[:, None, :])``, (B, L, F) contiguous in gate's
+    dtype. Inputs are assumed validated: gate and up (B, L, F), ffn_mul (B, F), one float dtype, one device."""
+    launch, out = ffn_gate_fwd_launch(gate, up, ffn_mul)
+    if out.numel():
+        launch()
     return out
 
 
@@ -174,25 +203,8 @@ def ffn_gate_triton_bwd(
 
     Deterministic: d ffn_mul is reduced over L from per-chunk partial sums (fp32; fp64 for fp64 inputs) by
     ``torch.sum``; no atomics are used."""
-    grad_out, gate, up = (_last_dim_contiguous(x) for x in (grad_out, gate, up))
-    ffn_mul = ffn_mul.contiguous()
-    batch, l, f = gate.shape
-    acc_torch, acc_tl = _acc(gate.dtype)
-    d_gate = torch.empty((batch, l, f), device=gate.device, dtype=gate.dtype)
-    d_up = torch.empty((batch, l, f), device=gate.device, dtype=up.dtype)
+    launch, (d_gate, d_up, dm_part) = ffn_gate_bwd_launch(grad_out, gate, up, ffn_mul)
     if d_gate.numel() == 0:
         return d_gate, d_up, torch.zeros_like(ffn_mul)
-    cfg = _config(l, f)
-    num_chunks = triton.cdiv(l, cfg["CHUNK_L"])
-    dm_part = torch.empty((batch, num_chunks, f), device=gate.device, dtype=acc_torch)
-    _ffn_gate_bwd_kernel[(batch * num_chunks, triton.cdiv(f, cfg["BLOCK_F"]))](
-        grad_out, gate, up, ffn_mul, d_gate, d_up, dm_part,
-        grad_out.stride(0), grad_out.stride(1),
-        gate.stride(0), gate.stride(1),
-        up.stride(0), up.stride(1),
-        d_gate.stride(0), d_gate.stride(1),
-        d_up.stride(0), d_up.stride(1),
-        l, f, num_chunks,
-        **cfg, ACC=acc_tl, **_launch_options(cfg),
-    )  # fmt: skip
+    launch()
     return d_gate, d_up, dm_part.sum(dim=1).to(ffn_mul.dtype)

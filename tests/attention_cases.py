@@ -157,8 +157,9 @@ def check_parity(inputs, dtype, backend, flash_rounding: bool = False, **kwargs)
         magnitude *= max(1.0, max_abs_score(inputs, **kwargs))
     sums = reduction_magnitudes([x.double() for x in inputs], grad_out.double(), **kwargs)
     assert_within_low_precision_rule("out", out, out_low, out64, magnitude)
-    # Triton's dot products take low-precision operands: its fp32 lambda gradient carries the input dtype's roundoff.
-    compute = dtype if backend == "triton" or flash_rounding else None
+    # Triton's and torch SDPA's dot products take low-precision operands (and SDPA's backward returns dK', dV' in the
+    # input dtype): their fp32 lambda gradient carries the input dtype's roundoff.
+    compute = dtype if backend in ("triton", "sdpa") or flash_rounding else None
     for name, got, low, ref, sum_mag in zip(INPUT_NAMES, grads, grads_low, grads64, sums):
         assert got.dtype == low.dtype and got.shape == low.shape, name
         assert_within_low_precision_rule(f"d{name}", got, low, ref, max(magnitude, sum_mag), compute_dtype=compute)

@@ -24,7 +24,7 @@ from mit import MiTConfig
         ({"head_logit_init": math.inf}, "head_logit_init: expected a finite number, got inf"),
         ({"infuse_kv": "false"}, "infuse_kv: expected a bool (true or false), got 'false'"),
         ({"head_rescale": 1}, "head_rescale: expected a bool (true or false), got 1"),
-        ({"backend": "cuda"}, "backend: expected one of ['auto', 'reference', 'triton', 'cpu'], got 'cuda'"),
+        ({"backend": "cuda"}, "backend: expected one of ['auto', 'reference', 'triton', 'cpu', 'sdpa'], got 'cuda'"),
         ({"infuse_kv": False, "infuse_ffn": False}, "infuse_kv, infuse_ffn: at least one must be True"),
     ],
 )

@@ -2,9 +2,13 @@
 sequence lengths, GQA ratios, causal, rescale, padding and zero infusion; fp64 gradcheck; zero infusion equals plain
 attention; rows that see no key; determinism.
 
-Backends: ``triton`` (the Triton interpreter on CPU, the real thing on a GPU) and ``cpu`` (the C++ kernels, compiled
-for the running torch at install or first use). Each test runs for both; the interpreter is slow, so the Triton
-matrix keeps shorter sequences than the C++ one, which also spans the C++ kernels' block sizes and its decode kernel.
+Backends: ``triton`` (the Triton interpreter on CPU, the real thing on a GPU), ``cpu`` (the C++ kernels, compiled
+for the running torch at install or first use) and ``sdpa`` (the infusion in PyTorch + torch's
+scaled_dot_product_attention, on the GPU when there is one). Each test runs for all three (determinism for the fused
+two only: torch's SDPA backward makes no such promise on a GPU); the interpreter is slow, so the Triton matrix keeps
+shorter sequences than the C++ one, which also spans the C++ kernels' block sizes and its decode kernel. The sdpa
+matrix is small: its masks (bottom-right causal with Lq < Lk and Lq > Lk, rows that see no key, padding) and GQA are
+what it adds to torch's SDPA.
 """
 
 from __future__ import annotations
@@ -28,21 +32,27 @@ from attention_cases import (
 from mit_kernels import mit_attention
 from mit_kernels.dispatch import cpu_backend_available
 
-BACKENDS = ["triton", "cpu"]
+FUSED_BACKENDS = ["triton", "cpu"]
+BACKENDS = [*FUSED_BACKENDS, "sdpa"]
 HEADS = [(2, 2), (3, 1), (4, 1)]  # (Hq, Hkv): GQA ratios 1, 3, 4
 MASK_KINDS = ["none", "left_pad", "random"]
 HEAD_DIMS = [32, 64, 128]
 # Per backend: dtypes and (Lq, Lk) pairs; the C++ list adds lengths that span several of its key / query blocks and
 # the split-key decode kernel (few query rows).
-DTYPES = {"triton": [torch.float32, torch.float16, torch.bfloat16], "cpu": [torch.float32, torch.bfloat16]}
+DTYPES = {
+    "triton": [torch.float32, torch.float16, torch.bfloat16],
+    "cpu": [torch.float32, torch.bfloat16],
+    "sdpa": [torch.float32, torch.float16, torch.bfloat16],
+}
 SEQ_LENS = {
     "triton": [(1, 1), (1, 33), (7, 7), (33, 33), (7, 113), (33, 7)],
     "cpu": [(1, 1), (1, 33), (7, 7), (33, 33), (7, 113), (113, 7), (1, 600), (140, 300)],
+    "sdpa": [(1, 1), (1, 33), (33, 33), (7, 113), (33, 7)],
 }
 
 
 def device_of(backend: str) -> torch.device:
-    return DEVICE if backend == "triton" else torch.device("cpu")
+    return DEVICE if backend in ("triton", "sdpa") else torch.device("cpu")
 
 
 @pytest.fixture(params=BACKENDS)
@@ -67,7 +77,8 @@ def _matrix(backend: str) -> list:
 
 
 @pytest.mark.parametrize(
-    "backend, dtype, d, lq, lk, heads, causal, rescale, mask_kind, zero_infusion", _matrix("triton") + _matrix("cpu")
+    "backend, dtype, d, lq, lk, heads, causal, rescale, mask_kind, zero_infusion",
+    _matrix("triton") + _matrix("cpu") + _matrix("sdpa"),
 )
 def test_parity_matrix(backend, dtype, d, lq, lk, heads, causal, rescale, mask_kind, zero_infusion):
     hq, hkv = heads
@@ -144,7 +155,7 @@ def test_gradcheck_fp64_long_keys_cpu():
     assert torch.autograd.gradcheck(lambda *xs: mit_attention(*xs, causal=True, backend="cpu"), inputs, fast_mode=True)
 
 
-@pytest.mark.parametrize("backend_name", [pytest.param("triton", marks=pytest.mark.slow), "cpu"])
+@pytest.mark.parametrize("backend_name", [pytest.param("triton", marks=pytest.mark.slow), "cpu", "sdpa"])
 def test_gradcheck_fp64_full_mode(backend_name):
     backend = require(backend_name)
     inputs = make_attention_inputs(1, 2, 1, 5, 7, 8, torch.float64, device=device_of(backend))
@@ -210,10 +221,12 @@ def test_fully_masked_rows_give_zero_and_no_nan(backend, dtype, lq):
         assert grad[1].abs().sum() == 0 and grad[0, :, :2].abs().sum() == 0
 
 
+@pytest.mark.parametrize("backend_name", FUSED_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backward_is_deterministic(backend, dtype):
+def test_backward_is_deterministic(backend_name, dtype):
     """GQA heads add their dK', dV' contributions in a fixed order and the vector gradients are reduced in a fixed
     order (no atomics): two runs agree bit for bit."""
+    backend = require(backend_name)
     length = 40 if backend == "triton" else 300
     device = device_of(backend)
     inputs = make_attention_inputs(2, 6, 2, length, length, 32, dtype, device=device)

@@ -1,5 +1,5 @@
 """Second-order gradients (create_graph=True): exact through the reference (gradgradcheck), a clear RuntimeError
-through the fused backends, never silently 0."""
+through the fused backends and the sdpa backend (torch's SDPA backward has no derivative), never silently 0."""
 
 from __future__ import annotations
 
@@ -74,3 +74,22 @@ def test_fused_ffn_gate_refuses_double_backward(backend):
     with pytest.raises(RuntimeError, match=op + r".*Use backend='reference'"):
         first = torch.autograd.grad((y**2).sum(), leaves, create_graph=True)
         torch.autograd.grad(sum(g.sum() for g in first), leaves[0])
+
+
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_sdpa_attention_refuses_double_backward(nonfinite):
+    """torch's SDPA backward kernels have no derivative (on CPU and CUDA); the sdpa backend refuses like the fused
+    backends, also when non-finite inputs send it to the reference path, so the answer does not depend on the data."""
+    leaves = _attention_leaves(DEVICE)
+    if nonfinite:
+        with torch.no_grad():
+            leaves[2][0, 0, 1, 0] = float("nan")
+    out = mit_attention(*leaves, backend="sdpa")
+    op = r"torch\.nn\.functional\.scaled_dot_product_attention \(backend='sdpa'\) does not support double backward"
+    with pytest.raises(RuntimeError, match=op + r".*Use backend='reference'"):
+        first = torch.autograd.grad((out**2).sum(), leaves, create_graph=True)
+        torch.autograd.grad(sum(g.sum() for g in first), leaves[0])
+    # A plain backward (no create_graph) still works.
+    out = mit_attention(*leaves, backend="sdpa")
+    grads = torch.autograd.grad((out**2).sum(), leaves)
+    assert nonfinite or all(torch.isfinite(g).all() for g in grads)

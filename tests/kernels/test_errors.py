@@ -154,7 +154,7 @@ def test_integer_and_numpy_scales_are_accepted():
 def test_backend_must_be_a_known_name(backend):
     from mit_kernels.ffn import mit_ffn_gate, resolve_ffn_backend
 
-    pattern = r"backend must be one of \('auto', 'reference', 'triton', 'cpu'\), got "
+    pattern = r"backend must be one of \('auto', 'reference', 'triton', 'cpu', 'sdpa'\), got "
     with pytest.raises(ValueError, match=pattern):
         mit_attention(*_inputs(), backend=backend)
     with pytest.raises(ValueError, match=pattern):

@@ -4,8 +4,10 @@ Random shapes (batch, GQA ratio, Lq <= Lk both equal and not, head dims includin
 (inputs that are transposed views), dtypes, kv_mask patterns (none, random, left padding, a fully masked sample),
 causal and rescale on or off, and NaN / ±Inf placed anywhere: the forward and all gradients must agree with the
 reference, NaN and Inf exactly where the reference puts them and the finite parts by the tolerance rule of
-tests/attention_cases.py. The FFN gate gets the same treatment. Examples are derandomised and bounded so the file runs
-in about a minute on two cores (the Triton backend runs in its interpreter without a GPU).
+tests/attention_cases.py. The FFN gate gets the same treatment (on the fused backends: with "sdpa" it runs the
+reference). Examples are derandomised and bounded so the file runs in about a minute on two cores (the Triton backend
+runs in its interpreter without a GPU). The sdpa backend keeps NaN / Inf exact by running the reference when q, K' or
+V' hold one, so its non-finite cases check that routing as much as the arithmetic.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from mit_kernels import mit_attention
 from mit_kernels.dispatch import cpu_backend_available
 from mit_kernels.ffn import mit_ffn_gate
 
-BACKENDS = ["cpu", "triton"]
+FUSED_BACKENDS = ["cpu", "triton"]
+BACKENDS = [*FUSED_BACKENDS, "sdpa"]
 # Per backend: examples of the finite / non-finite attention properties (the interpreter is slow).
-EXAMPLES = {"cpu": (60, 80), "triton": (8, 12)}
-LOW_PRECISION = {"cpu": torch.bfloat16, "triton": torch.float16}
+EXAMPLES = {"cpu": (60, 80), "triton": (8, 12), "sdpa": (60, 80)}
+LOW_PRECISION = {"cpu": torch.bfloat16, "triton": torch.float16, "sdpa": torch.bfloat16}
 
 
 def _settings(n: int):
@@ -160,7 +163,7 @@ def ffn_cases(draw, nonfinite: bool):
     return tensors
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("nonfinite", [False, True])
 def test_ffn_gate_agrees_with_the_reference(backend, nonfinite):
     device = _device(backend)
