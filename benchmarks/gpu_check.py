@@ -6,15 +6,21 @@ transformers are used):
     PYTHONPATH=. python benchmarks/gpu_check.py --out $OUT      # writes CSV + PNG there, a summary table at the end
     python benchmarks/gpu_check.py --dry-run --out /tmp/x      # the same code on tiny shapes, CPU, Triton interpreter
 
+0. Compile check (``python -m mit_kernels compile-check`` for the device's architecture, see
+   :mod:`mit_kernels.compile_check`): every kernel's default tile compiled for this GPU, registers / spill / shared
+   memory / tensor-core instructions beside a plain flash-attention kernel; its violations are listed in the
+   summary. ``--dry-run`` compiles two cases for sm_90 in a subprocess (the dry run's kernels are the interpreter's).
 1. Parity: the fused forward and all eight gradients (q, k, v, k_mul, k_add, v_mul, v_add, lambda) against the fp64
    reference, with flash-attention's rule (error <= 2x the same math run by the reference in the same precision, plus a
    floor of a few units of roundoff at the magnitude of the computation; token sums use the magnitude of their terms):
    bf16 / fp16 / fp32, D 64 and 128, GQA groups 1 / 4 / 8, causal with left padding and non-causal with random key
    masks, odd lengths, decode (Lq 1 over a long cache), L 8192, and a view whose offsets pass 2^31 elements.
-2. Speed (``triton.testing.do_bench``, median): fused MiT; plain attention without infusion (SDPA, flash backend); the
-   unfused way (eager infusion + SDPA); the official-code formulation (eager infusion + explicit softmax, as the
-   reference). Forward, forward+backward and decode; bf16, D 128, 32 query heads, GQA 8, L 1k-16k. TFLOP/s count the
-   causal half (flash-attention's convention: 2 B Hq L^2 D forward, x 2.5 for the backward); ratios to plain.
+2. Speed (``triton.testing.do_bench``, median): fused MiT; the exact SDPA fallback backend (``backend="sdpa"``, what
+   ``auto`` runs where Triton cannot: the fused kernel must beat it to earn its place as the default); plain attention
+   without infusion (SDPA, flash backend); the unfused way (eager infusion + SDPA); the official-code formulation
+   (eager infusion + explicit softmax, as the reference). Forward, forward+backward and decode; bf16, D 128, 32 query
+   heads, GQA 8, L 1k-16k. TFLOP/s count the causal half (flash-attention's convention: 2 B Hq L^2 D forward, x 2.5
+   for the backward); ratios to plain.
 3. Peak memory (``torch.cuda.max_memory_allocated`` above the inputs) of the same forward+backward, and of one training
    step of a few LLaMA-2-7B-shaped decoder layers (random weights, bf16): MiT vs prefix concatenation of 576 image
    tokens (LLaVA style, a trained projector).
@@ -208,6 +214,7 @@ def plain_inputs(inputs: list[torch.Tensor], gqa: bool) -> list[torch.Tensor]:
 
 METHODS = {
     "fused": lambda *xs, causal=True: mit_kernels.mit_attention(*xs, causal=causal, backend="triton"),
+    "sdpa_backend": lambda *xs, causal=True: mit_kernels.mit_attention(*xs, causal=causal, backend="sdpa"),
     "plain_flash": plain_attention,
     "unfused": lambda *xs, causal=True: unfused_mit(*xs, causal=causal),
     "official": lambda *xs, causal=True: mit_attention_reference(*xs, causal=causal),
@@ -355,27 +362,55 @@ def summary(parity, speed, steps, header) -> list[str]:
               for r in failed[:8]]  # fmt: skip
     by = {(r["method"], r["L"]): r for r in speed}
     lines.append(f"{'L':>6} {'fused TF/s':>10} {'plain TF/s':>10} {'vs plain':>8} {'vs official':>11} "
-                 f"{'decode/plain':>12} {'fused MiB':>9}")  # fmt: skip
+                 f"{'vs sdpa':>8} {'decode/plain':>12} {'decode/sdpa':>11} {'fused MiB':>9}")  # fmt: skip
     for length in sorted({r["L"] for r in speed}):
         f, p, o = by.get(("fused", length)), by.get(("plain_flash", length)), by.get(("official", length))
+        s = by.get(("sdpa_backend", length))
         vs_official = f"{o['fwd_bwd_ms'] / f['fwd_bwd_ms']:.2f}x" if o else "-"
+        vs_sdpa = f"{s['fwd_bwd_ms'] / f['fwd_bwd_ms']:.2f}x" if s else "-"
+        decode_sdpa = f"{f['decode_ms'] / s['decode_ms']:.2f}x" if s else "-"
         lines.append(f"{length:>6} {f['fwd_bwd_tflops']:>10.1f} {p['fwd_bwd_tflops']:>10.1f} "
-                     f"{f['fwd_bwd_tflops'] / p['fwd_bwd_tflops']:>7.2f}x {vs_official:>11} "
-                     f"{f['decode_ms'] / p['decode_ms']:>11.2f}x {f['peak_mib']:>9.0f}")  # fmt: skip
+                     f"{f['fwd_bwd_tflops'] / p['fwd_bwd_tflops']:>7.2f}x {vs_official:>11} {vs_sdpa:>8} "
+                     f"{f['decode_ms'] / p['decode_ms']:>11.2f}x {decode_sdpa:>11} {f['peak_mib']:>9.0f}")  # fmt: skip
     for length in sorted({r["L"] for r in steps}):
         m = next(r for r in steps if r["L"] == length and r["method"] == "mit")
         p = next(r for r in steps if r["L"] == length and r["method"] == "prefix")
         lines.append(f"train step L={length}: MiT {m['peak_mib']:.0f} MiB {m['step_ms']:.1f} ms; prefix "
                      f"{p['peak_mib']:.0f} MiB {p['step_ms']:.1f} ms")  # fmt: skip
-    lines.append("targets: fused fwd+bwd >= 0.9x plain and >= 4x official throughput; decode <= 1.2x plain")
+    lines.append(
+        "targets: fused fwd+bwd >= 0.9x plain and >= 4x official throughput; decode <= 1.2x plain; "
+        "fused faster than the sdpa backend (vs sdpa > 1x, decode/sdpa < 1x)"
+    )
     return lines
+
+
+def compile_section(dry: bool, device: torch.device, out: pathlib.Path, name: str) -> list[str]:
+    """Step 0: the compile check for this GPU's architecture (a two-case smoke run for sm_90 in a dry run, in a
+    subprocess: the dry run's own kernels are the interpreter's). Writes its CSV; returns the summary lines."""
+    import subprocess
+
+    csv_path = out / f"gpu_check_{name}_compile.csv"
+    if dry:
+        arch, extra = 90, ["--limit", "2"]
+    else:
+        major, minor = torch.cuda.get_device_capability(device)
+        arch, extra = major * 10 + minor, []
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "mit_kernels", "compile-check", "--arch", str(arch), "--no-progress",
+               "--csv", str(csv_path), *extra]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=HERE.parent)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("Triton ", "- ", "No violations"))]
+    return [f"compile check (sm_{arch}, exit {result.returncode}):", *[f"  {line}" for line in lines]] + (
+        [f"  {result.stderr.strip().splitlines()[-1]}"] if result.returncode and result.stderr.strip() else []
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
     parser.add_argument("--out", type=pathlib.Path, default=HERE / "results")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["parity", "speed", "steps"], help="sections to skip")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["compile", "parity", "speed", "steps"],
+                        help="sections to skip")  # fmt: skip
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
@@ -391,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
+    compile_lines = [] if "compile" in args.skip else compile_section(dry, device, args.out, name)
     parity: list[dict] = []
     os.environ["MIT_TRITON_AUTOTUNE"] = "0"  # parity checks the default tiles; every case would otherwise tune
     if "parity" not in args.skip:
@@ -423,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     if speed and steps:
         plot(speed, steps, args.out / f"gpu_check_{name}.png", header)
     lines = summary(parity, speed, steps, header) if speed and steps else [header]
+    lines += compile_lines
     from mit_kernels.triton_configs import tuned_configs
 
     for key, config in sorted(tuned_configs().items(), key=str):  # which tiles the autotuner chose (empty: dry run)

@@ -15,7 +15,15 @@ Passes (one program per tile; every grid is one-dimensional, so no axis meets CU
   flash-attention kernel of the same tile (``python -m mit_kernels compile-check`` measures both side by side).
   Cost: one read of K, V and one write of K', V' (O(B Hkv Lk D)), against the O(B Hq Lq Lk D) attention work.
 - Decode (Lq <= ``DECODE_ROWS``) is memory-bound: there the forward infuses each K/V tile as it is loaded
-  (``INFUSE=True``) instead, so the cache is read once per step and nothing is written.
+  (``INFUSE=True``) instead, so the cache is read once per step and nothing is written. On 16-row tiles (mma.sync
+  targets: sm_80, sm_86, sm_89) the infusion is distributed over the products (``SPLIT``)::
+
+      q . K'_t = q . k_t + g_t ((q * k_mul) . k_t + q . k_add)
+      sum_t p_t V'_t = sum_t p_t v_t + (sum_t p_t g_t v_t) * v_mul + (sum_t p_t g_t) v_add
+
+  so the raw tiles feed the tensor cores from the load pipeline and no infused copy is staged in shared memory (K' is
+  then not rounded to the input dtype before its product: a little more exact than the pre-pass); on 64-row tiles
+  (wgmma, sm_90 / sm_100) the tile is infused in registers, whose extra accumulator would not fit there.
 - Forward: softmax runs online in base 2, ``s = (q . K'_t) * scale * log2(e)``; it saves ``lse2 = m + log2(l)`` per
   query row (+inf for a row that sees no key, so the backward's ``p = exp2(s - lse2)`` is 0 there; NaN for a row whose
   visible scores are all -inf).
@@ -303,13 +311,14 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_om,
     Hq, Hkv, Lq, Lk, D, NUM_M_BLOCKS, scale_hi, scale_lo, scale_log2_hi, scale_log2_lo,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, RESCALE: tl.constexpr, HAS_KV_MASK: tl.constexpr,
-    INFUSE: tl.constexpr, EXACT: tl.constexpr,
+    INFUSE: tl.constexpr, SPLIT: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """O and lse2 of one block of query rows of one query head. K, V are K', V' (the pre-pass's output) unless INFUSE,
-    in which case they are the raw keys and values, infused tile by tile (decode). MARK (B*Hq*Lq int8): written by the
-    fast variant (1 = the row came out non-finite), read by the exact one."""
+    in which case they are the raw keys and values (decode), infused tile by tile, or with SPLIT (fast variant, 16-row
+    tiles) distributed over the products. MARK (B*Hq*Lq int8): written by the fast variant (1 = the row came out
+    non-finite), read by the exact one."""
     pid = tl.program_id(0)
     pid_bh = (pid // NUM_M_BLOCKS).to(tl.int64)
     pid_m = NUM_M_BLOCKS - 1 - pid % NUM_M_BLOCKS  # the longest causal rows start first
@@ -327,7 +336,8 @@ def _attn_fwd_kernel(
         run = _any_marked(MARK, pid_bh * Lq, offs_m, Lq)
         todo = todo & run
         hi = tl.where(run, hi, 0)
-    q = _load_tile(Q + b * stride_qb + hq * stride_qh, offs_m, offs_d, stride_qm, Lq, D, ACC).to(DOT)
+    q_acc = _load_tile(Q + b * stride_qb + hq * stride_qh, offs_m, offs_d, stride_qm, Lq, D, ACC)
+    q = q_acc.to(DOT)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     if INFUSE:
@@ -340,25 +350,42 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    if SPLIT:
+        # Decode on 16-row tiles (mma.sync targets): the infusion distributed over the products, so raw K / V tiles
+        # feed the tensor cores straight from the load pipeline (no infused copy is staged in shared memory):
+        #   q . K'_t = q . k_t + g_t ((q * k_mul) . k_t + q . k_add)
+        #   sum_t p_t V'_t = sum_t p_t v_t + (sum_t p_t g_t v_t) * v_mul + (sum_t p_t g_t) v_add
+        q_kmul = (q_acc * k_mul[None, :]).to(DOT)
+        q_kadd = tl.sum(q_acc * k_add[None, :], axis=1)
+        acc_g = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+        l_g = tl.zeros([BLOCK_M], ACC)
     first = Lk * 0  # the first attendable key (int32, like the loop's offsets); without a padding mask, key 0
     if HAS_KV_MASK:
         first = Lk + 0
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         keep = _key_keep(KVM, b, offs_n, Lk, HAS_KV_MASK)
-        if INFUSE:  # K', V' rounded to the inputs' dtype, exactly as the pre-pass stores them
-            v_raw = _load_tile(v_base, offs_n, offs_d, stride_vn, Lk, D, ACC)
-            gate = _gate(v_raw, v_add, clamped_norm_a, head_logit, RESCALE)[0]
-            k_raw = _load_tile(k_base, offs_n, offs_d, stride_kn, Lk, D, ACC)
-            k = _infuse(k_raw, k_mul, k_add, gate).to(K.dtype.element_ty).to(DOT)
-            v = _infuse(v_raw, v_mul, v_add, gate).to(V.dtype.element_ty).to(DOT)
-        else:
+        if SPLIT:
             k = _load_tile(k_base, offs_n, offs_d, stride_kn, Lk, D, DOT)
             v = _load_tile(v_base, offs_n, offs_d, stride_vn, Lk, D, DOT)
-        if EXACT:  # a padded key's V' row is zeroed: its p = 0 would otherwise meet a NaN / Inf there
-            v = tl.where(keep[:, None], v, 0.0)
+            gate = _gate(v.to(ACC), v_add, clamped_norm_a, head_logit, RESCALE)[0]
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+            s_mul = tl.dot(q_kmul, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+            s = (s + gate[None, :] * (s_mul + q_kadd[:, None])) * scale_log2
+        else:
+            if INFUSE:  # exact decode: K', V' rounded to the inputs' dtype, as the pre-pass stores them
+                v_raw = _load_tile(v_base, offs_n, offs_d, stride_vn, Lk, D, ACC)
+                gate = _gate(v_raw, v_add, clamped_norm_a, head_logit, RESCALE)[0]
+                k_raw = _load_tile(k_base, offs_n, offs_d, stride_kn, Lk, D, ACC)
+                k = _infuse(k_raw, k_mul, k_add, gate).to(K.dtype.element_ty).to(DOT)
+                v = _infuse(v_raw, v_mul, v_add, gate).to(V.dtype.element_ty).to(DOT)
+            else:
+                k = _load_tile(k_base, offs_n, offs_d, stride_kn, Lk, D, DOT)
+                v = _load_tile(v_base, offs_n, offs_d, stride_vn, Lk, D, DOT)
+            if EXACT:  # a padded key's V' row is zeroed: its p = 0 would otherwise meet a NaN / Inf there
+                v = tl.where(keep[:, None], v, 0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * scale_log2
 
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * scale_log2
         allowed = _allowed(offs_m, offs_n, keep, Lq, Lk, CAUSAL)
         s = tl.where(allowed, s, float("-inf"))
         if HAS_KV_MASK:
@@ -376,7 +403,13 @@ def _attn_fwd_kernel(
             acc = _visible_dot(acc * alpha[:, None], tl.where(allowed, p, 0.0), v, allowed, ACC, DOT, PRECISION)
         else:
             acc = tl.dot(p.to(DOT), v, acc * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
+            if SPLIT:
+                p_gate = p * gate[None, :]
+                acc_g = tl.dot(p_gate.to(DOT), v, acc_g * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
+                l_g = l_g * alpha + tl.sum(p_gate, axis=1)
         m_i = m_new
+    if SPLIT:
+        acc = acc + acc_g * v_mul[None, :] + l_g[:, None] * v_add[None, :]
 
     # A row that sees no key gives 0 (lse2 = +inf); one that sees keys keeps what its statistics give: NaN for NaN
     # scores or values, and NaN when all its visible scores are -inf (l = 0).
@@ -703,6 +736,7 @@ class ForwardPlan(_Inputs):
              self.hq, self.hkv, self.lq, self.lk, self.d, n_m, *_split_scales(self.scale)),
             {"GROUP": self.group, "CAUSAL": self.causal, "HAS_KV_MASK": self.has_kv_mask, "INFUSE": self.decode,
              "RESCALE": self.rescale and self.decode, "EXACT": exact, "BLOCK_D": self.block_d, **self.dots,
+             "SPLIT": self.decode and not exact and config.block_m <= 16,
              **config.launch_args(self.interpreted)},
             config,
         )  # fmt: skip

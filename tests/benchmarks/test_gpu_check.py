@@ -30,10 +30,13 @@ def test_gpu_check_dry_run(tmp_path):
     assert {r["case"] for r in parity} >= {"causal+left_pad", "noncausal+random_mask", "decode", "long", "offsets>2^31"}
     assert all(r["passed"] == "True" for r in parity), [r for r in parity if r["passed"] != "True"]
     speed = read(tmp_path / "gpu_check_dry-run-cpu_speed.csv")
-    assert {r["method"] for r in speed} == {"fused", "plain_flash", "unfused", "official"}
+    assert {r["method"] for r in speed} == {"fused", "sdpa_backend", "plain_flash", "unfused", "official"}
     assert all(float(r["fwd_ms"]) > 0 and float(r["peak_mib"]) >= 0 for r in speed)
     steps = read(tmp_path / "gpu_check_dry-run-cpu_steps.csv")
     assert {r["method"] for r in steps} == {"mit", "prefix"}
     assert (tmp_path / "gpu_check_dry-run-cpu.png").stat().st_size > 10_000
     summary = (tmp_path / "gpu_check_dry-run-cpu_summary.txt").read_text()
     assert "parity: 103/103 tensors within the rule" in summary and "targets:" in summary
+    compiled = read(tmp_path / "gpu_check_dry-run-cpu_compile.csv")  # step 0: the compile check's smoke run
+    assert len(compiled) == 2 and all(r["compiled"] == "True" and r["arch"] == "90" for r in compiled)
+    assert "compile check (sm_90, exit 0):" in summary
