@@ -70,6 +70,8 @@ def mit_attention(
     check_bool("rescale", rescale)
     scale = check_scale(scale)
     which = dispatch.resolve(backend, q.device, q.shape[-1])
+    if which == "triton" and backend == "auto" and q.dtype == torch.float64 and q.device.type != "cpu":
+        which = "sdpa"  # the GPU kernels are compiled and checked for fp16 / bf16 / fp32 (fp64: the interpreter's)
     if which == "reference":
         return mit_attention_reference(
             q, k, v, k_mul, k_add, v_mul, v_add, head_logit,

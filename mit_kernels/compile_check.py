@@ -42,10 +42,10 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ATTENTION_PASSES = ("fwd", "bwd_dq", "bwd_dkdv")
 MMA_KIND = {80: "HMMA", 90: "HGMMA", 100: "UTCMMA"}
 CSV_FIELDS = (
-    "kernel", "pass", "variant", "arch", "dtype", "head_dim", "causal", "rescale", "kv_mask", "group", "decode",
-    "block_m", "block_n", "num_warps", "num_stages", "default", "kept", "compiled", "error", "shared", "shared_limit",
-    "shared_bound", "fits", "registers", "stack", "mma", "seconds", "yard_registers", "yard_stack", "yard_shared",
-    "yard_mma",
+    "case", "source", "kernel", "pass", "variant", "arch", "dtype", "head_dim", "causal", "rescale", "kv_mask", "group",
+    "decode", "block_m", "block_n", "num_warps", "num_stages", "default", "kept", "compiled", "error", "shared",
+    "shared_limit", "shared_bound", "fits", "registers", "stack", "mma", "seconds", "yard_registers", "yard_stack",
+    "yard_shared", "yard_mma",
 )  # fmt: skip
 
 
@@ -203,6 +203,34 @@ def _compile_stats(launch, arch: int) -> dict:
     return stats
 
 
+def case_key(case: Case) -> str:
+    """A stable text key of ``case`` (the CSV's ``case`` column, what ``--resume`` matches)."""
+    fields = dataclasses.asdict(case)
+    fields["dtype"] = str(case.dtype).removeprefix("torch.")
+    fields["config"] = str(case.config)
+    return repr(tuple(fields.values()))
+
+
+@functools.lru_cache(maxsize=1)
+def source_hash() -> str:
+    """A hash of the kernel sources and tile rules (the CSV's ``source`` column: ``--resume`` reuses a row only when
+    it was compiled from the same sources and Triton)."""
+    import hashlib
+
+    digest = hashlib.sha256(triton_version().encode())
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in (
+        "triton_attention.py",
+        "triton_ffn.py",
+        "triton_common.py",
+        "triton_configs.py",
+        "triton_yardstick.py",
+    ):
+        with open(os.path.join(here, name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def run_case(case: Case) -> dict:
     """Compile one case (and its yardstick, for fast attention passes) and return its CSV row."""
     from .triton_configs import fits, shared_bytes, shared_limit
@@ -211,6 +239,7 @@ def run_case(case: Case) -> dict:
     config = launch.config
     capability = (case.arch // 10, case.arch % 10)
     row = {
+        "case": case_key(case), "source": source_hash(),
         "kernel": getattr(launch.kernel, "__name__", str(launch.kernel)), "pass": case.pass_name,
         "variant": "exact" if case.exact else "fast", "arch": case.arch,
         "dtype": str(case.dtype).removeprefix("torch."),
@@ -287,8 +316,9 @@ def _unique(cases: list[Case]) -> list[Case]:
     return list(dict.fromkeys(cases))
 
 
-def run(cases: list[Case], jobs: int = 1, progress: bool = True) -> list[dict]:
-    """Compile ``cases`` (``jobs`` processes) and return their rows, in order. Needs the kernels defined for
+def run(cases: list[Case], jobs: int = 1, progress: bool = True, on_row=None) -> list[dict]:
+    """Compile ``cases`` (``jobs`` processes) and return their rows, in order; ``on_row(row)`` is called as each
+    one is done (the CLI appends it to the CSV, so an interrupted run can resume). Needs the kernels defined for
     compilation: ValueError under ``TRITON_INTERPRET=1`` (the interpreter's kernels cannot be compiled)."""
     from .triton_common import interpreter_active
 
@@ -297,18 +327,24 @@ def run(cases: list[Case], jobs: int = 1, progress: bool = True) -> list[dict]:
             "the compile check compiles for real GPUs: run it without TRITON_INTERPRET=1 (the kernels were defined "
             "for the interpreter)"
         )
-    if jobs <= 1:
-        rows = []
-        for case in _progress(cases, progress):
-            rows.append(run_case(case))
-        return rows
     # Cases that share a yardstick compile go to the same worker (its cache), in chunks; rows come back in order.
     order = sorted(range(len(cases)), key=lambda i: _yardstick_key(cases[i]))
-    with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
-        done = list(_progress(pool.map(run_case, [cases[i] for i in order], chunksize=16), progress, len(cases)))
+    ordered = [cases[i] for i in order]
+    if jobs <= 1:
+        done = map(run_case, ordered)
+        pool = None
+    else:
+        pool = concurrent.futures.ProcessPoolExecutor(jobs)
+        done = pool.map(run_case, ordered, chunksize=16)
     rows = [None] * len(cases)
-    for position, row in zip(order, done):
-        rows[position] = row
+    try:
+        for position, row in zip(order, _progress(done, progress, len(cases))):
+            rows[position] = row
+            if on_row is not None:
+                on_row(row)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return rows
 
 
@@ -365,6 +401,27 @@ def write_csv(rows: list[dict], path: str) -> None:
         writer.writerows(rows)
 
 
+_INT_FIELDS = ("arch", "head_dim", "group", "shared", "shared_limit", "shared_bound", "registers", "stack", "mma",
+               "yard_registers", "yard_stack", "yard_shared", "yard_mma", "block_m", "block_n", "num_warps",
+               "num_stages")  # fmt: skip
+_BOOL_FIELDS = ("causal", "rescale", "kv_mask", "decode", "default", "kept", "compiled", "fits")
+
+
+def read_csv(path: str) -> list[dict]:
+    """Rows written by :func:`write_csv` (or appended by the CLI), with their numbers and flags typed again."""
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for name in _INT_FIELDS:
+            row[name] = int(row[name]) if row[name] not in ("", None) else ""
+        for name in _BOOL_FIELDS:
+            row[name] = {"True": True, "False": False}.get(row[name], "")
+        row["seconds"] = float(row["seconds"] or 0)
+    return rows
+
+
 def summary(rows: list[dict]) -> str:
     """A short markdown summary: counts, failures, and the default tiles' statistics beside the yardstick."""
     compiled = sum(1 for r in rows if r["compiled"])
@@ -405,12 +462,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--limit", type=int, help="compile only the first N cases (a smoke test of the check)")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="keep the rows of --csv compiled from the same sources and Triton; compile only the missing cases",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     cases = full_cases(args.arch) if args.full else subset_cases(args.arch or (90,))
     cases = cases[: args.limit] if args.limit else cases
-    rows = run(cases, jobs=args.jobs, progress=not args.no_progress)
+    kept = {}
+    if args.resume and args.csv and os.path.exists(args.csv):
+        kept = {r["case"]: r for r in read_csv(args.csv) if r["source"] == source_hash()}
+    todo = [c for c in cases if case_key(c) not in kept]
+    if args.csv:  # the rows kept, then each new one as it is done: an interrupted run loses nothing
+        write_csv([kept[case_key(c)] for c in cases if case_key(c) in kept], args.csv)
+        handle = open(args.csv, "a", newline="")
+        import csv
+
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+
+        def on_row(row: dict) -> None:
+            writer.writerow(row)
+            handle.flush()
+    else:
+        handle, on_row = None, None
+    try:
+        fresh = dict(zip(map(case_key, todo), run(todo, jobs=args.jobs, progress=not args.no_progress, on_row=on_row)))
+    finally:
+        if handle is not None:
+            handle.close()
+    rows = [kept.get(case_key(c)) or fresh[case_key(c)] for c in cases]
     if args.csv:
-        write_csv(rows, args.csv)
+        write_csv(rows, args.csv)  # in case order
     text = summary(rows)
     if args.summary:
         with open(args.summary, "w") as f:

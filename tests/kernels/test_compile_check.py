@@ -132,3 +132,24 @@ def test_fp32_rows_need_only_fit():
     """The lean targets are for fp16 / bf16 (fp32 tiles are 2x the bytes); fp32 must still compile and fit."""
     assert compile_check.violations([_row(dtype="float32", stack=400, mma=0)]) == []
     assert compile_check.violations([_row(dtype="float32", shared=240000, shared_bound=250000, fits=False)])
+
+
+def test_an_interrupted_run_resumes_from_its_csv(tmp_path):
+    """The full matrix takes ~1.5 h on 2 cores: rows are appended as they compile, and --resume keeps those compiled
+    from the same sources and Triton (anything else is compiled again)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    path = tmp_path / "rows.csv"
+    base = [sys.executable, "-m", "mit_kernels", "compile-check", "--no-progress", "--jobs", "1", "--csv", str(path)]
+    first = subprocess.run([*base, "--limit", "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    rows = compile_check.read_csv(str(path))
+    assert len(rows) == 2 and all(r["compiled"] is True and isinstance(r["registers"], int) for r in rows)
+    stale = [{**rows[0], "source": "other sources"}, rows[1]]  # the first row was compiled from other kernels
+    compile_check.write_csv(stale, str(path))
+    second = subprocess.run([*base, "--limit", "3", "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    again = compile_check.read_csv(str(path))
+    assert [r["case"] for r in again] == [r["case"] for r in rows] + [again[2]["case"]]
+    assert again[1]["seconds"] == rows[1]["seconds"]  # kept as it was
+    assert again[0]["source"] == compile_check.source_hash() != "other sources"  # compiled again
