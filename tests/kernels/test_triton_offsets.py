@@ -34,16 +34,18 @@ SCRIPT = textwrap.dedent("""
     vectors = [(0.3 * torch.randn(1, H, D, generator=g)).half().requires_grad_() for _ in range(4)]
     lam = torch.ones(H, requires_grad=True)
     q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-    out = mit_attention(q, k, v, *vectors, lam, backend="triton")
-    compact = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    expected = mit_attention_reference(*[x.double() for x in compact], *[x.double() for x in vectors], lam.double())
-    error = (out.double() - expected).abs().max().item()
-    assert error < 2e-3, f"forward error {error}"
-    (dq, dk, dv) = torch.autograd.grad(out.float().sum(), (q, k, v))
-    (eq, ek, ev) = torch.autograd.grad(expected.sum(), compact)
-    for name, got, want in (("dq", dq, eq), ("dk", dk, ek), ("dv", dv, ev)):
-        err = (got.double() - want).abs().max().item()
-        assert err < 2e-2, f"{name} error {err}"
+    for causal in (True, False):  # row offsets are 64-bit in both modes (not only under the causal bounds)
+        out = mit_attention(q, k, v, *vectors, lam, backend="triton", causal=causal)
+        compact = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        wide = [x.double() for x in compact]
+        expected = mit_attention_reference(*wide, *[x.double() for x in vectors], lam.double(), causal=causal)
+        error = (out.double() - expected).abs().max().item()
+        assert error < 2e-3, f"forward error {error} (causal={causal})"
+        (dq, dk, dv) = torch.autograd.grad(out.float().sum(), (q, k, v))
+        (eq, ek, ev) = torch.autograd.grad(expected.sum(), compact)
+        for name, got, want in (("dq", dq, eq), ("dk", dk, ek), ("dv", dv, ev)):
+            err = (got.double() - want).abs().max().item()
+            assert err < 2e-2, f"{name} error {err} (causal={causal})"
     print("OK", error)
 """)
 
