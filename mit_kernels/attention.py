@@ -23,6 +23,17 @@ def resolve_backend(backend: str, device: torch.device, head_dim: int | None = N
     return dispatch.resolve(backend, device, head_dim)
 
 
+def _gpu_tiles(q: torch.Tensor) -> bool:
+    """The Triton kernels have tiles for q's dtype and head dim on its GPU (no fp64; fp32 at head dim 256 does not
+    fit 99 KiB of shared memory)."""
+    if q.dtype == torch.float64:
+        return False
+    from .triton_configs import has_tiles
+
+    capability = dispatch.device_capability(q.device)
+    return has_tiles(max(16, 1 << (q.shape[-1] - 1).bit_length()), q.element_size(), capability)
+
+
 def mit_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -70,8 +81,8 @@ def mit_attention(
     check_bool("rescale", rescale)
     scale = check_scale(scale)
     which = dispatch.resolve(backend, q.device, q.shape[-1])
-    if which == "triton" and backend == "auto" and q.dtype == torch.float64 and q.device.type != "cpu":
-        which = "sdpa"  # the GPU kernels are compiled and checked for fp16 / bf16 / fp32 (fp64: the interpreter's)
+    if which == "triton" and backend == "auto" and q.device.type != "cpu" and not _gpu_tiles(q):
+        which = "sdpa"  # fp64 (the GPU kernels are compiled and checked for fp16 / bf16 / fp32), or no tile fits
     if which == "reference":
         return mit_attention_reference(
             q, k, v, k_mul, k_add, v_mul, v_add, head_logit,

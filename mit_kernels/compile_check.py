@@ -213,8 +213,9 @@ def case_key(case: Case) -> str:
 
 @functools.lru_cache(maxsize=1)
 def source_hash() -> str:
-    """A hash of the kernel sources and tile rules (the CSV's ``source`` column: ``--resume`` reuses a row only when
-    it was compiled from the same sources and Triton)."""
+    """A hash of the kernel sources and the Triton version (the CSV's ``source`` column: ``--resume`` reuses a row only
+    when it was compiled from the same kernels by the same Triton). The tile rules are not in it: a row's tile is
+    part of its case, and the rule's columns are recomputed when a row is reused."""
     import hashlib
 
     digest = hashlib.sha256(triton_version().encode())
@@ -231,9 +232,22 @@ def source_hash() -> str:
     return digest.hexdigest()[:16]
 
 
+def rule_columns(case: Case) -> dict:
+    """What the tile rule of :mod:`mit_kernels.triton_configs` says of a fast attention case's tile: kept, and its
+    shared-memory bound."""
+    from .triton_configs import fits, shared_bytes
+
+    capability = (case.arch // 10, case.arch % 10)
+    size = case.dtype.itemsize
+    return {
+        "kept": fits(case.pass_name, case.config, case.head_dim, size, capability),
+        "shared_bound": shared_bytes(case.pass_name, case.config, case.head_dim, size),
+    }
+
+
 def run_case(case: Case) -> dict:
     """Compile one case (and its yardstick, for fast attention passes) and return its CSV row."""
-    from .triton_configs import fits, shared_bytes, shared_limit
+    from .triton_configs import shared_limit
 
     launch = build_launch(case)
     config = launch.config
@@ -253,9 +267,7 @@ def run_case(case: Case) -> dict:
     row["fits"] = bool(row["compiled"]) and row["shared"] <= row["shared_limit"]
     attention_fast = case.pass_name in ATTENTION_PASSES and not case.exact
     if attention_fast:
-        size = case.dtype.itemsize
-        row["kept"] = fits(case.pass_name, config, case.head_dim, size, capability)
-        row["shared_bound"] = shared_bytes(case.pass_name, config, case.head_dim, size)
+        row.update(rule_columns(case))
         yard = _yardstick_stats(dataclasses.replace(case, kv_mask=False, rescale=False, default=False))
         row.update({f"yard_{k}": yard[k] for k in ("registers", "stack", "shared", "mma")})
     else:
@@ -472,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     kept = {}
     if args.resume and args.csv and os.path.exists(args.csv):
         kept = {r["case"]: r for r in read_csv(args.csv) if r["source"] == source_hash()}
+    for case in cases:  # reused rows: the current tile rule's verdict
+        if case_key(case) in kept and case.pass_name in ATTENTION_PASSES and not case.exact:
+            kept[case_key(case)].update(rule_columns(case))
     todo = [c for c in cases if case_key(c) not in kept]
     if args.csv:  # the rows kept, then each new one as it is done: an interrupted run loses nothing
         write_csv([kept[case_key(c)] for c in cases if case_key(c) in kept], args.csv)

@@ -89,9 +89,9 @@ def _forward(block_d: int, capability: tuple[int, int], decode: bool) -> list[Ti
         rows = 64 if warpgroup_mma(capability) else 16
         first = TileConfig(rows, 64, 4, 2) if block_d <= 64 else TileConfig(rows, 64, 8, 2)
         return [first, TileConfig(rows, 128, 8, 2), TileConfig(rows, 32, 4, 3), TileConfig(rows, 32, 4, 1), TINY]
-    if block_d <= 64:
-        return [TileConfig(64, 64, 4, 2), TileConfig(128, 64, 8, 2), TileConfig(64, 32, 4, 2),
-                TileConfig(64, 128, 8, 2), SMALL, TINY]  # fmt: skip
+    if block_d <= 64:  # 8 warps: 4 spill on sm_80 without the causal bound (so does no plain kernel)
+        return [TileConfig(64, 64, 8, 2), TileConfig(128, 64, 8, 2), TileConfig(64, 32, 4, 2),
+                TileConfig(64, 64, 4, 2), SMALL, TINY]  # fmt: skip
     if block_d <= 128:
         return [TileConfig(64, 64, 8, 2), TileConfig(32, 64, 4, 2), TileConfig(64, 32, 4, 2),
                 TileConfig(64, 128, 8, 2), SMALL, TINY]  # fmt: skip
@@ -103,7 +103,8 @@ def _backward(pass_name: str, block_d: int, capability: tuple[int, int]) -> list
         if pass_name == "bwd_dq":
             return [TileConfig(64, 64, 4, 2), TileConfig(128, 64, 8, 2), TileConfig(64, 32, 4, 2),
                     TileConfig(32, 64, 4, 2), SMALL, TINY]  # fmt: skip
-        return [TileConfig(64, 64, 8, 2), TileConfig(32, 64, 4, 2), TileConfig(64, 32, 4, 2), TileConfig(64, 128, 8, 2),
+        # 32 query rows per step: 64 x 64 spills on sm_80 (4 or 8 warps) at some flags
+        return [TileConfig(32, 64, 4, 2), TileConfig(64, 64, 8, 2), TileConfig(64, 32, 4, 2), TileConfig(64, 128, 8, 2),
                 SMALL, TINY]  # fmt: skip
     if block_d <= 128:
         if pass_name == "bwd_dq":
@@ -142,24 +143,33 @@ def candidates(
     return kept
 
 
+def has_tiles(block_d: int, dtype_bytes: int, capability: tuple[int, int]) -> bool:
+    """Every pass has a candidate that fits ``capability`` (False only for fp32 at head dim 256 on the 99 KiB parts:
+    ``backend="auto"`` runs "sdpa" there)."""
+    return all(
+        any(fits(p, c, block_d, dtype_bytes, capability) for c in all_candidates(p, block_d, capability, decode))
+        for p, decode in (("fwd", False), ("fwd", True), ("bwd_dq", False), ("bwd_dkdv", False))
+    )
+
+
 def shared_bytes(pass_name: str, config: TileConfig, block_d: int, dtype_bytes: int) -> int:
     """An upper bound of the shared memory Triton allocates for one program of ``pass_name`` with ``config``.
 
     The dot operands that are streamed (K', V' in the forward and dq passes; q, dO in the dK'dV' pass) are buffered
-    ``num_stages`` deep (the software pipeline's buffers), the resident operand once, plus one
-    (BLOCK_M, BLOCK_N) fp32 tile for the layout change between the two products of an iteration; fp32 operands
-    (``tf32x3``: each split into a high and a low TF32 part) count 1.5x. The compile check asserts that it bounds what
-    the compiler reports for every candidate."""
-    stages = config.num_stages
+    ``num_stages`` deep (at least 2), the resident operands once, plus one (BLOCK_M, BLOCK_N) fp32 tile for the layout
+    change between the two products of an iteration and 1 KiB of scratch; fp32 operands (``tf32x3``: split into
+    TF32 parts) count 1.25x. Fitted to, and checked against, what the compiler reports for every candidate of the
+    full compile matrix (benchmarks/compile_check.py)."""
+    stages = max(2, config.num_stages)
     m, n = config.block_m, config.block_n
-    if pass_name == "fwd":
-        operands = m * block_d + stages * 2 * n * block_d
+    if pass_name == "fwd":  # q, and q * k_mul in the decode that distributes the infusion over its products
+        operands = 2 * m * block_d + stages * 2 * n * block_d
     elif pass_name == "bwd_dq":
         operands = 2 * m * block_d + stages * 2 * n * block_d
     else:
         operands = 2 * n * block_d + stages * 2 * m * block_d
-    factor = 1.5 if dtype_bytes == 4 else 1.0
-    return int(factor * dtype_bytes * operands) + 4 * m * n
+    factor = 1.25 if dtype_bytes == 4 else 1.0
+    return int(factor * dtype_bytes * operands) + 4 * m * n + 1024  # + barriers and reduction scratch
 
 
 def fits(pass_name: str, config: TileConfig, block_d: int, dtype_bytes: int, capability: tuple[int, int]) -> bool:
