@@ -158,7 +158,7 @@ def shared_bytes(pass_name: str, config: TileConfig, block_d: int, dtype_bytes: 
     The dot operands that are streamed (K', V' in the forward and dq passes; q, dO in the dK'dV' pass) are buffered
     ``num_stages`` deep (at least 2), the resident operands once, plus one (BLOCK_M, BLOCK_N) fp32 tile for the layout
     change between the two products of an iteration and 1 KiB of scratch; fp32 operands (``tf32x3``: split into
-    TF32 parts) count 1.25x. Fitted to, and checked against, what the compiler reports for every candidate of the
+    TF32 parts) count 1.5x. Fitted to, and checked against, what the compiler reports for every candidate of the
     full compile matrix (benchmarks/compile_check.py)."""
     stages = max(2, config.num_stages)
     m, n = config.block_m, config.block_n
@@ -168,7 +168,7 @@ def shared_bytes(pass_name: str, config: TileConfig, block_d: int, dtype_bytes: 
         operands = 2 * m * block_d + stages * 2 * n * block_d
     else:
         operands = 2 * n * block_d + stages * 2 * m * block_d
-    factor = 1.25 if dtype_bytes == 4 else 1.0
+    factor = 1.5 if dtype_bytes == 4 else 1.0
     return int(factor * dtype_bytes * operands) + 4 * m * n + 1024  # + barriers and reduction scratch
 
 
