@@ -483,7 +483,18 @@ def main(argv: list[str] | None = None) -> int:
     cases = cases[: args.limit] if args.limit else cases
     kept = {}
     if args.resume and args.csv and os.path.exists(args.csv):
-        kept = {r["case"]: r for r in read_csv(args.csv) if r["source"] == source_hash()}
+        existing = read_csv(args.csv)
+        kept = {r["case"]: r for r in existing if r["source"] == source_hash()}
+        if len(kept) < len(existing):  # rows not reused are set aside, never lost
+            import shutil
+            import sys
+
+            shutil.copyfile(args.csv, args.csv + ".bak")
+            message = (
+                f"compile-check: reusing {len(kept)} of {len(existing)} rows of {args.csv} (the others were compiled "
+                f"from other kernel sources or Triton; all kept in {args.csv}.bak)"
+            )
+            print(message, file=sys.stderr)
     for case in cases:  # reused rows: the current tile rule's verdict
         if case_key(case) in kept and case.pass_name in ATTENTION_PASSES and not case.exact:
             kept[case_key(case)].update(rule_columns(case))

@@ -153,3 +153,6 @@ def test_an_interrupted_run_resumes_from_its_csv(tmp_path):
     assert [r["case"] for r in again] == [r["case"] for r in rows] + [again[2]["case"]]
     assert again[1]["seconds"] == rows[1]["seconds"]  # kept as it was
     assert again[0]["source"] == compile_check.source_hash() != "other sources"  # compiled again
+    backup = compile_check.read_csv(str(path) + ".bak")  # the rows that were not reused are set aside
+    assert [r["source"] for r in backup] == ["other sources", rows[1]["source"]]
+    assert "reusing 1 of 2 rows" in second.stderr
