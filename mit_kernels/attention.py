@@ -81,7 +81,7 @@ def mit_attention(
     check_bool("rescale", rescale)
     scale = check_scale(scale)
     which = dispatch.resolve(backend, q.device, q.shape[-1])
-    if which == "triton" and backend == "auto" and q.device.type != "cpu" and not _gpu_tiles(q):
+    if which == "triton" and backend == "auto" and q.device.type == "cuda" and not _gpu_tiles(q):
         which = "sdpa"  # fp64 (the GPU kernels are compiled and checked for fp16 / bf16 / fp32), or no tile fits
     if which == "reference":
         return mit_attention_reference(
