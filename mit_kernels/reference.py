@@ -31,6 +31,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import reference_op
+
 COSINE_EPS = 1e-8
 
 
@@ -96,6 +98,10 @@ def masked_softmax_attention(
 
     q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D). Returns (B, Hq, Lq, D).
     """
+    if torch.compiler.is_compiling():
+        # The non-finite contract needs branches on tensor contents, which a compiled graph cannot hold: the graph
+        # keeps this function as one opaque op that runs it eagerly (mit_kernels/reference_op.py).
+        return reference_op.reference_attention_fwd(q, k, v, kv_mask, causal, scale)
     hq, hkv = q.shape[1], k.shape[1]
     group = hq // hkv
     k = k.repeat_interleave(group, dim=1)
@@ -129,7 +135,7 @@ def visible_scores(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> t
     finite inputs this is exactly ``q @ k^T``; otherwise the columns holding non-finite entries are taken out of the
     product and added back pair by pair, zeroed (before the product) where the pair is hidden.
     """
-    if torch.compiler.is_compiling() or bool(torch.isfinite(q).all() & torch.isfinite(k).all()):
+    if bool(torch.isfinite(q).all() & torch.isfinite(k).all()):
         return torch.matmul(q, k.transpose(-1, -2))
     columns = _nonfinite_columns(q, k)
     scores = torch.matmul(q.index_fill(-1, columns, 0.0), k.index_fill(-1, columns, 0.0).transpose(-1, -2))
@@ -151,8 +157,6 @@ def probs_times_visible_values(probs: torch.Tensor, v: torch.Tensor, allowed: to
     column by column over the allowed pairs only (``p_ij * v_jd``, so a visible key with p = 0 and v = Inf still
     gives NaN, as IEEE arithmetic does).
     """
-    if torch.compiler.is_compiling():
-        return torch.matmul(probs, v)  # no data-dependent branch under torch.compile
     finite = torch.isfinite(v)
     if bool(finite.all()):
         return torch.matmul(probs, v)
