@@ -13,7 +13,9 @@ frozen base is sharded, as functions of the accelerator and the prepared model:
   named as in a single-process run, so a checkpoint loads in any number of processes.
 - :func:`pad_batches`: evaluation runs as many forwards on every process (each one is a collective).
 - :func:`optimizer_state`, :func:`load_optimizer_state`: the optimizer state, full (FQN-keyed) under FSDP,
-  per-rank partitions under DeepSpeed, ``optimizer.state_dict()`` otherwise (single process, DDP: unchanged).
+  per-rank partitions under DeepSpeed, ``optimizer.state_dict()`` otherwise (single process, DDP: unchanged). The
+  DeepSpeed partitions are written as tensors, numbers, strings and containers only and read back with
+  ``torch.load(weights_only=True)``: a checkpoint file never runs code when it is loaded (see :func:`optimizer_state`).
 
 The checkpoint functions and :func:`pad_batches` are collectives under FSDP / DeepSpeed: all processes call them, in
 the same order. The DeepSpeed paths have not run (deepspeed is not installed where this project is tested).
@@ -21,13 +23,17 @@ the same order. The DeepSpeed paths have not run (deepspeed is not installed whe
 
 from __future__ import annotations
 
+import copy
+import enum
 import os
 import pathlib
+import pickle
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from ..utils.safe_pickle import weights_only_reason
 from ..utils.tensors import check_tensors_match
 
 if TYPE_CHECKING:
@@ -172,6 +178,89 @@ def _partition_file(directory: str | os.PathLike, rank: int) -> pathlib.Path:
     return pathlib.Path(directory) / f"optimizer_rank_{rank}.pt"
 
 
+_ATTRIBUTES_OF = "mit.attributes_of"
+_PLAIN_TYPES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _type_name(value: Any) -> str:
+    return f"{type(value).__module__}.{type(value).__qualname__}"
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as what ``torch.load(weights_only=True)`` reads back: tensors (detached, so parameters become plain
+    tensors), numbers, strings, dtypes, devices and dicts / lists / tuples of them; an enum becomes its value. Any
+    other object is a ``TypeError`` naming ``where``."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if type(value) in _PLAIN_TYPES:
+        return value
+    if isinstance(value, enum.Enum):
+        return _plain(value.value, where)
+    if isinstance(value, dict):
+        return {_plain(k, f"{where} key {k!r}"): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(
+        f"{where}: cannot write a {_type_name(value)} into a DeepSpeed optimizer partition; expected tensors, "
+        "numbers, strings, dtypes, devices, enums and dicts / lists / tuples of them (what torch.load(weights_only="
+        "True) reads back), or an object directly under the state dict (saved as its attributes)"
+    )
+
+
+def _plain_partition(state: dict[str, Any], path: str) -> dict[str, Any]:
+    """A ZeRO optimizer's ``state_dict()`` as plain data (see :func:`optimizer_state`)."""
+    out = {}
+    for key, value in state.items():
+        if type(value) not in _PLAIN_TYPES and not isinstance(value, (torch.Tensor, enum.Enum, dict, list, tuple)):
+            if not hasattr(value, "__dict__"):
+                _plain(value, f"{path}[{key!r}]")  # raises the TypeError
+            value = {_ATTRIBUTES_OF: _type_name(value), "attributes": _plain(vars(value), f"{path}[{key!r}]")}
+        out[_plain(key, f"{path} key {key!r}")] = _plain(value, f"{path}[{key!r}]")
+    return out
+
+
+def _read_partition(path: pathlib.Path, optimizer: Any) -> dict[str, Any]:
+    """One partition written by :func:`optimizer_state`, read with ``torch.load(weights_only=True)``; the top-level
+    objects saved as attributes are set on copies of ``optimizer``'s attributes of the same names."""
+    from .trainer import CheckpointError
+
+    try:
+        partition = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"checkpoint {path.parent}: missing the DeepSpeed optimizer partition {path.name}"
+        ) from None
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"refusing to load {path}: {weights_only_reason(error)}, which torch.load(weights_only=True) does not "
+            "admit; DeepSpeed optimizer partitions hold tensors, numbers, strings and containers only (partitions "
+            "written before this format held DeepSpeed objects and cannot be read safely; resume from a newer "
+            "checkpoint)"
+        ) from None
+    except Exception as error:  # truncated zip, ...
+        raise CheckpointError(f"checkpoint {path}: unreadable DeepSpeed optimizer partition ({error})") from None
+    if not isinstance(partition, dict):
+        raise CheckpointError(f"{path}: expected a DeepSpeed optimizer state dict, got {type(partition).__name__}")
+    for key, value in partition.items():
+        if isinstance(value, dict) and _ATTRIBUTES_OF in value:
+            live = getattr(optimizer, key, None) if isinstance(key, str) else None
+            if (
+                live is None
+                or _type_name(live) != value[_ATTRIBUTES_OF]
+                or not isinstance(value.get("attributes"), dict)
+            ):
+                raise CheckpointError(
+                    f"{path}: {key!r} holds the attributes of a {value[_ATTRIBUTES_OF]}, but the optimizer's {key!r} "
+                    f"is {_type_name(live) if live is not None else 'missing'}; expected the DeepSpeed version and "
+                    "settings of the run that wrote the checkpoint"
+                )
+            restored = copy.copy(live)
+            restored.__dict__.update(value["attributes"])
+            partition[key] = restored
+    return partition
+
+
 def optimizer_state(
     accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | os.PathLike
 ) -> Any:
@@ -180,7 +269,13 @@ def optimizer_state(
     FSDP: the full optimizer state keyed by parameter names (``get_optimizer_state_dict`` with ``full_state_dict``,
     gathered to the main process). DeepSpeed: each process writes its own partition to
     ``directory/optimizer_rank_<rank>.pt`` (as DeepSpeed's own checkpoints do) and the value only records how many.
-    Otherwise (one process, DDP): ``optimizer.state_dict()``."""
+    Otherwise (one process, DDP): ``optimizer.state_dict()``.
+
+    A ZeRO optimizer's ``state_dict()`` also holds Python objects (the ``loss_scaler``, a ``ZeroStageEnum``) that only
+    a full unpickler reads back. The partition is written as plain data instead: enums as their values, and an object
+    at the top level as its attributes (``{"mit.attributes_of": "<module>.<class>", "attributes": {...}}``), which
+    :func:`load_optimizer_state` sets on a copy of the optimizer's own attribute of that name. Any other object is a
+    ``TypeError`` here, when the checkpoint is written, rather than a partition that cannot be read back safely."""
     kind, types = _distributed_type(accelerator)
     if kind == types.FSDP:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -189,7 +284,8 @@ def optimizer_state(
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_optimizer_state_dict(model, _inner(optimizer), options=options)
     if kind == types.DEEPSPEED:
-        torch.save(_inner(optimizer).state_dict(), _partition_file(directory, accelerator.process_index))
+        path = _partition_file(directory, accelerator.process_index)
+        torch.save(_plain_partition(_inner(optimizer).state_dict(), str(path)), path)
         return {"deepspeed_partitions": accelerator.num_processes}
     return optimizer.state_dict()
 
@@ -204,7 +300,9 @@ def load_optimizer_state(
     """Restore what :func:`optimizer_state` returned (every process passes the checkpoint's value and directory).
 
     DeepSpeed: ZeRO's ``load_state_dict`` takes every partition and picks its own; the fp32 master weights come
-    from the saved partitions (``load_from_fp32_weights``)."""
+    from the saved partitions (``load_from_fp32_weights``). Each partition is read with
+    ``torch.load(weights_only=True)``; a file that needs anything else (one written before partitions were plain
+    data, or a crafted one) is a ``CheckpointError`` naming it, and nothing in it runs."""
     kind, types = _distributed_type(accelerator)
     if kind == types.FSDP:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -214,8 +312,9 @@ def load_optimizer_state(
         set_optimizer_state_dict(model, _inner(optimizer), optim_state_dict=state, options=options)
     elif kind == types.DEEPSPEED:
         count = state["deepspeed_partitions"]
-        partitions = [torch.load(_partition_file(directory, r), weights_only=False) for r in range(count)]
-        _inner(optimizer).load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
+        inner = _inner(optimizer)
+        partitions = [_read_partition(_partition_file(directory, r), inner) for r in range(count)]
+        inner.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
     else:
         optimizer.load_state_dict(state)
 

@@ -8,7 +8,9 @@
 - CMU-MOSI / MOSEI, :class:`MSADataset`: MMSA's ``aligned_50.pkl`` / ``unaligned_50.pkl`` feature pickles
 
 Every adapter raises :class:`DatasetError` (a ValueError) naming the file and what it expected when a file is missing
-or malformed.
+or malformed. The pickled formats (refer's refs, MMUD, MMSA's features) are read with
+:mod:`mit.utils.safe_pickle`, which admits containers, strings, numbers and numpy arrays (and, for MMUD's embeddings,
+torch tensors) and refuses any other global, so a downloaded file cannot run code when it is loaded.
 """
 
 from .common import DatasetError

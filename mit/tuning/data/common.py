@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ...utils.safe_pickle import UnsafePickleError, load_pickle
 from ..clip import OPENAI_MEAN, OPENAI_STD
 
 
@@ -21,6 +23,18 @@ def require_file(path: str | os.PathLike, expected: str) -> pathlib.Path:
     if not path.is_file():
         raise DatasetError(f"missing file {path}: expected {expected}")
     return path
+
+
+def read_pickle(path: str | os.PathLike, expected: str, *, tensors: bool = False, encoding: str = "ASCII") -> Any:
+    """A pickled dataset file, read with :func:`mit.utils.safe_pickle.load_pickle`: containers, strings, numbers and
+    numpy arrays (and torch tensors with ``tensors``) only, never code. Every failure is a :class:`DatasetError` that
+    names ``path``: the refused global for a file that asks for anything else, else what was ``expected``."""
+    try:
+        return load_pickle(path, tensors=tensors, encoding=encoding)
+    except UnsafePickleError as error:
+        raise DatasetError(str(error)) from None
+    except Exception as error:  # truncated or corrupt: pickle raises many types (EOFError, UnpicklingError, ...)
+        raise DatasetError(f"cannot unpickle {path}: {error}; expected {expected}") from None
 
 
 def first_existing_dir(candidates: list[pathlib.Path], expected: str) -> pathlib.Path:

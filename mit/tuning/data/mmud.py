@@ -12,7 +12,10 @@ sample_category, sample_category_text, caption_len, enriched_text_len)``
 - ``sample_texts``: per object, a list of short descriptions; ``sample_masks``: per object, a COCO polygon (a flat
   list of floats ``[x1, y1, x2, y2, ...]``) or, for the RefClef images, COCO RLE (a dict or a list of dicts);
 - the text-to-image target of an image is ``CLIPGENFeatureUN/<image name>.pkl`` (a pickled CLIP image embedding,
-  512 values in the authors' files).
+  512 values in the authors' files; their loader ``torch.stack``s them, so a torch tensor; a numpy array is accepted).
+
+Every file is read with :mod:`mit.utils.safe_pickle`: the records may hold containers, strings, numbers and numpy
+arrays, the embeddings also torch tensors; a file that asks for anything else is refused without running it.
 
 The ``*_withlength.pkl`` names of the authors' training code are accepted too. Items keep the record's fields (the
 tasks' prompts are built by :mod:`mit.tuning.tasks.multitask`).
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import pickle
 from typing import Any
 
 import numpy as np
@@ -30,7 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .common import DatasetError, first_existing_dir, limit_items, load_image, resize_square, to_tensor
+from .common import DatasetError, first_existing_dir, limit_items, load_image, read_pickle, resize_square, to_tensor
 from .refcoco import decode_rle, polygons_to_mask
 
 SPLITS = ("train", "valid", "test")
@@ -95,11 +97,7 @@ class MMUDDataset(Dataset):
         path = next((p for p in candidates if p.is_file()), None)
         if path is None:
             raise DatasetError(f"missing MMUD split file: expected one of {[str(p) for p in candidates]}")
-        try:
-            with open(path, "rb") as f:
-                records = pickle.load(f)
-        except Exception as error:
-            raise DatasetError(f"cannot unpickle {path}: {error}; expected a list of MMUD 12-tuples") from None
+        records = read_pickle(path, "a list of MMUD 12-tuples")
         if not isinstance(records, list):
             raise DatasetError(f"{path}: expected a pickled list of MMUD records, got {type(records).__name__}")
         for i, record in enumerate(records):
@@ -130,9 +128,16 @@ class MMUDDataset(Dataset):
         path = self.feature_dir / f"{name}.pkl"
         if not path.is_file():
             raise DatasetError(f"missing text-to-image target {path}: expected a pickled CLIP embedding")
-        with open(path, "rb") as f:
-            value = pickle.load(f)
-        target = torch.as_tensor(np.asarray(value, dtype=np.float32)).reshape(-1)
+        value = read_pickle(path, "a pickled CLIP embedding (a torch tensor or numpy array)", tensors=True)
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+        try:
+            target = torch.as_tensor(np.asarray(value, dtype=np.float32)).reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise DatasetError(
+                f"{path}: expected a CLIP embedding (a torch tensor or numpy array of floats), got "
+                f"{type(value).__name__} ({error})"
+            ) from None
         if not torch.isfinite(target).all():
             raise DatasetError(f"{path}: the embedding has non-finite values")
         return target

@@ -7,14 +7,14 @@ Each is a pickled dict ``{"train" | "valid" | "test": {...}}`` whose split dicts
 ``audio`` (N, Ta, Fa), ``vision`` (N, Tv, Fv) and ``regression_labels`` (N,) in [-3, 3]; unaligned files also have
 ``audio_lengths`` / ``vision_lengths``. The LLM reads ``raw_text``; the pre-extracted text features are not used.
 MulT's older GloVe-only pickles have no raw text and are refused. Without lengths, a frame is real when it is not all
-zeros (aligned files are zero-padded); -inf / NaN values in the acoustic features are replaced by 0.
+zeros (aligned files are zero-padded); -inf / NaN values in the acoustic features are replaced by 0. The file is read
+with :mod:`mit.utils.safe_pickle` (containers, strings, numbers and numpy arrays only; anything else is refused).
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-import pickle
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..prompts import format_prompt
-from .common import DatasetError, limit_items
+from .common import DatasetError, limit_items, read_pickle
 
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "val": "valid", "dev": "valid", "test": "test"}
 FEATURE_FILES = ("unaligned_50.pkl", "aligned_50.pkl")
@@ -57,11 +57,7 @@ class MSADataset(Dataset):
         key = SPLIT_ALIASES[split]
         path = find_feature_file(root, feature_file)
         self.path, self.template = path, template
-        try:
-            with open(path, "rb") as f:
-                data = pickle.load(f)
-        except Exception as error:
-            raise DatasetError(f"cannot unpickle {path}: {error}; expected MMSA's feature pickle") from None
+        data = read_pickle(path, "MMSA's feature pickle")
         if not isinstance(data, dict) or key not in data or not isinstance(data[key], dict):
             found = sorted(data) if isinstance(data, dict) else type(data).__name__
             raise DatasetError(f"{path}: expected a dict with a {key!r} split dict, found {found}")

@@ -8,6 +8,7 @@
 ``refs(*).p`` is a pickled list of refs ``{"ref_id", "ann_id", "image_id", "split", "sentences": [{"sent", ...}]}``;
 ``instances.json`` holds COCO's ``images`` and ``annotations`` (polygon or RLE ``segmentation``). Every sentence of
 every ref of the split is one sample. Masks are rasterised without pycocotools (polygons with PIL, RLE decoded here).
+The refs are read with :mod:`mit.utils.safe_pickle` (containers, strings, numbers, numpy arrays; nothing else).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import pickle
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,16 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from ..prompts import format_prompt
-from .common import DatasetError, first_existing_dir, limit_items, load_image, require_file, resize_square, to_tensor
+from .common import (
+    DatasetError,
+    first_existing_dir,
+    limit_items,
+    load_image,
+    read_pickle,
+    require_file,
+    resize_square,
+    to_tensor,
+)
 
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 SPLITS = {
@@ -141,11 +150,7 @@ class RefCOCODataset(Dataset):
                 "the COCO train2014 images",
             )
         )
-        try:
-            with open(refs_path, "rb") as f:
-                refs = pickle.load(f, encoding="latin1")
-        except Exception as error:
-            raise DatasetError(f"cannot unpickle {refs_path}: {error}; expected a list of refer refs") from None
+        refs = read_pickle(refs_path, "a list of refer refs", encoding="latin1")  # refer's are Python 2 pickles
         if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
             raise DatasetError(f"{refs_path}: expected a pickled list of ref dicts, got {type(refs).__name__}")
         try:
