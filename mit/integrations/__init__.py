@@ -6,8 +6,9 @@
 - :mod:`.layers`: pass-through decoder-layer and MLP subclasses (the embedding's way to the MLP);
 - :mod:`.model`: ``apply_mit`` (``plan_mit`` + ``MiTPlan.install``) and the top-level ``forward`` with
   ``modality_embedding``;
-- :mod:`.adapter_files` / :mod:`.adapter`: the adapter files' schema and validation / ``save_adapter``,
-  ``load_adapter``.
+- :mod:`.adapter_files` / :mod:`.adapter`: the adapter files' schema, reader, validator and writer (shared with
+  neural tuning's adapters) / ``save_adapter``, ``load_adapter``;
+- :mod:`.directory_swap`: directories written and read as one unit (how adapters are saved and read).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .model import (
     is_mit_model,
     padding_aware_position_ids,
     plan_mit,
+    planned_mit_parameters,
 )
 
 __all__ = [
@@ -42,4 +44,5 @@ __all__ = [
     "mit_named_parameters",
     "padding_aware_position_ids",
     "plan_mit",
+    "planned_mit_parameters",
 ]

@@ -5,56 +5,55 @@ Format ``mit-adapter-v2`` (this release): tensor names are the model's own param
 Format ``mit-adapter-v1`` (release 0.1.0, Llama only) named them ``self_attn.infusion.*``, ``self_attn.head_logit`` and
 ``mlp.ffn_infusion.*``; :func:`load_adapter` renames them on load (:func:`convert_v1_names`).
 
-Both directions are atomic: :func:`save_adapter` writes each file to a temporary name and renames it into place;
-:func:`load_adapter` reads and validates both files and everything they imply for the model before it changes it.
-The files' schema: :mod:`mit.integrations.adapter_files`.
+Both directions are atomic: :func:`save_adapter` validates what it will write (the config again, and the parameters
+against it), then writes the directory as one unit (a new directory swapped in:
+:mod:`mit.integrations.directory_swap`); :func:`load_adapter` reads both files from one snapshot and validates them
+and everything they imply for the model before it changes it. The files' schema and the reader / validator, shared
+with neural tuning's adapters: :mod:`mit.integrations.adapter_files`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 
 import torch
-from safetensors.torch import save_file
 
-from ..utils.files import atomic_write
-from ..utils.tensors import check_tensors_match
-from .adapter_files import CONFIG_NAME, FORMAT, SHAPE_KEYS, WEIGHTS_NAME, AdapterFiles, convert_v1_names, read_adapter
-from .model import decoder_of, is_mit_model, plan_mit
+from .adapter_files import (
+    CONFIG_NAME,
+    FORMAT,
+    MIT_SCHEMA,
+    WEIGHTS_NAME,
+    base_shape,
+    check_adapter_tensors,
+    check_base_shape,
+    check_saved_tensors,
+    convert_v1_names,
+    read_adapter,
+    write_adapter,
+)
+from .model import is_mit_model, plan_mit, planned_mit_parameters
 
 __all__ = ["CONFIG_NAME", "FORMAT", "WEIGHTS_NAME", "convert_v1_names", "load_adapter", "save_adapter"]
 
 
-def _base_shape(model) -> dict[str, int | str]:
-    config = decoder_of(model).config
-    shape: dict[str, int | str] = {k: int(getattr(config, k)) for k in SHAPE_KEYS if k != "head_dim"}
-    shape["head_dim"] = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-    shape["model_type"] = config.model_type
-    return shape
-
-
 def save_adapter(model, directory: str | os.PathLike) -> pathlib.Path:
-    """Write ``adapter_model.safetensors`` (MiT parameters only) and ``mit_config.json`` into ``directory``, each
-    written to a temporary file and renamed into place (a failed save leaves any previous file whole)."""
+    """Write ``adapter_model.safetensors`` (MiT parameters only) and ``mit_config.json`` into ``directory`` as one
+    unit, and return ``directory``.
+
+    Checked first, nothing written otherwise (ValueError naming the field): ``model.mit_config`` again (it may have
+    been changed since :func:`mit.apply_mit`), and the model's MiT parameters against the ones that config gives the
+    base model, i.e. what :func:`load_adapter` will check. ``directory`` must be new, empty or hold only a previous
+    MiT adapter, which is replaced as a whole: a reader sees the previous adapter or the new one, and a failed or
+    interrupted save leaves the previous one loadable."""
     if not is_mit_model(model):
-        raise ValueError("save_adapter needs a model returned by mit.apply_mit")
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+        raise ValueError(f"save_adapter needs a model returned by mit.apply_mit, got {type(model).__name__}")
+    config = MIT_SCHEMA.revalidate(model.mit_config, "save_adapter: model.mit_config")
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in model.mit_named_parameters()}
-    meta = {"mit_config": model.mit_config.to_dict(), "base_model": _base_shape(model), "format": FORMAT}
-    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)))
-    return directory
-
-
-def _check_tensors(files: AdapterFiles, params: dict[str, torch.nn.Parameter]) -> None:
-    """Names and shapes of the file's tensors against the parameters the config gives this model."""
-    shapes = {name: param.shape for name, param in params.items()}
-    check_tensors_match(
-        files.tensors, shapes, str(files.weights_path), "the MiT parameters its config gives this model"
-    )
+    check_saved_tensors("save_adapter", tensors, planned_mit_parameters(model, config), "model.mit_config")
+    meta = {"mit_config": config.to_dict(), "base_model": base_shape(model), "format": FORMAT}
+    write_adapter(directory, MIT_SCHEMA, meta, tensors)
+    return pathlib.Path(directory)
 
 
 def load_adapter(model, directory: str | os.PathLike):
@@ -65,14 +64,8 @@ def load_adapter(model, directory: str | os.PathLike):
     the model's type and shape against the saved ones, every tensor's name, shape and dtype against the parameters
     the config gives this model); any problem raises a ValueError naming the file and leaves ``model`` exactly as it
     was. Tensors are cast to the parameters' dtype (floating point only)."""
-    files = read_adapter(directory)
-    saved_shape, shape = files.base_model, _base_shape(model)
-    mismatched = {k: (saved_shape.get(k), v) for k, v in shape.items() if saved_shape.get(k) != v}
-    if mismatched:
-        details = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in mismatched.items())
-        raise ValueError(
-            f"{files.config_path}: the adapter at {files.directory} was saved from a model of another shape ({details})"
-        )
+    files = read_adapter(directory, MIT_SCHEMA)
+    check_base_shape(files, model)
     plan = None
     if is_mit_model(model):
         if model.mit_config.to_dict() != files.config.to_dict():
@@ -84,7 +77,8 @@ def load_adapter(model, directory: str | os.PathLike):
     else:
         plan = plan_mit(model, files.config)  # builds the new modules; the model is not touched yet
         params = dict(plan.named_parameters())
-    _check_tensors(files, params)
+    shapes = {name: param.shape for name, param in params.items()}
+    check_adapter_tensors(files, shapes, "the MiT parameters its config gives this model")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(files.tensors[name])

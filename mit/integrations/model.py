@@ -31,7 +31,7 @@ from .attention import (
     is_mit_implementation,
     mit_implementation,
 )
-from .classes import Rebuildable, mit_subclass, register_kind
+from .classes import Rebuildable, RefusesPretrained, mit_subclass, register_kind
 from .families import FamilySpec, family_of, ffn_is_fused
 from .infusion import MiTFFNInfusion, MiTKVInfusion, check_modality, mit_named_parameters
 from .layers import FFN_INFUSION_NAME, MiTDecoderLayerMixin, MiTMLPMixin, check_attention_dispatch
@@ -71,10 +71,14 @@ def decoder_of(model: nn.Module) -> nn.Module:
     )
 
 
-class MiTModelMixin(Rebuildable):
-    """What ``apply_mit`` adds to the top-level model (mixin of ``MiT<ModelClass>``)."""
+class MiTModelMixin(RefusesPretrained, Rebuildable):
+    """What ``apply_mit`` adds to the top-level model (mixin of ``MiT<ModelClass>``). transformers'
+    ``save_pretrained`` / ``from_pretrained`` are refused (:class:`~mit.integrations.classes.RefusesPretrained`):
+    :func:`mit.save_adapter` / :func:`mit.load_adapter` round-trip the method."""
 
     mit_config: MiTConfig
+    _method = "MiT"
+    _pretrained_hint = ("mit.save_adapter", "mit.load_adapter")
 
     def mit_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of every MiT parameter, found by module type."""
@@ -203,18 +207,25 @@ def _forward_with_modality(base: type) -> dict:
 register_kind("model", MiTModelMixin, _forward_with_modality)
 
 
-def _kv_infusion(attention: nn.Module, config: MiTConfig, model_config) -> MiTKVInfusion:
+def _kv_infusion(
+    attention: nn.Module, config: MiTConfig, model_config, like: torch.Tensor | None = None
+) -> MiTKVInfusion:
+    """The layer's new MiTKVInfusion, on ``like``'s device (default: the attention's own parameters')."""
     num_kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
     head_dim = getattr(attention, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    like = next(p for p in attention.parameters())
+    like = next(p for p in attention.parameters()) if like is None else like
     return MiTKVInfusion(config, num_kv_heads, head_dim, like)
 
 
-def _ffn_infusion(mlp: nn.Module, config: MiTConfig, spec: FamilySpec, model_config) -> MiTFFNInfusion:
+def _ffn_infusion(
+    mlp: nn.Module, config: MiTConfig, spec: FamilySpec, model_config, like: torch.Tensor | None = None
+) -> MiTFFNInfusion:
+    """The MLP's new MiTFFNInfusion, on ``like``'s device (default: ``down_proj``'s)."""
     down_proj = getattr(mlp, "down_proj", None)
     if not isinstance(down_proj, nn.Linear):
         raise ValueError(f"the FFN infusion needs the MLP's down_proj Linear; {type(mlp).__name__} has none")
-    return MiTFFNInfusion(config, down_proj.in_features, down_proj.weight, ffn_is_fused(spec, model_config, mlp))
+    like = down_proj.weight if like is None else like
+    return MiTFFNInfusion(config, down_proj.in_features, like, ffn_is_fused(spec, model_config, mlp))
 
 
 @dataclasses.dataclass
@@ -283,17 +294,35 @@ def plan_mit(model: nn.Module, config: MiTConfig) -> MiTPlan:
         raise ValueError(f"apply_mit needs a plain model; this one is already a {type(model).__name__}")
     if not isinstance(model, nn.Module):
         raise ValueError(f"apply_mit needs a Hugging Face decoder model, got {type(model).__name__}")
+    layers = _plan_layers(model, config)
+    implementation = None
+    if config.infuse_kv:
+        attention = decoder_of(model).config._attn_implementation
+        implementation = mit_implementation(base_implementation(attention or "eager"))
+    return MiTPlan(config, implementation, layers)
+
+
+def _plan_layers(
+    model: nn.Module, config: MiTConfig, like: torch.Tensor | None = None
+) -> list[tuple[str, nn.Module, MiTKVInfusion | None, MiTFFNInfusion | None]]:
+    """(name, layer, new kv infusion, new ffn infusion) per layer ``config`` infuses in ``model``; the modules are
+    built on ``like``'s device (default: each layer's own)."""
     decoder = decoder_of(model)
     spec = family_of(decoder.config)
     indices = config.resolved_layers(len(decoder.layers))
-    implementation = None
-    if config.infuse_kv:
-        implementation = mit_implementation(base_implementation(decoder.config._attn_implementation or "eager"))
     names = {id(module): name for name, module in model.named_modules()}
     layers = []
     for index in indices:
         layer = decoder.layers[index]
-        kv = _kv_infusion(layer.self_attn, config, decoder.config) if config.infuse_kv else None
-        ffn = _ffn_infusion(layer.mlp, config, spec, decoder.config) if config.infuse_ffn else None
+        kv = _kv_infusion(layer.self_attn, config, decoder.config, like) if config.infuse_kv else None
+        ffn = _ffn_infusion(layer.mlp, config, spec, decoder.config, like) if config.infuse_ffn else None
         layers.append((names[id(layer)], layer, kv, ffn))
-    return MiTPlan(config, implementation, layers)
+    return layers
+
+
+def planned_mit_parameters(model: nn.Module, config: MiTConfig) -> dict[str, torch.Size]:
+    """Name -> shape of every MiT parameter ``config`` gives ``model`` (plain or already an MiT model), built on the
+    meta device from the constructors :func:`apply_mit` uses, without changing ``model``: what an adapter saved with
+    ``config`` must hold to load into the plain base model."""
+    layers = _plan_layers(model, config, torch.empty(0, device="meta"))
+    return {name: p.shape for name, p in MiTPlan(config, None, layers).named_parameters()}

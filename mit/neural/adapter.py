@@ -2,45 +2,93 @@
 
 Format ``mit-neural-adapter-v1``: tensor names are the model's own parameter names (``model.layers.3.self_attn.
 nt_neurons.z_proj.weight``, ``nt_image_projection.proj.weight``, ``nt_new_tokens.embedding`` ...); the JSON file
-``neural_config.json`` holds the config, the ids of the new tokens and the base model's shape, as MiT's adapters do
-(both files are written atomically).
+``neural_config.json`` holds exactly ``format``, ``neural_config``, ``new_token_ids`` (one non-negative int per new
+token, contiguous) and ``base_model``. Reading, validation and the atomic directory write are MiT's
+(:mod:`mit.integrations.adapter_files`, :data:`NEURAL_SCHEMA`): the same checks, the same ValueErrors naming the file
+and the field, and a model (and tokenizer) left as they were when anything is wrong.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from ..integrations.adapter import WEIGHTS_NAME, _base_shape
-from ..utils.files import atomic_write
-from ..utils.tensors import check_tensors_match
+from ..integrations.adapter_files import (
+    WEIGHTS_NAME,
+    AdapterSchema,
+    base_shape,
+    check_adapter_tensors,
+    check_base_shape,
+    check_saved_tensors,
+    is_int,
+    read_adapter,
+    write_adapter,
+)
+from ..integrations.classes import Rebuildable
 from .config import NeuralTuningConfig
 from .model import apply_neural_tuning, is_neural_model, neural_named_parameters, planned_neural_parameters
 
 CONFIG_NAME = "neural_config.json"
 FORMAT = "mit-neural-adapter-v1"
 
+__all__ = ["CONFIG_NAME", "FORMAT", "NEURAL_SCHEMA", "WEIGHTS_NAME", "load_neural_adapter", "save_neural_adapter"]
+
+
+def check_new_token_ids(value: object, config: NeuralTuningConfig) -> list[int]:
+    """``new_token_ids`` for ``config``: one non-negative int per new token, contiguous; ValueError saying what was
+    expected otherwise."""
+    if not (isinstance(value, list) and all(is_int(i) and i >= 0 for i in value)):
+        raise ValueError(f"expected a list of non-negative ints, got {value!r:.80}")
+    if len(value) != len(config.new_tokens):
+        raise ValueError(
+            f"expected one id per new token of the config ({len(config.new_tokens)}: {config.new_tokens}), got {value}"
+        )
+    if value and value != list(range(value[0], value[0] + len(value))):
+        raise ValueError(f"expected contiguous ids (the new tokens' rows), got {value}")
+    return list(value)
+
+
+NEURAL_SCHEMA = AdapterSchema(
+    kind="neural-tuning",
+    config_name=CONFIG_NAME,
+    format=FORMAT,
+    config_field="neural_config",
+    config_class=NeuralTuningConfig,
+    extra_fields={"new_token_ids": check_new_token_ids},
+)
+
 
 def save_neural_adapter(model, directory: str | os.PathLike) -> pathlib.Path:
-    """Write ``adapter_model.safetensors`` (neural-tuning parameters only) and ``neural_config.json``."""
+    """Write ``adapter_model.safetensors`` (neural-tuning parameters only) and ``neural_config.json`` into
+    ``directory`` as one unit, and return ``directory``.
+
+    Checked first, nothing written otherwise (ValueError naming the field): ``model.neural_config`` again and
+    ``model.nt_new_token_ids`` (they may have been changed since :func:`mit.apply_neural_tuning`), and the model's
+    ``nt_*`` parameters against the ones that config gives the base model, i.e. what :func:`load_neural_adapter`
+    will check. ``directory`` must be new, empty or hold only a previous neural-tuning adapter, which is replaced as a
+    whole (a failed or interrupted save leaves it loadable)."""
     if not is_neural_model(model):
-        raise ValueError(f"save_neural_adapter needs a model returned by mit.apply_neural_tuning, got {type(model)}")
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+        raise ValueError(
+            f"save_neural_adapter needs a model returned by mit.apply_neural_tuning, got {type(model).__name__}"
+        )
+    config = NEURAL_SCHEMA.revalidate(model.neural_config, "save_neural_adapter: model.neural_config")
+    try:
+        token_ids = check_new_token_ids(model.nt_new_token_ids, config)
+    except ValueError as error:
+        raise ValueError(f"save_neural_adapter: model.nt_new_token_ids: {error}") from None
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in neural_named_parameters(model)}
+    expected = planned_neural_parameters(model, config, token_ids or None)
+    check_saved_tensors("save_neural_adapter", tensors, expected, "model.neural_config")
     meta = {
-        "neural_config": model.neural_config.to_dict(),
-        "new_token_ids": model.nt_new_token_ids,
-        "base_model": _base_shape(model),
+        "neural_config": config.to_dict(),
+        "new_token_ids": token_ids,
+        "base_model": base_shape(model),
         "format": FORMAT,
     }
-    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)))
-    return directory
+    write_adapter(directory, NEURAL_SCHEMA, meta, tensors)
+    return pathlib.Path(directory)
 
 
 def load_neural_adapter(model, directory: str | os.PathLike, tokenizer=None):
@@ -48,32 +96,24 @@ def load_neural_adapter(model, directory: str | os.PathLike, tokenizer=None):
     :func:`apply_neural_tuning` with the saved config first) and return it.
 
     With ``tokenizer``, the saved new tokens are added to it and must get the saved ids; without, the model is resized
-    to the saved ids. A model of another shape, tensors that do not match, or a tokenizer that would give other ids
-    raise ValueError naming the mismatch, before anything changes (model and tokenizer stay as they were)."""
-    directory = pathlib.Path(directory)
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise ValueError(f"no neural-tuning adapter at {directory}: missing {path.name}")
-    meta = json.loads(config_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{config_path}: adapter format {meta.get('format')!r}, expected {FORMAT!r}")
-    config = NeuralTuningConfig.from_dict(meta["neural_config"])
-    saved_ids = [int(i) for i in meta["new_token_ids"]]
-    saved_shape = dict(meta["base_model"])
-    if is_neural_model(model):
+    to the saved ids. Everything is checked before the first change, as :func:`mit.load_adapter` does: both files'
+    schema (:data:`NEURAL_SCHEMA`), the model's type and shape, every tensor's name, shape and dtype, and the ids the
+    tokenizer would give; any problem is a ValueError naming the file (or the tokenizer) and the field, and the model
+    and the tokenizer stay as they were. Tensors are cast to the parameters' dtype."""
+    files = read_adapter(directory, NEURAL_SCHEMA)
+    config, saved_ids = files.config, files.extra["new_token_ids"]
+    plain = not is_neural_model(model)
+    if not plain:
         if model.neural_config.to_dict() != config.to_dict() or model.nt_new_token_ids != saved_ids:
             raise ValueError(
-                f"the model's neural config {model.neural_config} (new token ids {model.nt_new_token_ids}) differs "
-                f"from the adapter's {config} ({saved_ids})"
+                f"{files.config_path}: the model's neural config {model.neural_config} (new token ids "
+                f"{model.nt_new_token_ids}) differs from the adapter's {config} ({saved_ids})"
             )
-    shape = _base_shape(model)
-    mismatched = {k: (saved_shape.get(k), v) for k, v in shape.items() if saved_shape.get(k) != v}
-    if mismatched:
-        details = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in mismatched.items())
-        raise ValueError(f"the adapter at {directory} was saved from a model of another shape ({details})")
-    tensors = load_file(str(weights_path))
-    plain = not is_neural_model(model)
+    elif isinstance(model, Rebuildable):
+        raise ValueError(
+            f"load_neural_adapter needs a plain model or a neural-tuning one; this one is a {type(model).__name__}"
+        )
+    check_base_shape(files, model)
     # everything is checked before the first change (tokenizer, embedding size, modules, parameters): a bad adapter
     # leaves the model and the tokenizer as they were
     if plain:
@@ -82,11 +122,12 @@ def load_neural_adapter(model, directory: str | os.PathLike, tokenizer=None):
             ids = _ids_after_adding(tokenizer, list(config.new_tokens))
             if ids != saved_ids:
                 raise ValueError(
-                    f"the tokenizer would give the new tokens ids {ids}, the adapter was saved with {saved_ids}"
+                    f"{files.config_path}: the tokenizer would give the new tokens ids {ids}, the adapter was saved "
+                    f"with {saved_ids}"
                 )
     else:
         expected = {n: p.shape for n, p in neural_named_parameters(model)}
-    check_tensors_match(tensors, expected, str(weights_path))
+    check_adapter_tensors(files, expected, "the neural-tuning parameters its config gives this model")
     if plain:
         if tokenizer is not None and config.new_tokens:
             tokenizer.add_tokens(list(config.new_tokens), special_tokens=True)
@@ -94,7 +135,7 @@ def load_neural_adapter(model, directory: str | os.PathLike, tokenizer=None):
     params = dict(neural_named_parameters(model))
     with torch.no_grad():
         for name, param in params.items():
-            param.copy_(tensors[name])
+            param.copy_(files.tensors[name])
     return model
 
 

@@ -24,7 +24,7 @@ import re
 import torch
 from torch import nn
 
-from ..integrations.classes import Rebuildable, mit_subclass, register_kind
+from ..integrations.classes import Rebuildable, RefusesPretrained, mit_subclass, register_kind
 from ..integrations.families import family_of
 from ..integrations.model import count_parameters, decoder_of, is_mit_model, padding_aware_position_ids
 from .config import NeuralTuningConfig
@@ -77,11 +77,23 @@ def _signature_with(base: type, extra: list[inspect.Parameter]) -> tuple[inspect
     return signature, signature.replace(parameters=[*parameters[:where], *extra, *parameters[where:]]), var_keyword.name
 
 
+def refuse_modality_embedding(model: nn.Module, kwargs: dict) -> None:
+    """ValueError when ``kwargs`` hold MiT's ``modality_embedding``: a neural-tuning model would pass it on to
+    transformers, which ignores it, and return the outputs without it."""
+    if kwargs.get("modality_embedding") is not None:
+        raise ValueError(
+            f"modality_embedding was given to {type(model).__name__}, a neural-tuning model, which has no MiT "
+            "infusion and would ignore it; neural tuning takes images as image_features (B, P, image_dim). For MiT, "
+            "use a model returned by mit.apply_mit or mit.load_adapter"
+        )
+
+
 def _decoder_forward(base: type) -> dict:
     """``forward`` of ``NT<Decoder>``: the base one with a fresh :class:`NeuralState` in its ``**kwargs``."""
     _, signature, _ = _signature_with(base, [])
 
     def forward(self, *args, **kwargs):
+        refuse_modality_embedding(self, kwargs)
         kwargs.setdefault(STATE_KWARG, NeuralState())
         return base.forward(self, *args, **kwargs)
 
@@ -103,6 +115,7 @@ def _model_forward(base: type) -> dict:
     def forward(
         self, *args, image_features: torch.Tensor | None = None, image_mask: torch.Tensor | None = None, **kwargs
     ):
+        refuse_modality_embedding(self, kwargs)
         bound = signature.bind(self, *args, **kwargs)
         bound.arguments.setdefault(var_keyword, {}).setdefault(STATE_KWARG, NeuralState())
         if image_features is not None:
@@ -120,15 +133,23 @@ def _model_forward(base: type) -> dict:
     return {"forward": forward}
 
 
-class NTDecoderMixin(Rebuildable):
-    """Mixin of ``NT<Decoder>`` (the module holding ``layers``, when it is not the top-level model)."""
+class NTDecoderMixin(RefusesPretrained, Rebuildable):
+    """Mixin of ``NT<Decoder>`` (the module holding ``layers``, when it is not the top-level model); its
+    ``save_pretrained`` / ``from_pretrained`` are refused, as the top-level model's."""
+
+    _method = "neural tuning"
+    _pretrained_hint = ("mit.save_neural_adapter", "mit.load_neural_adapter")
 
 
-class NeuralTuningModelMixin(Rebuildable):
-    """What ``apply_neural_tuning`` adds to the top-level model (mixin of ``NT<ModelClass>``)."""
+class NeuralTuningModelMixin(RefusesPretrained, Rebuildable):
+    """What ``apply_neural_tuning`` adds to the top-level model (mixin of ``NT<ModelClass>``). transformers'
+    ``save_pretrained`` / ``from_pretrained`` are refused (:class:`~mit.integrations.classes.RefusesPretrained`):
+    :func:`mit.save_neural_adapter` / :func:`mit.load_neural_adapter` round-trip the method."""
 
     neural_config: NeuralTuningConfig
     nt_new_token_ids: list[int]
+    _method = "neural tuning"
+    _pretrained_hint = ("mit.save_neural_adapter", "mit.load_neural_adapter")
 
     def neural_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of every neural-tuning parameter (see :func:`neural_named_parameters`)."""
@@ -176,6 +197,7 @@ class NeuralTuningModelMixin(Rebuildable):
     ):
         """transformers' ``generate``; with ``image_features`` (B, P, image_dim) the prompt's embeddings get the image
         tokens first and the call returns only the new tokens (as generate does for ``inputs_embeds``)."""
+        refuse_modality_embedding(self, kwargs)
         if image_features is None:
             return super().generate(*args, **kwargs)
         ids = args[0] if args else kwargs.pop("input_ids", None)

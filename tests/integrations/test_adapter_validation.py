@@ -1,8 +1,10 @@
 """load_adapter validates both files and everything they imply before it touches the model: every corruption raises a
-ValueError naming the file, and the model is left exactly as it was; save_adapter is atomic."""
+ValueError naming the file, and the model is left exactly as it was; a failed save_adapter leaves the previous adapter.
+More on saving: test_adapter_saving.py."""
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 
@@ -12,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mit
-from mit.integrations import adapter as adapter_module
+from mit.integrations import adapter_files
 
 CONFIG = mit.MiTConfig(modality_dim=fam.MODALITY_DIM, layers=[0, 1])
 KV = "model.layers.1.self_attn.mit_kv_infusion.map.weight"
@@ -138,6 +140,13 @@ CORRUPTIONS = {  # name -> (corrupt(directory), file it must name, message patte
         edit_tensors(lambda t: t.__setitem__(KV, t[KV].to(torch.int32))), "adapter_model.safetensors",
         "expected a floating-point dtype",
     ),
+    "complex tensor": (
+        edit_tensors(lambda t: t.__setitem__(KV, t[KV].to(torch.complex64))), "adapter_model.safetensors",
+        f"tensor {KV} has dtype torch.complex64, expected a floating-point dtype",
+    ),
+    "no weights file": (
+        lambda d: (d / "adapter_model.safetensors").unlink(), "adapter_model.safetensors", "is missing"
+    ),
     "safetensors format tf": (
         edit_tensors(lambda t: None, {"format": "tf"}), "adapter_model.safetensors", "metadata format is 'tf'"
     ),
@@ -172,18 +181,18 @@ def test_a_valid_adapter_loads_into_plain_and_mit_models(saved):
         assert not any(p.requires_grad for n, p in model.named_parameters() if n not in loaded)
 
 
-def test_save_is_atomic(saved, tmp_path, monkeypatch):
+def test_a_failed_save_leaves_the_previous_adapter_and_no_temporary_directory(saved, tmp_path, monkeypatch):
     source, directory = saved
     shutil.copytree(directory, tmp_path / "a")
-    old = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    old = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
 
     def failing_save(tensors, path, metadata=None):
         with open(path, "wb") as handle:
             handle.write(b"partial")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(adapter_module, "save_file", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(adapter_files, "save_file", failing_save)
+    with pytest.raises(OSError, match="No space left"):
         mit.save_adapter(source, tmp_path / "a")
-    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == old
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_model.safetensors", "mit_config.json"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == old
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...config import MiTConfig
-from ...integrations import FAMILIES, apply_mit
+from ...integrations import FAMILIES, apply_mit, is_mit_model
 from ...neural import NeuralTuningConfig, apply_neural_tuning
 from ..prompts import last_token_state, position_ids, tokenize_prompts
 from .registry import TaskSpec, get_task
@@ -73,7 +73,15 @@ class TaskModel(nn.Module):
         self.llm = llm
 
     def task_embedding(self, batch: dict[str, Any], modality_embedding: torch.Tensor) -> torch.Tensor:
-        """(B, hidden): the last real token's last-layer state; ``modality_embedding`` (B, modality_dim)."""
+        """(B, hidden): the last real token's last-layer state; ``modality_embedding`` (B, modality_dim).
+
+        ValueError when ``llm`` is not an MiT model: transformers would ignore the embedding and return the frozen
+        model's states."""
+        if not is_mit_model(self.llm):
+            raise ValueError(
+                f"TaskModel.llm is a {type(self.llm).__name__} without MiT, which would ignore modality_embedding and "
+                "compute the frozen model; expected a model returned by mit.apply_mit or mit.load_adapter"
+            )
         out = self.llm(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
