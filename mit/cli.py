@@ -8,6 +8,8 @@ import pathlib
 import sys
 from typing import Any
 
+from .utils.files import os_error_text
+
 EXAMPLES = """\
 examples (datasets and weights are downloaded by you; see README "Tuning on the paper's tasks"):
   mit train --task refseg --dataset refcoco --model llama-2-7b-hf --encoder ViT-L-14-336 \\
@@ -160,23 +162,32 @@ def _demo(argv: list[str]) -> int:
 
 
 def load_config_file(path: str) -> dict[str, Any]:
+    """The settings of a YAML or JSON config file as ``{flag name: value}``. Refused, naming the file: a file that
+    cannot be read or parsed, a key given twice (at any depth, in either format), a setting given twice under two
+    spellings (``lr`` and ``optim.lr``, ``batch-size`` and ``batch_size``), an unknown key, and a list setting written
+    as a lone string (``layers: "12"``; ``layers: [12]`` or ``layers: 12,16``)."""
+    from .utils.config_files import DuplicateKeyError, load_json, load_yaml
+
     file = pathlib.Path(path)
+    if file.is_dir():
+        raise CLIError(f"--config {file}: is a directory; expected a .yaml, .yml or .json file")
     if not file.is_file():
         raise CLIError(f"--config {file}: no such file")
-    text = file.read_text()
+    if file.suffix not in (".yaml", ".yml", ".json"):
+        raise CLIError(f"--config {file}: expected a .yaml, .yml or .json file")
     try:
-        if file.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        elif file.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise CLIError(f"--config {file}: expected a .yaml, .yml or .json file")
-    except (json.JSONDecodeError, ValueError) as error:
-        raise CLIError(f"--config {file}: not valid {file.suffix[1:].upper()}: {str(error).splitlines()[0]}") from None
-    except Exception as error:  # yaml.YAMLError
-        raise CLIError(f"--config {file}: not valid YAML: {str(error).splitlines()[0]}") from None
+        text = file.read_text(encoding="utf-8")
+    except OSError as error:
+        raise CLIError(f"--config {file}: cannot read it: {os_error_text(error)}") from None
+    except UnicodeDecodeError as error:
+        raise CLIError(f"--config {file}: expected UTF-8 text, got {error.reason} at byte {error.start}") from None
+    kind = "JSON" if file.suffix == ".json" else "YAML"
+    try:
+        data = load_json(text) if kind == "JSON" else load_yaml(text)
+    except DuplicateKeyError as error:
+        raise CLIError(f"--config {file}: {error}") from None
+    except Exception as error:  # json.JSONDecodeError, yaml.YAMLError
+        raise CLIError(f"--config {file}: not valid {kind}: {str(error).splitlines()[0]}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -190,12 +201,14 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise CLIError(str(error)) from None
     leaves = leaves_by_flag(RunConfig)
     for name, value in flat.items():
-        # PyYAML reads 1e-3 as a string (YAML 1.1 wants a dot) and a list may be written as "12,16": those two are
-        # parsed like the command line does; everything else must already have its type (a "false" string for a bool
-        # is an error, not "on")
-        if isinstance(value, str) and (leaves[name].kind.base in (float, "list[int]")):
+        # PyYAML reads 1e-3 as a string (YAML 1.1 wants a dot) and a list may be written as "12,16" (a string in YAML):
+        # those two are parsed like the command line does; everything else must already have its type (a "false"
+        # string for a bool is an error, not "on"; "12", without a comma, is a string, not a list, and left to the
+        # field's own check to refuse)
+        kind = leaves[name].kind
+        if isinstance(value, str) and (kind.base is float or (kind.base == "list[int]" and "," in value)):
             try:
-                flat[name] = parse_text(leaves[name].kind, value)
+                flat[name] = parse_text(kind, value)
             except ValueError as error:
                 raise CLIError(f"--config {file}: {name}: {error}") from None
     return flat
@@ -232,16 +245,35 @@ def _eval(args: argparse.Namespace) -> int:
     text = json.dumps(metrics, indent=2, default=float)
     print(text)
     if args.output:
-        pathlib.Path(args.output).write_text(text + "\n")
+        from .utils.files import atomic_write_text
+
+        try:
+            atomic_write_text(args.output, text + "\n")
+        except OSError as error:
+            raise CLIError(f"--output {args.output}: cannot write it: {os_error_text(error)}") from None
     return 0
 
 
 def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.errno is not None and error.strerror:
+        # "[Errno 13] Permission denied: 'x'" -> "x: Permission denied" (the Unix tools' form)
+        names = [str(n) for n in (error.filename, error.filename2) if n is not None]
+        return f"{' -> '.join(names)}: {error.strerror}" if names else error.strerror
     return " ".join(str(error).split()) or type(error).__name__
 
 
+# a run that started and then stopped (exit status 1); any other error is a usage or configuration error (2)
+RUN_FAILURES = ("TrainingDiverged", "RunOutputError")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``mit`` console script; returns the exit status."""
+    """Entry point of the ``mit`` console script; returns the exit status.
+
+    Every error is one line on stderr (``mit: error: ...``). Exit status 2: a usage or configuration error, found
+    before training starts (a bad value, a config file that cannot be read or has a duplicated key, a path that cannot
+    be read, ``--out`` a file, in use by another run or not writable). 1: a run that started and then stopped: it
+    diverged, or an output could not be written (a full disk); the last complete checkpoint stays usable. 130:
+    interrupted (Ctrl-C)."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -255,14 +287,17 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as error:
         print(f"mit: error: {_one_line(error)}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ImportError) as error:
+    except (ValueError, OSError, ImportError) as error:  # OSError: a path that cannot be read or written
         print(f"mit: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except RuntimeError as error:
-        if type(error).__name__ != "TrainingDiverged":
+        if type(error).__name__ not in RUN_FAILURES:
             raise
         print(f"mit: error: {_one_line(error)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("mit: error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

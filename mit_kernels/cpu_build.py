@@ -10,7 +10,9 @@ One mechanism serves three moments, so a build always matches its torch:
 
 Each build directory holds ``mit_kernels_cpu.so`` and ``stamp.json`` naming the torch it was compiled against (version
 and git hash), the vector ISA and a hash of the sources; a build is loaded only when its stamp matches the running
-torch and CPU (:mod:`mit_kernels.cpu_extension`).
+torch and CPU (:mod:`mit_kernels.cpu_extension`). Builds into one directory take turns: each holds a file lock
+(``<directory>.lock`` beside it, released by the OS if the build is killed) while it compiles, and a build that waited
+loads the one published meanwhile instead of compiling again.
 
 Environment variables:
     MIT_CPU_AVX2=0|1      build without / with AVX2 + FMA + F16C vector code (default: with, when this CPU has them)
@@ -23,7 +25,9 @@ This module imports nothing from the package at import time (setup.py runs it as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import pathlib
@@ -33,6 +37,13 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Iterator
+from types import ModuleType
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: builds are not serialised across processes there
+    fcntl = None  # type: ignore[assignment]
 
 EXTENSION_NAME = "mit_kernels_cpu"
 STAMP_NAME = "stamp.json"
@@ -128,14 +139,62 @@ def _remove_stale_builds(directory: pathlib.Path, older_than_s: float = 3600.0) 
             pass
 
 
+def load_library(directory: pathlib.Path) -> ModuleType:
+    """Import the extension library of a build directory (its operators are registered in this process)."""
+    path = directory / f"{EXTENSION_NAME}.so"
+    spec = importlib.util.spec_from_file_location(EXTENSION_NAME, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[EXTENSION_NAME] = module
+    return module
+
+
+def _published(directory: pathlib.Path, isa: str) -> bool:
+    """``directory`` holds a complete build made with the stamp a build here and now would write."""
+    try:
+        stamp = json.loads((directory / STAMP_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return stamp == expected_stamp(isa) and (directory / f"{EXTENSION_NAME}.so").is_file()
+
+
+@contextlib.contextmanager
+def build_lock(directory: pathlib.Path) -> Iterator[None]:
+    """Hold the file lock of builds into ``directory`` (``<directory>.lock``, beside it), waiting for another process's
+    build to end first (with a message). flock: released by the OS when a holder dies, so a killed build never blocks
+    the next one. The lock file stays (removing it would let two builds lock two different files)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    with open(directory.parent / f"{directory.name}.lock", "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(
+                f"mit_kernels: waiting for another process compiling the C++ CPU kernels into {directory} ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def build(directory: pathlib.Path, *, verbose: bool = False, replace: bool = False):
     """Compile the extension, write its stamp, publish it as ``directory``, and return the loaded module (its
     operators are registered in this process).
 
-    The compile runs in a private directory beside ``directory`` (torch's build lock lives there), which is then
-    renamed into place: a build killed half-way (OOM, time limit, Ctrl-C) leaves only its private directory, never a
-    stale lock that would make the next process wait forever, and concurrent builds cannot corrupt each other. When
-    another process published ``directory`` first, its build is kept (ours is discarded) unless ``replace``.
+    Builds into one ``directory`` take turns (:func:`build_lock`); one that waited for another finds that build
+    published and loads it instead of compiling again (unless ``replace``). The compile runs in a private directory
+    beside ``directory`` (torch's build lock lives there), which is then renamed into place: a build killed half-way
+    (OOM, time limit, Ctrl-C) leaves only its private directory, never a stale lock that would make the next process
+    wait forever, and a build cannot corrupt another. When ``directory`` already holds a build (made before these
+    locks, or by a process that does not take them), it is kept (ours is discarded) unless ``replace``.
 
     Raises RuntimeError naming the missing compiler or ninja, or carrying the compiler's error."""
     if compiler() is None:
@@ -151,20 +210,22 @@ def build(directory: pathlib.Path, *, verbose: bool = False, replace: bool = Fal
     isa = vector_isa()
     cflags, ldflags = compile_flags(isa)
     src = sources_dir()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(directory)
-    private = pathlib.Path(tempfile.mkdtemp(prefix=f"{directory.name}.tmp-{os.getpid()}-", dir=directory.parent))
-    try:
-        module = _compile(private, src, cflags, ldflags, verbose)
-        (private / STAMP_NAME).write_text(json.dumps(expected_stamp(isa), indent=2, sort_keys=True))
-        if replace and directory.exists():
-            shutil.rmtree(directory, ignore_errors=True)
+    with build_lock(directory):
+        if not replace and _published(directory, isa):  # built by the process we waited for
+            return load_library(directory)
+        _remove_stale_builds(directory)
+        private = pathlib.Path(tempfile.mkdtemp(prefix=f"{directory.name}.tmp-{os.getpid()}-", dir=directory.parent))
         try:
-            os.replace(private, directory)
-        except OSError:  # another process published a build first: keep it
-            pass
-    finally:
-        shutil.rmtree(private, ignore_errors=True)  # gone when published; the loaded library stays mapped
+            module = _compile(private, src, cflags, ldflags, verbose)
+            (private / STAMP_NAME).write_text(json.dumps(expected_stamp(isa), indent=2, sort_keys=True))
+            if replace and directory.exists():
+                shutil.rmtree(directory, ignore_errors=True)
+            try:
+                os.replace(private, directory)
+            except OSError:  # a build already there (see above): keep it
+                pass
+        finally:
+            shutil.rmtree(private, ignore_errors=True)  # gone when published; the loaded library stays mapped
     return module
 
 

@@ -11,16 +11,21 @@ When none can be had (no compiler, no ninja, a failed compile, ``MIT_SKIP_CPU_EX
 only build) CPU tensors use the reference implementation: exact, slower; one warning says why at first use (none when
 the user opted out). Importing ``mit_kernels`` never compiles; it loads a matching build that already exists.
 ``python -m mit_kernels`` says which case holds.
+
+First use is thread-safe and process-safe: the process-wide state is looked up (and the build made) under a lock, so a
+thread asking for the kernels while another compiles them waits for that build instead of being told there is none;
+two processes compiling into one cache directory take turns on a file lock beside it (:func:`cpu_build.build`), and
+the second loads the first one's build instead of compiling again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
 import sys
+import threading
 import time
 import warnings
 from types import ModuleType
@@ -79,14 +84,7 @@ def stamp_mismatch(stamp: dict | None) -> str | None:
 
 
 def _import_library(directory: pathlib.Path) -> ModuleType:
-    path = directory / f"{cpu_build.EXTENSION_NAME}.so"
-    spec = importlib.util.spec_from_file_location(cpu_build.EXTENSION_NAME, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules[cpu_build.EXTENSION_NAME] = module
-    return module
+    return cpu_build.load_library(directory)
 
 
 def find_existing(prebuilt: pathlib.Path | None = None, cache: pathlib.Path | None = None) -> ExtensionState:
@@ -131,27 +129,53 @@ def compile_now(cache: pathlib.Path | None = None, *, verbose: bool = False) -> 
 
 _state: ExtensionState | None = None
 _compile_attempted = False
+_compiling = False  # a first-use compile is running (in some thread)
+# held while the state is looked up or the extension compiled: a concurrent caller waits for the outcome (re-entrant:
+# the warning below may run user code, e.g. a warnings filter calling back into mit_kernels)
+_state_lock = threading.RLock()
 
 
 def state(*, compile_if_missing: bool = False) -> ExtensionState:
     """The process-wide extension state; ``compile_if_missing`` compiles once when no matching build exists (and
-    warns once, with the reason, when that is impossible)."""
-    global _state, _compile_attempted
+    warns once, with the reason, when that is impossible). Thread-safe: while one thread looks for or compiles the
+    extension, others calling this wait for the result (a compile can take minutes).
+
+    Once nothing can change the answer, it is returned without taking the lock (the common case, on every kernel call;
+    torch.compile traces through it, and it cannot trace a lock)."""
+    current = _state
+    if current is not None:
+        if current.module is not None or current.opted_out:
+            return current  # final
+        # read in this order: a compile sets _compiling before _compile_attempted, and _state before clearing
+        # _compiling, so "attempted and not compiling" means that compile has finished and _state holds its outcome
+        attempted = _compile_attempted
+        if not _compiling and (attempted or not compile_if_missing):
+            return _state
+    with _state_lock:
+        return _state_locked(compile_if_missing)
+
+
+def _state_locked(compile_if_missing: bool) -> ExtensionState:
+    global _state, _compile_attempted, _compiling
     if _state is None:
         _state = find_existing()
     if _state.module is None and compile_if_missing and not _compile_attempted and not _state.opted_out:
+        _compiling = True
         _compile_attempted = True
-        if cpu_build.compiler() is None:
-            cxx = os.environ.get("CXX") or "c++"
-            _state = ExtensionState(reason=f"no C++ compiler ({cxx!r} not on PATH) to build them for this torch")
-        else:
-            _state = compile_now()
+        try:
+            if cpu_build.compiler() is None:
+                cxx = os.environ.get("CXX") or "c++"
+                _state = ExtensionState(reason=f"no C++ compiler ({cxx!r} not on PATH) to build them for this torch")
+            else:
+                _state = compile_now()
+        finally:
+            _compiling = False
         if _state.module is None:
             warnings.warn(
                 f"mit_kernels: the C++ CPU kernels are unavailable ({_state.reason}); CPU tensors use the exact but "
                 "slower reference implementation. Install a C++ compiler and run `python -m mit_kernels build`, or "
                 "set MIT_SKIP_CPU_EXT=1 to silence this.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,  # the caller of state()'s caller, as before the lock
             )
     return _state

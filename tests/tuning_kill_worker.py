@@ -1,13 +1,17 @@
 """One run of tests/tuning/test_kill_resume.py: trains the toy task and kills itself with SIGKILL when a chosen
-checkpoint-writing call starts (``<name>:<n>``: the n-th call of torch.save / save_file / os.rename /
-atomic_write_text inside the trainer), as a power cut or an OOM kill would."""
+checkpoint-writing call starts (``<name>:<n>``: the n-th call of torch.save / serialize_tensors / os.rename /
+atomic_write_text inside the trainer), as a power cut or an OOM kill would. ``<name>:<n>:TERM`` sends SIGTERM instead
+(as ``kill``, a job scheduler or a container stop would); ``<name>:<n>:WAIT=<file>`` pauses there, in the middle of
+writing a checkpoint, until ``<file>`` exists."""
 
 from __future__ import annotations
 
 import json
 import os
+import pathlib
 import signal
 import sys
+import time
 
 import torch
 import tuning_toy_task
@@ -17,7 +21,7 @@ from mit.tuning.config import RunConfig
 from mit.tuning.tasks import register_task
 
 
-def die_at(name: str, count: int) -> None:
+def stop_at(name: str, count: int, action: str) -> None:
     calls = {"n": 0}
     if name == "torch.save":
         holder, attribute = trainer_module.torch, "save"
@@ -30,7 +34,12 @@ def die_at(name: str, count: int) -> None:
     def wrapper(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == count:
-            os.kill(os.getpid(), signal.SIGKILL)
+            if action.startswith("WAIT="):
+                release, deadline = pathlib.Path(action[len("WAIT=") :]), time.monotonic() + 200
+                while not release.exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            else:
+                os.kill(os.getpid(), signal.SIGTERM if action == "TERM" else signal.SIGKILL)
         return original(*args, **kwargs)
 
     setattr(holder, attribute, wrapper)
@@ -40,8 +49,8 @@ def main(settings_json: str, kill_at: str) -> None:
     torch.set_num_threads(1)
     register_task(tuning_toy_task.SPEC, replace=True)
     if kill_at != "none":
-        name, count = kill_at.rsplit(":", 1)
-        die_at(name, int(count))
+        name, count, *action = kill_at.split(":", 2)
+        stop_at(name, int(count), action[0] if action else "KILL")
     trainer_module.Trainer(RunConfig.from_dict(json.loads(settings_json))).train()
 
 

@@ -2,7 +2,8 @@
 
 ``mit train`` is generated from these fields (one flag per leaf, named like the field unless it says otherwise; the
 help text is the field's), config files use the same names (flat, or nested by section as ``config.json`` is
-written), and every value is validated by type and range when the configuration is built (:mod:`mit.utils.settings`).
+written; each setting once), and every value is validated by type and range when the configuration is built
+(:mod:`mit.utils.settings`).
 
 Sections: ``llm`` (the frozen LLM and its prompts), ``data``, ``encoder`` (CLIP, for tasks with images), ``mit``
 (:class:`mit.MiTConfig` itself), ``neural`` (:class:`mit.NeuralTuningConfig` itself, for tasks whose method is
@@ -228,8 +229,9 @@ class RunConfig:
     """Everything a run needs; ``mit train`` builds it from a config file and command-line flags.
 
     ``RunConfig.from_dict`` accepts nested sections (``{"optim": {"lr": 1e-3}}``, as ``to_dict`` writes them) or the
-    flat flag names (``{"lr": 1e-3}``). For tasks with an image encoder ``mit.modality_dim`` is set to the encoder's
-    embedding size when the model is built."""
+    flat flag names (``{"lr": 1e-3}``), or a mix; a setting given under two spellings (``lr`` beside ``optim.lr``) is a
+    ValueError naming both. For tasks with an image encoder ``mit.modality_dim`` is set to the encoder's embedding size
+    when the model is built."""
 
     task: str = setting(help="the task", choices=_task_names)
     llm: LLMConfig = setting()

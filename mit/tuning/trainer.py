@@ -13,14 +13,22 @@ Run directory (``out``)::
                                      (optimizer, scheduler, counters, logs), rng_state_<rank>.pt, config.json
     checkpoints/latest               name of the newest complete checkpoint
 
-A checkpoint directory is written under a temporary name and renamed when complete, and ``latest`` is replaced
-atomically, so a kill at any moment leaves the previous checkpoint usable. Resuming restores the parameters, the
-optimizer and scheduler, every RNG and the position in the epoch's (seeded) data order: the loss curve continues
-exactly as if the run had not stopped. It refuses a configuration that differs from the checkpoint's in anything
-but the settings declared resume-safe (epochs, max_steps, paths, ...), loads with ``torch.load(weights_only=True)``,
-falls back to the previous complete checkpoint (saying so) when the latest cannot be read, and removes temporary
-directories a killed run left behind. A non-finite loss (or non-finite parameters after a step) stops the run with
-:class:`TrainingDiverged` before anything is saved, so the last checkpoint stays the last good one.
+A training run locks its directory (``.mit-run.lock``, an OS lock released when the process ends, even by a crash)
+from the moment it is created to the end of :meth:`Trainer.train`, before it reads or writes anything there: a second
+run on the same ``out`` is refused at once, naming the holder's pid. The lock file is removed on release; one left by
+a killed run is harmless. A checkpoint directory is written under a temporary name
+unique to the run (``checkpoints/.tmp-step-N.<pid>-<random>``) and renamed when complete, and ``latest`` is replaced
+atomically, so a kill at any moment leaves the previous checkpoint usable; SIGTERM (and Ctrl-C) first remove the
+incomplete checkpoint. A write that fails (a full disk, a read-only file system) raises :class:`RunOutputError` naming
+the path, the operating system's reason and the last complete checkpoint, which stays usable.
+
+Resuming restores the parameters, the optimizer and scheduler, every RNG and the position in the epoch's (seeded) data
+order: the loss curve continues exactly as if the run had not stopped. It refuses a configuration that differs from
+the checkpoint's in anything but the settings declared resume-safe (epochs, max_steps, paths, ...), loads with
+``torch.load(weights_only=True)``, falls back to the previous complete checkpoint (saying so) when the latest cannot
+be read, and removes temporary directories and files a killed run left behind. A non-finite loss (or non-finite
+parameters after a step) stops the run with :class:`TrainingDiverged` before anything is saved, so the last checkpoint
+stays the last good one.
 
 Multi-GPU runs need no change: ``accelerate launch --num_processes N -m mit.cli train ...``; several CPU processes
 (gloo): ``torchrun --nproc_per_node N -m mit.cli train ...``. Each process takes its shard of a per-epoch permutation
@@ -32,22 +40,36 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import io
 import json
 import math
 import os
 import pathlib
 import random
 import shutil
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as serialize_tensors
 from torch.utils.data import DataLoader
 
 from ..neural import TASK_TOKENS
-from ..utils.files import atomic_write_text
+from ..utils.files import (
+    ATOMIC_TEMP_MARK,
+    DirectoryInUse,
+    DirectoryLock,
+    atomic_write_text,
+    os_error_text,
+    unique_suffix,
+    write_bytes,
+)
 from ..utils.results import csv_text
 from . import distributed
 from .config import RunConfig
@@ -63,6 +85,7 @@ from .tasks import (
 CHECKPOINT_WEIGHTS = "trainable.safetensors"
 CHECKPOINT_STATE = "trainer_state.pt"
 TEMP_PREFIX = ".tmp-"
+RUN_LOCK = ".mit-run.lock"  # the lock file of a run directory
 
 
 class TrainingDiverged(RuntimeError):
@@ -71,6 +94,55 @@ class TrainingDiverged(RuntimeError):
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not belong to this run."""
+
+
+class RunDirectoryError(ValueError):
+    """``out`` cannot hold this run: an existing file, in use by another run, or not writable. Raised before the run
+    reads or writes anything in it."""
+
+
+class RunOutputError(RuntimeError):
+    """Writing an output of a started run (config.json, a checkpoint, loss.csv, metrics.csv) failed, e.g. on a full
+    disk. The message names the path, the operating system's reason and the last complete checkpoint, which stays
+    usable (``--resume`` continues from it); the incomplete checkpoint was removed. ``__cause__`` is the OSError."""
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived during :meth:`Trainer.train` (a BaseException: no ``except Exception`` swallows it)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While inside: SIGTERM raises :class:`_Terminated` in the main thread, so that ``finally`` blocks run (the
+    incomplete checkpoint is removed). Only when SIGTERM has its default action and this is the main thread (where
+    Python runs signal handlers); otherwise nothing changes."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _die_of_sigterm() -> None:
+    """End the process as SIGTERM's default action would (the parent sees "killed by SIGTERM")."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    raise SystemExit(128 + signal.SIGTERM)  # not reached: the signal is delivered before kill() returns
+
+
+def _save_torch(obj: Any, path: pathlib.Path) -> None:
+    """torch.save, serialised in memory and written by Python: a failed write is an OSError with its errno (torch's
+    own file writer reports a full disk as an unrelated RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getbuffer())
 
 
 # ----------------------------------------------------------------------------------------------------------- data
@@ -169,7 +241,6 @@ class Trainer:
 
     def __init__(self, config: RunConfig, accelerator=None, build_train_data: bool = True) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
 
         if not isinstance(config, RunConfig):
             raise ValueError(f"config: expected a RunConfig, got {type(config).__name__}")
@@ -188,10 +259,26 @@ class Trainer:
         distributed.check_supported(self.accelerator)
         self.out = pathlib.Path(config.run.out)
         if self.out.exists() and not self.out.is_dir():
-            raise ValueError(f"out: {self.out} is an existing file; expected a run directory (new or to resume)")
+            raise RunDirectoryError(f"out: {self.out} is an existing file; expected a run directory (new or to resume)")
+        # a training run holds the directory's lock from here to the end of train(): before anything is read or
+        # written there (evaluation only reads checkpoints: no lock)
+        self._lock = DirectoryLock(self.out, RUN_LOCK) if build_train_data and self.is_main else None
+        self._temp_token: str | None = None
+        self._acquire_run_lock()
+        try:
+            self._build(config, build_train_data)
+        except BaseException:
+            if self._lock is not None:  # nothing was written: a directory the lock created goes with it
+                self._lock.release(remove_created=True)
+            raise
+
+    def _build(self, config: RunConfig, build_train_data: bool) -> None:
+        """The rest of ``__init__``, under the run's lock: the model, the data, the optimizer, the resumed state."""
+        from accelerate.utils import set_seed
+
         resume = build_train_data and config.run.resume
         if build_train_data and not resume and (self.out / "checkpoints" / "latest").exists():
-            raise ValueError(
+            raise RunDirectoryError(
                 f"out: {self.out} already holds a run; pass --resume to continue it or choose another --out"
             )
         check_llm_path(config.llm.model)
@@ -260,6 +347,71 @@ class Trainer:
             self._apply(self._resume_from)
             self._resume_from = None
 
+    # ------------------------------------------------------------------------------------- run directory
+
+    def _acquire_run_lock(self) -> None:
+        """Lock ``out`` (creating it) and check that it is writable; RunDirectoryError when another run holds it or it
+        cannot be written. Nothing when this process does not lock (evaluation, processes other than the main one) or
+        already holds the lock."""
+        if self._lock is None or self._lock.held:
+            return
+        try:
+            self._lock.acquire()
+        except DirectoryInUse as error:
+            if error.holder_pid == os.getpid():
+                who = "another Trainer of this process (let its train() finish or call its close())"
+            else:
+                who = f"another run ({error.holder or 'holder unknown'})"
+            raise RunDirectoryError(
+                f"out: {self.out} is in use by {who}, which holds {error.lock_file}; wait for it to end or choose "
+                "another --out"
+            ) from None
+        except OSError as error:
+            if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise RunDirectoryError(
+                    f"out: cannot lock {self._lock.path}: {os_error_text(error)}; expected a run directory on a file "
+                    "system that supports file locks (flock)"
+                ) from None
+            raise RunDirectoryError(self._unwritable(error)) from None
+        probe = self.out / f".mit-write-probe{ATOMIC_TEMP_MARK}{unique_suffix()}"
+        try:  # the lock file may predate a change of permissions (or a remount read-only): try a new file
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            probe.unlink()
+        except OSError as error:
+            self._lock.release(remove_created=True)
+            raise RunDirectoryError(self._unwritable(error)) from None
+
+    def _unwritable(self, error: OSError) -> str:
+        where = f" ({error.filename})" if error.filename and pathlib.Path(error.filename) != self.out else ""
+        return f"out: cannot write to {self.out}: {os_error_text(error)}{where}; expected a writable run directory"
+
+    def close(self) -> None:
+        """Release the lock of ``out`` (``train()`` does at its end; a Trainer that is never trained holds it until it
+        is closed or garbage-collected). The Trainer stays usable: ``train()`` locks again."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def _last_checkpoint_text(self, failed: str | None = None) -> str:
+        """Where ``--resume`` would continue from; ``failed``: the name of a checkpoint whose save just failed (the
+        end of an epoch saves the step of its last optimizer step again)."""
+        latest = self._latest_name()
+        if not latest:
+            return "no checkpoint was written yet"
+        again = ", saved before at the same step" if latest == failed else ""
+        path = self.out / "checkpoints" / latest
+        return f"the last complete checkpoint is {path}{again} (--resume continues from it)"
+
+    @contextlib.contextmanager
+    def _writing(self, what: str, checkpoint: str | None = None) -> Iterator[None]:
+        """An OSError inside becomes a RunOutputError: "cannot write <what>: <reason>; the last complete checkpoint
+        is ..." (``checkpoint``: the name of the checkpoint being written, if one is)."""
+        try:
+            yield
+        except OSError as error:
+            raise RunOutputError(
+                f"cannot write {what}: {os_error_text(error)}; {self._last_checkpoint_text(checkpoint)}"
+            ) from error
+
     # -------------------------------------------------------------------------------------------- helpers
 
     @property
@@ -295,8 +447,10 @@ class Trainer:
     def _write_logs(self) -> None:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / "loss.csv", csv_text(self.loss_rows))
-            atomic_write_text(self.out / "metrics.csv", csv_text(self.metric_rows))
+            with self._writing(str(self.out / "loss.csv")):
+                atomic_write_text(self.out / "loss.csv", csv_text(self.loss_rows))
+            with self._writing(str(self.out / "metrics.csv")):
+                atomic_write_text(self.out / "metrics.csv", csv_text(self.metric_rows))
 
     def _latest_name(self) -> str | None:
         latest = self.out / "checkpoints" / "latest"
@@ -307,14 +461,31 @@ class Trainer:
     def train(self) -> dict[str, float]:
         """Train until ``epochs`` (or ``max_steps``); returns the last evaluation's metrics (empty if none ran).
 
-        Raises :class:`TrainingDiverged` (after nothing was saved) when the loss or a parameter is not finite."""
+        Holds the lock of ``out`` until it returns. Raises :class:`TrainingDiverged` (after nothing was saved) when the
+        loss or a parameter is not finite, :class:`RunOutputError` when an output cannot be written (the previous
+        checkpoint stays usable). SIGTERM (default action only, main thread) removes the incomplete checkpoint and
+        releases the lock, then ends the process as SIGTERM would."""
         if self.train_dataset is None:
             raise ValueError("this Trainer was built without training data (build_train_data=False)")
+        self._acquire_run_lock()
+        try:
+            with _sigterm_raises():
+                return self._train()
+        except _Terminated:
+            self.close()
+            if self.is_main:
+                _warn(f"terminated by SIGTERM; {self._last_checkpoint_text()}")
+            _die_of_sigterm()
+            raise  # not reached
+        finally:
+            self.close()
+
+    def _train(self) -> dict[str, float]:
         config = self.config
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
             self._remove_stale_temporaries()
-            atomic_write_text(self.out / "config.json", json.dumps(config.to_dict(), indent=2))
+            with self._writing(str(self.out / "config.json")):
+                atomic_write_text(self.out / "config.json", json.dumps(config.to_dict(), indent=2))
         last_metrics: dict[str, float] = {}
         progress = None
         epochs = config.optim.epochs
@@ -467,54 +638,81 @@ class Trainer:
     # --------------------------------------------------------------------------------------- checkpoints
 
     def _remove_stale_temporaries(self) -> None:
+        """Remove what killed runs left: temporary checkpoint directories and temporary files of atomic writes. Only
+        the holder of the run's lock calls this, so none of them belongs to a live run."""
         root = self.out / "checkpoints"
         if root.is_dir():
             for stale in root.iterdir():
                 if stale.is_dir() and stale.name.startswith(TEMP_PREFIX):
                     _warn(f"removing {stale}, an incomplete checkpoint of an interrupted run")
                     shutil.rmtree(stale, ignore_errors=True)
+        for directory in (self.out, root):
+            if directory.is_dir():
+                for stale in directory.glob(f".*{ATOMIC_TEMP_MARK}*"):
+                    if stale.is_file():
+                        stale.unlink(missing_ok=True)
+
+    def _checkpoint_temp_token(self) -> str:
+        """``<pid>-<random>`` of the main process, the same on every process (the temporary checkpoint directory is
+        shared); drawn once per Trainer, from the OS (the seeded RNGs are not touched)."""
+        if self._temp_token is None:
+            token = [unique_suffix()]
+            if self.accelerator.num_processes > 1:
+                from accelerate.utils import broadcast_object_list
+
+                broadcast_object_list(token, from_process=0)
+            self._temp_token = token[0]
+        return self._temp_token
 
     def save_checkpoint(self) -> pathlib.Path:
-        """Write ``checkpoints/step-N`` atomically (temp dir + rename) and point ``latest`` at it."""
+        """Write ``checkpoints/step-N`` atomically (a temporary directory unique to this run, renamed when complete)
+        and point ``latest`` at it. On any failure or interrupt the temporary directory is removed and the previous
+        checkpoint stays the latest; an OSError (a full disk) becomes :class:`RunOutputError`."""
         accelerator = self.accelerator
         root = self.out / "checkpoints"
         name = f"step-{self.global_step:07d}"
-        tmp = root / f"{TEMP_PREFIX}{name}"
+        tmp = root / f"{TEMP_PREFIX}{name}.{self._checkpoint_temp_token()}"
         final = root / name
+        try:
+            with self._writing(f"checkpoint to {final}", checkpoint=name):
+                if self.is_main:
+                    root.mkdir(parents=True, exist_ok=True)
+                    tmp.mkdir()
+                accelerator.wait_for_everyone()
+                _save_torch(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+                # full trainable tensors and optimizer state (collectives under FSDP / DeepSpeed: every process calls
+                # them)
+                weights = distributed.trainable_state_dict_full(accelerator, self.model)
+                optimizer_state = distributed.optimizer_state(accelerator, self.model, self.optimizer, tmp)
+                if self.is_main:
+                    write_bytes(tmp / CHECKPOINT_WEIGHTS, serialize_tensors(weights, metadata={"format": "pt"}))
+                    state = {
+                        "optimizer": optimizer_state,
+                        "scheduler": self.scheduler.state_dict(),
+                        "epoch": self.epoch,
+                        "step_in_epoch": self.step_in_epoch,
+                        "global_step": self.global_step,
+                        "epoch_losses": list(self._epoch_losses),
+                        "loss_rows": self.loss_rows,
+                        "metric_rows": self.metric_rows,
+                        "num_processes": accelerator.num_processes,
+                    }
+                    _save_torch(state, tmp / CHECKPOINT_STATE)
+                    write_bytes(tmp / "config.json", json.dumps(self.config.to_dict(), indent=2).encode())
+                accelerator.wait_for_everyone()
+                if self.is_main:
+                    if final.exists():
+                        shutil.rmtree(final)
+                    os.rename(tmp, final)
+                    atomic_write_text(root / "latest", name)
+        except BaseException:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if self.is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        accelerator.wait_for_everyone()
-        torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
-        # full trainable tensors and optimizer state (collectives under FSDP / DeepSpeed: every process calls them)
-        weights = distributed.trainable_state_dict_full(accelerator, self.model)
-        optimizer_state = distributed.optimizer_state(accelerator, self.model, self.optimizer, tmp)
-        if self.is_main:
-            save_file(weights, str(tmp / CHECKPOINT_WEIGHTS), metadata={"format": "pt"})
-            state = {
-                "optimizer": optimizer_state,
-                "scheduler": self.scheduler.state_dict(),
-                "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch,
-                "global_step": self.global_step,
-                "epoch_losses": list(self._epoch_losses),
-                "loss_rows": self.loss_rows,
-                "metric_rows": self.metric_rows,
-                "num_processes": accelerator.num_processes,
-            }
-            torch.save(state, tmp / CHECKPOINT_STATE)
-            (tmp / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-        accelerator.wait_for_everyone()
-        if self.is_main:
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            atomic_write_text(root / "latest", name)
             kept = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
             for old in kept[: -self.config.run.keep_checkpoints]:
-                shutil.rmtree(old)
+                shutil.rmtree(old, ignore_errors=True)  # an old one left behind is harmless
             self._write_logs()
         accelerator.wait_for_everyone()
         return final
@@ -644,8 +842,11 @@ def evaluate_checkpoint(path: str | os.PathLike, overrides: dict[str, Any] | Non
 
 
 __all__ = [
+    "RUN_LOCK",
     "CheckpointError",
     "RunConfig",
+    "RunDirectoryError",
+    "RunOutputError",
     "Trainer",
     "TrainingDiverged",
     "checkpoint_dir",

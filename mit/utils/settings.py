@@ -246,9 +246,21 @@ def _section_default(cls: type, field: dataclasses.Field) -> Any:
 
 def flatten(cls: type, data: Mapping[str, Any], where: str = "config") -> dict[str, Any]:
     """``{flag: value}`` from nested sections (``{"optim": {"lr": 1e-3}}``), flat flag names (``{"lr": 1e-3}``) or a
-    mix; ``-`` in names is read as ``_``. Unknown names are a ValueError naming them."""
+    mix; ``-`` in names is read as ``_``. Unknown names are a ValueError naming them, and so is a setting given twice
+    under two spellings (``lr`` beside ``optim.lr``, ``batch-size`` beside ``batch_size``, a section's field name
+    beside its flag name): one of the two would be dropped silently."""
     leaves = leaves_by_flag(cls)
     flat: dict[str, Any] = {}
+    spelled: dict[str, str] = {}  # flag -> how data spelled it
+
+    def put(flag: str, spelling: str, value: Any) -> None:
+        if flag in flat:
+            raise ValueError(
+                f"{where}: setting {flag!r} is given twice, as {_spelling_text(spelled[flag])} and as "
+                f"{_spelling_text(spelling)}; give it once"
+            )
+        flat[flag], spelled[flag] = value, spelling
+
     sections = {f.name: f for f in dataclasses.fields(cls) if dataclasses.is_dataclass(kind_of(cls, f).base)}
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
@@ -265,12 +277,17 @@ def flatten(cls: type, data: Mapping[str, Any], where: str = "config") -> dict[s
                     raise ValueError(
                         f"{where}: unknown setting {key}.{raw_name}; expected one of {sorted(own)} in section {key!r}"
                     )
-                flat[own[name]] = item
+                put(own[name], f"{raw_key}.{raw_name}", item)
         elif key in leaves:
-            flat[key] = value
+            put(key, str(raw_key), value)
         else:
             raise ValueError(f"{where}: unknown setting {raw_key!r}; expected one of {sorted(leaves)}")
     return flat
+
+
+def _spelling_text(spelling: str) -> str:
+    """How :func:`flatten` names a key in its messages: ``optim.lr`` as is, a flat key quoted (``'lr'``)."""
+    return spelling if "." in spelling else repr(spelling)
 
 
 def from_mapping(cls: type, data: Mapping[str, Any], where: str = "config") -> Any:

@@ -124,6 +124,7 @@ def test_builds_are_private_until_published_and_a_killed_build_blocks_nothing(mo
         return f"module {len(compiled)}"
 
     monkeypatch.setattr(cpu_build, "_compile", fake_compile)
+    monkeypatch.setattr(cpu_build, "load_library", lambda directory: f"loaded {directory.name}")
     target = tmp_path / "build"
     killed = tmp_path / "build.tmp-12345-killed"  # what a kill -9 during a compile leaves
     killed.mkdir()
@@ -133,9 +134,98 @@ def test_builds_are_private_until_published_and_a_killed_build_blocks_nothing(mo
     assert cpu_build.build(target) == "module 1"
     assert (target / f"{cpu_build.EXTENSION_NAME}.so").read_bytes() == b"library 0"
     assert json.loads((target / cpu_build.STAMP_NAME).read_text()) == cpu_build.expected_stamp()
-    assert not killed.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["build"]
-    assert cpu_build.build(target) == "module 2"  # another process got there first: its build stays
+    assert not killed.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["build", "build.lock"]
+    assert cpu_build.build(target) == "loaded build"  # published meanwhile (by a build we waited for): no compile
+    assert len(compiled) == 1
+    (target / cpu_build.STAMP_NAME).write_text("{}")  # a build there that is not this one (older, no lock): kept
+    assert cpu_build.build(target) == "module 2"
     assert (target / f"{cpu_build.EXTENSION_NAME}.so").read_bytes() == b"library 0"
     cpu_build.build(target, replace=True)  # python -m mit_kernels build --force
     assert (target / f"{cpu_build.EXTENSION_NAME}.so").read_bytes() == b"library 2"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build", "build.lock"]
+
+
+def test_two_processes_building_at_once_compile_once(tmp_path):
+    """Two processes starting a build into one directory at the same moment: the second waits for the first (a file
+    lock beside the directory) and loads its build instead of compiling again. The compile is faked (one second)."""
+    if cpu_build.compiler() is None:
+        pytest.skip("no C++ compiler here (build() checks for one before compiling)")
+    script = textwrap.dedent(f"""
+        import os, pathlib, sys, time
+        from mit_kernels import cpu_build
+        log = pathlib.Path({str(tmp_path / "compiles.log")!r})
+
+        def fake_compile(directory, src, cflags, ldflags, verbose):
+            with open(log, "a") as f:
+                f.write(f"{{os.getpid()}}\\n")
+            time.sleep(1.0)
+            (directory / f"{{cpu_build.EXTENSION_NAME}}.so").write_bytes(b"library")
+            return "compiled"
+
+        cpu_build._compile = fake_compile
+        cpu_build.load_library = lambda directory: "loaded"
+        sys.stdin.readline()  # both processes start building together
+        print(cpu_build.build(pathlib.Path({str(tmp_path / "build")!r})), flush=True)
+    """)  # fmt: skip
+    processes = [
+        subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    for process in processes:
+        process.stdin.write("go\n")
+        process.stdin.flush()
+    outputs = sorted(process.communicate(timeout=300)[0].strip() for process in processes)
+    assert [p.returncode for p in processes] == [0, 0]
+    assert outputs == ["compiled", "loaded"]
+    assert len((tmp_path / "compiles.log").read_text().split()) == 1
+
+
+def test_concurrent_first_use_waits_for_the_build(monkeypatch):
+    """A thread asking for backend="cpu" while another thread compiles the kernels at first use gets them once the
+    build is done, not a false "no build" error; the build runs once."""
+    import threading
+    import time
+
+    from mit_kernels import dispatch, mit_attention, mit_attention_reference, resolve_backend
+
+    loaded = cpu_extension.state()
+    if loaded.module is None:
+        pytest.skip(f"no build of the C++ kernels here ({loaded.reason})")
+    compiling, calls = threading.Event(), []
+
+    def slow_compile(cache=None, *, verbose=False):  # a first-use compile: here, the build already loaded
+        calls.append(threading.current_thread().name)
+        compiling.set()
+        time.sleep(1.0)
+        return loaded
+
+    # as at first use in a fresh process: nothing found yet, no compile tried
+    monkeypatch.setattr(cpu_extension, "_state", cpu_extension.ExtensionState(reason="prebuilt: no build"))
+    monkeypatch.setattr(cpu_extension, "_compile_attempted", False)
+    monkeypatch.setattr(cpu_extension, "compile_now", slow_compile)
+    results: dict[str, object] = {}
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(1, 2, 5, 8, generator=g), torch.randn(1, 1, 5, 8, generator=g)]
+    inputs += [torch.randn(1, 1, 5, 8, generator=g), *(0.3 * torch.randn(1, 1, 8, generator=g) for _ in range(4))]
+    inputs.append(torch.ones(1))
+
+    def first_use() -> None:
+        results["first"] = dispatch.cpu_backend()  # compiles (compile_if_missing=True by default)
+
+    def concurrent_use() -> None:
+        compiling.wait(timeout=60)
+        try:
+            results["second"] = resolve_backend("cpu", torch.device("cpu"))
+            results["output"] = mit_attention(*inputs, backend="cpu")
+        except ValueError as error:
+            results["second"] = error
+
+    threads = [threading.Thread(target=first_use, name="first"), threading.Thread(target=concurrent_use)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results["second"] == "cpu", results["second"]
+    assert results["first"][0] is not None and results["first"][1] is None
+    assert calls == ["first"]  # one build; the second thread waited for it
+    torch.testing.assert_close(results["output"], mit_attention_reference(*inputs), rtol=1e-5, atol=1e-6)

@@ -170,6 +170,16 @@ def test_bad_config_files(tmp_path, capsys):
         "g.yaml": "layers: 7\ntask: msa\nmodel: m\ndata: d\nout: o",
         "h.yaml": "optim: {lr: 1e-3, momentum: 0.9}",
         "e.txt": "x",
+        # a key given twice (either format, any depth), or one setting under two spellings: never one silently
+        "i.yaml": "task: msa\nlr: 1e-3\nepochs: 2\nlr: 1e-4",
+        "j.yaml": "optim:\n  lr: 1e-3\n  epochs: 2\n  lr: 1e-4",
+        "k.json": '{"task": "msa", "optim": {"lr": 0.001, "lr": 0.0001}}',
+        "l.yaml": "lr: 1e-3\noptim:\n  lr: 1e-4",
+        "m.json": '{"batch-size": 2, "batch_size": 4}',
+        "n.yaml": "neural:\n  dropout: 0.1\nnt_dropout: 0.2",
+        # a list setting as a lone string: refused like the Python API refuses it (a comma makes it a list: 0,1)
+        "o.yaml": 'layers: "1"\ntask: msa\nmodel: m\ndata: d\nout: o',
+        "p.yaml": 'layers: "12"\ntask: msa\nmodel: m\ndata: d\nout: o',
     }
     expected = [
         "not valid YAML",
@@ -180,7 +190,16 @@ def test_bad_config_files(tmp_path, capsys):
         "layers: expected None or a non-empty list of integers each >= 0, got 7",
         "unknown setting optim.momentum",
         "expected a .yaml, .yml or .json file",
+        "i.yaml: duplicate key 'lr' (lines 2 and 4); give each setting once",
+        "j.yaml: duplicate key 'optim.lr' (lines 2 and 4); give each setting once",
+        "k.json: duplicate key 'optim.lr'; give each setting once",
+        "l.yaml: setting 'lr' is given twice, as 'lr' and as optim.lr; give it once",
+        "m.json: setting 'batch_size' is given twice, as 'batch-size' and as 'batch_size'; give it once",
+        "n.yaml: setting 'nt_dropout' is given twice, as neural.dropout and as 'nt_dropout'; give it once",
+        "layers: expected None or a non-empty list of integers each >= 0, got '1'",
+        "layers: expected None or a non-empty list of integers each >= 0, got '12'",
     ]
+    assert len(cases) == len(expected)
     for (name, text), message in zip(cases.items(), expected):
         (tmp_path / name).write_text(text)
         assert main(["train", "--config", str(tmp_path / name)]) == 2
@@ -220,3 +239,47 @@ def test_help(capsys, argv):
     if argv[0] == "train":
         for text in ("--task", "--encoder-pretrained", "--quick-gelu", "--mixed-precision", "--resume", "--config"):
             assert text in out
+
+
+@pytest.mark.parametrize(
+    "error,status,line",
+    [
+        (PermissionError(13, "Permission denied", "/data/train.jsonl"), 2, "/data/train.jsonl: Permission denied"),
+        (OSError(5, "Input/output error", "/a", None, "/b"), 2, "/a -> /b: Input/output error"),
+        (OSError("a message of its own\non two lines"), 2, "a message of its own on two lines"),
+        (KeyboardInterrupt(), 130, "interrupted"),
+    ],
+)
+def test_every_failure_is_one_line_with_its_exit_status(monkeypatch, capsys, error, status, line):
+    """Whatever I/O error reaches the command line (reading a dataset, a model, a checkpoint) is one line, no
+    traceback: exit status 2 before a run starts; 130 for Ctrl-C. (Failures of a started run, exit status 1, are in
+    tests/tuning/test_failures.py.)"""
+    import mit.cli
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(mit.cli, "_train", fail)
+    assert main(["train", "--task", "msa"]) == status
+    assert capsys.readouterr().err == f"mit: error: {line}\n"
+
+
+def test_an_unreadable_config_file_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+    import pathlib
+
+    config = tmp_path / "run.yaml"
+    config.write_text("task: msa\n")
+    if os.name == "posix" and os.geteuid() != 0:
+        config.chmod(0)  # the real thing; root reads any file, so as root the read is made to fail
+    else:
+        monkeypatch.setattr(
+            pathlib.Path, "read_text", lambda self, *a, **k: _raise(PermissionError(errno.EACCES, "Permission denied"))
+        )
+    assert main(["train", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == f"mit: error: --config {config}: cannot read it: Permission denied\n"
+
+
+def _raise(error: BaseException):
+    raise error

@@ -1,11 +1,17 @@
 """Runs that go wrong fail loudly and recoverably: a changed config on --resume is refused, an unreadable checkpoint
 falls back to the previous one (and the loss curve still continues exactly), stale temporaries are removed, a
-non-finite loss stops the run without saving, and each command-line case is one line with a non-zero exit."""
+non-finite loss stops the run without saving, a run directory in use by another run is refused before anything is
+written, a full disk or an unwritable directory is one line (the previous checkpoint resumes exactly), and each
+command-line case is one line with a non-zero exit."""
 
 from __future__ import annotations
 
 import csv
+import errno
 import fractions
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,10 +19,11 @@ import tuning_toy_task
 from safetensors.torch import load_file
 from tuning_fixtures import one_thread, write_tiny_llama
 
+import mit.tuning.trainer as trainer_module
 from mit.cli import main
 from mit.tuning.config import RunConfig
 from mit.tuning.tasks import register_task, unregister_task
-from mit.tuning.trainer import CheckpointError, Trainer, TrainingDiverged
+from mit.tuning.trainer import RUN_LOCK, CheckpointError, RunDirectoryError, Trainer, TrainingDiverged
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 
@@ -138,3 +145,162 @@ def test_command_line_failures_are_one_line(llama, tmp_path, capsys):
     latest = diverging / "checkpoints" / (diverging / "checkpoints" / "latest").read_text()
     for name, tensor in load_file(latest / "trainable.safetensors").items():
         assert tensor.isfinite().all(), name
+
+
+# ------------------------------------------------------------------------------------- run directory and I/O
+
+
+def toy_argv(llama, out, *more: str) -> list[str]:
+    common = ["--task", "toy", "--model", llama, "--data", str(out), "--modality-dim", "16", "--batch-size", "2"]
+    common += ["--lr", "1e-2", "--checkpoint-every", "1", "--no-progress", "--limit-train", "6", "--limit-eval", "4"]
+    return ["train", *common, "--out", str(out), *more]
+
+
+def hold_lock_in_subprocess(directory) -> subprocess.Popen:
+    """Another process holding the run directory's lock, as a running `mit train` does (it waits for stdin)."""
+    script = (
+        "import sys; from mit.utils.files import DirectoryLock; from mit.tuning.trainer import RUN_LOCK; "
+        f"lock = DirectoryLock({str(directory)!r}, RUN_LOCK).acquire(); print('locked', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_run_directory_in_use_is_refused_before_anything_is_written(llama, tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = hold_lock_in_subprocess(out)
+    try:
+        assert main(toy_argv(llama, out, "--epochs", "1")) == 2
+        err = one_line(capsys)
+        assert f"out: {out} is in use by another run (pid {holder.pid} on " in err, err
+        assert f"which holds {out / RUN_LOCK}; wait for it to end or choose another --out" in err
+        assert sorted(p.name for p in out.iterdir()) == [RUN_LOCK]  # no config.json, no checkpoints
+        # the lock is the OS's: when its holder dies (here SIGKILL, no clean-up of any kind) the directory is free
+        holder.kill()
+        holder.wait(timeout=60)
+    finally:
+        holder.kill()
+    assert main(toy_argv(llama, out, "--epochs", "1")) == 0
+    assert (out / "checkpoints" / "latest").read_text() == "step-0000003"
+    assert not (out / RUN_LOCK).exists()  # released (and removed) at the end of the run
+
+
+def test_one_process_cannot_run_two_trainers_on_one_directory(llama, tmp_path):
+    out = tmp_path / "run"
+    first = Trainer(config(llama, out, max_steps=1))
+    with pytest.raises(RunDirectoryError, match=r"is in use by another Trainer of this process"):
+        Trainer(config(llama, out, max_steps=1))
+    first.train()  # releases the lock at its end
+    assert Trainer(config(llama, out, max_steps=2, resume=True)).global_step == 1
+
+
+def fail_with(errno_code: int, when, monkeypatch, holder, attribute: str) -> list:
+    """Make ``holder.attribute`` raise OSError(errno_code) on the calls for which ``when(path, n)`` is true."""
+    original = getattr(holder, attribute)
+    calls = []
+
+    def failing(path, *args, **kwargs):
+        calls.append(str(path))
+        if when(str(path), len(calls)):
+            raise OSError(errno_code, os.strerror(errno_code), str(path))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(holder, attribute, failing)
+    return calls
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_previous_checkpoint_resumes_exactly(
+    llama, tmp_path, capsys, monkeypatch
+):
+    straight = tmp_path / "straight"
+    assert main(toy_argv(llama, straight, "--epochs", "2")) == 0
+    capsys.readouterr()
+    out = tmp_path / "run"
+    # the 2nd checkpoint's weights hit a full disk (the writes of a checkpoint: rng state, weights, trainer state, ...)
+    fail_with(errno.ENOSPC, lambda path, n: "step-0000002" in path and path.endswith(".safetensors"), monkeypatch,
+              trainer_module, "write_bytes")  # fmt: skip
+    assert main(toy_argv(llama, out, "--epochs", "2")) == 1
+    err = one_line(capsys)
+    checkpoints = out / "checkpoints"
+    assert err == (
+        f"mit: error: cannot write checkpoint to {checkpoints / 'step-0000002'}: No space left on device; the last "
+        f"complete checkpoint is {checkpoints / 'step-0000001'} (--resume continues from it)\n"
+    )
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-0000001"]  # the temporary one removed
+    monkeypatch.undo()
+    assert main(toy_argv(llama, out, "--epochs", "2", "--resume")) == 0
+    assert losses(out) == losses(straight)
+
+
+def test_a_full_disk_while_writing_the_logs_is_one_line(llama, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    fail_with(errno.ENOSPC, lambda path, n: path.endswith("loss.csv") and n > 2, monkeypatch, trainer_module,
+              "atomic_write_text")  # fmt: skip
+    assert main(toy_argv(llama, out, "--epochs", "1")) == 1
+    err = one_line(capsys)
+    assert f"cannot write {out / 'loss.csv'}: No space left on device; the last complete checkpoint is " in err
+    assert (out / "checkpoints" / "latest").read_text() == "step-0000001"  # written before the logs
+
+
+@pytest.mark.parametrize("code,reason", [(errno.EACCES, "Permission denied"), (errno.EROFS, "Read-only file system")])
+def test_an_unwritable_run_directory_is_one_line(llama, tmp_path, capsys, monkeypatch, code, reason):
+    out = tmp_path / "run"
+    out.mkdir()
+    if code == errno.EACCES and os.name == "posix" and os.geteuid() != 0:
+        out.chmod(0o500)  # the real thing; root ignores permission bits, so as root the OS call is made to fail
+    else:
+        real_open = os.open
+        monkeypatch.setattr(
+            os, "open", lambda path, *a, **k: _raise(code, path) if str(out) in str(path) else real_open(path, *a, **k)
+        )
+    try:
+        assert main(toy_argv(llama, out, "--epochs", "1")) == 2
+    finally:
+        out.chmod(0o700)
+    err = one_line(capsys)
+    assert f"out: cannot write to {out}: {reason} ({out / RUN_LOCK}); expected a writable run directory" in err
+    assert list(out.iterdir()) == []
+
+
+def test_a_run_that_fails_before_it_starts_leaves_no_directory_behind(llama, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "new" / "run"
+    assert main([*toy_argv(llama, out, "--epochs", "1"), "--model", str(tmp_path)]) == 2  # no model there
+    assert "expected a Hugging Face model directory" in one_line(capsys)
+    assert not (tmp_path / "new").exists()  # created for the lock, removed with it
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "keep.txt").write_text("x")
+
+    def fail(self, *args):
+        raise RuntimeError("a failure after the lock")
+
+    monkeypatch.setattr(Trainer, "_build", fail)
+    with pytest.raises(RuntimeError, match="a failure after the lock"):
+        Trainer(config(llama, out))
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["keep.txt"]  # only what the run created is gone
+
+
+def _raise(code: int, path) -> None:
+    raise OSError(code, os.strerror(code), str(path))
+
+
+def test_other_path_failures_are_one_line(llama, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(toy_argv(llama, a_file / "run", "--epochs", "1")) == 2
+    assert f"out: cannot write to {a_file / 'run'}: Not a directory" in one_line(capsys)
+    config_dir = tmp_path / "config.yaml"
+    config_dir.mkdir()
+    assert main(["train", "--config", str(config_dir)]) == 2
+    assert f"--config {config_dir}: is a directory; expected a .yaml, .yml or .json file" in one_line(capsys)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe")
+    assert main(["train", "--config", str(binary)]) == 2
+    assert f"--config {binary}: expected UTF-8 text, got invalid start byte at byte 0" in one_line(capsys)
+    run = tmp_path / "run"
+    assert main(toy_argv(llama, run, "--max-steps", "1")) == 0
+    capsys.readouterr()
+    output = tmp_path / "no" / "such" / "dir" / "metrics.json"
+    assert main(["eval", "--checkpoint", str(run), "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"mit: error: --output {output}: cannot write it: No such file or directory\n", err

@@ -1,6 +1,7 @@
 """kill -9 at any point of writing a checkpoint, then --resume: the loss curve and the trained weights are those of
 the uninterrupted run, bit for bit (the previous complete checkpoint is used; the incomplete one is ignored and
-removed)."""
+removed). SIGTERM removes the incomplete checkpoint itself; a second run on the directory of a running one is
+refused."""
 
 from __future__ import annotations
 
@@ -10,22 +11,29 @@ import pathlib
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from tuning_fixtures import write_tiny_llama
 
+from mit.tuning.trainer import RUN_LOCK
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-# each optimizer step writes a checkpoint: rng state (torch.save), weights (save_file), trainer state (torch.save),
-# the directory rename (os.rename), then `latest`, loss.csv and metrics.csv (atomic_write_text)
-KILL_POINTS = ["torch.save:7", "save_file:4", "torch.save:8", "os.rename:4", "atomic_write_text:14"]
+# each optimizer step writes a checkpoint: rng state (torch.save), weights (serialize_tensors), trainer state
+# (torch.save), the directory rename (os.rename), then `latest`, loss.csv and metrics.csv (atomic_write_text)
+KILL_POINTS = ["torch.save:7", "serialize_tensors:4", "torch.save:8", "os.rename:4", "atomic_write_text:14"]
+
+
+def worker(settings: dict, kill_at: str) -> tuple[list[str], dict[str, str]]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(ROOT / "tests")) if p)
+    return [sys.executable, str(ROOT / "tests" / "tuning_kill_worker.py"), json.dumps(settings), kill_at], env
 
 
 def run(settings: dict, kill_at: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(ROOT / "tests")) if p)
-    command = [sys.executable, str(ROOT / "tests" / "tuning_kill_worker.py"), json.dumps(settings), kill_at]
+    command, env = worker(settings, kill_at)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
 
 
@@ -50,6 +58,10 @@ def test_kill_while_checkpointing_then_resume_is_exact(straight, tmp_path, kill_
     out = tmp_path / "run"
     killed = run({**settings, "out": str(out)}, kill_at)
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
+    assert_resume_is_exact(settings, reference, out)
+
+
+def assert_resume_is_exact(settings: dict, reference: pathlib.Path, out: pathlib.Path) -> None:
     resumed = run({**settings, "out": str(out), "resume": True}, "none")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (out / "loss.csv").read_text() == (reference / "loss.csv").read_text()
@@ -59,3 +71,49 @@ def test_kill_while_checkpointing_then_resume_is_exact(straight, tmp_path, kill_
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+
+
+def temporaries(out: pathlib.Path) -> list[str]:
+    return [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_sigterm_while_checkpointing_removes_the_temporary_then_resume_is_exact(straight, tmp_path):
+    """SIGTERM (a scheduler's or a container's stop) still ends the process as SIGTERM does, but first removes the
+    incomplete checkpoint and releases the run directory."""
+    settings, reference = straight
+    out = tmp_path / "run"
+    terminated = run({**settings, "out": str(out)}, "torch.save:8:TERM")  # the 4th checkpoint's trainer state
+    assert terminated.returncode == -signal.SIGTERM, (terminated.returncode, terminated.stderr[-2000:])
+    last = out / "checkpoints" / (out / "checkpoints" / "latest").read_text()
+    assert f"mit: warning: terminated by SIGTERM; the last complete checkpoint is {last}" in terminated.stderr
+    assert temporaries(out) == []  # before any resume
+    assert not (out / RUN_LOCK).exists()  # released (and removed)
+    assert_resume_is_exact(settings, reference, out)
+
+
+def test_a_second_run_on_the_same_directory_is_refused_while_the_first_is_checkpointing(straight, tmp_path):
+    """Two runs on one directory at the same moment: the second is refused at once and writes nothing (no config.json
+    of its own beside the first one's checkpoints, no temporary of its own, nothing of the first's removed)."""
+    settings, reference = straight
+    out, release = tmp_path / "run", tmp_path / "release"
+    command, env = worker({**settings, "out": str(out)}, f"torch.save:1:WAIT={release}")
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 200
+        while not ((out / "checkpoints").is_dir() and temporaries(out)):  # inside its first checkpoint
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
+        in_progress = temporaries(out)
+        second = run({**settings, "out": str(out), "lr": 0.5, "resume": True}, "none")
+        assert second.returncode == 1 and "RunDirectoryError" in second.stderr, second.stderr[-2000:]
+        assert f"out: {out} is in use by another run (pid {first.pid} on " in second.stderr
+        assert temporaries(out) == in_progress and json.loads((out / "config.json").read_text())["optim"]["lr"] == 0.01
+        release.touch()
+        _, stderr = first.communicate(timeout=240)
+        assert first.returncode == 0, stderr[-3000:]
+    finally:
+        first.kill()
+    assert (out / "loss.csv").read_text() == (reference / "loss.csv").read_text()
+    assert temporaries(out) == []
+    last = out / "checkpoints" / (out / "checkpoints" / "latest").read_text()
+    assert json.loads((last / "config.json").read_text())["optim"]["lr"] == 0.01

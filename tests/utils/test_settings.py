@@ -86,6 +86,38 @@ def test_flat_and_nested_mappings_build_the_same_configuration():
         from_mapping(Outer, {"name": "x", "flag": "false"})
 
 
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"size": 1, "inner": {"size": 2}}, "where: setting 'size' is given twice, as 'size' and as inner.size"),
+        ({"inner": {"size": 2}, "size": 1}, "where: setting 'size' is given twice, as inner.size and as 'size'"),
+        (
+            {"inner": {"root": "/a", "path": "/b"}},
+            "where: setting 'path' is given twice, as inner.root and as inner.path",
+        ),
+        ({"flag": True, "inner": {"flag": True}}, "where: setting 'flag' is given twice, as 'flag' and as inner.flag"),
+    ],
+)
+def test_a_setting_given_twice_is_refused_naming_both_spellings(data, message):
+    """Even with equal values: one of the two would otherwise be dropped without a word."""
+    with pytest.raises(ValueError) as error:
+        flatten(Outer, data, "where")
+    assert str(error.value) == message + "; give it once"
+
+
+def test_dashes_and_underscores_are_one_spelling_given_twice():
+    @dataclasses.dataclass
+    class Dashed:
+        batch_size: int = setting(1, help="n", low=1)
+
+        def __post_init__(self) -> None:
+            validate(self)
+
+    assert flatten(Dashed, {"batch-size": 2}) == {"batch_size": 2}
+    with pytest.raises(ValueError, match=r"'batch_size' is given twice, as 'batch-size' and as 'batch_size'"):
+        flatten(Dashed, {"batch-size": 2, "batch_size": 3})
+
+
 def test_differences_ignore_resume_safe_fields():
     a = from_mapping(Outer, {"name": "x"})
     b = from_mapping(Outer, {"name": "x", "size": 5, "rate": 0.25})
