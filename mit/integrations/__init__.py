@@ -4,6 +4,8 @@
 - :mod:`.infusion`: the trainable modules (``mit_kv_infusion``, ``mit_ffn_infusion``);
 - :mod:`.attention`: the attention function registered in ``AttentionInterface`` (fused kernel or exact fallback);
 - :mod:`.layers`: pass-through decoder-layer and MLP subclasses (the embedding's way to the MLP);
+- :mod:`.scope`: the per-thread bindings of one call (the embedding from a decoder layer to its MLP, the ``generate``
+  cache of the infusion maps' outputs);
 - :mod:`.model`: ``apply_mit`` (``plan_mit`` + ``MiTPlan.install``) and the top-level ``forward`` with
   ``modality_embedding``;
 - :mod:`.adapter_files` / :mod:`.adapter`: the adapter files' schema, reader, validator and writer (shared with

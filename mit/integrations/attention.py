@@ -7,7 +7,9 @@
 projections, q/k norms, rotary and the cache update, with k/v un-repeated (B, Hkv, Lk, D); the cache therefore holds
 raw (un-infused) K/V, and every step re-infuses them on load.
 
-For a layer with a :class:`~mit.integrations.infusion.MiTKVInfusion` and a ``modality_embedding`` in its kwargs:
+For a layer with a :class:`~mit.integrations.infusion.MiTKVInfusion` and a ``modality_embedding`` in its kwargs (put
+there by the MiT model's ``forward``, with the call's :class:`MaskAnalyses`; transformers forwards both through every
+decoder layer to this function):
 
 - **fused**: when the attention to compute is exactly "bottom-right causal + key padding" (what transformers asks for
   in training, prefill and decoding of a causal LM), it calls :func:`mit_kernels.mit_attention`, which infuses each
@@ -128,7 +130,7 @@ def key_padding_mask(attention_mask: torch.Tensor, batch: int, lq: int, lk: int)
         allowed = ~masked
     allowed = allowed[:, 0].expand(batch, lq, lk)
     kv_mask = allowed[:, -1, :].clone()  # the last query row sees every key the causal mask allows (a copy: a view
-    # would keep the whole (B, 1, Lq, Lk) mask alive in the cache below)
+    # would keep the whole (B, 1, Lq, Lk) mask alive in a forward's MaskAnalyses)
     i = torch.arange(lq, device=allowed.device)[:, None]
     j = torch.arange(lk, device=allowed.device)[None, :]
     expected = kv_mask[:, None, :] & (j <= i + (lk - lq))
@@ -141,46 +143,59 @@ def key_padding_mask(attention_mask: torch.Tensor, batch: int, lq: int, lk: int)
     return kv_mask
 
 
-class _RecentMasks:
-    """Every layer of one forward gets the same mask tensor (Gemma: one per layer type): analyse each once, keyed
-    by identity (and version), remembering the last few. The top-level MiT forward clears it, so an entry never
-    outlives the forward that made it; inference-mode tensors (which carry no version) are analysed on every call."""
+MASKS_KWARG = "mit_mask_analyses"  # the kwarg carrying a forward's MaskAnalyses to its attention functions
+
+
+class MaskAnalyses:
+    """The mask analyses of one forward call (:func:`key_padding_mask` results), created by the MiT model's
+    ``forward`` and passed to every attention function in the kwargs transformers forwards, next to
+    ``modality_embedding`` (so a gradient-checkpointing recomputation in backward gets the same object). Nothing is
+    shared between calls or threads.
+
+    Every layer of one forward gets the same mask tensor (Gemma: one per layer type): each is analysed once, keyed by
+    identity (and version), remembering the last few; inference-mode tensors (which carry no version) are analysed on
+    every call."""
 
     def __init__(self, size: int = 4) -> None:
         self.size = size
         self.entries: list[tuple[weakref.ref, tuple, tuple[bool, torch.Tensor | None]]] = []
 
-    def clear(self) -> None:
-        self.entries = []
-
     def lookup(self, mask: torch.Tensor, batch: int, lq: int, lk: int) -> tuple[bool, torch.Tensor | None]:
+        """``(is "causal + key padding", its (B, Lk) key padding mask or None)`` for a (B or 1, 1, Lq, Lk) mask."""
         cacheable = not mask.is_inference()
         key = (mask._version, batch, lq, lk) if cacheable else None
         if cacheable:
             for ref, entry_key, result in self.entries:
                 if ref() is mask and entry_key == key:
                     return result
-        kv_mask = key_padding_mask(mask, batch, lq, lk)
-        result = (kv_mask is not None, kv_mask)
+        result = analyse_mask(mask, batch, lq, lk)
         if cacheable:
             self.entries = [(weakref.ref(mask), key, result), *self.entries[: self.size - 1]]
         return result
 
 
-_recent_masks = _RecentMasks()
-
-
-def clear_mask_cache() -> None:
-    _recent_masks.clear()
+def analyse_mask(mask: torch.Tensor, batch: int, lq: int, lk: int) -> tuple[bool, torch.Tensor | None]:
+    """``(fused, kv_mask)`` of a 4-D mask: whether it is exactly "causal + key padding", and its (B, Lk) key padding
+    mask when it is (:func:`key_padding_mask`)."""
+    kv_mask = key_padding_mask(mask, batch, lq, lk)
+    return kv_mask is not None, kv_mask
 
 
 def fused_kv_mask(
-    base: str, module: torch.nn.Module, attention_mask: object, batch: int, lq: int, lk: int, kwargs: dict
+    base: str,
+    module: torch.nn.Module,
+    attention_mask: object,
+    batch: int,
+    lq: int,
+    lk: int,
+    kwargs: dict,
+    analyses: MaskAnalyses | None = None,
 ) -> tuple[bool, torch.Tensor | None, str]:
     """Whether ``base`` would compute bottom-right causal attention with a key padding mask here.
 
-    Returns ``(fused, kv_mask, reason)``: ``kv_mask`` (B, Lk) bool or None (no padding) when fused, else the reason
-    for the exact fallback."""
+    ``analyses`` is the forward call's memo of 4-D mask analyses (None: the mask is analysed here). Returns
+    ``(fused, kv_mask, reason)``: ``kv_mask`` (B, Lk) bool or None (no padding) when fused, else the reason for the
+    exact fallback."""
     kind = _mask_kind(base)
     if kind is None:
         return False, None, f"implementation {base!r}"
@@ -197,7 +212,9 @@ def fused_kv_mask(
             # reading the mask's content is data-dependent control flow, which a compiled graph cannot hold: the
             # exact fallback is right for every mask (docs/integration.md, "torch.compile")
             return False, None, "4-D mask under torch.compile"
-        fused, kv_mask = _recent_masks.lookup(attention_mask, batch, lq, lk)  # the mask carries any window
+        # the mask carries any window
+        lookup = analyses.lookup if analyses is not None else analyse_mask
+        fused, kv_mask = lookup(attention_mask, batch, lq, lk)
         return fused, kv_mask, "" if fused else "mask is not causal + key padding"
     if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
         return False, None, "mask type"
@@ -230,6 +247,7 @@ def _make_attention_function(base: str) -> Callable:
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         modality_embedding = kwargs.pop("modality_embedding", None)
+        analyses = kwargs.pop(MASKS_KWARG, None)
         infusion: MiTKVInfusion | None = getattr(module, KV_INFUSION_NAME, None)
         if modality_embedding is None or infusion is None:
             return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
@@ -243,7 +261,7 @@ def _make_attention_function(base: str) -> Callable:
         check_modality(modality_embedding, batch, infusion.map.in_features)
         vectors = infusion.vectors(modality_embedding, query.dtype)
         head_logit = infusion.gate_logits(query.device)
-        fused, kv_mask, reason = fused_kv_mask(base, module, attention_mask, batch, lq, lk, kwargs)
+        fused, kv_mask, reason = fused_kv_mask(base, module, attention_mask, batch, lq, lk, kwargs, analyses)
         if fused:
             infusion.record("fused")
             out = mit_attention(

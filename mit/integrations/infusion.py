@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..config import MiTConfig
+from .scope import current_ffn, generation_cache
 
 
 def trainable_dtype(reference: torch.Tensor) -> torch.dtype:
@@ -62,14 +63,16 @@ def check_modality(
 
 
 class _InfusionMap(nn.Module):
-    """What both infusion modules share: the map applied to the embedding, with a generation cache, and a record of
-    how each call ran (``last_dispatch``: the last path; ``dispatch_counts``: calls per path).
+    """What both infusion modules share: the map applied to the embedding, and a record of how each call ran
+    (``last_dispatch``: the last path; ``dispatch_counts``: calls per path; diagnostics only, never read by the
+    computation).
 
     In ``generate()`` every decoding step passes the same embedding tensor through the same (frozen during
-    generation) map, so the MiT model's ``generate`` opens a cache for its duration (:meth:`open_cache` /
-    :meth:`close_cache`): the map's output is computed once per embedding tensor. Outside ``generate`` nothing is
-    cached, so no in-place change of the weights (an optimiser step, ``load_adapter``, ``p.data`` writes) can ever be
-    missed."""
+    generation) map, so the MiT model's ``generate`` binds a cache for its duration, in its own thread
+    (:func:`~mit.integrations.scope.bind_generation_cache`): the map's output is computed once per embedding tensor.
+    Outside ``generate`` nothing is cached, so no in-place change of the weights (an optimiser step,
+    ``load_adapter``, ``p.data`` writes) can ever be missed. Nothing is stored on the module during a forward except
+    the dispatch record."""
 
     map: nn.Linear
 
@@ -77,35 +80,25 @@ class _InfusionMap(nn.Module):
         super().__init__()
         self.last_dispatch: str | None = None
         self.dispatch_counts: Counter[str] = Counter()
-        self._generation_cache: dict | None = None
 
     def record(self, path: str) -> None:
         self.last_dispatch = path
         self.dispatch_counts[path] += 1
 
-    def open_cache(self) -> None:
-        self._generation_cache = {}
-
-    def close_cache(self) -> None:
-        self._generation_cache = None
-
     def _apply_map(self, modality_embedding: torch.Tensor, dtype: torch.dtype, shape: Callable) -> torch.Tensor:
+        """``shape(map(embedding))`` in ``dtype`` (taken from the current ``generate`` call's cache when one is
+        bound and gradients are off)."""
         weight = self.map.weight
-        cache = self._generation_cache
-        key = (id(modality_embedding), dtype)
-        if cache is not None and not torch.is_grad_enabled():
+        cache = generation_cache() if not torch.is_grad_enabled() else None
+        key = (id(self), id(modality_embedding), dtype)
+        if cache is not None:
             hit = cache.get(key)
             if hit is not None and hit[0]() is modality_embedding:
                 return hit[1]
         out = shape(self.map(modality_embedding.to(device=weight.device, dtype=weight.dtype))).to(dtype)
-        if cache is not None and not torch.is_grad_enabled():
+        if cache is not None:
             cache[key] = (weakref.ref(modality_embedding), out)
         return out
-
-    def __getstate__(self) -> dict:  # pickling and deepcopy drop the cache (it holds weak references)
-        state = self.__dict__.copy()
-        state["_generation_cache"] = None
-        return state
 
 
 class MiTKVInfusion(_InfusionMap):
@@ -146,27 +139,27 @@ class MiTFFNInfusion(_InfusionMap):
     computes ``down(act(gate(x)) * up(x) * (1 + f))``.
 
     ``fused`` says how: the fused SwiGLU gate kernel, or a forward pre-hook on ``down_proj`` that scales its input
-    (:meth:`scale_down_proj_input`). The decoder layer hands the embedding over in ``modality`` for the duration of
-    its forward; ``last_dispatch`` records ``"fused"`` or ``"scaled down_proj input"``, ``dispatch_counts`` counts
-    the calls by path."""
+    (:meth:`scale_down_proj_input`). The decoder layer binds the embedding for this module in the current thread for
+    the duration of its forward (:mod:`mit.integrations.scope`); ``last_dispatch`` records ``"fused"`` or
+    ``"scaled down_proj input"``, ``dispatch_counts`` counts the calls by path."""
 
     def __init__(self, config: MiTConfig, d_ff: int, like: torch.Tensor, fused: bool) -> None:
         super().__init__()
         self.backend, self.fused = config.backend, fused
         self.map = zero_linear(config.modality_dim, d_ff, like)
-        self.modality: torch.Tensor | None = None  # set by the decoder layer for one forward
-        self.down_proj_scale: torch.Tensor | None = None  # (B, d_ff), set by the MLP for one forward
 
     def multiplier(self, modality_embedding: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """f (B, d_ff) in ``dtype``."""
         return self._apply_map(modality_embedding, dtype, lambda x: x)
 
     def scale_down_proj_input(self, module: nn.Module, args: tuple) -> tuple | None:
-        """Forward pre-hook of ``down_proj``: ``x -> x * (1 + f)`` while the MLP runs with an embedding."""
-        if self.down_proj_scale is None:
+        """Forward pre-hook of ``down_proj``: ``x (B, L, d_ff) -> x * (1 + f)[:, None, :]`` while the MLP runs with an
+        embedding (the scale is bound by the MLP's forward, in the current thread); otherwise nothing changes."""
+        binding = current_ffn(self)
+        if binding is None or binding.down_proj_scale is None:
             return None
         x = args[0]
-        return (x * self.down_proj_scale[:, None, :], *args[1:])
+        return (x * binding.down_proj_scale[:, None, :], *args[1:])
 
     def extra_repr(self) -> str:
         return f"fused={self.fused}"

@@ -1,10 +1,12 @@
 """Pass-through subclasses of a family's decoder layer and MLP: how the modality embedding reaches the MLP.
 
 A decoder layer calls ``self.mlp(h)`` without kwargs, so the embedding, which reaches every layer through
-transformers' ``**kwargs``, is handed to the MLP's :class:`~mit.integrations.infusion.MiTFFNInfusion` for the
-duration of the layer's forward. The layer's own ``forward`` runs unchanged (``super().forward(*args, **kwargs)``):
-no transformers code is copied, and gradient checkpointing, which re-runs ``forward`` in backward, hands the embedding
-over again during the recomputation (a set/clear forward pre-hook would not be re-run: CheckpointError).
+transformers' ``**kwargs``, is bound for the MLP's :class:`~mit.integrations.infusion.MiTFFNInfusion` in the current
+thread for the duration of the layer's forward (:mod:`mit.integrations.scope`; nothing is written to a module, so
+concurrent calls on one model do not see each other's embedding). The layer's own ``forward`` runs unchanged
+(``super().forward(*args, **kwargs)``): no transformers code is copied, and gradient checkpointing, which re-runs
+``forward`` in backward, binds the embedding again during the recomputation (a set/clear forward pre-hook would not be
+re-run: CheckpointError).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from mit_kernels import mit_ffn_gate
 from .attention import KV_INFUSION_NAME, is_mit_implementation
 from .classes import Rebuildable, register_kind
 from .infusion import MiTFFNInfusion, check_modality
+from .scope import FFNBinding, bind_ffn, current_ffn
 
 FFN_INFUSION_NAME = "mit_ffn_infusion"  # attribute of the MLP holding its MiTFFNInfusion
 
@@ -33,8 +36,8 @@ def check_attention_dispatch(config) -> None:
 
 
 class MiTDecoderLayerMixin(Rebuildable):
-    """Mixin of ``MiT<DecoderLayer>``: ``forward(*args, **kwargs)`` is the base layer's, with the embedding handed to
-    the MLP's infusion while it runs."""
+    """Mixin of ``MiT<DecoderLayer>``: ``forward(*args, **kwargs)`` is the base layer's, with the embedding of
+    ``kwargs`` bound for the MLP's infusion (in the current thread) while it runs."""
 
     def forward(self, *args, **kwargs):
         modality_embedding = kwargs.get("modality_embedding")
@@ -43,25 +46,29 @@ class MiTDecoderLayerMixin(Rebuildable):
         infusion: MiTFFNInfusion | None = getattr(self.mlp, FFN_INFUSION_NAME, None)
         if infusion is None or modality_embedding is None:
             return super().forward(*args, **kwargs)
-        infusion.modality = modality_embedding
+        previous = bind_ffn(FFNBinding(infusion, modality_embedding))
         try:
             return super().forward(*args, **kwargs)
         finally:
-            infusion.modality = None
+            bind_ffn(previous)
 
 
 class MiTMLPMixin(Rebuildable):
     """Mixin of ``MiT<MLP>``: with an embedding, ``down(act(gate(x)) * up(x) * (1 + f))``; without one, the base
     MLP's forward, untouched.
 
-    Fused SwiGLU MLPs compute the product with :func:`mit_kernels.mit_ffn_gate`; every other MLP runs its own
-    forward while a pre-hook on ``down_proj`` scales that projection's input by ``1 + f``."""
+    The embedding is the one its decoder layer bound in the current thread
+    (:func:`~mit.integrations.scope.current_ffn`). Fused SwiGLU MLPs compute the product with
+    :func:`mit_kernels.mit_ffn_gate`; every other MLP runs its own forward while a pre-hook on ``down_proj`` scales
+    that projection's input by ``1 + f`` (bound the same way)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``x`` (B, L, hidden) -> (B, L, hidden)."""
         infusion: MiTFFNInfusion = getattr(self, FFN_INFUSION_NAME)
-        modality_embedding = infusion.modality
-        if modality_embedding is None:
+        binding = current_ffn(infusion)
+        if binding is None:
             return super().forward(x, *args, **kwargs)
+        modality_embedding = binding.modality_embedding
         check_modality(modality_embedding, x.shape[0], infusion.map.in_features)
         ffn_mul = infusion.multiplier(modality_embedding, x.dtype)
         if infusion.fused:
@@ -69,11 +76,11 @@ class MiTMLPMixin(Rebuildable):
             gated = mit_ffn_gate(self.gate_proj(x), self.up_proj(x), ffn_mul, backend=infusion.backend)
             return self.down_proj(gated)
         infusion.record("scaled down_proj input")
-        infusion.down_proj_scale = 1 + ffn_mul
+        previous = bind_ffn(FFNBinding(infusion, modality_embedding, 1 + ffn_mul))
         try:
             return super().forward(x, *args, **kwargs)
         finally:
-            infusion.down_proj_scale = None
+            bind_ffn(previous)
 
 
 register_kind("decoder_layer", MiTDecoderLayerMixin)

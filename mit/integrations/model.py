@@ -5,11 +5,13 @@ What it does, in place (details and the reasons in ``docs/integration.md``):
 1. freezes every base parameter;
 2. attaches zero-initialised :class:`~mit.integrations.infusion.MiTKVInfusion` (``self_attn.mit_kv_infusion``) and
    :class:`~mit.integrations.infusion.MiTFFNInfusion` (``mlp.mit_ffn_infusion``) to the chosen decoder layers, and
-   switches those layers (and MLPs) to pass-through subclasses that hand the embedding to the MLP;
+   switches those layers (and MLPs) to pass-through subclasses that bind the embedding for the MLP in the current
+   thread (:mod:`mit.integrations.scope`);
 3. switches the attention implementation ``base`` to ``"mit_" + base`` (:mod:`mit.integrations.attention`);
 4. switches the model to ``MiT<ModelClass>``, whose ``forward`` has the base signature plus a keyword-only
    ``modality_embedding`` (``generate()`` inspects it, accepts the embedding and expands it for beam search), derives
-   padding-aware position ids, and refuses packed batches.
+   padding-aware position ids, refuses packed batches, and passes the embedding (with the call's mask analyses) down
+   through transformers' ``**kwargs``.
 
 No transformers ``forward`` is copied: the MiT classes call the base ones with the arguments they received.
 """
@@ -26,8 +28,9 @@ from torch import nn
 from ..config import MiTConfig
 from .attention import (
     KV_INFUSION_NAME,
+    MASKS_KWARG,
+    MaskAnalyses,
     base_implementation,
-    clear_mask_cache,
     is_mit_implementation,
     mit_implementation,
 )
@@ -35,6 +38,7 @@ from .classes import Rebuildable, RefusesPretrained, mit_subclass, register_kind
 from .families import FamilySpec, family_of, ffn_is_fused
 from .infusion import MiTFFNInfusion, MiTKVInfusion, check_modality, mit_named_parameters
 from .layers import FFN_INFUSION_NAME, MiTDecoderLayerMixin, MiTMLPMixin, check_attention_dispatch
+from .scope import bind_generation_cache
 
 
 def padding_aware_position_ids(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -108,16 +112,14 @@ class MiTModelMixin(RefusesPretrained, Rebuildable):
 
     def generate(self, *args, **kwargs):
         """transformers' ``generate``, with the infusion maps' outputs computed once per embedding for the whole
-        call instead of at every decoding step (the weights cannot change during it)."""
+        call instead of at every decoding step (the weights cannot change during it): the cache belongs to this call,
+        in this thread (:func:`~mit.integrations.scope.bind_generation_cache`)."""
         self._mit_check_generate_embedding(args, kwargs)
-        modules = [m for m in self.modules() if isinstance(m, (MiTKVInfusion, MiTFFNInfusion))]
-        for module in modules:
-            module.open_cache()
+        previous = bind_generation_cache({})
         try:
             return super().generate(*args, **kwargs)
         finally:
-            for module in modules:
-                module.close_cache()
+            bind_generation_cache(previous)
 
     def _mit_check_generate_embedding(self, args: tuple, kwargs: dict) -> None:
         """The embedding given to ``generate`` is one row per prompt: generate itself repeats it for beam search and
@@ -185,10 +187,14 @@ def _forward_with_modality(base: type) -> dict:
     def forward(self, *args, modality_embedding: torch.Tensor | None = None, **kwargs):
         if modality_embedding is None:
             return base.forward(self, *args, **kwargs)
-        clear_mask_cache()  # an analysed mask never outlives the forward that built it
         bound = signature.bind(self, *args, **kwargs)
         self._mit_prepare(bound.arguments, modality_embedding)
-        bound.arguments.setdefault(var_keyword.name, {})["modality_embedding"] = modality_embedding
+        # the embedding's one route: transformers' **kwargs, to every decoder layer and attention function (the MiT
+        # decoder layer binds it for its MLP, mit.integrations.scope); with it, this call's own mask analyses
+        extra = bound.arguments.setdefault(var_keyword.name, {})
+        extra["modality_embedding"] = modality_embedding
+        if self.mit_config.infuse_kv and not torch.compiler.is_compiling():  # compiled: no mask is read (attention.py)
+            extra[MASKS_KWARG] = MaskAnalyses()
         return base.forward(*bound.args, **bound.kwargs)
 
     forward.__signature__ = mit_signature

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 import mit
 from mit.integrations import key_padding_mask
+from mit.integrations.scope import FFNBinding, bind_ffn
 
 MODALITY_DIM = 16
 
@@ -222,11 +223,11 @@ def test_non_silu_swiglu_scales_the_down_projection_input_exactly():
     x, emb = torch.randn(3, 5, 64), torch.randn(3, MODALITY_DIM)
     f = mlp.mit_ffn_infusion.map(emb)
     expected = mlp.down_proj(torch.nn.functional.gelu(mlp.gate_proj(x)) * mlp.up_proj(x) * (1 + f[:, None, :]))
-    mlp.mit_ffn_infusion.modality = emb  # what the decoder layer does during its forward
+    previous = bind_ffn(FFNBinding(mlp.mit_ffn_infusion, emb))  # what the decoder layer does during its forward
     try:
         got = mlp(x)
     finally:
-        mlp.mit_ffn_infusion.modality = None
+        bind_ffn(previous)
     torch.testing.assert_close(got, expected)
     assert mlp.mit_ffn_infusion.last_dispatch == "scaled down_proj input"
     assert torch.equal(mlp(x), mlp.down_proj(torch.nn.functional.gelu(mlp.gate_proj(x)) * mlp.up_proj(x)))

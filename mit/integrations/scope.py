@@ -1,0 +1,85 @@
+"""Per-thread, per-call state of MiT: the one place where the modality embedding leaves transformers' ``**kwargs``.
+
+The embedding travels as a keyword argument: the MiT model's ``forward`` puts ``modality_embedding`` into the kwargs
+transformers forwards to every decoder layer and, from there, to the attention function. The MLP is the one module
+a decoder layer calls without kwargs (``self.mlp(h)``, in every supported release), so the MiT decoder layer binds
+``(its MLP's infusion, embedding)`` here for the duration of its own ``forward``, and the MLP reads it
+(:func:`bind_ffn` / :func:`current_ffn`); an MLP that scales its ``down_proj`` input binds the scale the same way for
+its ``forward``, and the pre-hook on ``down_proj`` reads it.
+
+Everything here lives in a ``threading.local``: two threads running MiT at once (two models, or one model with two
+batches) each see only their own bindings, and nothing is written to a module during a forward. A binding is made
+and undone by the ``forward`` that needs it (the previous value is restored, so nested calls compose), and gradient
+checkpointing re-runs that ``forward`` in backward, on whatever thread runs the backward, so the recomputation binds
+it again. ``torch.compile`` traces ``threading.local`` attributes (a ``contextvars.ContextVar`` cannot be set inside
+a compiled region), so a compiled model keeps one graph.
+
+The MiT model's ``generate`` also binds a cache of the infusion maps' outputs for its duration
+(:func:`bind_generation_cache`): the maps are frozen during generation, so each is applied once per embedding tensor
+instead of at every decoding step.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+if TYPE_CHECKING:
+    from .infusion import MiTFFNInfusion
+
+
+class FFNBinding(NamedTuple):
+    """What an MLP's FFN infusion receives from its decoder layer for one forward.
+
+    Attributes:
+        infusion: the MLP's :class:`~mit.integrations.infusion.MiTFFNInfusion` (only that module reads the binding).
+        modality_embedding: (B, modality_dim) embedding of the decoder layer's call.
+        down_proj_scale: (B, d_ff) ``1 + f`` while an unfused MLP runs its own forward (read by the ``down_proj``
+            pre-hook), else None.
+    """
+
+    infusion: MiTFFNInfusion
+    modality_embedding: torch.Tensor
+    down_proj_scale: torch.Tensor | None = None
+
+
+class _CallScope(threading.local):
+    """The bindings of the current thread (class attributes are the defaults every thread starts with)."""
+
+    ffn: FFNBinding | None = None
+    generation_cache: dict | None = None
+
+
+_scope = _CallScope()
+
+
+def bind_ffn(binding: FFNBinding | None) -> FFNBinding | None:
+    """Bind ``binding`` for the current thread and return the previous binding, which the caller restores (with
+    ``bind_ffn(previous)``) when its forward ends."""
+    previous = _scope.ffn
+    _scope.ffn = binding
+    return previous
+
+
+def current_ffn(infusion: MiTFFNInfusion) -> FFNBinding | None:
+    """The current thread's binding for ``infusion``, or None (no embedding for it in this call)."""
+    binding = _scope.ffn
+    if binding is None or binding.infusion is not infusion:
+        return None
+    return binding
+
+
+def bind_generation_cache(cache: dict | None) -> dict | None:
+    """Bind the infusion maps' output cache of a ``generate`` call (None: no cache) for the current thread; returns
+    the previous one, which the caller restores when ``generate`` ends."""
+    previous = _scope.generation_cache
+    _scope.generation_cache = cache
+    return previous
+
+
+def generation_cache() -> dict | None:
+    """The current thread's ``generate`` cache: ``{(id(map module), id(embedding), dtype): (weakref to the
+    embedding, output)}``, or None outside ``generate``."""
+    return _scope.generation_cache
