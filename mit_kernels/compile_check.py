@@ -213,22 +213,24 @@ def case_key(case: Case) -> str:
 
 @functools.lru_cache(maxsize=1)
 def source_hash() -> str:
-    """A hash of the kernel sources and the Triton version (the CSV's ``source`` column: ``--resume`` reuses a row only
-    when it was compiled from the same kernels by the same Triton). The tile rules are not in it: a row's tile is
-    part of its case, and the rule's columns are recomputed when a row is reused."""
+    """A hash of what decides a compile and the Triton version (the CSV's ``source`` column: ``--resume`` reuses a row
+    only when it was compiled from the same kernels by the same Triton): the kernel modules, and of
+    :mod:`mit_kernels.triton_configs` what a launch takes from it besides its case's tile (the exact variant's tile,
+    the elementwise kernels' rows, the decode bound). The tile rule (candidates, shared-memory bound, limits) is not
+    in it: a row's tile is part of its case, and the rule's columns are recomputed when a row is reused."""
     import hashlib
+    import inspect
+
+    from . import triton_configs
 
     digest = hashlib.sha256(triton_version().encode())
     here = os.path.dirname(os.path.abspath(__file__))
-    for name in (
-        "triton_attention.py",
-        "triton_ffn.py",
-        "triton_common.py",
-        "triton_configs.py",
-        "triton_yardstick.py",
-    ):
+    for name in ("triton_attention.py", "triton_ffn.py", "triton_common.py", "triton_yardstick.py"):
         with open(os.path.join(here, name), "rb") as f:
             digest.update(f.read())
+    for function in (triton_configs.exact_config, triton_configs.elementwise_rows):
+        digest.update(inspect.getsource(function).encode())
+    digest.update(repr((triton_configs.DECODE_ROWS, triton_configs.INTERPRETER)).encode())
     return digest.hexdigest()[:16]
 
 
@@ -241,7 +243,7 @@ def rule_columns(case: Case) -> dict:
     size = case.dtype.itemsize
     return {
         "kept": fits(case.pass_name, case.config, case.head_dim, size, capability),
-        "shared_bound": shared_bytes(case.pass_name, case.config, case.head_dim, size),
+        "shared_bound": shared_bytes(case.pass_name, case.config, case.head_dim, size, capability),
     }
 
 

@@ -152,14 +152,18 @@ def has_tiles(block_d: int, dtype_bytes: int, capability: tuple[int, int]) -> bo
     )
 
 
-def shared_bytes(pass_name: str, config: TileConfig, block_d: int, dtype_bytes: int) -> int:
+def shared_bytes(
+    pass_name: str, config: TileConfig, block_d: int, dtype_bytes: int, capability: tuple[int, int] | None = None
+) -> int:
     """An upper bound of the shared memory Triton allocates for one program of ``pass_name`` with ``config``.
 
     The dot operands that are streamed (K', V' in the forward and dq passes; q, dO in the dK'dV' pass) are buffered
     ``num_stages`` deep (at least 2), the resident operands once, plus one (BLOCK_M, BLOCK_N) fp32 tile for the layout
     change between the two products of an iteration and 1 KiB of scratch; fp32 operands (``tf32x3``: split into
-    TF32 parts) count 1.5x. Fitted to, and checked against, what the compiler reports for every candidate of the
-    full compile matrix (benchmarks/compile_check.py)."""
+    TF32 parts) count 1.5x. On sm_100 (``capability`` (10, x)) the dK'dV' pass holds a third resident (BLOCK_N, D)
+    tile (Triton 3.8 stages one operand of a transposed tcgen05 product: 82,240 B for bf16 D128 32x64, where the
+    sm_90 build takes 65,792). Fitted to, and checked against, what the compiler reports for every candidate of the
+    full compile matrix on sm_80 / sm_90 and for the default tiles on sm_100 (benchmarks/compile_check.py)."""
     stages = max(2, config.num_stages)
     m, n = config.block_m, config.block_n
     if pass_name == "fwd":  # q, and q * k_mul in the decode that distributes the infusion over its products
@@ -167,14 +171,15 @@ def shared_bytes(pass_name: str, config: TileConfig, block_d: int, dtype_bytes: 
     elif pass_name == "bwd_dq":
         operands = 2 * m * block_d + stages * 2 * n * block_d
     else:
-        operands = 2 * n * block_d + stages * 2 * m * block_d
+        resident = 3 if capability is not None and capability[0] >= 10 else 2
+        operands = resident * n * block_d + stages * 2 * m * block_d
     factor = 1.5 if dtype_bytes == 4 else 1.0
     return int(factor * dtype_bytes * operands) + 4 * m * n + 1024  # + barriers and reduction scratch
 
 
 def fits(pass_name: str, config: TileConfig, block_d: int, dtype_bytes: int, capability: tuple[int, int]) -> bool:
     """The rule that drops a candidate before it is ever launched: its shared memory bound within the target's."""
-    return shared_bytes(pass_name, config, block_d, dtype_bytes) <= shared_limit(capability)
+    return shared_bytes(pass_name, config, block_d, dtype_bytes, capability) <= shared_limit(capability)
 
 
 def exact_config(config: TileConfig, pass_name: str) -> TileConfig:

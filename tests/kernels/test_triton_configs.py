@@ -35,7 +35,7 @@ def test_candidates_fit_the_kernels_and_the_target(block_d, capability, dtype_by
         for c in options:  # tl.dot needs >= 16 rows and columns; powers of two; the rule's bound within the limit
             assert c.block_m >= 16 and c.block_n >= 16 and c.block_m & (c.block_m - 1) == 0
             assert c.block_n & (c.block_n - 1) == 0 and c.num_warps in (4, 8) and 1 <= c.num_stages <= 4
-            assert shared_bytes(pass_name, c, block_d, dtype_bytes) <= shared_limit(capability)
+            assert shared_bytes(pass_name, c, block_d, dtype_bytes, capability) <= shared_limit(capability)
         dropped = [c for c in all_candidates(pass_name, block_d, capability, decode) if c not in options]
         assert all(not fits(pass_name, c, block_d, dtype_bytes, capability) for c in dropped)
 
