@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (imported before any compiled extension)
 
-from . import cpu_backend  # noqa: F401  (registers the C++ operators' Python side when a matching build exists)
+from . import (
+    cpu_backend,  # noqa: F401  (registers the C++ operators' Python side when a matching build exists)
+    reference_op,  # noqa: F401  (registers the reference's opaque softmax attention for torch.compile)
+)
 from .attention import BACKENDS, mit_attention, resolve_backend
 from .dispatch import MitKernelFallbackWarning
 from .ffn import mit_ffn_gate

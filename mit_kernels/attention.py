@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from . import dispatch, ops
-from .dispatch import BACKENDS, cpu_backend, triton_available, triton_interpreter_active
-from .reference import mit_attention_reference
-from .sdpa_attention import sdpa_attention
+from . import dispatch
+from .backends import BACKEND_TABLE, BACKENDS
+from .dispatch import triton_available, triton_interpreter_active
 from .validation import check_attention_inputs, check_bool, check_scale
 
 # The backend probes and resolver live in dispatch; these names stay importable from here.
@@ -21,17 +18,6 @@ def resolve_backend(backend: str, device: torch.device, head_dim: int | None = N
     "auto" takes Triton on CUDA when it can run there and the head dim fits, else "sdpa"; the C++ kernels on CPU, the
     reference otherwise)."""
     return dispatch.resolve(backend, device, head_dim)
-
-
-def _gpu_tiles(q: torch.Tensor) -> bool:
-    """The Triton kernels have tiles for q's dtype and head dim on its GPU (no fp64; fp32 at head dim 256 does not
-    fit 99 KiB of shared memory)."""
-    if q.dtype == torch.float64:
-        return False
-    from .triton_configs import has_tiles
-
-    capability = dispatch.device_capability(q.device)
-    return has_tiles(max(16, 1 << (q.shape[-1] - 1).bit_length()), q.element_size(), capability)
 
 
 def mit_attention(
@@ -80,36 +66,7 @@ def mit_attention(
     check_bool("causal", causal)
     check_bool("rescale", rescale)
     scale = check_scale(scale)
-    which = dispatch.resolve(backend, q.device, q.shape[-1])
-    if which == "triton" and backend == "auto" and q.device.type == "cuda" and not _gpu_tiles(q):
-        which = "sdpa"  # fp64 (the GPU kernels are compiled and checked for fp16 / bf16 / fp32), or no tile fits
-    if which == "reference":
-        return mit_attention_reference(
-            q, k, v, k_mul, k_add, v_mul, v_add, head_logit,
-            causal=causal, scale=scale, kv_mask=kv_mask, rescale=rescale,
-        )  # fmt: skip
-    if which == "cpu":
-        module, _ = cpu_backend()
-        return module.attention(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale)
-    if which == "sdpa":
-        return sdpa_attention(
-            q, k, v, k_mul, k_add, v_mul, v_add, head_logit,
-            causal=causal, scale=scale, kv_mask=kv_mask, rescale=rescale,
-        )  # fmt: skip
-    triton_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    # Under "auto" (eager: a compiled graph fails inside the graph, out of reach here) a kernel that cannot be compiled
-    # or launched on this device falls back to "sdpa", in the forward here and in the backward (ops._backward).
-    args = (q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, triton_scale, rescale)
-    if backend != "auto" or torch.compiler.is_compiling():
-        return ops.attention_triton_fwd(*args)[0]
-    try:
-        out, _ = ops.attention_triton_fwd(*args, True)
-    except Exception as exc:
-        if not dispatch.is_triton_failure(exc):
-            raise
-        dispatch.record_triton_failure(q.device, exc)
-        return sdpa_attention(
-            q, k, v, k_mul, k_add, v_mul, v_add, head_logit,
-            causal=causal, scale=scale, kv_mask=kv_mask, rescale=rescale,
-        )  # fmt: skip
-    return out
+    attention = BACKEND_TABLE[dispatch.resolve(backend, q.device, q.shape[-1])].attention_for(backend)
+    return attention(
+        q, k, v, k_mul, k_add, v_mul, v_add, head_logit, causal=causal, scale=scale, kv_mask=kv_mask, rescale=rescale
+    )

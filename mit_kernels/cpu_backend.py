@@ -12,9 +12,11 @@ The C++ extension registers four operators on the CPU dispatch key::
 
 The extension also registers their autograd formulas, in C++ (``csrc/ops.cpp``, a ``torch::autograd::Function`` on
 the Autograd key: the backward ops are the derivatives of the forward ops), so that a call under ``no_grad`` (every
-decoding step) costs no Python. This module adds the rest of what torch needs around them: fake (meta) kernels, so
-torch.compile traces through without a graph break, and FLOP formulas for ``torch.utils.flop_counter.FlopCounterMode``
-(:mod:`mit_kernels.flops`: torch's SDPA convention for attention, elementwise FLOPs for the FFN gate).
+decoding step) costs no Python. This module adds the rest of what torch needs around them, as for every fused op
+(:func:`mit_kernels.registration.register_fake_and_flops`, shapes and FLOPs from :mod:`mit_kernels.op_kinds`): fake
+(meta) kernels, so torch.compile traces through without a graph break, and FLOP formulas for
+``torch.utils.flop_counter.FlopCounterMode`` (torch's SDPA convention for attention, elementwise FLOPs for the FFN
+gate).
 
 Kernels (details in ``csrc/attention_fwd.cpp`` and ``csrc/attention_bwd.cpp``): the forward is a flash-attention
 forward with the infusion fused into the loading of each key block (no K', V' or (Lq, Lk) buffer), stacking the query
@@ -27,13 +29,13 @@ count). Everything accumulates in fp32 (fp64 for fp64 inputs); fp32, bf16, fp16 
 from __future__ import annotations
 
 import math
+import threading
 
 import torch  # must be imported before the extension (it links against libtorch)
-from torch.utils.flop_counter import register_flop_formula
 
 from . import cpu_extension
-from .flops import attention_backward_flops, attention_flops, ffn_gate_backward_flops, ffn_gate_flops
-from .reference import accumulator_dtype
+from .op_kinds import ATTENTION, FFN_GATE
+from .registration import register_fake_and_flops
 
 
 def _extension(compile_if_missing: bool = False):
@@ -74,50 +76,23 @@ def extension_info() -> dict:
 
 
 _registered = False
+_register_lock = threading.Lock()  # two threads at first use: one registers, the other waits until it is done
 
 
 def _register_once() -> None:
     global _registered
     if _registered:
         return
-    _registered = True
-    lib = "mit_kernels::"
+    with _register_lock:
+        if not _registered:
+            _register()
+            _registered = True
 
-    @torch.library.register_fake(lib + "attention_cpu_fwd")
-    def _(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale):
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        return out, q.new_empty(q.shape[:3], dtype=accumulator_dtype(q.dtype))
 
-    @torch.library.register_fake(lib + "attention_cpu_bwd")
-    def _(grad_out, q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, out, lse, causal, scale, rescale):
-        return tuple(
-            torch.empty_like(x, memory_format=torch.contiguous_format)
-            for x in (q, k, v, k_mul, k_add, v_mul, v_add, head_logit)
-        )
-
-    @torch.library.register_fake(lib + "ffn_gate_cpu_fwd")
-    def _(gate, up, ffn_mul):
-        return torch.empty_like(gate, memory_format=torch.contiguous_format)
-
-    @torch.library.register_fake(lib + "ffn_gate_cpu_bwd")
-    def _(grad_out, gate, up, ffn_mul):
-        return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (gate, up, ffn_mul))
-
-    @register_flop_formula(torch.ops.mit_kernels.attention_cpu_fwd)
-    def _(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
-        return attention_flops(q_shape, k_shape)
-
-    @register_flop_formula(torch.ops.mit_kernels.attention_cpu_bwd)
-    def _(grad_out_shape, q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
-        return attention_backward_flops(q_shape, k_shape)
-
-    @register_flop_formula(torch.ops.mit_kernels.ffn_gate_cpu_fwd)
-    def _(gate_shape, *args, out_shape=None, **kwargs) -> int:
-        return ffn_gate_flops(gate_shape)
-
-    @register_flop_formula(torch.ops.mit_kernels.ffn_gate_cpu_bwd)
-    def _(grad_out_shape, gate_shape, *args, out_shape=None, **kwargs) -> int:
-        return ffn_gate_backward_flops(gate_shape)
+def _register() -> None:
+    """Fake kernels and FLOP formulas of the four C++ operators."""
+    register_fake_and_flops("mit_kernels::attention_cpu", ATTENTION)
+    register_fake_and_flops("mit_kernels::ffn_gate_cpu", FFN_GATE)
 
 
 _extension()  # an existing matching build is loaded (and its operators registered) at import; nothing compiles

@@ -1,13 +1,14 @@
 """Which backend runs an operator: availability probes and the one resolver used by attention and the FFN gate.
 
-Backends: ``"reference"`` (the PyTorch specification, :mod:`mit_kernels.reference`; runs anywhere), ``"triton"`` (fused
-kernels on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``), ``"cpu"`` (the compiled C++ kernels on CPU
-tensors, :mod:`mit_kernels.cpu_extension`), ``"sdpa"`` (exact: the infusion in eager PyTorch, then torch's
-``scaled_dot_product_attention``, :mod:`mit_kernels.sdpa_attention`; any device; the FFN gate has no attention and
-runs the reference there), and ``"auto"``: the fastest backend that can run the case — on CUDA, Triton when it can run
-on that device and the head dim fits its kernels, else ``"sdpa"``; on CPU the C++ kernels when a build for the running
-torch exists or can be compiled, else the reference. An explicit backend that cannot run the case raises ValueError
-saying why.
+The backends themselves, and what each needs to run, are the table :data:`mit_kernels.backends.BACKEND_TABLE`:
+``"reference"`` (the PyTorch specification, :mod:`mit_kernels.reference`; runs anywhere), ``"triton"`` (fused kernels
+on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``, :mod:`mit_kernels.triton_backend`), ``"cpu"`` (the
+compiled C++ kernels on CPU tensors, :mod:`mit_kernels.cpu_backend`), ``"sdpa"`` (exact: the infusion in eager
+PyTorch, then torch's ``scaled_dot_product_attention``, :mod:`mit_kernels.sdpa_attention`; any device; the FFN gate
+has no attention and runs the reference there). :func:`resolve` adds ``"auto"``: the fastest backend that can run the
+case — on CUDA, Triton when it can run on that device and the head dim fits its kernels, else ``"sdpa"``; on CPU the
+C++ kernels when a build for the running torch exists or can be compiled, else the reference. An explicit backend that
+cannot run the case raises ValueError saying why.
 
 Triton cannot run on a CUDA device when it is not installed, when it is older than :data:`TRITON_MIN_VERSION`, when
 the device's compute capability is below :data:`TRITON_MIN_CAPABILITY`, or when compiling or launching one of its
@@ -18,7 +19,6 @@ what happened.
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from types import ModuleType
@@ -27,7 +27,6 @@ import torch
 
 from .validation import check_backend, check_device, check_head_dim
 
-BACKENDS = ("auto", "reference", "triton", "cpu", "sdpa")
 TRITON_MAX_HEAD_DIM = 256
 TRITON_MIN_VERSION = (3, 6)  # the lowest Triton (major, minor) the kernels support; pyproject's triton>= bound
 TRITON_MIN_CAPABILITY = (8, 0)  # Ampere: the oldest GPUs with the bf16 tensor-core dots the kernels use
@@ -185,13 +184,14 @@ def describe_triton_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def record_triton_failure(device: torch.device, exc: BaseException) -> None:
+def record_triton_failure(device: torch.device, exc: BaseException, stacklevel: int = 2) -> None:
     """Note that a Triton kernel failed to compile or launch on ``device`` (``exc``, see :func:`is_triton_failure`):
-    ``backend="auto"`` runs ``"sdpa"`` there from now on. Warns once per cause and device."""
+    ``backend="auto"`` runs ``"sdpa"`` there from now on. Warns once per cause and device; ``stacklevel`` is that of
+    a ``warnings.warn`` in the caller (1: the line calling this function; 2: the line calling the caller)."""
     key = device_key(device)
     cause = f"a Triton kernel failed to compile or launch ({describe_triton_failure(exc)})"
     _triton_failures.setdefault(key, cause)
-    _fall_back(key, cause, stacklevel=4)  # the caller of mit_attention / mit_ffn_gate
+    _fall_back(key, cause, stacklevel=stacklevel + 2)
 
 
 def _fall_back(key: str, cause: str, stacklevel: int) -> None:
@@ -229,47 +229,39 @@ def _auto_gpu_backend(device: torch.device) -> str:
     return "sdpa"
 
 
+def _backends() -> ModuleType:
+    """:mod:`mit_kernels.backends`, imported on first use rather than at the top: the backend modules its table names
+    import this one (its probes and fallback records)."""
+    from . import backends
+
+    return backends
+
+
+def __getattr__(name: str) -> object:
+    """``BACKENDS``, the names ``backend=`` accepts (:data:`mit_kernels.backends.BACKENDS`)."""
+    if name == "BACKENDS":
+        return _backends().BACKENDS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def resolve(backend: str, device: torch.device, head_dim: int | None = None) -> str:
     """The backend that runs an operator on ``device`` (head dim ``head_dim`` for attention), or ValueError naming
-    why the requested one cannot. ``"auto"`` on a CUDA device that Triton cannot use returns ``"sdpa"`` and warns
-    (once per cause and device, :class:`MitKernelFallbackWarning`)."""
-    check_backend(backend, BACKENDS)
+    why the requested one cannot (its :attr:`mit_kernels.backends.Backend.refusal`). ``"auto"`` on a CUDA device
+    that Triton cannot use returns ``"sdpa"`` and warns (once per cause and device,
+    :class:`MitKernelFallbackWarning`)."""
+    backends = _backends()
+    check_backend(backend, backends.BACKENDS)
     check_device(device)
     check_head_dim(head_dim)
-    triton_fits = head_dim is None or head_dim <= TRITON_MAX_HEAD_DIM
     if backend == "auto":
         if device.type in TRITON_DEVICE_TYPES:
             # a head dim too wide for the kernels is a property of the case, not of the device: no warning
+            triton_fits = head_dim is None or head_dim <= TRITON_MAX_HEAD_DIM
             return _auto_gpu_backend(device) if triton_fits else "sdpa"
         if device.type == "cpu" and cpu_backend_available():
             return "cpu"
         return "reference"
-    if backend == "cpu":
-        if device.type != "cpu":
-            raise ValueError(
-                f"backend='cpu' needs CPU tensors, got device {device} (use backend='auto', or 'triton' on CUDA)"
-            )
-        _, reason = cpu_backend()
-        if reason:
-            raise ValueError(
-                f"backend='cpu' needs the compiled C++ kernels, which are not available: {reason}. Install a C++ "
-                "compiler and run `python -m mit_kernels build`, or use backend='reference'"
-            )
-    if backend == "triton":
-        if not triton_available():
-            raise ValueError("backend='triton' needs the triton package (pip install triton), which is not installed")
-        if device.type == "cpu" and not triton_interpreter_active():
-            env = os.environ.get("TRITON_INTERPRET", "<unset>")
-            raise ValueError(
-                "backend='triton' got CPU tensors, but the Triton interpreter is off (TRITON_INTERPRET="
-                f"{env} when the kernels were defined): use CUDA tensors, or set TRITON_INTERPRET=1 in the "
-                "environment before importing mit_kernels"
-            )
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"backend='triton' runs on CUDA (or CPU under TRITON_INTERPRET=1), got device {device}")
-        if not triton_fits:
-            raise ValueError(
-                f"backend='triton' supports head dims D <= {TRITON_MAX_HEAD_DIM}, got D={head_dim} "
-                "(use backend='auto' or 'reference')"
-            )
+    reason = backends.BACKEND_TABLE[backend].refusal(device, head_dim)
+    if reason is not None:
+        raise ValueError(reason)
     return backend

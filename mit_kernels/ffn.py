@@ -1,11 +1,10 @@
-"""MiT's FFN infusion gate: public entry point :func:`mit_ffn_gate`, backend selection and the torch.library ops.
+"""MiT's FFN infusion gate: public entry point :func:`mit_ffn_gate` and backend selection.
 
 MiT infuses the modality into a Llama MLP as ``down(silu(gate(x)) * up(x) * (1 + ffn_mul))``; this module computes the
-part between the projections, ``silu(gate) * up * (1 + ffn_mul[:, None, :])``.
-
-``mit_kernels::ffn_gate_triton_fwd`` returns that product and ``mit_kernels::ffn_gate_triton_bwd`` the three input
-gradients (recomputing silu; only the inputs are saved). Both have fake (meta) implementations, so torch.compile traces
-through them without a graph break, and FLOP formulas, so ``torch.utils.flop_counter.FlopCounterMode`` counts them.
+part between the projections, ``silu(gate) * up * (1 + ffn_mul[:, None, :])``, with the backend that
+:func:`mit_kernels.dispatch.resolve` picks from :data:`mit_kernels.backends.BACKEND_TABLE` (the fused ops:
+``mit_kernels::ffn_gate_triton_*`` in :mod:`mit_kernels.triton_backend`, ``mit_kernels::ffn_gate_cpu_*`` in
+:mod:`mit_kernels.cpu_backend`).
 
 FLOP convention: elementwise FLOPs, ``6 B L F`` forward and ``15 B L F`` backward (:mod:`mit_kernels.flops`).
 
@@ -19,18 +18,14 @@ reference.
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import register_flop_formula
 
 from . import dispatch
-from .dispatch import cpu_backend
-from .flops import ffn_gate_backward_flops, ffn_gate_flops
-from .reference import mit_ffn_gate_reference
+from .backends import BACKEND_TABLE
 from .validation import (
     check_rank,
     check_same_dtype_device,
     check_shape,
     check_tensor,
-    refuse_double_backward,
 )
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -79,87 +74,4 @@ def mit_ffn_gate(gate: torch.Tensor, up: torch.Tensor, ffn_mul: torch.Tensor, *,
         The Triton path computes in fp32 (fp64 for fp64 inputs) and saves only the inputs for the backward.
     """
     check_ffn_gate_inputs(gate, up, ffn_mul)
-    which = dispatch.resolve(backend, gate.device)
-    if which in ("reference", "sdpa"):
-        return mit_ffn_gate_reference(gate, up, ffn_mul)
-    if which == "cpu":
-        module, _ = cpu_backend()
-        return module.ffn_gate(gate, up, ffn_mul)
-    if backend != "auto" or torch.compiler.is_compiling():
-        return ffn_gate_triton_fwd(gate, up, ffn_mul)
-    try:
-        return ffn_gate_triton_fwd(gate, up, ffn_mul, True)
-    except Exception as exc:
-        if not dispatch.is_triton_failure(exc):
-            raise
-        dispatch.record_triton_failure(gate.device, exc)
-        return mit_ffn_gate_reference(gate, up, ffn_mul)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# torch.library registration of the Triton implementation
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("mit_kernels::ffn_gate_triton_fwd", mutates_args=())
-def ffn_gate_triton_fwd(
-    gate: torch.Tensor, up: torch.Tensor, ffn_mul: torch.Tensor, fallback: bool = False
-) -> torch.Tensor:
-    """``fallback`` (set by ``backend="auto"``): a backward kernel that fails to compile or launch falls back to the
-    reference's gradients."""
-    from . import triton_ffn
-
-    return triton_ffn.ffn_gate_triton_fwd(gate, up, ffn_mul)
-
-
-@ffn_gate_triton_fwd.register_fake
-def _(gate, up, ffn_mul, fallback=False):
-    return torch.empty_like(gate, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("mit_kernels::ffn_gate_triton_bwd", mutates_args=())
-def ffn_gate_triton_bwd(
-    grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, ffn_mul: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from . import triton_ffn
-
-    return triton_ffn.ffn_gate_triton_bwd(grad_out, gate, up, ffn_mul)
-
-
-@ffn_gate_triton_bwd.register_fake
-def _(grad_out, gate, up, ffn_mul):
-    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (gate, up, ffn_mul))
-
-
-def _setup_context(ctx, inputs, output):
-    gate, up, ffn_mul, *fallback = inputs
-    ctx.save_for_backward(gate, up, ffn_mul)  # the backward recomputes silu, no intermediate is kept
-    ctx.fallback = bool(fallback and fallback[0])
-
-
-def _backward(ctx, grad_out):
-    gate, up, ffn_mul = ctx.saved_tensors
-    refuse_double_backward("mit_kernels::ffn_gate_triton_fwd", "triton", (gate, up, ffn_mul, grad_out))
-    try:
-        grads = ffn_gate_triton_bwd(grad_out, gate, up, ffn_mul)
-    except Exception as exc:
-        if not (ctx.fallback and dispatch.is_triton_failure(exc)):
-            raise
-        dispatch.record_triton_failure(gate.device, exc)
-        leaves = [x.detach().requires_grad_() for x in (gate, up, ffn_mul)]
-        with torch.enable_grad():
-            grads = torch.autograd.grad(mit_ffn_gate_reference(*leaves), leaves, grad_out)
-    return (*grads, None)
-
-
-ffn_gate_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-@register_flop_formula(torch.ops.mit_kernels.ffn_gate_triton_fwd)
-def _ffn_gate_fwd_flop(gate_shape, *args, out_shape=None, **kwargs) -> int:
-    return ffn_gate_flops(gate_shape)
-
-
-@register_flop_formula(torch.ops.mit_kernels.ffn_gate_triton_bwd)
-def _ffn_gate_bwd_flop(grad_out_shape, gate_shape, *args, out_shape=None, **kwargs) -> int:
-    return ffn_gate_backward_flops(gate_shape)
+    return BACKEND_TABLE[dispatch.resolve(backend, gate.device)].ffn_gate_for(backend)(gate, up, ffn_mul)

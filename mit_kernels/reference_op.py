@@ -12,7 +12,9 @@ So while compiling, :func:`mit_kernels.reference.masked_softmax_attention` calls
 (its fake kernel gives the output's shape; ``fullgraph=True`` holds) and that runs the eager reference, branches
 included, when the graph executes. Its backward, ``mit_kernels::reference_attention_bwd``, recomputes the eager
 forward on detached copies and differentiates it, so compiled and eager gradients are the same numbers. The infusion
-(gate and K', V') stays in the compiled graph: it is elementwise and needs no branch.
+(gate and K', V') stays in the compiled graph: it is elementwise and needs no branch. The pair is registered like
+every fused op (:func:`mit_kernels.registration.define_op_pair`; shapes and FLOPs:
+:data:`mit_kernels.op_kinds.SOFTMAX_ATTENTION`).
 
 Cost: the softmax attention between the infusion and the rest of the graph is not fused by the compiler, and its
 backward recomputes the forward once. Second-order gradients through the compiled reference raise (as through the
@@ -25,14 +27,13 @@ benchmarks/flops.py does.
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import register_flop_formula
 
-from .flops import attention_backward_flops, attention_flops
-from .validation import refuse_double_backward
+from .op_kinds import SOFTMAX_ATTENTION
+from .reference import masked_softmax_attention
+from .registration import define_op_pair
 
 
-@torch.library.custom_op("mit_kernels::reference_attention_fwd", mutates_args=())
-def reference_attention_fwd(
+def _forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -42,18 +43,10 @@ def reference_attention_fwd(
 ) -> torch.Tensor:
     """``softmax(q k^T * scale + mask) v`` of the eager reference; q (B, Hq, Lq, D), k / v (B, Hkv, Lk, D), kv_mask
     (B, Lk) bool or None. Returns (B, Hq, Lq, D)."""
-    from .reference import masked_softmax_attention
-
     return masked_softmax_attention(q, k, v, causal=causal, scale=scale, kv_mask=kv_mask).contiguous()
 
 
-@reference_attention_fwd.register_fake
-def _(q, k, v, kv_mask, causal, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("mit_kernels::reference_attention_bwd", mutates_args=())
-def reference_attention_bwd(
+def _backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -62,10 +55,9 @@ def reference_attention_bwd(
     causal: bool,
     scale: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of :func:`reference_attention_fwd` for the upstream gradient ``grad_out`` (B, Hq, Lq, D): the
-    vector-Jacobian product of the eager reference, its forward recomputed (``torch.func.vjp``: autograd is off inside
-    a custom op's implementation, functorch's transforms are not)."""
-    from .reference import masked_softmax_attention
+    """(dq, dk, dv) of :func:`_forward` for the upstream gradient ``grad_out`` (B, Hq, Lq, D): the vector-Jacobian
+    product of the eager reference, its forward recomputed (``torch.func.vjp``: autograd is off inside a custom op's
+    implementation, functorch's transforms are not)."""
 
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return masked_softmax_attention(q, k, v, causal=causal, scale=scale, kv_mask=kv_mask)
@@ -74,32 +66,6 @@ def reference_attention_bwd(
     return tuple(g.contiguous() for g in vjp(grad_out))
 
 
-@reference_attention_bwd.register_fake
-def _(grad_out, q, k, v, kv_mask, causal, scale):
-    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, kv_mask, causal, scale = inputs
-    ctx.save_for_backward(q, k, v)
-    ctx.kv_mask, ctx.causal, ctx.scale = kv_mask, causal, scale
-
-
-def _backward(ctx, grad_out):
-    q, k, v = ctx.saved_tensors
-    refuse_double_backward("mit_kernels::reference_attention_fwd", "reference under torch.compile", (q, k, v, grad_out))
-    dq, dk, dv = reference_attention_bwd(grad_out, q, k, v, ctx.kv_mask, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None
-
-
-reference_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-@register_flop_formula(torch.ops.mit_kernels.reference_attention_fwd)
-def _fwd_flop(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
-    return attention_flops(q_shape, k_shape)
-
-
-@register_flop_formula(torch.ops.mit_kernels.reference_attention_bwd)
-def _bwd_flop(grad_out_shape, q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
-    return attention_backward_flops(q_shape, k_shape)
+reference_attention_fwd, reference_attention_bwd = define_op_pair(
+    "mit_kernels::reference_attention", SOFTMAX_ATTENTION, _forward, _backward, backend="reference under torch.compile"
+)

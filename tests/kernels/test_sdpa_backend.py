@@ -258,6 +258,7 @@ def test_a_triton_compile_error_under_auto_falls_back_to_sdpa_once(fake_gpu, mon
     with pytest.warns(MitKernelFallbackWarning) as record:
         out, grads = run_attention(inputs, grad_out, "auto", **kwargs)
     assert len(record) == 1
+    assert record[0].filename.endswith("attention_cases.py")  # points at the line calling mit_attention
     cause = "a Triton kernel failed to compile or launch (CompilationError: unsupported tensor layout)"
     assert f"cannot use the Triton kernels on cpu: {cause}." in str(record[0].message)
     assert len(seen) == 1
@@ -316,7 +317,7 @@ def test_an_old_gpu_under_auto_runs_sdpa_without_trying_triton(fake_gpu, monkeyp
     inputs, grad_out, kwargs = _attention_case()
     with pytest.warns(MitKernelFallbackWarning, match=r"on cpu: compute capability 7\.0 < 8\.0\.") as record:
         out, grads = run_attention(inputs, grad_out, "auto", **kwargs)
-    assert len(record) == 1 and seen == []
+    assert len(record) == 1 and seen == [] and record[0].filename.endswith("attention_cases.py")
     expected_out, expected_grads = run_attention(inputs, grad_out, "sdpa", **kwargs)
     assert torch.equal(out, expected_out) and all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
 
@@ -347,15 +348,13 @@ def test_a_backward_kernel_failure_under_auto_recomputes_the_gradients_through_s
 
 def test_the_backward_fallback_gives_lambda_a_zero_gradient_without_rescale(fake_gpu, monkeypatch):
     """As the Triton backward does: lambda does not enter the op when rescale=False."""
-    from mit_kernels import ops
+    from mit_kernels.registration import recomputed_gradients
+    from mit_kernels.triton_backend import attention_via_sdpa
 
     inputs, grad_out, kwargs = _attention_case()
     leaves = [x.clone().requires_grad_() for x in inputs]
-
-    class Ctx:  # what ops._setup_context stores
-        causal, scale, kv_mask, rescale = True, 0.25, kwargs["kv_mask"], False
-
-    grads = ops._sdpa_gradients(grad_out, tuple(leaves), Ctx)
+    arguments = (kwargs["kv_mask"], True, 0.25, False)  # what the op's autograd keeps: kv_mask, causal, scale, rescale
+    grads = recomputed_gradients(attention_via_sdpa, grad_out, tuple(leaves), arguments)
     assert torch.equal(grads[-1], torch.zeros_like(inputs[-1]))
     expected = torch.autograd.grad(
         mit_attention(*leaves, **kwargs, scale=0.25, rescale=False, backend="sdpa"), leaves[:7], grad_out
@@ -371,8 +370,11 @@ def test_the_ffn_gate_under_auto_falls_back_to_the_reference(fake_gpu, monkeypat
     monkeypatch.setattr(triton_ffn, "ffn_gate_triton_fwd", entry)
     gen = torch.Generator().manual_seed(0)
     tensors = [torch.randn(*shape, generator=gen) for shape in ((2, 3, 5), (2, 3, 5), (2, 5))]
-    with pytest.warns(MitKernelFallbackWarning, match=r"on cpu: .*\(OutOfResources: out of resource: shared memory"):
+    with pytest.warns(
+        MitKernelFallbackWarning, match=r"on cpu: .*\(OutOfResources: out of resource: shared memory"
+    ) as record:
         got = mit_ffn_gate(*tensors)
+    assert record[0].filename == __file__  # points at the line calling mit_ffn_gate
     assert torch.equal(got, mit_ffn_gate_reference(*tensors)) and len(seen) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error", MitKernelFallbackWarning)
