@@ -4,6 +4,9 @@
     model = mit.apply_mit(model, mit.MiTConfig(modality_dim=768))   # frozen base + zero-initialised infusion
     out = model(input_ids, attention_mask=mask, modality_embedding=emb)
     mit.save_adapter(model, "out/");  mit.load_adapter(fresh_model, "out/")
+    model = mit.from_pretrained("base-model-name-or-dir", "out/")   # base model + adapter (MiT or neural) in one call
+    with mit.disable_adapter(model): ...                            # the base model, bit for bit
+    base = mit.unload(model)                                         # the base model back, exactly
 
 Subpackages: :mod:`mit.integrations` (MiT on Hugging Face models, adapters), :mod:`mit.tuning` (encoders, heads,
 data, tasks, trainer; optional), :mod:`mit.demo` (optional), :mod:`mit.utils`. The fused operations live in
@@ -27,8 +30,11 @@ from .integrations import (
     MiTModelMixin,
     apply_mit,
     count_parameters,
+    disable_adapter,
+    from_pretrained,
     is_mit_model,
     mit_named_parameters,
+    unload,
 )
 from .integrations.adapter import load_adapter, save_adapter
 
@@ -67,6 +73,8 @@ __all__ = [
     "apply_neural_tuning",
     "count_parameters",
     "default_layers",
+    "disable_adapter",
+    "from_pretrained",
     "is_mit_model",
     "load_adapter",
     "load_neural_adapter",
@@ -77,4 +85,5 @@ __all__ = [
     "register_task",
     "save_adapter",
     "save_neural_adapter",
+    "unload",
 ]

@@ -10,6 +10,8 @@
   ``modality_embedding``;
 - :mod:`.adapter_files` / :mod:`.adapter`: the adapter files' schema, reader, validator and writer (shared with
   neural tuning's adapters) / ``save_adapter``, ``load_adapter``;
+- :mod:`.lifecycle`: ``from_pretrained`` (base model + adapter in one call), ``disable_adapter``, ``unload`` (the
+  base model back exactly), for both methods;
 - :mod:`.directory_swap`: directories written and read as one unit (how adapters are saved and read).
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 from .attention import key_padding_mask, mit_implementation
 from .families import FAMILIES, FamilySpec
 from .infusion import MiTFFNInfusion, MiTKVInfusion, mit_named_parameters
+from .lifecycle import adapter_kind, disable_adapter, from_pretrained, unload
 from .model import (
     MiTModelMixin,
     MiTPlan,
@@ -28,6 +31,7 @@ from .model import (
     padding_aware_position_ids,
     plan_mit,
     planned_mit_parameters,
+    unload_mit,
 )
 
 __all__ = [
@@ -37,9 +41,12 @@ __all__ = [
     "MiTKVInfusion",
     "MiTModelMixin",
     "MiTPlan",
+    "adapter_kind",
     "apply_mit",
     "count_parameters",
     "decoder_of",
+    "disable_adapter",
+    "from_pretrained",
     "is_mit_model",
     "key_padding_mask",
     "mit_implementation",
@@ -47,4 +54,6 @@ __all__ = [
     "padding_aware_position_ids",
     "plan_mit",
     "planned_mit_parameters",
+    "unload",
+    "unload_mit",
 ]

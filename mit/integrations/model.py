@@ -14,10 +14,14 @@ What it does, in place (details and the reasons in ``docs/integration.md``):
    through transformers' ``**kwargs``.
 
 No transformers ``forward`` is copied: the MiT classes call the base ones with the arguments they received.
+
+Reversible: :func:`unload_mit` (``model.unload()``) gives the base model back exactly, from what ``install`` recorded
+(:class:`MiTUndo`); :func:`disable_mit_adapter` (``model.disable_adapter()``) computes the base model inside a context.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 from collections.abc import Iterator
@@ -75,6 +79,26 @@ def decoder_of(model: nn.Module) -> nn.Module:
     )
 
 
+UNDO_NAME = "_mit_undo"  # instance attribute of an MiT model: its MiTUndo
+DISABLED_NAME = "_mit_adapter_disabled"  # instance attribute while disable_adapter() contexts are open: their depth
+
+
+@dataclasses.dataclass(frozen=True)
+class MiTUndo:
+    """What :func:`unload_mit` needs to give the base model back exactly, recorded by :meth:`MiTPlan.install` (plain
+    data, so it survives ``copy.deepcopy`` and pickling with the model).
+
+    Attributes:
+        attn_implementation: ``config._attn_implementation`` before MiT (None when it was unset).
+        installed_implementation: the ``"mit_" + base`` name MiT set (None when it set none).
+        requires_grad: ``requires_grad`` of every base parameter, by name, before MiT froze them.
+    """
+
+    attn_implementation: str | None
+    installed_implementation: str | None
+    requires_grad: dict[str, bool]
+
+
 class MiTModelMixin(RefusesPretrained, Rebuildable):
     """What ``apply_mit`` adds to the top-level model (mixin of ``MiT<ModelClass>``). transformers'
     ``save_pretrained`` / ``from_pretrained`` are refused (:class:`~mit.integrations.classes.RefusesPretrained`):
@@ -104,6 +128,20 @@ class MiTModelMixin(RefusesPretrained, Rebuildable):
             if isinstance(module, (MiTKVInfusion, MiTFFNInfusion))
         }
 
+    def unload(self) -> nn.Module:
+        """Remove MiT from this model, in place, and return it: the base model exactly as it was before
+        :func:`apply_mit` (see :func:`unload_mit`)."""
+        return unload_mit(self)
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager[None]:
+        """Context manager: inside it, the model computes the base model (bit for bit); a ``modality_embedding``
+        given to ``forward`` / ``generate`` is accepted and ignored (see :func:`disable_mit_adapter`)."""
+        return disable_mit_adapter(self)
+
+    def mit_adapter_disabled(self) -> bool:
+        """True inside a :meth:`disable_adapter` context."""
+        return self.__dict__.get(DISABLED_NAME, 0) > 0
+
     def __setstate__(self, state: dict) -> None:
         """Unpickling in a new process: the attention function the config names must be registered there too."""
         super().__setstate__(state)
@@ -114,7 +152,8 @@ class MiTModelMixin(RefusesPretrained, Rebuildable):
         """transformers' ``generate``, with the infusion maps' outputs computed once per embedding for the whole
         call instead of at every decoding step (the weights cannot change during it): the cache belongs to this call,
         in this thread (:func:`~mit.integrations.scope.bind_generation_cache`)."""
-        self._mit_check_generate_embedding(args, kwargs)
+        if not self.mit_adapter_disabled():
+            self._mit_check_generate_embedding(args, kwargs)
         previous = bind_generation_cache({})
         try:
             return super().generate(*args, **kwargs)
@@ -185,7 +224,7 @@ def _forward_with_modality(base: type) -> dict:
     mit_signature = signature.replace(parameters=[*parameters[:where], embedding, *parameters[where:]])
 
     def forward(self, *args, modality_embedding: torch.Tensor | None = None, **kwargs):
-        if modality_embedding is None:
+        if modality_embedding is None or self.mit_adapter_disabled():  # disabled: the base model, embedding ignored
             return base.forward(self, *args, **kwargs)
         bound = signature.bind(self, *args, **kwargs)
         self._mit_prepare(bound.arguments, modality_embedding)
@@ -254,7 +293,13 @@ class MiTPlan:
                 yield from ffn.named_parameters(prefix=f"{layer_name}.mlp.{FFN_INFUSION_NAME}")
 
     def install(self, model: nn.Module) -> nn.Module:
-        """Apply the plan to ``model`` (the one it was made for): freeze, attach, switch classes."""
+        """Apply the plan to ``model`` (the one it was made for): freeze, attach, switch classes; what
+        :func:`unload_mit` needs to undo it is recorded on the model (:class:`MiTUndo`)."""
+        undo = MiTUndo(
+            attn_implementation=model.config._attn_implementation,
+            installed_implementation=None,
+            requires_grad={name: p.requires_grad for name, p in model.named_parameters()},
+        )
         for p in model.parameters():
             p.requires_grad_(False)
         for _, layer, kv, ffn in self.layers:
@@ -269,14 +314,93 @@ class MiTPlan:
             layer.__class__ = mit_subclass(MiTDecoderLayerMixin, type(layer))
         if self.implementation is not None and not is_mit_implementation(model.config._attn_implementation):
             model.config._attn_implementation = self.implementation
+            undo = dataclasses.replace(undo, installed_implementation=self.implementation)
         model.__class__ = mit_subclass(MiTModelMixin, type(model))
         model.mit_config = self.config
+        model.__dict__[UNDO_NAME] = undo
         return model
 
 
 def is_mit_model(model: object) -> bool:
     """True for a model returned by :func:`apply_mit`."""
     return isinstance(model, MiTModelMixin)
+
+
+def unload_mit(model: nn.Module) -> nn.Module:
+    """Remove MiT from ``model`` (an MiT model), in place, and return it: the base model exactly as it was before
+    :func:`apply_mit` / :func:`mit.load_adapter`.
+
+    The infusion modules are detached (with them, the MiT parameters and state-dict keys), the ``down_proj``
+    pre-hooks MiT registered are removed (other hooks keep their place), every ``MiT<Class>`` instance gets its own
+    class back, ``config._attn_implementation`` and every base parameter's ``requires_grad`` get their recorded
+    values (:class:`MiTUndo`), and ``mit_config`` goes. If ``model.set_attn_implementation(...)`` was called on the
+    MiT model, the implementation it chose (without ``"mit_"``) is kept. The ``"mit_" + base`` attention function
+    stays registered in transformers (process-wide, other MiT models may use it); the unloaded model no longer
+    names it. A model pickled by an earlier release has no record: its attention implementation becomes the base
+    name and its base parameters stay frozen. ValueError for a model that is not an MiT model or inside its
+    ``disable_adapter()`` context."""
+    if not is_mit_model(model):
+        raise ValueError(f"model: unload needs a model returned by mit.apply_mit, got {type(model).__name__}")
+    if model.mit_adapter_disabled():
+        raise ValueError("model: unload inside its disable_adapter() context; leave the context first")
+    undo: MiTUndo | None = model.__dict__.get(UNDO_NAME)
+    for module in list(model.modules()):
+        kv = module._modules.get(KV_INFUSION_NAME)
+        if isinstance(kv, MiTKVInfusion):
+            delattr(module, KV_INFUSION_NAME)
+        ffn = module._modules.get(FFN_INFUSION_NAME)
+        if isinstance(ffn, MiTFFNInfusion):
+            down_proj = getattr(module, "down_proj", None)
+            if isinstance(down_proj, nn.Module):
+                _remove_pre_hooks_of(down_proj, ffn)
+            delattr(module, FFN_INFUSION_NAME)
+        if module is not model and isinstance(module, (MiTDecoderLayerMixin, MiTMLPMixin)):
+            module.__class__ = module._mit_base
+    current = model.config._attn_implementation
+    if undo is not None and undo.installed_implementation is not None and current == undo.installed_implementation:
+        model.config._attn_implementation = undo.attn_implementation
+    elif is_mit_implementation(current):
+        model.config._attn_implementation = base_implementation(current)
+    if undo is not None:
+        for name, param in model.named_parameters():
+            if name in undo.requires_grad:
+                param.requires_grad_(undo.requires_grad[name])
+    model.__class__ = model._mit_base
+    del model.mit_config
+    model.__dict__.pop(UNDO_NAME, None)
+    return model
+
+
+def _remove_pre_hooks_of(module: nn.Module, infusion: MiTFFNInfusion) -> None:
+    """Remove ``infusion.scale_down_proj_input`` from ``module``'s forward pre-hooks (found by the bound method, so
+    it works after ``copy.deepcopy`` / pickling, where the registration's handle would not)."""
+    for key, hook in list(module._forward_pre_hooks.items()):
+        method = getattr(hook, "__func__", None)
+        if getattr(hook, "__self__", None) is infusion and method is MiTFFNInfusion.scale_down_proj_input:
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+@contextlib.contextmanager
+def disable_mit_adapter(model: nn.Module) -> Iterator[None]:
+    """Context manager: inside it, ``model`` (an MiT model) computes its base model, bit for bit, in every thread.
+
+    A ``modality_embedding`` given to ``forward`` / ``generate`` inside the context is accepted and ignored (not even
+    validated), so the call that computes the adapted model also computes the base one (a reference model, as peft's
+    ``disable_adapter`` serves); padding-aware positions are not derived either (the base model's own positions).
+    Contexts nest; on exit the previous state comes back, also after an exception. ValueError for a model that is
+    not an MiT model."""
+    if not is_mit_model(model):
+        raise ValueError(f"model: disable_adapter needs a model returned by mit.apply_mit, got {type(model).__name__}")
+    previous = model.__dict__.get(DISABLED_NAME, 0)
+    model.__dict__[DISABLED_NAME] = previous + 1
+    try:
+        yield
+    finally:
+        if previous:
+            model.__dict__[DISABLED_NAME] = previous
+        else:
+            model.__dict__.pop(DISABLED_NAME, None)
 
 
 def apply_mit(model: nn.Module, config: MiTConfig) -> nn.Module:

@@ -17,9 +17,12 @@ positionally to transformers code.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import inspect
 import re
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -32,6 +35,8 @@ from .neurons import NEURONS_NAME, NeuralState, NeuralTuningLayer
 from .tokens import ImageProjection, NewTokenRows, prepend_image_tokens
 
 STATE_KWARG = "nt_state"
+UNDO_NAME = "_nt_undo"  # instance attribute of a neural-tuning model: its NeuralUndo
+DISABLED_NAME = "_nt_adapter_disabled"  # instance attribute while disable_adapter() contexts are open: their depth
 IMAGE_NAME, TOKENS_NAME = "nt_image_projection", "nt_new_tokens"
 _NT_NAME = re.compile(r"(^|\.)nt_")
 
@@ -118,6 +123,8 @@ def _model_forward(base: type) -> dict:
         refuse_modality_embedding(self, kwargs)
         bound = signature.bind(self, *args, **kwargs)
         bound.arguments.setdefault(var_keyword, {}).setdefault(STATE_KWARG, NeuralState())
+        if self.neural_adapter_disabled():  # the base model: the image inputs are ignored
+            image_features = image_mask = None
         if image_features is not None:
             self._nt_prepare_images(bound.arguments, image_features, image_mask)
         elif image_mask is not None:
@@ -141,6 +148,20 @@ class NTDecoderMixin(RefusesPretrained, Rebuildable):
     _pretrained_hint = ("mit.save_neural_adapter", "mit.load_neural_adapter")
 
 
+@dataclasses.dataclass(frozen=True)
+class NeuralUndo:
+    """What :func:`unload_neural` needs to give the base model back exactly, recorded by
+    :func:`apply_neural_tuning` (plain data: it survives ``copy.deepcopy`` and pickling with the model).
+
+    Attributes:
+        requires_grad: ``requires_grad`` of every base parameter, by name, before neural tuning froze them.
+        vocab_size: the input embedding's number of rows before the new tokens resized it (None: not resized).
+    """
+
+    requires_grad: dict[str, bool]
+    vocab_size: int | None
+
+
 class NeuralTuningModelMixin(RefusesPretrained, Rebuildable):
     """What ``apply_neural_tuning`` adds to the top-level model (mixin of ``NT<ModelClass>``). transformers'
     ``save_pretrained`` / ``from_pretrained`` are refused (:class:`~mit.integrations.classes.RefusesPretrained`):
@@ -161,6 +182,18 @@ class NeuralTuningModelMixin(RefusesPretrained, Rebuildable):
         print(
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
+
+    def unload(self) -> nn.Module:
+        """Remove neural tuning from this model, in place, and return the base model (see :func:`unload_neural`)."""
+        return unload_neural(self)
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager[None]:
+        """Context manager: inside it, the model computes the base model (see :func:`disable_neural_adapter`)."""
+        return disable_neural_adapter(self)
+
+    def neural_adapter_disabled(self) -> bool:
+        """True inside a :meth:`disable_adapter` context."""
+        return self.__dict__.get(DISABLED_NAME, 0) > 0
 
     def _nt_prepare_images(
         self, arguments: dict, image_features: torch.Tensor, image_mask: torch.Tensor | None = None
@@ -198,7 +231,7 @@ class NeuralTuningModelMixin(RefusesPretrained, Rebuildable):
         """transformers' ``generate``; with ``image_features`` (B, P, image_dim) the prompt's embeddings get the image
         tokens first and the call returns only the new tokens (as generate does for ``inputs_embeds``)."""
         refuse_modality_embedding(self, kwargs)
-        if image_features is None:
+        if image_features is None or self.neural_adapter_disabled():  # disabled: the images are ignored
             return super().generate(*args, **kwargs)
         ids = args[0] if args else kwargs.pop("input_ids", None)
         if ids is None or len(args) > 1:
@@ -336,6 +369,12 @@ def apply_neural_tuning(
         )
     _check_contiguous(list(new_token_ids or []))
 
+    undo = NeuralUndo(
+        requires_grad={name: p.requires_grad for name, p in model.named_parameters()},
+        vocab_size=model.get_input_embeddings().num_embeddings
+        if new_token_ids and model.get_input_embeddings().num_embeddings < new_token_ids[0] + len(new_token_ids)
+        else None,
+    )
     for p in model.parameters():
         p.requires_grad_(False)
     for index in layers:
@@ -353,4 +392,92 @@ def apply_neural_tuning(
             module.train(model.training)
     model.neural_config = config
     model.nt_new_token_ids = list(new_token_ids or [])
+    model.__dict__[UNDO_NAME] = undo
     return model
+
+
+_HOOK_METHODS = (
+    NeuralTuningLayer.add_q,
+    NeuralTuningLayer.add_k,
+    NeuralTuningLayer.add_v,
+    NeuralTuningLayer.add_qkv,
+    NewTokenRows.embed_hook,
+    NewTokenRows.head_hook,
+)
+
+
+def _method_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules whose hooks carry neural tuning: every layer's neurons and the new-token rows."""
+    return [module for module in model.modules() if isinstance(module, (NeuralTuningLayer, NewTokenRows))]
+
+
+def unload_neural(model: nn.Module) -> nn.Module:
+    """Remove neural tuning from ``model``, in place, and return it: the base model as it was before
+    :func:`apply_neural_tuning` / :func:`mit.load_neural_adapter`.
+
+    The forward hooks neural tuning registered (on the attention projections, the input embedding and the LM head;
+    found by their bound methods, so this works after ``copy.deepcopy`` / pickling) are removed and other hooks keep
+    their place; the ``nt_*`` modules are detached (task heads attached as ``nt_*`` too); every ``NT<Class>``
+    instance gets its own class back; every base parameter's ``requires_grad`` gets its recorded value;
+    ``neural_config`` and ``nt_new_token_ids`` go. When the new tokens had grown the vocabulary, the embeddings are
+    resized back with ``resize_token_embeddings`` (the rows kept are the original ones, bit for bit, and
+    ``config.vocab_size`` comes back; an untied LM head is then a new module of the same class, as it already was
+    after the resize that grew it). A tokenizer that got the new tokens keeps them. ValueError for a model that is
+    not a neural-tuning model, or inside its ``disable_adapter()`` context."""
+    if not is_neural_model(model):
+        raise ValueError(f"model: unload needs a model returned by mit.apply_neural_tuning, got {type(model).__name__}")
+    if model.neural_adapter_disabled():
+        raise ValueError("model: unload inside its disable_adapter() context; leave the context first")
+    undo: NeuralUndo | None = model.__dict__.get(UNDO_NAME)
+    owners = {id(module) for module in _method_modules(model)}
+    for module in list(model.modules()):
+        for key, hook in list(module._forward_hooks.items()):
+            if id(getattr(hook, "__self__", None)) in owners and getattr(hook, "__func__", None) in _HOOK_METHODS:
+                del module._forward_hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
+        for name in list(module._modules):
+            if name.startswith("nt_"):  # the neurons, the image projection, the new-token rows, nt_* task heads
+                delattr(module, name)
+        if module is not model and isinstance(module, (NTDecoderLayerMixin, NTDecoderMixin)):
+            module.__class__ = module._mit_base
+    if undo is not None and undo.vocab_size is not None:
+        model.resize_token_embeddings(undo.vocab_size)
+    if undo is not None:
+        for name, param in model.named_parameters():
+            if name in undo.requires_grad:
+                param.requires_grad_(undo.requires_grad[name])
+    model.__class__ = model._mit_base
+    del model.neural_config
+    del model.nt_new_token_ids
+    model.__dict__.pop(UNDO_NAME, None)
+    return model
+
+
+@contextlib.contextmanager
+def disable_neural_adapter(model: nn.Module) -> Iterator[None]:
+    """Context manager: inside it, ``model`` (a neural-tuning model) computes its base model, bit for bit: the
+    neurons' deltas and the new-token rows are off (their hooks return the modules' own outputs), and
+    ``image_features`` / ``image_mask`` given to ``forward`` / ``generate`` are accepted and ignored. With new tokens
+    that grew the vocabulary, the logits keep the grown width; the original vocabulary's columns are the base
+    model's. Contexts nest; on exit the previous state comes back, also after an exception. The switch is on the
+    modules, so it holds for every thread using the model. ValueError for a model that is not a neural-tuning
+    model."""
+    if not is_neural_model(model):
+        raise ValueError(
+            f"model: disable_adapter needs a model returned by mit.apply_neural_tuning, got {type(model).__name__}"
+        )
+    previous = model.__dict__.get(DISABLED_NAME, 0)
+    model.__dict__[DISABLED_NAME] = previous + 1
+    modules = _method_modules(model)
+    for module in modules:
+        module.disabled = True
+    try:
+        yield
+    finally:
+        if previous:
+            model.__dict__[DISABLED_NAME] = previous
+        else:
+            model.__dict__.pop(DISABLED_NAME, None)
+            for module in modules:
+                module.__dict__.pop("disabled", None)

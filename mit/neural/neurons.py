@@ -73,6 +73,8 @@ class NeuralTuningLayer(nn.Module):
     Forward hooks on the attention's projections call :meth:`deltas` with the projection's input H; the result is
     computed once per H tensor (q, k and v projections share it) and dropped when the decoder layer's forward ends."""
 
+    disabled: bool = False  # True (an instance attribute) inside the model's disable_adapter() context
+
     def __init__(
         self,
         config,
@@ -150,17 +152,20 @@ class NeuralTuningLayer(nn.Module):
     def clear(self) -> None:
         self.state, self._cache = None, None
 
-    # forward hooks of the attention's projections (their inputs are H, their outputs pre-rotary)
-    def add_q(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return output + self.deltas(args[0])[0]
+    # forward hooks of the attention's projections (their inputs are H, their outputs pre-rotary); while the model's
+    # disable_adapter() context is open (``disabled``), they return None: the projection's own output
+    def add_q(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        return None if self.disabled else output + self.deltas(args[0])[0]
 
-    def add_k(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return output + self.deltas(args[0])[1]
+    def add_k(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        return None if self.disabled else output + self.deltas(args[0])[1]
 
-    def add_v(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return output + self.deltas(args[0])[2]
+    def add_v(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        return None if self.disabled else output + self.deltas(args[0])[2]
 
-    def add_qkv(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def add_qkv(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if self.disabled:
+            return None
         dq, dk, dv = self.deltas(args[0])
         if dk is None:
             dk = torch.zeros_like(dv)

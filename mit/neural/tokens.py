@@ -102,16 +102,24 @@ class NewTokenRows(nn.Module):
         else:
             self.head = None
 
-    def embed_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        """Forward hook of the input embedding: rows at the new ids come from ``embedding``."""
+    disabled: bool = False  # True (an instance attribute) inside the model's disable_adapter() context: hooks are off
+
+    def embed_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """Forward hook of the input embedding: rows at the new ids come from ``embedding`` (None, the embedding's
+        own output, while ``disabled``)."""
+        if self.disabled:
+            return None
         ids = args[0]
         offset = ids - self.first_id
         is_new = (offset >= 0) & (offset < self.num)
         rows = self.embedding[offset.clamp(0, self.num - 1)].to(output.dtype)
         return torch.where(is_new[..., None], rows, output)
 
-    def head_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        """Forward hook of the LM head: the logits of the new ids are ``hidden @ head.T``."""
+    def head_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """Forward hook of the LM head: the logits of the new ids are ``hidden @ head.T`` (None, the head's own
+        output, while ``disabled``)."""
+        if self.disabled:
+            return None
         hidden = args[0]
         new = (hidden.to(self.head.dtype) @ self.head.T).to(output.dtype)
         end = self.first_id + self.num
