@@ -259,6 +259,12 @@ def _make_attention_function(base: str) -> Callable:
         batch, _, lq, _ = query.shape
         lk = key.shape[2]
         check_modality(modality_embedding, batch, infusion.map.in_features)
+        if torch.is_autocast_enabled(query.device.type):
+            # Under autocast the projections and the rotary embedding can leave q, k and v in different dtypes; the
+            # model's own SDPA / eager attention then runs in the autocast dtype (SDPA and matmul are on autocast's
+            # lower-precision list), and so does MiT's: infusion vectors included.
+            dtype = torch.get_autocast_dtype(query.device.type)
+            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         vectors = infusion.vectors(modality_embedding, query.dtype)
         head_logit = infusion.gate_logits(query.device)
         fused, kv_mask, reason = fused_kv_mask(base, module, attention_mask, batch, lq, lk, kwargs, analyses)

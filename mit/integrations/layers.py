@@ -73,7 +73,9 @@ class MiTMLPMixin(Rebuildable):
         ffn_mul = infusion.multiplier(modality_embedding, x.dtype)
         if infusion.fused:
             infusion.record("fused")
-            gated = mit_ffn_gate(self.gate_proj(x), self.up_proj(x), ffn_mul, backend=infusion.backend)
+            gate, up = self.gate_proj(x), self.up_proj(x)
+            # under autocast the projections run in the autocast dtype while the residual stream x does not
+            gated = mit_ffn_gate(gate, up, ffn_mul.to(gate.dtype), backend=infusion.backend)
             return self.down_proj(gated)
         infusion.record("scaled down_proj input")
         previous = bind_ffn(FFNBinding(infusion, modality_embedding, 1 + ffn_mul))
