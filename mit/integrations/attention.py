@@ -237,6 +237,10 @@ def fused_kv_mask(
     return True, attention_mask.bool(), ""
 
 
+# Device types whose autocast state torch can be asked for (it raises for others, such as the meta device).
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu")
+
+
 def _make_attention_function(base: str) -> Callable:
     def mit_attention_forward(
         module: torch.nn.Module,
@@ -259,7 +263,7 @@ def _make_attention_function(base: str) -> Callable:
         batch, _, lq, _ = query.shape
         lk = key.shape[2]
         check_modality(modality_embedding, batch, infusion.map.in_features)
-        if torch.is_autocast_enabled(query.device.type):
+        if query.device.type in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(query.device.type):
             # Under autocast the projections and the rotary embedding can leave q, k and v in different dtypes; the
             # model's own SDPA / eager attention then runs in the autocast dtype (SDPA and matmul are on autocast's
             # lower-precision list), and so does MiT's: infusion vectors included.
