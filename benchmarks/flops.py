@@ -99,15 +99,15 @@ def meta_device_patches():
     """
     import transformers.masking_utils as masking_utils
 
-    saved = (masking_utils.find_packed_sequence_indices, mit_kernels.dispatch.resolve, masking_utils.fast_all)
+    saved = (masking_utils.find_packed_sequence_indices, mit_kernels.backends.resolve, masking_utils.fast_all)
     resolve, fast_all = saved[1], saved[2]
     masking_utils.find_packed_sequence_indices = lambda position_ids: None
     masking_utils.fast_all = lambda t: True if t.device.type == "meta" else fast_all(t)
-    mit_kernels.dispatch.resolve = lambda b, d, head_dim=None: "triton" if d.type == "meta" else resolve(b, d, head_dim)
+    mit_kernels.backends.resolve = lambda b, d, head_dim=None: "triton" if d.type == "meta" else resolve(b, d, head_dim)
     try:
         yield
     finally:
-        masking_utils.find_packed_sequence_indices, mit_kernels.dispatch.resolve, masking_utils.fast_all = saved
+        masking_utils.find_packed_sequence_indices, mit_kernels.backends.resolve, masking_utils.fast_all = saved
 
 
 def build(method: str, llm_shapes: dict, tower_shapes: dict):

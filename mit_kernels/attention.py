@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch
+from . import backends
 from .backends import BACKEND_TABLE, BACKENDS
 from .dispatch import triton_available, triton_interpreter_active
 from .validation import check_attention_inputs, check_bool, check_scale
 
-# The backend probes and resolver live in dispatch; these names stay importable from here.
+# The backend probes live in dispatch, the resolver beside the backend table; these names stay importable from here.
 __all__ = ["BACKENDS", "mit_attention", "resolve_backend", "triton_available", "triton_interpreter_active"]
 
 
 def resolve_backend(backend: str, device: torch.device, head_dim: int | None = None) -> str:
-    """The backend :func:`mit_attention` runs for ``backend`` on ``device`` (see :func:`mit_kernels.dispatch.resolve`:
+    """The backend :func:`mit_attention` runs for ``backend`` on ``device`` (see :func:`mit_kernels.backends.resolve`:
     "auto" takes Triton on CUDA when it can run there and the head dim fits, else "sdpa"; the C++ kernels on CPU, the
     reference otherwise)."""
-    return dispatch.resolve(backend, device, head_dim)
+    return backends.resolve(backend, device, head_dim)
 
 
 def mit_attention(
@@ -66,7 +66,7 @@ def mit_attention(
     check_bool("causal", causal)
     check_bool("rescale", rescale)
     scale = check_scale(scale)
-    attention = BACKEND_TABLE[dispatch.resolve(backend, q.device, q.shape[-1])].attention_for(backend)
+    attention = BACKEND_TABLE[backends.resolve(backend, q.device, q.shape[-1])].attention_for(backend)
     return attention(
         q, k, v, k_mul, k_add, v_mul, v_add, head_logit, causal=causal, scale=scale, kv_mask=kv_mask, rescale=rescale
     )

@@ -1,11 +1,11 @@
 """The backends of MiT's two operators, in one table: what each runs for :func:`mit_kernels.mit_attention` and
 :func:`mit_kernels.mit_ffn_gate`, and what it needs to run.
 
-Both public ops validate their arguments, ask :func:`mit_kernels.dispatch.resolve` for a backend name (``"auto"``
+Both public ops validate their arguments, ask :func:`resolve` for a backend name (``"auto"``
 becomes one of these, an explicit name is checked with its :attr:`Backend.refusal`) and call that backend's function
 from :data:`BACKEND_TABLE`. Adding a backend is one module (its two functions, its refusal, and its torch.library ops,
 registered with :mod:`mit_kernels.registration`) and one entry here; ``"auto"`` picks it only once
-:func:`mit_kernels.dispatch.resolve` says when (``docs/extending.md``).
+:func:`resolve` says when (``docs/extending.md``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from . import dispatch, triton_backend
 from .reference import mit_attention_reference, mit_ffn_gate_reference
 from .sdpa_attention import sdpa_attention
+from .validation import check_backend, check_device, check_head_dim
 
 
 class AttentionFunction(Protocol):
@@ -157,4 +158,26 @@ BACKEND_TABLE: dict[str, Backend] = {
 """The backends ``backend=`` names (besides ``"auto"``), in the order :data:`BACKENDS` lists them."""
 
 BACKENDS: tuple[str, ...] = ("auto", *BACKEND_TABLE)
-"""The names ``backend=`` accepts: ``"auto"`` (:func:`mit_kernels.dispatch.resolve` picks) and the table's."""
+"""The names ``backend=`` accepts: ``"auto"`` (:func:`resolve` picks) and the table's."""
+
+
+def resolve(backend: str, device: torch.device, head_dim: int | None = None) -> str:
+    """The backend that runs an operator on ``device`` (head dim ``head_dim`` for attention), or ValueError naming
+    why the requested one cannot (its :attr:`Backend.refusal`). ``"auto"`` on a CUDA device that Triton cannot use
+    returns ``"sdpa"`` and warns (once per cause and device, :class:`mit_kernels.dispatch.MitKernelFallbackWarning`).
+    The probes it asks (Triton, the device, the C++ build) live in :mod:`mit_kernels.dispatch`."""
+    check_backend(backend, BACKENDS)
+    check_device(device)
+    check_head_dim(head_dim)
+    if backend == "auto":
+        if device.type in dispatch.TRITON_DEVICE_TYPES:
+            # a head dim too wide for the kernels is a property of the case, not of the device: no warning
+            triton_fits = head_dim is None or head_dim <= dispatch.TRITON_MAX_HEAD_DIM
+            return dispatch.auto_gpu_backend(device) if triton_fits else "sdpa"
+        if device.type == "cpu" and dispatch.cpu_backend_available():
+            return "cpu"
+        return "reference"
+    reason = BACKEND_TABLE[backend].refusal(device, head_dim)
+    if reason is not None:
+        raise ValueError(reason)
+    return backend

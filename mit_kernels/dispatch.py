@@ -25,8 +25,6 @@ from types import ModuleType
 
 import torch
 
-from .validation import check_backend, check_device, check_head_dim
-
 TRITON_MAX_HEAD_DIM = 256
 TRITON_MIN_VERSION = (3, 6)  # the lowest Triton (major, minor) the kernels support; pyproject's triton>= bound
 TRITON_MIN_CAPABILITY = (8, 0)  # Ampere: the oldest GPUs with the bf16 tensor-core dots the kernels use
@@ -218,7 +216,7 @@ def triton_fallback_causes() -> dict[str, str]:
 
 
 @torch.compiler.assume_constant_result
-def _auto_gpu_backend(device: torch.device) -> str:
+def auto_gpu_backend(device: torch.device) -> str:
     """``"triton"`` when the Triton kernels can run on the GPU ``device``, else ``"sdpa"`` (warning once per cause and
     device). torch.compile runs it once while tracing (a warning cannot be traced) and keeps the answer: the decision
     is fixed per device except for a failure recorded later, which a compiled graph does not see."""
@@ -227,41 +225,3 @@ def _auto_gpu_backend(device: torch.device) -> str:
         return "triton"
     _fall_back(device_key(device), reason, stacklevel=5)  # the caller of mit_attention / mit_ffn_gate
     return "sdpa"
-
-
-def _backends() -> ModuleType:
-    """:mod:`mit_kernels.backends`, imported on first use rather than at the top: the backend modules its table names
-    import this one (its probes and fallback records)."""
-    from . import backends
-
-    return backends
-
-
-def __getattr__(name: str) -> object:
-    """``BACKENDS``, the names ``backend=`` accepts (:data:`mit_kernels.backends.BACKENDS`)."""
-    if name == "BACKENDS":
-        return _backends().BACKENDS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def resolve(backend: str, device: torch.device, head_dim: int | None = None) -> str:
-    """The backend that runs an operator on ``device`` (head dim ``head_dim`` for attention), or ValueError naming
-    why the requested one cannot (its :attr:`mit_kernels.backends.Backend.refusal`). ``"auto"`` on a CUDA device
-    that Triton cannot use returns ``"sdpa"`` and warns (once per cause and device,
-    :class:`MitKernelFallbackWarning`)."""
-    backends = _backends()
-    check_backend(backend, backends.BACKENDS)
-    check_device(device)
-    check_head_dim(head_dim)
-    if backend == "auto":
-        if device.type in TRITON_DEVICE_TYPES:
-            # a head dim too wide for the kernels is a property of the case, not of the device: no warning
-            triton_fits = head_dim is None or head_dim <= TRITON_MAX_HEAD_DIM
-            return _auto_gpu_backend(device) if triton_fits else "sdpa"
-        if device.type == "cpu" and cpu_backend_available():
-            return "cpu"
-        return "reference"
-    reason = backends.BACKEND_TABLE[backend].refusal(device, head_dim)
-    if reason is not None:
-        raise ValueError(reason)
-    return backend

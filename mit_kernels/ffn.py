@@ -2,7 +2,7 @@
 
 MiT infuses the modality into a Llama MLP as ``down(silu(gate(x)) * up(x) * (1 + ffn_mul))``; this module computes the
 part between the projections, ``silu(gate) * up * (1 + ffn_mul[:, None, :])``, with the backend that
-:func:`mit_kernels.dispatch.resolve` picks from :data:`mit_kernels.backends.BACKEND_TABLE` (the fused ops:
+:func:`mit_kernels.backends.resolve` picks from :data:`mit_kernels.backends.BACKEND_TABLE` (the fused ops:
 ``mit_kernels::ffn_gate_triton_*`` in :mod:`mit_kernels.triton_backend`, ``mit_kernels::ffn_gate_cpu_*`` in
 :mod:`mit_kernels.cpu_backend`).
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch
+from . import backends
 from .backends import BACKEND_TABLE
 from .validation import (
     check_rank,
@@ -46,9 +46,9 @@ def check_ffn_gate_inputs(gate: object, up: object, ffn_mul: object) -> None:
 
 
 def resolve_ffn_backend(backend: str, device: torch.device) -> str:
-    """The backend :func:`mit_ffn_gate` runs for ``backend`` on ``device`` (:func:`mit_kernels.dispatch.resolve`;
+    """The backend :func:`mit_ffn_gate` runs for ``backend`` on ``device`` (:func:`mit_kernels.backends.resolve`;
     "sdpa" means the reference, the gate has no attention)."""
-    return dispatch.resolve(backend, device)
+    return backends.resolve(backend, device)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -74,4 +74,4 @@ def mit_ffn_gate(gate: torch.Tensor, up: torch.Tensor, ffn_mul: torch.Tensor, *,
         The Triton path computes in fp32 (fp64 for fp64 inputs) and saves only the inputs for the backward.
     """
     check_ffn_gate_inputs(gate, up, ffn_mul)
-    return BACKEND_TABLE[dispatch.resolve(backend, gate.device)].ffn_gate_for(backend)(gate, up, ffn_mul)
+    return BACKEND_TABLE[backends.resolve(backend, gate.device)].ffn_gate_for(backend)(gate, up, ffn_mul)

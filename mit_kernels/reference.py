@@ -98,11 +98,9 @@ def masked_softmax_attention(
     """
     if torch.compiler.is_compiling():
         # The non-finite contract needs branches on tensor contents, which a compiled graph cannot hold: the graph
-        # keeps this function as one opaque op that runs it eagerly (mit_kernels/reference_op.py, which imports this
-        # module: imported here, not at the top; `import mit_kernels` has registered it).
-        from .reference_op import reference_attention_fwd
-
-        return reference_attention_fwd(q, k, v, kv_mask, causal, scale)
+        # keeps this function as one opaque op that runs it eagerly (mit_kernels/reference_op.py defines it on top of
+        # this module; `import mit_kernels` has registered it, so it is found by its torch.library name).
+        return torch.ops.mit_kernels.reference_attention_fwd(q, k, v, kv_mask, causal, scale)
     hq, hkv = q.shape[1], k.shape[1]
     group = hq // hkv
     k = k.repeat_interleave(group, dim=1)

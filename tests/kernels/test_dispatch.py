@@ -14,7 +14,8 @@ from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources, PTXASError
 
 from mit_kernels import dispatch
-from mit_kernels.dispatch import TRITON_MAX_HEAD_DIM, MitKernelFallbackWarning, resolve
+from mit_kernels.backends import resolve
+from mit_kernels.dispatch import TRITON_MAX_HEAD_DIM, MitKernelFallbackWarning
 
 CUDA0, CUDA1 = torch.device("cuda", 0), torch.device("cuda", 1)
 

@@ -21,7 +21,7 @@ from torch.nn.attention.bias import CausalBias
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources, PTXASError
 
-from mit_kernels import dispatch, mit_attention, mit_attention_reference, sdpa_attention
+from mit_kernels import backends, dispatch, mit_attention, mit_attention_reference, sdpa_attention
 from mit_kernels.dispatch import MitKernelFallbackWarning
 from mit_kernels.ffn import mit_ffn_gate
 from mit_kernels.reference import infuse, infusion_gate, mit_ffn_gate_reference
@@ -222,7 +222,7 @@ def fake_gpu(fresh_triton_fallbacks, monkeypatch):
     with a fresh record of fallbacks."""
     monkeypatch.setattr(dispatch, "TRITON_DEVICE_TYPES", ("cuda", "cpu"))
     monkeypatch.setattr(dispatch, "device_capability", lambda device: (9, 0))
-    assert dispatch.resolve("auto", CPU, head_dim=16) == "triton"
+    assert backends.resolve("auto", CPU, head_dim=16) == "triton"
     return fresh_triton_fallbacks
 
 
@@ -273,7 +273,7 @@ def test_a_triton_compile_error_under_auto_falls_back_to_sdpa_once(fake_gpu, mon
         gate = [torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.randn(2, 5)]
         assert torch.equal(mit_ffn_gate(*gate), mit_ffn_gate_reference(*gate))  # the FFN gate too: the reference
     assert torch.equal(again, expected_out) and len(seen) == 1
-    assert dispatch.resolve("auto", CPU, head_dim=16) == "sdpa"
+    assert backends.resolve("auto", CPU, head_dim=16) == "sdpa"
 
 
 @pytest.mark.parametrize(
@@ -293,7 +293,7 @@ def test_other_errors_from_the_triton_path_propagate(fake_gpu, monkeypatch, exc)
     with pytest.raises(type(exc), match=str(exc).split("(")[0]):
         mit_attention(*inputs, backend="auto", **kwargs)
     assert len(seen) == 1 and dispatch.triton_fallback_causes() == {}
-    assert dispatch.resolve("auto", CPU, head_dim=16) == "triton"
+    assert backends.resolve("auto", CPU, head_dim=16) == "triton"
 
 
 def test_an_explicit_triton_backend_does_not_fall_back(fake_gpu, monkeypatch):
@@ -343,7 +343,7 @@ def test_a_backward_kernel_failure_under_auto_recomputes_the_gradients_through_s
     _, expected = run_attention(inputs, grad_out, "sdpa", **kwargs)
     for name, got, want in zip(INPUT_NAMES, grads, expected):
         assert torch.equal(got, want), name
-    assert dispatch.resolve("auto", CPU, head_dim=16) == "sdpa"
+    assert backends.resolve("auto", CPU, head_dim=16) == "sdpa"
 
 
 def test_the_backward_fallback_gives_lambda_a_zero_gradient_without_rescale(fake_gpu, monkeypatch):
@@ -402,6 +402,6 @@ def test_an_ffn_backward_kernel_failure_under_auto_uses_the_reference_gradients(
         else:
             y.backward(grad_out)
         results.append([x.grad for x in leaves])
-    assert len(seen) == 1 and dispatch.resolve("auto", CPU) == "sdpa"
+    assert len(seen) == 1 and backends.resolve("auto", CPU) == "sdpa"
     for got, expected in zip(*results):
         assert torch.equal(got, expected)
