@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", metavar="FILE", help="also write the metrics to this JSON file")
     sub.add_parser(
         "demo",
-        help="real-model demonstrations: 'mit demo digits [--quick]', 'mit demo neural-digits [--quick]' (see "
-        "'mit demo digits --help')",
+        help="real-model demonstrations: 'mit demo digits [--quick]', 'mit demo neural-digits [--quick]' (from a "
+        "source checkout: runs benchmarks/experiments/neural_digits/run.py; see 'mit demo digits --help')",
         description="Run a demonstration. 'digits': MiT teaches a frozen SmolLM2-135M to answer yes/no questions "
         "about real handwritten digit images, against text-only and prefix-concatenation baselines. "
         "'neural-digits': neural tuning, one adapter on a frozen SmolLM2-135M for four digit tasks (caption, draw, "
@@ -151,14 +151,28 @@ def _demo(argv: list[str]) -> int:
     if not argv or argv[0] not in DEMOS:
         raise CLIError(f"demo: choose one of {', '.join(DEMOS)} (got {argv[0] if argv else 'nothing'})")
     if argv[0] == "neural-digits":
-        from .demo import neural_digits
-
-        neural_digits.main(argv[1:])
-        return 0
+        return _neural_digits_experiment(argv[1:])
     from .demo import digits as demo_digits
 
     demo_digits.main(argv[1:])
     return 0
+
+
+NEURAL_DIGITS_SCRIPT = pathlib.Path("benchmarks") / "experiments" / "neural_digits" / "run.py"
+
+
+def _neural_digits_experiment(argv: list[str]) -> int:
+    """``mit demo neural-digits``: the neural-tuning experiment is not part of the installed package; from a source
+    checkout this runs its script (``python benchmarks/experiments/neural_digits/run.py``) with the same flags."""
+    import subprocess
+
+    script = pathlib.Path(__file__).resolve().parents[1] / NEURAL_DIGITS_SCRIPT
+    if not script.is_file():
+        raise CLIError(
+            f"demo neural-digits: the experiment lives in a source checkout of mit ({NEURAL_DIGITS_SCRIPT}), not in "
+            "the installed package; run 'python benchmarks/experiments/neural_digits/run.py' there"
+        )
+    return subprocess.call([sys.executable, str(script), *argv])
 
 
 def load_config_file(path: str) -> dict[str, Any]:

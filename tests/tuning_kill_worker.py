@@ -1,8 +1,8 @@
 """One run of tests/tuning/test_kill_resume.py: trains the toy task and kills itself with SIGKILL when a chosen
 checkpoint-writing call starts (``<name>:<n>``: the n-th call of torch.save / serialize_tensors / os.rename /
-atomic_write_text inside the trainer), as a power cut or an OOM kill would. ``<name>:<n>:TERM`` sends SIGTERM instead
-(as ``kill``, a job scheduler or a container stop would); ``<name>:<n>:WAIT=<file>`` pauses there, in the middle of
-writing a checkpoint, until ``<file>`` exists."""
+atomic_write_text inside the trainer and its checkpoint / run-directory parts, counted together), as a power cut or an
+OOM kill would. ``<name>:<n>:TERM`` sends SIGTERM instead (as ``kill``, a job scheduler or a container stop would);
+``<name>:<n>:WAIT=<file>`` pauses there, in the middle of writing a checkpoint, until ``<file>`` exists."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import time
 import torch
 import tuning_toy_task
 
+import mit.tuning.checkpoints as checkpoints_module
+import mit.tuning.run_dir as run_dir_module
 import mit.tuning.trainer as trainer_module
 from mit.tuning.config import RunConfig
 from mit.tuning.tasks import register_task
@@ -24,12 +26,13 @@ from mit.tuning.tasks import register_task
 def stop_at(name: str, count: int, action: str) -> None:
     calls = {"n": 0}
     if name == "torch.save":
-        holder, attribute = trainer_module.torch, "save"
+        holders = [(torch, "save")]
     elif name == "os.rename":
-        holder, attribute = trainer_module.os, "rename"
-    else:
-        holder, attribute = trainer_module, name
-    original = getattr(holder, attribute)
+        holders = [(os, "rename")]
+    else:  # a name the trainer's modules import: patched in each of them, one count for all
+        modules = (trainer_module, checkpoints_module, run_dir_module)
+        holders = [(module, name) for module in modules if hasattr(module, name)]
+    original = getattr(*holders[0])  # the same function in every module that imports it
 
     def wrapper(*args, **kwargs):
         calls["n"] += 1
@@ -42,7 +45,8 @@ def stop_at(name: str, count: int, action: str) -> None:
                 os.kill(os.getpid(), signal.SIGTERM if action == "TERM" else signal.SIGKILL)
         return original(*args, **kwargs)
 
-    setattr(holder, attribute, wrapper)
+    for holder, attribute in holders:
+        setattr(holder, attribute, wrapper)
 
 
 def main(settings_json: str, kill_at: str) -> None:

@@ -1,4 +1,5 @@
-"""The tuning framework: encoders, heads, losses, metrics, dataset adapters, tasks and the accelerate trainer.
+"""The tuning framework: encoders, heads, losses, metrics, dataset adapters, tuning methods, tasks and the accelerate
+trainer (built from parts: build, loaders, optim, loop, checkpoints, run_dir).
 
 Optional part of the package (``pip install "mit[tuning]"``: accelerate, PyYAML, Pillow). Its modules are imported on
 first use of a name below, so ``import mit.tuning`` itself stays cheap.
@@ -15,6 +16,9 @@ _EXPORTS = {
     "RegressionHead": "heads",
     "SegmentationDecoder": "heads",
     "RunConfig": "config",
+    "METHODS": "methods",
+    "TuningMethod": "methods",
+    "register_method": "methods",
     "TaskSpec": "tasks",
     "register_task": "tasks",
     "Trainer": "trainer",

@@ -7,8 +7,14 @@ written; each setting once), and every value is validated by type and range when
 
 Sections: ``llm`` (the frozen LLM and its prompts), ``data``, ``encoder`` (CLIP, for tasks with images), ``mit``
 (:class:`mit.MiTConfig` itself), ``neural`` (:class:`mit.NeuralTuningConfig` itself, for tasks whose method is
-neural tuning; its ``dropout`` is the flag ``--nt-dropout``), ``heads``, ``optim`` (the paper's schedule by
-default) and ``run`` (output, checkpoints, evaluation, resume). Fields marked ``resume_safe`` may differ when a run is
+neural tuning; its ``dropout`` is the flag ``--nt-dropout``), ``heads`` (every registered task's head settings, one
+flat section: :data:`HeadConfig`; a run reads its own task's with :meth:`RunConfig.head_settings`), ``optim`` (the
+paper's schedule by default) and ``run`` (output, checkpoints, evaluation, resume). Of the method sections, a run
+writes only its own task's method's to ``config.json`` (:meth:`RunConfig.to_dict`); files that hold both (written
+before) read as before.
+
+The configuration reads the task registry (:mod:`mit.tuning.tasks`: task and dataset names, head settings); no task
+module imports the configuration. Fields marked ``resume_safe`` may differ when a run is
 resumed; any other difference makes ``--resume`` refuse (:meth:`RunConfig.resume_conflicts`).
 """
 
@@ -16,23 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from typing import Any
 
 from ..config import MiTConfig
 from ..neural import NeuralTuningConfig
-from ..utils.settings import differences, from_mapping, setting, to_flat, validate
-
-
-def _task_names() -> list[str]:
-    from .tasks import task_names
-
-    return task_names()
-
-
-def _dataset_names() -> list[str]:
-    from .tasks import dataset_names
-
-    return dataset_names()
+from ..utils.settings import differences, flat_fields, from_mapping, info_of, setting, to_flat, validate
+from .methods import METHODS, TuningMethod
+from .tasks import TaskSpec, dataset_names, get_task, registered_tasks, task_names
 
 
 def _split_by_choices() -> list[str]:
@@ -86,7 +83,7 @@ class DataConfig:
         help="dataset root in its published layout (see README)", metavar="DIR", flag="data", resume_safe=True
     )
     dataset: str | None = setting(
-        None, help="dataset of the task (default: the task's first one)", choices=_dataset_names
+        None, help="dataset of the task (default: the task's first one)", choices=dataset_names
     )
     image_dir: str | None = setting(
         None, help="image directory if not in the default place under --data", metavar="DIR", resume_safe=True
@@ -143,31 +140,49 @@ class EncoderConfig:
         validate(self)
 
 
-@dataclasses.dataclass
-class HeadConfig:
-    """The trainable task heads and the sequence encoder of ``msa``."""
+def head_section(tasks: list[TaskSpec], name: str = "HeadConfig") -> type:
+    """One flat settings section holding the head settings of every task in ``tasks`` (``TaskSpec.head_settings``):
+    each field once, its help prefixed by the tasks that read it (``"refseg, multitask: mask decoder channels"``). A
+    field two tasks declare must agree in type and default (ValueError otherwise). Building the section also builds
+    each task's own settings from it, so that their checks run (e.g. ``msa``: ``seq_d_model`` a multiple of
+    ``seq_heads``)."""
+    fields: dict[str, tuple[Any, dataclasses.Field, list[str]]] = {}
+    owners = [spec for spec in tasks if spec.head_settings is not None]
+    for spec in owners:
+        hints = typing.get_type_hints(spec.head_settings)
+        for field in dataclasses.fields(spec.head_settings):
+            if field.name in fields:
+                kind, first, names = fields[field.name]
+                if kind != hints[field.name] or first.default != field.default:
+                    raise ValueError(
+                        f"head settings: task {spec.name!r} declares {field.name!r} as {hints[field.name]} = "
+                        f"{field.default!r}, tasks {names} as {kind} = {first.default!r}; rename one"
+                    )
+                names.append(spec.name)
+            else:
+                fields[field.name] = (hints[field.name], field, [spec.name])
 
-    seq_d_model: int = setting(128, help="msa: sequence encoder width", metavar="N", low=1)
-    seq_layers: int = setting(3, help="msa: sequence encoder layers (paper: 3)", metavar="N", low=1)
-    seq_heads: int = setting(4, help="msa: sequence encoder attention heads", metavar="N", low=1)
-    decoder_hidden: int = setting(256, help="refseg, multitask: mask decoder channels", metavar="N", low=1)
-    cls_hidden: int = setting(512, help="cls: classification head hidden size", metavar="N", low=1)
-    reg_hidden: int = setting(0, help="msa: regression head hidden size (0 = one linear layer)", metavar="N", low=0)
-    dropout: float = setting(0.1, help="dropout in the trainable heads", metavar="P", low=0, high=1, high_open=True)
-    bce_weight: float = setting(
-        0.0, help="refseg: weight of a BCE term added to the DICE loss (paper: 0)", metavar="W", low=0
-    )
-    glb_hidden: int = setting(1024, help="multitask: <GLB> regressor hidden size (reference: 1024)", metavar="N", low=1)
-    lm_weight: float = setting(1.0, help="multitask: weight of the LM loss on the answers", metavar="W", low=0)
-    mask_weight: float = setting(1.0, help="multitask: weight of the Dice loss of the masks", metavar="W", low=0)
-    glb_weight: float = setting(1.0, help="multitask: weight of the <GLB> loss (1 - cosine + MSE)", metavar="W", low=0)
+    def merged_field(field: dataclasses.Field, names: list[str]) -> dataclasses.Field:
+        info = info_of(field)
+        return setting(field.default, **{**vars(info), "help": f"{', '.join(names)}: {info.help}"})
 
     def __post_init__(self) -> None:
         validate(self)
-        if self.seq_d_model % self.seq_heads:
-            raise ValueError(
-                f"seq_d_model: expected a multiple of seq_heads ({self.seq_heads}), got {self.seq_d_model}"
-            )
+        for spec in owners:
+            spec.head_settings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(spec.head_settings)})
+
+    return dataclasses.make_dataclass(
+        name,
+        [(key, kind, merged_field(field, names)) for key, (kind, field, names) in fields.items()],
+        namespace={
+            "__post_init__": __post_init__,
+            "__doc__": "The trainable task heads: every registered task's head settings, one flat section.",
+            "__module__": __name__,
+        },
+    )
+
+
+HeadConfig = head_section(registered_tasks())  # the built-in tasks' (registered by importing mit.tuning.tasks)
 
 
 @dataclasses.dataclass
@@ -233,7 +248,7 @@ class RunConfig:
     ValueError naming both. For tasks with an image encoder ``mit.modality_dim`` is set to the encoder's embedding size
     when the model is built."""
 
-    task: str = setting(help="the task", choices=_task_names)
+    task: str = setting(help="the task", choices=task_names)
     llm: LLMConfig = setting()
     data: DataConfig = setting()
     run: RunSettings = setting()
@@ -245,17 +260,41 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         validate(self)
-        from .tasks import get_task
-
         spec = get_task(self.task)
         self.data.dataset = spec.dataset(self.data.dataset).name
 
     @property
-    def spec(self):
+    def spec(self) -> TaskSpec:
         """The task's :class:`~mit.tuning.tasks.TaskSpec`."""
-        from .tasks import get_task
-
         return get_task(self.task)
+
+    @property
+    def method(self) -> TuningMethod:
+        """The task's tuning method."""
+        return self.spec.method
+
+    @property
+    def method_config(self) -> Any:
+        """The configuration of the task's method: the section ``method.config_section`` (``mit`` or ``neural``)."""
+        return getattr(self, self.method.config_section)
+
+    def with_method_config(self, method_config: Any) -> RunConfig:
+        """A copy whose method section is ``method_config`` (validated)."""
+        return dataclasses.replace(self, **{self.method.config_section: method_config})
+
+    def head_settings(self) -> Any:
+        """The task's own head settings (an instance of ``spec.head_settings``, None if it has none), from the
+        ``heads`` section; a field the section lacks (a task registered after this module was imported) keeps the
+        task's default."""
+        kind = self.spec.head_settings
+        if kind is None:
+            return None
+        names = {f.name for f in dataclasses.fields(self.heads)}
+        return kind(**{f.name: getattr(self.heads, f.name) for f in dataclasses.fields(kind) if f.name in names})
+
+    def _unused_sections(self) -> set[str]:
+        """The sections of the methods this run's task does not use."""
+        return {m.config_section for m in METHODS.values()} - {self.method.config_section}
 
     def splits(self) -> tuple[str, str]:
         """(training split, evaluation split)."""
@@ -263,8 +302,11 @@ class RunConfig:
         return self.data.train_split or train, self.data.eval_split or evaluation
 
     def to_dict(self) -> dict[str, Any]:
-        """Nested by section (what ``config.json`` holds)."""
-        return dataclasses.asdict(self)
+        """Nested by section (what ``config.json`` holds); of the method sections only the task's method's."""
+        data = dataclasses.asdict(self)
+        for section in self._unused_sections():
+            data.pop(section, None)
+        return data
 
     def to_flat(self) -> dict[str, Any]:
         """``{flag name: value}``."""
@@ -277,7 +319,8 @@ class RunConfig:
     def resume_conflicts(self, previous: RunConfig) -> list[tuple[str, Any, Any]]:
         """(flag, previous value, this value) of the settings that differ from ``previous`` and may not change when
         resuming it."""
-        return differences(previous, self, ignore=lambda leaf: leaf.info.resume_safe)
+        unused = self._unused_sections()
+        return differences(previous, self, ignore=lambda leaf: leaf.info.resume_safe or leaf.path[0] in unused)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> RunConfig:
@@ -290,6 +333,4 @@ class RunConfig:
 
 def resume_safe_flags() -> list[str]:
     """The settings that may differ when resuming."""
-    from ..utils.settings import flat_fields
-
     return [leaf.flag for leaf in flat_fields(RunConfig) if leaf.info.resume_safe]

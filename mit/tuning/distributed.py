@@ -35,6 +35,7 @@ from torch import nn
 
 from ..utils.safe_pickle import weights_only_reason
 from ..utils.tensors import check_tensors_match
+from .errors import CheckpointError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -66,6 +67,25 @@ def enable_cpu_fsdp(accelerator: Accelerator) -> bool:
     for state in (accelerator.state, PartialState()):
         state.distributed_type = DistributedType.FSDP
     return True
+
+
+def make_accelerator(precision: str) -> Accelerator:
+    """The run's Accelerator: ``precision`` is accelerate's mixed precision; several processes without GPUs
+    (torchrun / accelerate launch on CPU) get ``cpu=True`` (gloo), ``ACCELERATE_USE_FSDP`` takes effect there too
+    (:func:`enable_cpu_fsdp`), and unsupported sharding is refused (:func:`check_supported`). In a single process
+    accelerate's global state is reset first: a second run in the same process (tests, notebooks) may ask for another
+    precision."""
+    from accelerate import Accelerator
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available() and world > 1)
+    enable_cpu_fsdp(accelerator)
+    check_supported(accelerator)
+    return accelerator
 
 
 def check_supported(accelerator: Accelerator) -> None:
@@ -223,8 +243,6 @@ def _plain_partition(state: dict[str, Any], path: str) -> dict[str, Any]:
 def _read_partition(path: pathlib.Path, optimizer: Any) -> dict[str, Any]:
     """One partition written by :func:`optimizer_state`, read with ``torch.load(weights_only=True)``; the top-level
     objects saved as attributes are set on copies of ``optimizer``'s attributes of the same names."""
-    from .trainer import CheckpointError
-
     try:
         partition = torch.load(path, weights_only=True)
     except FileNotFoundError:

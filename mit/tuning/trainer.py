@@ -2,7 +2,12 @@
 
 Defaults follow the paper (Sec. 3.3): Adam, lr 4e-5, x0.1 every 10 epochs, 30 epochs, batch 8 per device, bf16 on
 GPUs. Everything is a field of :class:`~mit.tuning.config.RunConfig`; what is task-specific comes from the task's
-:class:`~mit.tuning.tasks.TaskSpec`.
+:class:`~mit.tuning.tasks.TaskSpec`, what is method-specific from its :class:`~mit.tuning.methods.TuningMethod`.
+
+:class:`Trainer` composes parts that work on their own: :mod:`~mit.tuning.build` (encoder, LLM, method, heads),
+:mod:`~mit.tuning.loaders` (datasets, seeded sharded batches, loaders), :mod:`~mit.tuning.optim` (optimizer and
+schedule), :mod:`~mit.tuning.loop` (the step's checks), :mod:`~mit.tuning.checkpoints` (atomic checkpoints, reading
+them back), :mod:`~mit.tuning.run_dir` (the directory's lock and logs) and :mod:`~mit.tuning.distributed`.
 
 Run directory (``out``)::
 
@@ -39,197 +44,31 @@ them is in :mod:`mit.tuning.distributed`): docs/distributed.md.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import errno
-import io
 import json
 import math
 import os
 import pathlib
-import random
-import shutil
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
-from safetensors.torch import save as serialize_tensors
-from torch.utils.data import DataLoader
 
-from ..neural import TASK_TOKENS
-from ..utils.files import (
-    ATOMIC_TEMP_MARK,
-    DirectoryInUse,
-    DirectoryLock,
-    atomic_write_text,
-    os_error_text,
-    unique_suffix,
-    write_bytes,
-)
-from ..utils.results import csv_text
+from ..utils.files import atomic_write_text, unique_suffix
 from . import distributed
-from .config import RunConfig
-from .tasks import (
-    batch_to,
-    build_task_model,
-    check_llm_path,
-    load_llm,
-    make_collate,
-    resolve_dtype,
-)
-
-CHECKPOINT_WEIGHTS = "trainable.safetensors"
-CHECKPOINT_STATE = "trainer_state.pt"
-TEMP_PREFIX = ".tmp-"
-RUN_LOCK = ".mit-run.lock"  # the lock file of a run directory
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss (or a trainable parameter) became NaN or infinite; the run stopped without saving."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not belong to this run."""
-
-
-class RunDirectoryError(ValueError):
-    """``out`` cannot hold this run: an existing file, in use by another run, or not writable. Raised before the run
-    reads or writes anything in it."""
-
-
-class RunOutputError(RuntimeError):
-    """Writing an output of a started run (config.json, a checkpoint, loss.csv, metrics.csv) failed, e.g. on a full
-    disk. The message names the path, the operating system's reason and the last complete checkpoint, which stays
-    usable (``--resume`` continues from it); the incomplete checkpoint was removed. ``__cause__`` is the OSError."""
-
-
-class _Terminated(BaseException):
-    """SIGTERM arrived during :meth:`Trainer.train` (a BaseException: no ``except Exception`` swallows it)."""
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """While inside: SIGTERM raises :class:`_Terminated` in the main thread, so that ``finally`` blocks run (the
-    incomplete checkpoint is removed). Only when SIGTERM has its default action and this is the main thread (where
-    Python runs signal handlers); otherwise nothing changes."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        raise _Terminated()
-
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _die_of_sigterm() -> None:
-    """End the process as SIGTERM's default action would (the parent sees "killed by SIGTERM")."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
-    raise SystemExit(128 + signal.SIGTERM)  # not reached: the signal is delivered before kill() returns
-
-
-def _save_torch(obj: Any, path: pathlib.Path) -> None:
-    """torch.save, serialised in memory and written by Python: a failed write is an OSError with its errno (torch's
-    own file writer reports a full disk as an unrelated RuntimeError)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_bytes(path, buffer.getbuffer())
-
-
-# ----------------------------------------------------------------------------------------------------------- data
-
-
-def build_datasets(config: RunConfig, image_size: int | None, splits: tuple[str, ...]) -> list:
-    """The datasets of ``splits``; with two splits the first one is the training split (``limit_train``)."""
-    dataset = config.spec.dataset(config.data.dataset)
-    out = []
-    for i, split in enumerate(splits):
-        limit = config.data.limit_train if i == 0 and len(splits) == 2 else config.data.limit_eval
-        out.append(dataset.build(config.data, split, image_size, limit))
-    return out
-
-
-def _shard(indices: list[int], rank: int, world: int, pad: bool) -> list[int]:
-    if pad and len(indices) % world:
-        indices = indices + indices[: world - len(indices) % world]
-    return indices[rank::world]
-
-
-def _rng_state() -> dict[str, Any]:
-    """Every RNG's state in types ``torch.load(weights_only=True)`` reads back (tensors, lists, numbers, str)."""
-    python = random.getstate()
-    np_state = np.random.get_state()  # noqa: NPY002 (the global RNG others may use)
-    state = {
-        "python": [python[0], list(python[1]), python[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, gauss_value = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss_value))  # noqa: NPY002
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@contextlib.contextmanager
-def _quiet_loading(quiet: bool):
-    """transformers' weight-loading progress bar off while ``quiet`` (``--no-progress``)."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if quiet:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if quiet and was_enabled:
-            hf_logging.enable_progress_bar()
+from .build import build_encoder, build_model, resolve_config
+from .checkpoints import CHECKPOINT_WEIGHTS, Checkpoint, CheckpointStore, checkpoint_dir, read_config, set_rng_state
+from .config import RunConfig, resume_safe_flags
+from .errors import CheckpointError, RunDirectoryError, RunOutputError, TrainingDiverged
+from .loaders import build_datasets, epoch_batches, make_loader, shard
+from .optim import paper_optimizer
+from .run_dir import RUN_LOCK, RunDirectory
+from .signals import Terminated, die_of_sigterm, sigterm_raises
+from .tasks import batch_to, check_llm_path, resolve_dtype
 
 
 def _warn(message: str) -> None:
     print(f"mit: warning: {message}", file=sys.stderr, flush=True)
-
-
-@dataclasses.dataclass
-class _Checkpoint:
-    """A checkpoint read completely into memory and checked, before anything of it is applied."""
-
-    directory: pathlib.Path
-    config: RunConfig | None
-    tensors: dict[str, torch.Tensor]
-    state: dict[str, Any] | None
-    rng: dict[str, Any] | None
-
-
-def read_config(directory: pathlib.Path) -> RunConfig:
-    """The RunConfig a checkpoint (or run directory) was written with."""
-    path = directory / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {directory}: missing config.json")
-    try:
-        return RunConfig.from_json(path.read_text(), str(path))
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
-
-
-# ------------------------------------------------------------------------------------------------------- trainer
 
 
 class Trainer:
@@ -240,40 +79,30 @@ class Trainer:
     metrics of the evaluation split."""
 
     def __init__(self, config: RunConfig, accelerator=None, build_train_data: bool = True) -> None:
-        from accelerate import Accelerator
-
         if not isinstance(config, RunConfig):
             raise ValueError(f"config: expected a RunConfig, got {type(config).__name__}")
         self.spec = config.spec
-        # several processes without GPUs (torchrun / accelerate launch on CPU): accelerate needs cpu=True for gloo
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        multi_cpu = not torch.cuda.is_available() and world > 1
-        if accelerator is None and world == 1:
-            from accelerate.state import AcceleratorState
-
-            # accelerate keeps one global state per process; a second Trainer in the same process (tests, notebooks)
-            # may ask for another precision
-            AcceleratorState._reset_state()
-        self.accelerator = accelerator or Accelerator(mixed_precision=config.optim.precision, cpu=multi_cpu)
-        distributed.enable_cpu_fsdp(self.accelerator)  # ACCELERATE_USE_FSDP on CPU processes (accelerate: DDP)
-        distributed.check_supported(self.accelerator)
+        if accelerator is None:
+            accelerator = distributed.make_accelerator(config.optim.precision)
+        else:
+            distributed.enable_cpu_fsdp(accelerator)
+            distributed.check_supported(accelerator)
+        self.accelerator = accelerator
         self.out = pathlib.Path(config.run.out)
-        if self.out.exists() and not self.out.is_dir():
-            raise RunDirectoryError(f"out: {self.out} is an existing file; expected a run directory (new or to resume)")
-        # a training run holds the directory's lock from here to the end of train(): before anything is read or
+        # a training run holds the directory's lock from here to the end of train(), before anything is read or
         # written there (evaluation only reads checkpoints: no lock)
-        self._lock = DirectoryLock(self.out, RUN_LOCK) if build_train_data and self.is_main else None
+        self.run_dir = RunDirectory(self.out, lock=build_train_data and self.is_main)
+        self.store = CheckpointStore(self.out)
         self._temp_token: str | None = None
-        self._acquire_run_lock()
+        self.run_dir.acquire()
         try:
             self._build(config, build_train_data)
         except BaseException:
-            if self._lock is not None:  # nothing was written: a directory the lock created goes with it
-                self._lock.release(remove_created=True)
+            self.run_dir.release(remove_created=True)  # nothing was written: a directory the lock created goes
             raise
 
     def _build(self, config: RunConfig, build_train_data: bool) -> None:
-        """The rest of ``__init__``, under the run's lock: the model, the data, the optimizer, the resumed state."""
+        """The model, the data, the optimizer and the resumed state (under the run's lock)."""
         from accelerate.utils import set_seed
 
         resume = build_train_data and config.run.resume
@@ -284,133 +113,28 @@ class Trainer:
         check_llm_path(config.llm.model)
         set_seed(config.optim.seed)
         dtype = resolve_dtype(config.llm.model_dtype, config.optim.mixed_precision)
-        encoder = None
-        image_size = None
-        if self.spec.uses_image_encoder:
-            from .encoders import CLIPImageEncoder
-
-            settings = config.encoder
-            encoder = CLIPImageEncoder(
-                settings.encoder,
-                settings.encoder_pretrained,
-                settings.feature_layers,
-                settings.encoder_backend,
-                settings.quick_gelu,
-            )
-            encoder.to(dtype)
-            image_size = settings.image_size or encoder.image_size
-            if image_size != encoder.image_size:
-                raise ValueError(
-                    f"image_size: expected the CLIP model's input size {encoder.image_size}, got {image_size}"
-                )
-            if self.spec.method == "neural":
-                # the image tokens are CLIP's patch tokens: their width is the encoder's, whatever --image-dim says
-                config = config.replace(image_dim=encoder.width)
-            else:
-                # the infused embedding is CLIP's: its size is the encoder's, whatever --modality-dim says
-                config = config.replace(modality_dim=encoder.embed_dim)
-        if self.spec.method == "neural" and not config.neural.new_tokens:
-            config = config.replace(new_tokens=list(TASK_TOKENS))
-        self.config = config
+        encoder = build_encoder(config.encoder, dtype) if self.spec.uses_image_encoder else None
+        self.config = config = resolve_config(config, encoder)
         # a resumed run must be the same run: checked before the (long) model load and before anything is written
-        self._resume_from = self._find_checkpoint() if resume else None
+        resume_from = self._find_checkpoint() if resume else None
         train_split, eval_split = config.splits()
         splits = (train_split, eval_split) if build_train_data else (eval_split,)
-        datasets = build_datasets(config, image_size, splits)
+        datasets = build_datasets(config, encoder.image_size if encoder is not None else None, splits)
         self.train_dataset = datasets[0] if build_train_data else None
         self.eval_dataset = datasets[-1]
-        with _quiet_loading(not config.run.progress):
-            # after the data: its errors come first
-            llm, self.tokenizer = load_llm(config.llm.model, dtype, causal_lm=self.spec.causal_lm)
-        self.model = build_task_model(
-            self.spec,
-            llm,
-            config.neural if self.spec.method == "neural" else config.mit,
-            encoder=encoder,
-            dataset=self.eval_dataset,
-            heads=config.heads,
-            tokenizer=self.tokenizer,
-        )
-        self.collate = make_collate(self.spec, self.tokenizer, config.llm.padding_side, config.llm.max_length)
-        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
-        optim = config.optim
-        self.optimizer = torch.optim.Adam(self.parameters, lr=optim.lr, weight_decay=optim.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=optim.lr_step, gamma=optim.lr_gamma)
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        built = build_model(config, self.spec, dtype, encoder, self.eval_dataset)  # after the data: its errors first
+        self.tokenizer, self.collate = built.tokenizer, built.collate
+        self.parameters = [p for p in built.model.parameters() if p.requires_grad]
+        optimizer, self.scheduler = paper_optimizer(self.parameters, config.optim)
+        self.model, self.optimizer = self.accelerator.prepare(built.model, optimizer)
         self.epoch = 0  # epochs completed
         self.step_in_epoch = 0  # micro-batches consumed in the current epoch
         self.global_step = 0  # optimizer steps
         self.loss_rows: list[dict[str, Any]] = []
         self.metric_rows: list[dict[str, Any]] = []
         self._epoch_losses: list[float] = []
-        if self._resume_from is not None:
-            self._apply(self._resume_from)
-            self._resume_from = None
-
-    # ------------------------------------------------------------------------------------- run directory
-
-    def _acquire_run_lock(self) -> None:
-        """Lock ``out`` (creating it) and check that it is writable; RunDirectoryError when another run holds it or it
-        cannot be written. Nothing when this process does not lock (evaluation, processes other than the main one) or
-        already holds the lock."""
-        if self._lock is None or self._lock.held:
-            return
-        try:
-            self._lock.acquire()
-        except DirectoryInUse as error:
-            if error.holder_pid == os.getpid():
-                who = "another Trainer of this process (let its train() finish or call its close())"
-            else:
-                who = f"another run ({error.holder or 'holder unknown'})"
-            raise RunDirectoryError(
-                f"out: {self.out} is in use by {who}, which holds {error.lock_file}; wait for it to end or choose "
-                "another --out"
-            ) from None
-        except OSError as error:
-            if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
-                raise RunDirectoryError(
-                    f"out: cannot lock {self._lock.path}: {os_error_text(error)}; expected a run directory on a file "
-                    "system that supports file locks (flock)"
-                ) from None
-            raise RunDirectoryError(self._unwritable(error)) from None
-        probe = self.out / f".mit-write-probe{ATOMIC_TEMP_MARK}{unique_suffix()}"
-        try:  # the lock file may predate a change of permissions (or a remount read-only): try a new file
-            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-            probe.unlink()
-        except OSError as error:
-            self._lock.release(remove_created=True)
-            raise RunDirectoryError(self._unwritable(error)) from None
-
-    def _unwritable(self, error: OSError) -> str:
-        where = f" ({error.filename})" if error.filename and pathlib.Path(error.filename) != self.out else ""
-        return f"out: cannot write to {self.out}: {os_error_text(error)}{where}; expected a writable run directory"
-
-    def close(self) -> None:
-        """Release the lock of ``out`` (``train()`` does at its end; a Trainer that is never trained holds it until it
-        is closed or garbage-collected). The Trainer stays usable: ``train()`` locks again."""
-        if self._lock is not None:
-            self._lock.release()
-
-    def _last_checkpoint_text(self, failed: str | None = None) -> str:
-        """Where ``--resume`` would continue from; ``failed``: the name of a checkpoint whose save just failed (the
-        end of an epoch saves the step of its last optimizer step again)."""
-        latest = self._latest_name()
-        if not latest:
-            return "no checkpoint was written yet"
-        again = ", saved before at the same step" if latest == failed else ""
-        path = self.out / "checkpoints" / latest
-        return f"the last complete checkpoint is {path}{again} (--resume continues from it)"
-
-    @contextlib.contextmanager
-    def _writing(self, what: str, checkpoint: str | None = None) -> Iterator[None]:
-        """An OSError inside becomes a RunOutputError: "cannot write <what>: <reason>; the last complete checkpoint
-        is ..." (``checkpoint``: the name of the checkpoint being written, if one is)."""
-        try:
-            yield
-        except OSError as error:
-            raise RunOutputError(
-                f"cannot write {what}: {os_error_text(error)}; {self._last_checkpoint_text(checkpoint)}"
-            ) from error
+        if resume_from is not None:
+            self._apply(resume_from)
 
     # -------------------------------------------------------------------------------------------- helpers
 
@@ -422,39 +146,29 @@ class Trainer:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def _train_batches(self, epoch: int) -> list[list[int]]:
-        """This process's micro-batches of ``epoch``: a permutation seeded by ``seed + epoch``, sharded by rank."""
-        generator = torch.Generator().manual_seed(self.config.optim.seed + epoch)
-        order = torch.randperm(len(self.train_dataset), generator=generator).tolist()
-        mine = _shard(order, self.accelerator.process_index, self.accelerator.num_processes, pad=True)
-        if self.spec.order is not None:  # e.g. tasks mixed equally in every batch
-            mine = self.spec.order(self.train_dataset, mine)
-        size = self.config.optim.batch_size
-        return [mine[i : i + size] for i in range(0, len(mine), size)]
+    def close(self) -> None:
+        """Release the lock of ``out`` (``train()`` does at its end; a Trainer that is never trained holds it until it
+        is closed or garbage-collected). The Trainer stays usable: ``train()`` locks again."""
+        self.run_dir.release()
 
-    def _loader(self, dataset, batches: list[list[int]]) -> DataLoader:
-        # an own generator: creating the iterator would otherwise draw a seed from the global RNG, which must stay
-        # where a checkpoint left it for an exact resume
-        generator = torch.Generator().manual_seed(self.config.optim.seed)
-        return DataLoader(
-            dataset,
-            batch_sampler=batches,
-            collate_fn=self.collate,
-            num_workers=self.config.run.num_workers,
-            generator=generator,
+    def _train_batches(self, epoch: int) -> list[list[int]]:
+        """This process's micro-batches of ``epoch`` (:func:`mit.tuning.loaders.epoch_batches`)."""
+        return epoch_batches(
+            self.train_dataset,
+            self.config.optim.seed,
+            epoch,
+            self.config.optim.batch_size,
+            self.accelerator.process_index,
+            self.accelerator.num_processes,
+            self.spec.order,
         )
+
+    def _loader(self, dataset, batches: list[list[int]]):
+        return make_loader(dataset, batches, self.collate, self.config.optim.seed, self.config.run.num_workers)
 
     def _write_logs(self) -> None:
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            with self._writing(str(self.out / "loss.csv")):
-                atomic_write_text(self.out / "loss.csv", csv_text(self.loss_rows))
-            with self._writing(str(self.out / "metrics.csv")):
-                atomic_write_text(self.out / "metrics.csv", csv_text(self.metric_rows))
-
-    def _latest_name(self) -> str | None:
-        latest = self.out / "checkpoints" / "latest"
-        return latest.read_text().strip() if latest.is_file() else None
+            self.run_dir.write_logs(self.loss_rows, self.metric_rows, self.store)
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -467,15 +181,15 @@ class Trainer:
         releases the lock, then ends the process as SIGTERM would."""
         if self.train_dataset is None:
             raise ValueError("this Trainer was built without training data (build_train_data=False)")
-        self._acquire_run_lock()
+        self.run_dir.acquire()
         try:
-            with _sigterm_raises():
+            with sigterm_raises():
                 return self._train()
-        except _Terminated:
+        except Terminated:
             self.close()
             if self.is_main:
-                _warn(f"terminated by SIGTERM; {self._last_checkpoint_text()}")
-            _die_of_sigterm()
+                _warn(f"terminated by SIGTERM; {self.store.last_checkpoint_text()}")
+            die_of_sigterm()
             raise  # not reached
         finally:
             self.close()
@@ -483,30 +197,19 @@ class Trainer:
     def _train(self) -> dict[str, float]:
         config = self.config
         if self.is_main:
-            self._remove_stale_temporaries()
-            with self._writing(str(self.out / "config.json")):
+            self.store.remove_stale_temporaries()
+            with self.store.writing(str(self.out / "config.json")):
                 atomic_write_text(self.out / "config.json", json.dumps(config.to_dict(), indent=2))
         last_metrics: dict[str, float] = {}
-        progress = None
         epochs = config.optim.epochs
-        if config.run.progress and self.is_main:
-            from tqdm.auto import tqdm
-
-            per_epoch = len(self._train_batches(0))
-            progress = tqdm(
-                total=per_epoch * epochs,
-                initial=self.epoch * per_epoch + self.step_in_epoch,
-                desc=f"mit {config.task}",
-                dynamic_ncols=True,
-            )
+        progress = self._progress_bar() if config.run.progress and self.is_main else None
         try:
             while self.epoch < epochs:
                 batches = self._train_batches(self.epoch)
                 if self.step_in_epoch == 0:
                     self._epoch_losses = []
-                stopped = self._train_epoch(batches, progress)
-                if stopped:
-                    return last_metrics
+                if self._train_epoch(batches, progress):
+                    return last_metrics  # max_steps reached
                 # end of epoch: LR decay, evaluation, checkpoint
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.scheduler.step()
@@ -528,8 +231,19 @@ class Trainer:
                 progress.close()
         return last_metrics
 
+    def _progress_bar(self):
+        from tqdm.auto import tqdm
+
+        per_epoch = len(self._train_batches(0))
+        return tqdm(
+            total=per_epoch * self.config.optim.epochs,
+            initial=self.epoch * per_epoch + self.step_in_epoch,
+            desc=f"mit {self.config.task}",
+            dynamic_ncols=True,
+        )
+
     def _diverged(self, what: str) -> TrainingDiverged:
-        latest = self._latest_name()
+        latest = self.store.latest_name()
         kept = f"the last good checkpoint is {self.out / 'checkpoints' / latest}" if latest else "no checkpoint yet"
         return TrainingDiverged(
             f"{what} at optimizer step {self.global_step + 1} (epoch {self.epoch + 1}); stopped without saving, "
@@ -607,7 +321,7 @@ class Trainer:
         accelerator = self.accelerator
         was_training = self.model.training
         self.model.eval()
-        indices = _shard(list(range(len(dataset))), accelerator.process_index, accelerator.num_processes, pad=False)
+        indices = shard(list(range(len(dataset))), accelerator.process_index, accelerator.num_processes, pad=False)
         size = self.config.run.eval_batch_size or self.config.optim.batch_size
         records: list[Any] = []
         loss_sum, count = 0.0, 0
@@ -637,21 +351,6 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- checkpoints
 
-    def _remove_stale_temporaries(self) -> None:
-        """Remove what killed runs left: temporary checkpoint directories and temporary files of atomic writes. Only
-        the holder of the run's lock calls this, so none of them belongs to a live run."""
-        root = self.out / "checkpoints"
-        if root.is_dir():
-            for stale in root.iterdir():
-                if stale.is_dir() and stale.name.startswith(TEMP_PREFIX):
-                    _warn(f"removing {stale}, an incomplete checkpoint of an interrupted run")
-                    shutil.rmtree(stale, ignore_errors=True)
-        for directory in (self.out, root):
-            if directory.is_dir():
-                for stale in directory.glob(f".*{ATOMIC_TEMP_MARK}*"):
-                    if stale.is_file():
-                        stale.unlink(missing_ok=True)
-
     def _checkpoint_temp_token(self) -> str:
         """``<pid>-<random>`` of the main process, the same on every process (the temporary checkpoint directory is
         shared); drawn once per Trainer, from the OS (the seeded RNGs are not touched)."""
@@ -665,136 +364,46 @@ class Trainer:
         return self._temp_token
 
     def save_checkpoint(self) -> pathlib.Path:
-        """Write ``checkpoints/step-N`` atomically (a temporary directory unique to this run, renamed when complete)
-        and point ``latest`` at it. On any failure or interrupt the temporary directory is removed and the previous
-        checkpoint stays the latest; an OSError (a full disk) becomes :class:`RunOutputError`."""
-        accelerator = self.accelerator
-        root = self.out / "checkpoints"
-        name = f"step-{self.global_step:07d}"
-        tmp = root / f"{TEMP_PREFIX}{name}.{self._checkpoint_temp_token()}"
-        final = root / name
-        try:
-            with self._writing(f"checkpoint to {final}", checkpoint=name):
-                if self.is_main:
-                    root.mkdir(parents=True, exist_ok=True)
-                    tmp.mkdir()
-                accelerator.wait_for_everyone()
-                _save_torch(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
-                # full trainable tensors and optimizer state (collectives under FSDP / DeepSpeed: every process calls
-                # them)
-                weights = distributed.trainable_state_dict_full(accelerator, self.model)
-                optimizer_state = distributed.optimizer_state(accelerator, self.model, self.optimizer, tmp)
-                if self.is_main:
-                    write_bytes(tmp / CHECKPOINT_WEIGHTS, serialize_tensors(weights, metadata={"format": "pt"}))
-                    state = {
-                        "optimizer": optimizer_state,
-                        "scheduler": self.scheduler.state_dict(),
-                        "epoch": self.epoch,
-                        "step_in_epoch": self.step_in_epoch,
-                        "global_step": self.global_step,
-                        "epoch_losses": list(self._epoch_losses),
-                        "loss_rows": self.loss_rows,
-                        "metric_rows": self.metric_rows,
-                        "num_processes": accelerator.num_processes,
-                    }
-                    _save_torch(state, tmp / CHECKPOINT_STATE)
-                    write_bytes(tmp / "config.json", json.dumps(self.config.to_dict(), indent=2).encode())
-                accelerator.wait_for_everyone()
-                if self.is_main:
-                    if final.exists():
-                        shutil.rmtree(final)
-                    os.rename(tmp, final)
-                    atomic_write_text(root / "latest", name)
-        except BaseException:
-            if self.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if self.is_main:
-            kept = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
-            for old in kept[: -self.config.run.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)  # an old one left behind is harmless
-            self._write_logs()
-        accelerator.wait_for_everyone()
+        """Write ``checkpoints/step-N`` atomically (:meth:`CheckpointStore.save`) and the logs; the previous
+        checkpoint stays the latest on any failure (an OSError becomes :class:`RunOutputError`)."""
+        state = {
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "epoch_losses": list(self._epoch_losses),
+            "loss_rows": self.loss_rows,
+            "metric_rows": self.metric_rows,
+        }
+        final = self.store.save(
+            self.accelerator,
+            self.model,
+            self.optimizer,
+            f"step-{self.global_step:07d}",
+            self._checkpoint_temp_token(),
+            state,
+            self.config.to_dict(),
+            self.config.run.keep_checkpoints,
+        )
+        self._write_logs()
+        self.accelerator.wait_for_everyone()
         return final
 
-    def _candidates(self) -> list[pathlib.Path]:
-        """The run's complete checkpoints, the one ``latest`` names first, then the others, newest first."""
-        root = self.out / "checkpoints"
-        if not root.is_dir():
-            return []
-        steps = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")), reverse=True)
-        latest = self._latest_name()
-        first = [root / latest] if latest and (root / latest).is_dir() else []
-        return first + [p for p in steps if p not in first]
+    def _find_checkpoint(self) -> Checkpoint | None:
+        """The newest readable checkpoint of ``out``, checked against this run's configuration; None for a fresh
+        start."""
+        checkpoint = self.store.find(self.accelerator.process_index, self.accelerator.num_processes)
+        if checkpoint is not None:
+            conflicts = self.config.resume_conflicts(checkpoint.config)
+            if conflicts:
+                listed = ", ".join(f"{flag} ({old!r} -> {new!r})" for flag, old, new in conflicts)
+                raise ValueError(
+                    f"resume: the settings differ from those of {checkpoint.directory}: {listed}; only "
+                    f"{', '.join(resume_safe_flags())} may change when resuming (or start a new run in another --out)"
+                )
+        return checkpoint
 
-    def _find_checkpoint(self) -> _Checkpoint | None:
-        """The newest checkpoint that reads completely, checked against this run's configuration; None when the run
-        has none yet (a fresh start). Unreadable ones are skipped, saying so; a configuration conflict is an error."""
-        candidates = self._candidates()
-        if not candidates:
-            if (self.out / "checkpoints" / "latest").exists():
-                raise CheckpointError(f"resume: {self.out / 'checkpoints'} has no complete checkpoint to resume from")
-            return None
-        failures = []
-        for directory in candidates:
-            try:
-                checkpoint = self._read(directory, full=True)
-            except CheckpointError as error:
-                failures.append(str(error))
-                if directory != candidates[-1]:
-                    _warn(f"{error}; falling back to the previous checkpoint")
-                continue
-            self._check_resume_config(checkpoint)
-            if failures and self.is_main:
-                _warn(f"resuming from {directory}")
-            return checkpoint
-        raise CheckpointError(f"resume: no readable checkpoint in {self.out / 'checkpoints'}: {'; '.join(failures)}")
-
-    def _check_resume_config(self, checkpoint: _Checkpoint) -> None:
-        conflicts = self.config.resume_conflicts(checkpoint.config)
-        if conflicts:
-            listed = ", ".join(f"{flag} ({old!r} -> {new!r})" for flag, old, new in conflicts)
-            from .config import resume_safe_flags
-
-            raise ValueError(
-                f"resume: the settings differ from those of {checkpoint.directory}: {listed}; only "
-                f"{', '.join(resume_safe_flags())} may change when resuming (or start a new run in another --out)"
-            )
-
-    def _read(self, directory: pathlib.Path, full: bool) -> _Checkpoint:
-        """Read and check a checkpoint without applying it: weights (names and shapes against this model's trainable
-        parameters happen in _apply), and with ``full`` the trainer state, this process's RNG state and the config."""
-        weights = directory / CHECKPOINT_WEIGHTS
-        if not weights.is_file():
-            raise CheckpointError(f"checkpoint {directory}: missing {CHECKPOINT_WEIGHTS}")
-        try:
-            tensors = load_file(str(weights))
-        except Exception as error:  # safetensors raises its own error types for truncated / corrupt files
-            raise CheckpointError(f"checkpoint {weights}: unreadable ({error})") from None
-        if not full:
-            return _Checkpoint(directory, None, tensors, None, None)
-        config = read_config(directory)
-        state_path = directory / CHECKPOINT_STATE
-        rng_path = directory / f"rng_state_{self.accelerator.process_index}.pt"
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-            rng = torch.load(rng_path, map_location="cpu", weights_only=True)
-        except FileNotFoundError as error:
-            raise CheckpointError(f"checkpoint {directory}: missing {pathlib.Path(error.filename).name}") from None
-        except Exception as error:  # truncated zip, unpickling refused, ...
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise CheckpointError(f"checkpoint {directory}: unreadable trainer state ({first})") from None
-        needed = {"optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "epoch_losses", "loss_rows"}
-        if not isinstance(state, dict) or not needed <= set(state):
-            raise CheckpointError(f"checkpoint {state_path}: expected a trainer state with {sorted(needed)}")
-        if state["num_processes"] != self.accelerator.num_processes:
-            raise ValueError(
-                f"resume: checkpoint {directory} was written by {state['num_processes']} processes; resuming "
-                f"exactly needs the same number, got {self.accelerator.num_processes}"
-            )
-        return _Checkpoint(directory, config, tensors, state, rng)
-
-    def _apply(self, checkpoint: _Checkpoint) -> None:
+    def _apply(self, checkpoint: Checkpoint) -> None:
         weights = checkpoint.directory / CHECKPOINT_WEIGHTS
         # names and full shapes checked before anything is copied; then each process keeps its shard (FSDP, ZeRO-3)
         distributed.load_trainable(self.accelerator, self.model, checkpoint.tensors, source=str(weights))
@@ -808,27 +417,18 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         self._epoch_losses = list(state["epoch_losses"])
         self.loss_rows, self.metric_rows = list(state["loss_rows"]), list(state["metric_rows"])
-        _set_rng_state(checkpoint.rng)
+        set_rng_state(checkpoint.rng)
         self._write_logs()
 
     def load_checkpoint(self, directory: str | os.PathLike, weights_only: bool = False) -> None:
         """Restore a checkpoint: trainable parameters, and (unless ``weights_only``) optimizer, scheduler, counters,
         logs and RNG states. Everything is read and checked before anything is changed."""
-        self._apply(self._read(pathlib.Path(directory), full=not weights_only))
-
-
-def checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
-    """A run directory (-> its latest checkpoint) or a checkpoint directory."""
-    path = pathlib.Path(path)
-    if (path / CHECKPOINT_WEIGHTS).is_file():
-        return path
-    latest = path / "checkpoints" / "latest"
-    if latest.is_file():
-        return path / "checkpoints" / latest.read_text().strip()
-    raise ValueError(
-        f"--checkpoint {path}: expected a run directory with checkpoints/latest or a checkpoint "
-        f"directory with {CHECKPOINT_WEIGHTS}"
-    )
+        accelerator = self.accelerator
+        self._apply(
+            CheckpointStore.read(
+                pathlib.Path(directory), not weights_only, accelerator.process_index, accelerator.num_processes
+            )
+        )
 
 
 def evaluate_checkpoint(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> dict[str, float]:

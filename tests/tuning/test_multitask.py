@@ -142,7 +142,7 @@ def _train(assets, out, *extra):
 
 
 def test_train_resume_and_eval_from_the_command_line(assets, tmp_path, capsys):
-    assert get_task("multitask").method == "neural" and get_task("multitask").causal_lm
+    assert get_task("multitask").method.name == "neural" and get_task("multitask").causal_lm
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     assert _train(assets, straight) == 0  # 3 records x 4 tasks / batch 4 = 3 steps, then evaluation
     final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -252,7 +252,7 @@ def test_outputs_do_not_depend_on_padding_side_or_a_task_id(assets, tmp_path):
             assert int(first[0, -1]) == int(a["answer_predictions"][row, position]), row
         # the states the heads read are the final states at the task tokens: those of a forward of the prompt cut
         # right after each task token (causal attention), read at its last position
-        from mit.integrations.model import decoder_of
+        from mit.hf import decoder_of
 
         seen = {}
         hooks = [

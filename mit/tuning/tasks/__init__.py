@@ -16,7 +16,16 @@ from .base import (
     resolve_dtype,
     trainable_state_dict,
 )
-from .registry import DatasetSpec, TaskSpec, dataset_names, get_task, register_task, task_names, unregister_task
+from .registry import (
+    DatasetSpec,
+    TaskSpec,
+    dataset_names,
+    get_task,
+    register_task,
+    registered_tasks,
+    task_names,
+    unregister_task,
+)
 
 for _spec in (refseg.SPEC, classification.SPEC, sentiment.SPEC, multitask.SPEC):
     register_task(_spec, replace=True)
@@ -34,6 +43,7 @@ __all__ = [
     "make_collate",
     "pad_sequences",
     "register_task",
+    "registered_tasks",
     "resolve_dtype",
     "task_names",
     "trainable_state_dict",

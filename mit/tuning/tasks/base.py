@@ -6,7 +6,6 @@ last_token_state`), with positions counted from each prompt's first real token s
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pathlib
 from collections.abc import Callable
@@ -15,9 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...config import MiTConfig
-from ...integrations import FAMILIES, apply_mit, is_mit_model
-from ...neural import NeuralTuningConfig, apply_neural_tuning
+from ...integrations import FAMILIES, is_mit_model
 from ..prompts import last_token_state, position_ids, tokenize_prompts
 from .registry import TaskSpec, get_task
 
@@ -141,53 +138,30 @@ def batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def build_task_model(
     task: str | TaskSpec,
     llm: nn.Module,
-    mit_config: MiTConfig | NeuralTuningConfig,
+    method_config: Any,
     *,
     encoder=None,
     dataset=None,
     heads=None,
     tokenizer=None,
 ) -> nn.Module:
-    """Apply the task's method to ``llm`` (frozen) and attach the encoder and heads of ``task``.
+    """Apply the task's tuning method to ``llm`` (frozen) and attach the encoder and heads of ``task``.
 
-    ``method="mit"``: ``mit_config`` is a :class:`mit.MiTConfig`, ``llm`` a bare decoder; for tasks with an image
-    encoder ``mit_config.modality_dim`` must equal the encoder's embedding size. ``method="neural"``: ``mit_config``
-    is a :class:`mit.NeuralTuningConfig` (its ``image_dim`` the encoder's width when the task has images), ``llm`` a
-    causal LM when the task says ``causal_lm``, and ``tokenizer`` receives the config's new tokens. ``heads`` is a
-    :class:`mit.tuning.config.HeadConfig` (default: its defaults); ``dataset`` the evaluation dataset."""
-    from ..config import HeadConfig
-
+    ``method_config`` is the configuration of the task's method (:attr:`TaskSpec.method`: a :class:`mit.MiTConfig`
+    for MiT, a :class:`mit.NeuralTuningConfig` for neural tuning); for tasks with an image encoder its sizes must be
+    the encoder's (:meth:`~mit.tuning.methods.TuningMethod.fit_to_encoder`). ``llm`` is a causal LM when the task says
+    ``causal_lm``; ``tokenizer`` receives the method's new tokens, if any. ``heads`` is an instance of the task's
+    ``head_settings`` (default: its defaults); ``dataset`` the evaluation dataset."""
     spec = get_task(task) if isinstance(task, str) else task
-    heads = heads if heads is not None else HeadConfig()
+    if heads is None and spec.head_settings is not None:
+        heads = spec.head_settings()
     if spec.uses_image_encoder and encoder is None:
         raise ValueError(f"encoder: task {spec.name!r} needs a CLIPImageEncoder, got None")
-    if spec.method == "neural":
-        if not isinstance(mit_config, NeuralTuningConfig):
-            raise ValueError(
-                f"mit_config: task {spec.name!r} uses neural tuning and expects a NeuralTuningConfig, got "
-                f"{type(mit_config).__name__}"
-            )
-        if spec.uses_image_encoder and mit_config.image_dim != encoder.width:
-            raise ValueError(
-                f"neural_config.image_dim: expected the CLIP width {encoder.width}, got {mit_config.image_dim}"
-            )
-        llm = apply_neural_tuning(llm, mit_config, tokenizer)
-        return spec.build_model(llm, mit_config, encoder, dataset, heads)
-    if not isinstance(mit_config, MiTConfig):
-        raise ValueError(f"mit_config: task {spec.name!r} expects a MiTConfig, got {type(mit_config).__name__}")
-    if spec.uses_image_encoder and mit_config.modality_dim != encoder.embed_dim:
-        raise ValueError(
-            f"mit_config.modality_dim: expected the CLIP embedding size {encoder.embed_dim}, "
-            f"got {mit_config.modality_dim}"
-        )
-    llm = apply_mit(llm, mit_config)
-    return spec.build_model(llm, mit_config, encoder, dataset, heads)
+    spec.method.check(method_config, spec.name, encoder if spec.uses_image_encoder else None)
+    llm = spec.method.apply(llm, method_config, tokenizer)
+    return spec.build_model(llm, method_config, encoder, dataset, heads)
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters that train (MiT maps, heads, the sequence encoder), by name, detached on the CPU."""
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def with_modality_dim(config: MiTConfig, modality_dim: int) -> MiTConfig:
-    return dataclasses.replace(config, modality_dim=modality_dim)

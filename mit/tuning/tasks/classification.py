@@ -5,15 +5,28 @@ CLIP's global image embedding is infused; ``[image embedding ; task embedding]``
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
+from ...utils.settings import setting, validate
 from ..heads import ClassificationHead
 from ..losses import classification_loss
 from ..metrics import classification_metrics
 from .base import TaskModel
 from .registry import DatasetSpec, TaskSpec
+
+
+@dataclasses.dataclass
+class ClassificationHeads:
+    """The head settings of ``cls`` (section ``heads``, flags ``--cls-hidden`` / ``--dropout``)."""
+
+    cls_hidden: int = setting(512, help="classification head hidden size", metavar="N", low=1)
+    dropout: float = setting(0.1, help="dropout in the trainable heads", metavar="P", low=0, high=1, high_open=True)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 class ClassificationModel(TaskModel):
@@ -32,7 +45,7 @@ class ClassificationModel(TaskModel):
         return out
 
 
-def build_model(llm, mit_config, encoder, dataset, heads) -> ClassificationModel:
+def build_model(llm, mit_config, encoder, dataset, heads: ClassificationHeads) -> ClassificationModel:
     num_classes = getattr(dataset, "num_classes", None)
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"dataset: task 'cls' needs a dataset with num_classes >= 2, got {num_classes!r}")
@@ -80,6 +93,7 @@ SPEC = TaskSpec(
     higher_is_better=True,
     uses_image_encoder=True,
     build_model=build_model,
+    head_settings=ClassificationHeads,
     collate=collate,
     records=records,
     metrics=metrics,

@@ -33,6 +33,7 @@ one adapter serves all tasks, so "better" weighs every task equally.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -41,12 +42,29 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ...integrations.model import decoder_of
+from ...integrations import decoder_of
 from ...neural import TASK_TOKENS
+from ...utils.settings import setting, validate
 from ..heads_neural import EmbeddingRegressor, FiLMMaskDecoder
 from ..losses import dice_loss, embedding_regression_loss
 from ..metrics import intersection_union, segmentation_metrics
 from .registry import DatasetSpec, TaskSpec
+
+
+@dataclasses.dataclass
+class MultiTaskHeads:
+    """The head settings and loss weights of ``multitask`` (section ``heads``)."""
+
+    decoder_hidden: int = setting(256, help="mask decoder channels", metavar="N", low=1)
+    glb_hidden: int = setting(1024, help="<GLB> regressor hidden size (reference: 1024)", metavar="N", low=1)
+    dropout: float = setting(0.1, help="dropout in the trainable heads", metavar="P", low=0, high=1, high_open=True)
+    lm_weight: float = setting(1.0, help="weight of the LM loss on the answers", metavar="W", low=0)
+    mask_weight: float = setting(1.0, help="weight of the Dice loss of the masks", metavar="W", low=0)
+    glb_weight: float = setting(1.0, help="weight of the <GLB> loss (1 - cosine + MSE)", metavar="W", low=0)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
 
 TASKS = ("caption", "refseg", "reasonseg", "t2i")
 SEGMENTATION_TASKS = ("refseg", "reasonseg")
@@ -265,7 +283,7 @@ class NeuralMultiTaskModel(nn.Module):
         return result
 
 
-def build_model(llm, neural_config, encoder, dataset, heads) -> NeuralMultiTaskModel:
+def build_model(llm, neural_config, encoder, dataset, heads: MultiTaskHeads) -> NeuralMultiTaskModel:
     ids = dict(zip(neural_config.new_tokens, llm.nt_new_token_ids))
     missing = [t for t in TASK_TOKENS if t not in ids]
     if missing:
@@ -333,6 +351,7 @@ SPEC = TaskSpec(
     higher_is_better=True,
     uses_image_encoder=True,
     build_model=build_model,
+    head_settings=MultiTaskHeads,
     collate=collate,
     records=records,
     metrics=metrics,

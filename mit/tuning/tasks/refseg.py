@@ -5,16 +5,29 @@ CLIP's global image embedding is infused; the task embedding and CLIP's multi-le
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 
+from ...utils.settings import setting, validate
 from ..heads import SegmentationDecoder
 from ..losses import segmentation_loss
 from ..metrics import intersection_union, segmentation_metrics
 from .base import TaskModel
 from .registry import DatasetSpec, TaskSpec
+
+
+@dataclasses.dataclass
+class RefSegHeads:
+    """The head settings of ``refseg`` (section ``heads``)."""
+
+    decoder_hidden: int = setting(256, help="mask decoder channels", metavar="N", low=1)
+    bce_weight: float = setting(0.0, help="weight of a BCE term added to the DICE loss (paper: 0)", metavar="W", low=0)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 class RefSegModel(TaskModel):
@@ -34,7 +47,7 @@ class RefSegModel(TaskModel):
         return out
 
 
-def build_model(llm, mit_config, encoder, dataset, heads) -> RefSegModel:
+def build_model(llm, mit_config, encoder, dataset, heads: RefSegHeads) -> RefSegModel:
     decoder = SegmentationDecoder(
         llm.config.hidden_size, encoder.width, len(encoder.feature_layers), heads.decoder_hidden
     )
@@ -82,6 +95,7 @@ SPEC = TaskSpec(
     higher_is_better=True,
     uses_image_encoder=True,
     build_model=build_model,
+    head_settings=RefSegHeads,
     collate=collate,
     records=records,
     metrics=metrics,

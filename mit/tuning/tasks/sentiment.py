@@ -6,16 +6,36 @@ better), correlation and the binary / 7-class accuracies."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
+from ...utils.settings import setting, validate
 from ..encoders import SequenceEncoder
 from ..heads import RegressionHead
 from ..losses import rmse_loss
 from ..metrics import sentiment_metrics
 from .base import TaskModel, pad_sequences
 from .registry import DatasetSpec, TaskSpec
+
+
+@dataclasses.dataclass
+class SentimentHeads:
+    """The settings of ``msa``'s sequence encoder and regression head (section ``heads``)."""
+
+    seq_d_model: int = setting(128, help="sequence encoder width", metavar="N", low=1)
+    seq_layers: int = setting(3, help="sequence encoder layers (paper: 3)", metavar="N", low=1)
+    seq_heads: int = setting(4, help="sequence encoder attention heads", metavar="N", low=1)
+    reg_hidden: int = setting(0, help="regression head hidden size (0 = one linear layer)", metavar="N", low=0)
+    dropout: float = setting(0.1, help="dropout in the trainable heads", metavar="P", low=0, high=1, high_open=True)
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.seq_d_model % self.seq_heads:
+            raise ValueError(
+                f"seq_d_model: expected a multiple of seq_heads ({self.seq_heads}), got {self.seq_d_model}"
+            )
 
 
 class SentimentModel(TaskModel):
@@ -34,7 +54,7 @@ class SentimentModel(TaskModel):
         return out
 
 
-def build_model(llm, mit_config, encoder, dataset, heads) -> SentimentModel:
+def build_model(llm, mit_config, encoder, dataset, heads: SentimentHeads) -> SentimentModel:
     feature_dims = getattr(dataset, "feature_dims", None)
     if not feature_dims:
         raise ValueError(
@@ -82,6 +102,7 @@ SPEC = TaskSpec(
     higher_is_better=False,
     uses_image_encoder=False,
     build_model=build_model,
+    head_settings=SentimentHeads,
     collate=collate,
     records=records,
     metrics=metrics,

@@ -1,4 +1,5 @@
-"""The neural-tuning demonstration (mit demo neural-digits): data, masks, metrics, the encoder pretraining, the draw
+"""The neural-tuning experiment (benchmarks/experiments/neural_digits, imported by path: it is not part of the
+installed package): data, masks, metrics, the encoder pretraining, the draw
 targets, and the quick run on SmolLM2.
 
 The quick run (25 steps of the four-task mix, batch 8: 62 s measured on 2 cores including the model load) is
@@ -11,13 +12,18 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import pathlib
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from mit.demo import neural_digits as nd
 from mit.models import SMOLLM2_INSTALL
+
+EXPERIMENTS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))
+import neural_digits as nd  # noqa: E402
 
 
 def test_canvases_pair_two_different_digits_of_the_same_split():
@@ -360,3 +366,20 @@ def test_selectivity_test_switches_off_the_chosen_units_at_every_dose():
     assert all(0.0 <= r[t] <= 1.0 for r in rows for t in nd.TASKS)
     with pytest.raises(ValueError, match="selectivity_fractions"):
         nd.selectivity_test(model, train, test, None, dataclasses.replace(cfg, selectivity_fractions=(1.5,)))
+
+
+def test_the_experiment_runs_by_path_and_mit_demo_neural_digits_runs_it_from_a_source_checkout():
+    """The experiment is not in the installed package: ``run.py`` runs as a script, and ``mit demo neural-digits``
+    runs that script (same flags) when there is a source checkout beside the package."""
+    import subprocess
+    import sys as system
+
+    script = EXPERIMENTS / "neural_digits" / "run.py"
+    for command in ([system.executable, str(script), "--help"], [system.executable, "-m", "mit.cli", "demo",
+                                                                "neural-digits", "--help"]):  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "benchmarks/experiments/neural_digits/run.py" in result.stdout and "--from-runs" in result.stdout
+    import importlib.util
+
+    assert importlib.util.find_spec("mit.demo.neural_digits") is None
