@@ -30,13 +30,11 @@ from .integrations import (
     MiTModelMixin,
     apply_mit,
     count_parameters,
-    disable_adapter,
-    from_pretrained,
     is_mit_model,
     mit_named_parameters,
-    unload,
 )
 from .integrations.adapter import load_adapter, save_adapter
+from .lifecycle import disable_adapter, from_pretrained, set_adapter, unload
 
 _TUNING = ("CLIPImageEncoder", "ClassificationHead", "RegressionHead", "SegmentationDecoder", "SequenceEncoder",
            "RunConfig", "TaskSpec", "Trainer", "register_task")  # fmt: skip
@@ -85,5 +83,6 @@ __all__ = [
     "register_task",
     "save_adapter",
     "save_neural_adapter",
+    "set_adapter",
     "unload",
 ]

@@ -7,7 +7,7 @@ import json
 import math
 from typing import Any
 
-from mit_kernels.dispatch import BACKENDS
+from mit_kernels.backends import BACKENDS
 
 from .utils.settings import from_mapping, setting, validate
 

@@ -1,6 +1,5 @@
 """MiT on Hugging Face decoder models through transformers' extension points (no copied ``forward``).
 
-- :mod:`.families`: the supported ``model_type`` table;
 - :mod:`.infusion`: the trainable modules (``mit_kv_infusion``, ``mit_ffn_infusion``);
 - :mod:`.attention`: the attention function registered in ``AttentionInterface`` (fused kernel or exact fallback);
 - :mod:`.layers`: pass-through decoder-layer and MLP subclasses (the embedding's way to the MLP);
@@ -8,27 +7,26 @@
   cache of the infusion maps' outputs);
 - :mod:`.model`: ``apply_mit`` (``plan_mit`` + ``MiTPlan.install``) and the top-level ``forward`` with
   ``modality_embedding``;
-- :mod:`.adapter_files` / :mod:`.adapter`: the adapter files' schema, reader, validator and writer (shared with
-  neural tuning's adapters) / ``save_adapter``, ``load_adapter``;
-- :mod:`.lifecycle`: ``from_pretrained`` (base model + adapter in one call), ``disable_adapter``, ``unload`` (the
-  base model back exactly), for both methods;
-- :mod:`.directory_swap`: directories written and read as one unit (how adapters are saved and read).
+- :mod:`.adapter`: the MiT adapter's schema (``mit_config.json``), ``save_adapter``, ``load_adapter`` (the files'
+  reader, validator and writer are shared with neural tuning: :mod:`mit.hf.adapter_files`).
+
+What both methods share (families, class synthesis, the decoder, positions, forward signatures, adapter files,
+reversibility) is :mod:`mit.hf`; what works on either method's model (``mit.from_pretrained``, ``mit.unload``,
+``mit.disable_adapter``, ``mit.set_adapter``) is :mod:`mit.lifecycle`.
 """
 
 from __future__ import annotations
 
+from ..hf.decoder import count_parameters, decoder_of, padding_aware_position_ids
+from ..hf.families import FAMILIES, FamilySpec
 from .attention import key_padding_mask, mit_implementation
-from .families import FAMILIES, FamilySpec
 from .infusion import MiTFFNInfusion, MiTKVInfusion, mit_named_parameters
-from .lifecycle import adapter_kind, disable_adapter, from_pretrained, unload
 from .model import (
     MiTModelMixin,
     MiTPlan,
     apply_mit,
-    count_parameters,
-    decoder_of,
+    disable_mit_adapter,
     is_mit_model,
-    padding_aware_position_ids,
     plan_mit,
     planned_mit_parameters,
     unload_mit,
@@ -41,12 +39,10 @@ __all__ = [
     "MiTKVInfusion",
     "MiTModelMixin",
     "MiTPlan",
-    "adapter_kind",
     "apply_mit",
     "count_parameters",
     "decoder_of",
-    "disable_adapter",
-    "from_pretrained",
+    "disable_mit_adapter",
     "is_mit_model",
     "key_padding_mask",
     "mit_implementation",
@@ -54,6 +50,5 @@ __all__ = [
     "padding_aware_position_ids",
     "plan_mit",
     "planned_mit_parameters",
-    "unload",
     "unload_mit",
 ]

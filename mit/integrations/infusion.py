@@ -15,13 +15,8 @@ import torch
 from torch import nn
 
 from ..config import MiTConfig
+from ..hf.parameters import trainable_dtype
 from .scope import current_ffn, generation_cache
-
-
-def trainable_dtype(reference: torch.Tensor) -> torch.dtype:
-    """MiT parameters are kept in fp32 for fp16/bf16 (or quantized, non-float) base weights, like peft's adapter
-    autocast; fp32 / fp64 bases keep their dtype."""
-    return reference.dtype if reference.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def zero_linear(in_features: int, out_features: int, like: torch.Tensor) -> nn.Linear:

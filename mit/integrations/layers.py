@@ -15,8 +15,8 @@ import torch
 
 from mit_kernels import mit_ffn_gate
 
+from ..hf.classes import Rebuildable
 from .attention import KV_INFUSION_NAME, is_mit_implementation
-from .classes import Rebuildable, register_kind
 from .infusion import MiTFFNInfusion, check_modality
 from .scope import FFNBinding, bind_ffn, current_ffn
 
@@ -83,7 +83,3 @@ class MiTMLPMixin(Rebuildable):
             return super().forward(x, *args, **kwargs)
         finally:
             bind_ffn(previous)
-
-
-register_kind("decoder_layer", MiTDecoderLayerMixin)
-register_kind("mlp", MiTMLPMixin)

@@ -23,13 +23,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from ..config import MiTConfig
+from ..hf.classes import Rebuildable, method_subclass
+from ..hf.decoder import decoder_of, padding_aware_position_ids
+from ..hf.families import FamilySpec, family_of, ffn_is_fused
+from ..hf.method_model import MethodModelMixin
+from ..hf.reversible import disabled, disabled_depth, freeze, remove_hooks, restore_class, restore_requires_grad
+from ..hf.signature import splice_keyword_inputs
 from .attention import (
     KV_INFUSION_NAME,
     MASKS_KWARG,
@@ -38,48 +43,14 @@ from .attention import (
     is_mit_implementation,
     mit_implementation,
 )
-from .classes import Rebuildable, RefusesPretrained, mit_subclass, register_kind
-from .families import FamilySpec, family_of, ffn_is_fused
 from .infusion import MiTFFNInfusion, MiTKVInfusion, check_modality, mit_named_parameters
 from .layers import FFN_INFUSION_NAME, MiTDecoderLayerMixin, MiTMLPMixin, check_attention_dispatch
 from .scope import bind_generation_cache
 
-
-def padding_aware_position_ids(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Positions that start at 0 at each sample's first real token: ``cumsum(mask) - 1`` over the last ``seq_len``
-    columns of the (B, past + seq_len) padding mask, as generate() computes them.
-
-    MiT needs them for left-padded batches: its post-rotary ``k_add`` makes attention depend on absolute positions
-    (rotary alone is shift-invariant), so with default positions a sample's output would depend on its padding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights counted once."""
-    seen: set[int] = set()
-    trainable = total = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return trainable, total
-
-
-def decoder_of(model: nn.Module) -> nn.Module:
-    """The module holding the decoder ``layers`` (``model.model`` of a ``*ForCausalLM``, or a bare ``*Model``)."""
-    for candidate in (model, getattr(model, "model", None)):
-        if isinstance(candidate, nn.Module) and isinstance(getattr(candidate, "layers", None), nn.ModuleList):
-            if getattr(candidate, "config", None) is not None:
-                return candidate
-    raise ValueError(
-        f"apply_mit needs a Hugging Face decoder model (a *ForCausalLM or a bare *Model with .layers), "
-        f"got {type(model).__name__}"
-    )
-
-
 UNDO_NAME = "_mit_undo"  # instance attribute of an MiT model: its MiTUndo
+ADAPTERS_NAME = "_mit_adapters"  # instance attribute of an MiT model: {adapter name: MiTPlan}
+ACTIVE_NAME = "_mit_active_adapter"  # instance attribute of an MiT model: the name of the attached adapter
+DEFAULT_ADAPTER = "default"  # the name apply_mit / load_adapter give an adapter (peft's)
 DISABLED_NAME = "_mit_adapter_disabled"  # instance attribute while disable_adapter() contexts are open: their depth
 
 
@@ -99,25 +70,19 @@ class MiTUndo:
     requires_grad: dict[str, bool]
 
 
-class MiTModelMixin(RefusesPretrained, Rebuildable):
+class MiTModelMixin(MethodModelMixin, Rebuildable):
     """What ``apply_mit`` adds to the top-level model (mixin of ``MiT<ModelClass>``). transformers'
-    ``save_pretrained`` / ``from_pretrained`` are refused (:class:`~mit.integrations.classes.RefusesPretrained`):
+    ``save_pretrained`` / ``from_pretrained`` are refused (:class:`~mit.hf.method_model.RefusesPretrained`):
     :func:`mit.save_adapter` / :func:`mit.load_adapter` round-trip the method."""
 
     mit_config: MiTConfig
+    _mit_prefix = "MiT"
     _method = "MiT"
     _pretrained_hint = ("mit.save_adapter", "mit.load_adapter")
 
     def mit_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of every MiT parameter, found by module type."""
         return list(mit_named_parameters(self))
-
-    def print_trainable_parameters(self) -> None:
-        """Print ``trainable params: N || all params: M || trainable%: P`` (peft's format)."""
-        trainable, total = count_parameters(self)
-        print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
-        )
 
     def mit_dispatch(self) -> dict[str, str]:
         """How each MiT module ran in the last forward with an embedding: ``{module name: "fused" | "fallback: ..." |
@@ -127,6 +92,40 @@ class MiTModelMixin(RefusesPretrained, Rebuildable):
             for name, module in self.named_modules()
             if isinstance(module, (MiTKVInfusion, MiTFFNInfusion))
         }
+
+    @classmethod
+    def subclass_attributes(cls, base: type) -> dict:
+        """``forward`` with ``modality_embedding`` (:func:`_forward_with_modality`)."""
+        return _forward_with_modality(base)
+
+    @property
+    def active_adapter(self) -> str:
+        """The name of the adapter the model computes with (``"default"`` unless named otherwise)."""
+        return active_mit_adapter(self)
+
+    def active_adapters(self) -> list[str]:
+        """``[active_adapter]`` (transformers' spelling: one adapter is active at a time)."""
+        return [active_mit_adapter(self)]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The names of the model's adapters, the active one included, in the order they were added."""
+        return list(mit_adapters(self))
+
+    def add_adapter(self, adapter_config: MiTConfig, adapter_name: str | None = None) -> None:
+        """Add a new zero-initialised adapter ``adapter_name`` with its own ``MiTConfig`` (layers, modality dim...),
+        inactive: :meth:`set_adapter` switches to it (see :func:`add_mit_adapter`)."""
+        if adapter_name is None:
+            raise ValueError("adapter_name: expected the new adapter's name, got None")
+        add_mit_adapter(self, adapter_config, adapter_name)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Compute with the adapter ``adapter_name`` from now on (see :func:`set_mit_adapter`)."""
+        set_mit_adapter(self, adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove the inactive adapter ``adapter_name`` (see :func:`delete_mit_adapter`)."""
+        delete_mit_adapter(self, adapter_name)
 
     def unload(self) -> nn.Module:
         """Remove MiT from this model, in place, and return it: the base model exactly as it was before
@@ -140,7 +139,7 @@ class MiTModelMixin(RefusesPretrained, Rebuildable):
 
     def mit_adapter_disabled(self) -> bool:
         """True inside a :meth:`disable_adapter` context."""
-        return self.__dict__.get(DISABLED_NAME, 0) > 0
+        return disabled_depth(self, DISABLED_NAME) > 0
 
     def __setstate__(self, state: dict) -> None:
         """Unpickling in a new process: the attention function the config names must be registered there too."""
@@ -212,16 +211,8 @@ class MiTModelMixin(RefusesPretrained, Rebuildable):
 
 def _forward_with_modality(base: type) -> dict:
     """``forward`` for ``MiT<base>``: the base signature plus keyword-only ``modality_embedding``."""
-    signature = inspect.signature(base.forward)
-    parameters = list(signature.parameters.values())
-    var_keyword = next((p for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD), None)
-    if var_keyword is None:
-        raise ValueError(f"{base.__name__}.forward takes no **kwargs: the embedding cannot reach its layers")
-    embedding = inspect.Parameter(
-        "modality_embedding", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=torch.Tensor | None
-    )
-    where = parameters.index(var_keyword)
-    mit_signature = signature.replace(parameters=[*parameters[:where], embedding, *parameters[where:]])
+    spliced = splice_keyword_inputs(base, ("modality_embedding",), "MiT")
+    signature, var_keyword = spliced.base, spliced.var_keyword
 
     def forward(self, *args, modality_embedding: torch.Tensor | None = None, **kwargs):
         if modality_embedding is None or self.mit_adapter_disabled():  # disabled: the base model, embedding ignored
@@ -230,13 +221,13 @@ def _forward_with_modality(base: type) -> dict:
         self._mit_prepare(bound.arguments, modality_embedding)
         # the embedding's one route: transformers' **kwargs, to every decoder layer and attention function (the MiT
         # decoder layer binds it for its MLP, mit.integrations.scope); with it, this call's own mask analyses
-        extra = bound.arguments.setdefault(var_keyword.name, {})
+        extra = bound.arguments.setdefault(var_keyword, {})
         extra["modality_embedding"] = modality_embedding
         if self.mit_config.infuse_kv and not torch.compiler.is_compiling():  # compiled: no mask is read (attention.py)
             extra[MASKS_KWARG] = MaskAnalyses()
         return base.forward(*bound.args, **bound.kwargs)
 
-    forward.__signature__ = mit_signature
+    forward.__signature__ = spliced.spliced
     forward.__doc__ = (
         f"{base.__name__}.forward with ``modality_embedding`` (B, modality_dim): the per-sample embedding infused "
         "into the MiT layers (None: exactly the frozen model)."
@@ -247,9 +238,6 @@ def _forward_with_modality(base: type) -> dict:
         return probe() if probe is not None else True
 
     return {"forward": forward, "_can_set_attn_implementation": classmethod(_can_set_attn_implementation)}
-
-
-register_kind("model", MiTModelMixin, _forward_with_modality)
 
 
 def _kv_infusion(
@@ -292,16 +280,9 @@ class MiTPlan:
             if ffn is not None:
                 yield from ffn.named_parameters(prefix=f"{layer_name}.mlp.{FFN_INFUSION_NAME}")
 
-    def install(self, model: nn.Module) -> nn.Module:
-        """Apply the plan to ``model`` (the one it was made for): freeze, attach, switch classes; what
-        :func:`unload_mit` needs to undo it is recorded on the model (:class:`MiTUndo`)."""
-        undo = MiTUndo(
-            attn_implementation=model.config._attn_implementation,
-            installed_implementation=None,
-            requires_grad={name: p.requires_grad for name, p in model.named_parameters()},
-        )
-        for p in model.parameters():
-            p.requires_grad_(False)
+    def attach(self) -> None:
+        """Put this plan's infusion modules (and the ``down_proj`` pre-hooks of unfused FFN infusions) on its layers
+        and switch those layers (and MLPs) to their MiT classes."""
         for _, layer, kv, ffn in self.layers:
             if kv is not None:
                 setattr(layer.self_attn, KV_INFUSION_NAME, kv)
@@ -310,14 +291,23 @@ class MiTPlan:
                 setattr(mlp, FFN_INFUSION_NAME, ffn)
                 if not ffn.fused:
                     mlp.down_proj.register_forward_pre_hook(ffn.scale_down_proj_input)
-                mlp.__class__ = mit_subclass(MiTMLPMixin, type(mlp))
-            layer.__class__ = mit_subclass(MiTDecoderLayerMixin, type(layer))
+                mlp.__class__ = method_subclass(MiTMLPMixin, type(mlp))
+            layer.__class__ = method_subclass(MiTDecoderLayerMixin, type(layer))
+
+    def install(self, model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+        """Apply the plan to ``model`` (the plain model it was made for) as its adapter ``adapter_name``: freeze,
+        attach, switch classes; what :func:`unload_mit` needs to undo it is recorded on the model
+        (:class:`MiTUndo`)."""
+        undo = MiTUndo(model.config._attn_implementation, None, freeze(model))
+        self.attach()
         if self.implementation is not None and not is_mit_implementation(model.config._attn_implementation):
             model.config._attn_implementation = self.implementation
             undo = dataclasses.replace(undo, installed_implementation=self.implementation)
-        model.__class__ = mit_subclass(MiTModelMixin, type(model))
+        model.__class__ = method_subclass(MiTModelMixin, type(model))
         model.mit_config = self.config
         model.__dict__[UNDO_NAME] = undo
+        model.__dict__[ADAPTERS_NAME] = {adapter_name: self}
+        model.__dict__[ACTIVE_NAME] = adapter_name
         return model
 
 
@@ -326,24 +316,15 @@ def is_mit_model(model: object) -> bool:
     return isinstance(model, MiTModelMixin)
 
 
-def unload_mit(model: nn.Module) -> nn.Module:
-    """Remove MiT from ``model`` (an MiT model), in place, and return it: the base model exactly as it was before
-    :func:`apply_mit` / :func:`mit.load_adapter`.
-
-    The infusion modules are detached (with them, the MiT parameters and state-dict keys), the ``down_proj``
-    pre-hooks MiT registered are removed (other hooks keep their place), every ``MiT<Class>`` instance gets its own
-    class back, ``config._attn_implementation`` and every base parameter's ``requires_grad`` get their recorded
-    values (:class:`MiTUndo`), and ``mit_config`` goes. If ``model.set_attn_implementation(...)`` was called on the
-    MiT model, the implementation it chose (without ``"mit_"``) is kept. The ``"mit_" + base`` attention function
-    stays registered in transformers (process-wide, other MiT models may use it); the unloaded model no longer
-    names it. A model pickled by an earlier release has no record: its attention implementation becomes the base
-    name and its base parameters stay frozen. ValueError for a model that is not an MiT model or inside its
-    ``disable_adapter()`` context."""
+def _require_mit(model: object, what: str) -> None:
     if not is_mit_model(model):
-        raise ValueError(f"model: unload needs a model returned by mit.apply_mit, got {type(model).__name__}")
-    if model.mit_adapter_disabled():
-        raise ValueError("model: unload inside its disable_adapter() context; leave the context first")
-    undo: MiTUndo | None = model.__dict__.get(UNDO_NAME)
+        raise ValueError(f"model: {what} needs a model returned by mit.apply_mit, got {type(model).__name__}")
+
+
+def _detach_attached(model: nn.Module) -> None:
+    """Take every attached infusion module off ``model`` (with the ``down_proj`` pre-hooks MiT registered; other hooks
+    keep their place) and give the layers and MLPs their own classes back. Found by module type, so this also works
+    on a model pickled by an earlier release, which records no adapters."""
     for module in list(model.modules()):
         kv = module._modules.get(KV_INFUSION_NAME)
         if isinstance(kv, MiTKVInfusion):
@@ -352,37 +333,146 @@ def unload_mit(model: nn.Module) -> nn.Module:
         if isinstance(ffn, MiTFFNInfusion):
             down_proj = getattr(module, "down_proj", None)
             if isinstance(down_proj, nn.Module):
-                _remove_pre_hooks_of(down_proj, ffn)
+                remove_hooks(down_proj, [ffn], [MiTFFNInfusion.scale_down_proj_input], pre=True)
             delattr(module, FFN_INFUSION_NAME)
         if module is not model and isinstance(module, (MiTDecoderLayerMixin, MiTMLPMixin)):
-            module.__class__ = module._mit_base
+            restore_class(module)
+
+
+def _attached_plan(model: nn.Module) -> MiTPlan:
+    """The plan of the infusion modules attached to ``model`` now (for a model pickled by an earlier release)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    layers = []
+    for layer in decoder_of(model).layers:
+        kv = layer.self_attn._modules.get(KV_INFUSION_NAME)
+        ffn = layer.mlp._modules.get(FFN_INFUSION_NAME)
+        if kv is not None or ffn is not None:
+            layers.append((names[id(layer)], layer, kv, ffn))
+    return MiTPlan(model.mit_config, None, layers)
+
+
+def mit_adapters(model: nn.Module) -> dict[str, MiTPlan]:
+    """The adapters of an MiT model, by name: the active one attached, the others kept (with their own modules and
+    parameters) off the model, outside its module tree and state dict."""
+    _require_mit(model, "mit_adapters")
+    adapters = model.__dict__.get(ADAPTERS_NAME)
+    if adapters is None:  # pickled by an earlier release: one adapter, attached
+        adapters = model.__dict__[ADAPTERS_NAME] = {DEFAULT_ADAPTER: _attached_plan(model)}
+        model.__dict__[ACTIVE_NAME] = DEFAULT_ADAPTER
+    return adapters
+
+
+def check_adapter_name(adapter_name: object) -> str:
+    """``adapter_name`` when it is a non-empty string without dots (it is used like peft's, as a key), else
+    ValueError naming it."""
+    if not (isinstance(adapter_name, str) and adapter_name and "." not in adapter_name):
+        raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+    return adapter_name
+
+
+def active_mit_adapter(model: nn.Module) -> str:
+    """The name of the adapter an MiT model computes with now."""
+    mit_adapters(model)
+    return model.__dict__[ACTIVE_NAME]
+
+
+def plan_mit_adapter(model: nn.Module, config: MiTConfig, adapter_name: str) -> MiTPlan:
+    """The plan of a new adapter ``adapter_name`` with ``config`` for an MiT model (its zero-initialised modules;
+    the model is not touched). ValueError naming the argument for a name in use or a config that does not fit."""
+    _require_mit(model, "add_adapter")
+    adapters = mit_adapters(model)
+    check_adapter_name(adapter_name)
+    if adapter_name in adapters:
+        raise ValueError(f"adapter_name {adapter_name!r} is in use; the model's adapters: {sorted(adapters)}")
+    if not isinstance(config, MiTConfig):
+        raise ValueError(f"config must be a mit.MiTConfig, got {type(config).__name__}")
+    return MiTPlan(config, _implementation(model, config), plan_mit_layers(model, config))
+
+
+def add_mit_adapter(model: nn.Module, config: MiTConfig, adapter_name: str, plan: MiTPlan | None = None) -> MiTPlan:
+    """Add a new adapter ``adapter_name`` with ``config`` (its own layers, modality dim, ...) to an MiT model,
+    inactive (as peft's ``add_adapter``): :func:`set_mit_adapter` makes it the one the model computes with. Its
+    modules are ``plan``'s (from :func:`plan_mit_adapter`, possibly filled since) or new, zero-initialised ones.
+    Returns its plan, whose ``named_parameters()`` are the adapter's parameters, named as they are once active."""
+    plan = plan_mit_adapter(model, config, adapter_name) if plan is None else plan
+    mit_adapters(model)[adapter_name] = plan
+    return plan
+
+
+def set_mit_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Make ``adapter_name`` the adapter an MiT model computes with: the active adapter's modules come off the model
+    (kept, with their parameters, for a later switch back) and the named one's go on. ``model.mit_config`` becomes
+    its config, and ``forward`` expects its modality dim. The parameters of each adapter stay the same objects
+    across switches (an optimizer holding them keeps working)."""
+    adapters = mit_adapters(model)
+    if adapter_name not in adapters:
+        raise ValueError(
+            f"adapter_name {adapter_name!r} is not an adapter of this model; its adapters: {sorted(adapters)}"
+        )
+    if adapter_name == model.__dict__[ACTIVE_NAME]:
+        return
+    plan = adapters[adapter_name]
+    adapters[model.__dict__[ACTIVE_NAME]].config = model.mit_config  # the attribute users see is the active config
+    _detach_attached(model)
+    plan.attach()
+    if plan.implementation is not None and not is_mit_implementation(model.config._attn_implementation):
+        undo: MiTUndo | None = model.__dict__.get(UNDO_NAME)
+        model.config._attn_implementation = plan.implementation
+        if undo is not None and undo.installed_implementation is None:
+            model.__dict__[UNDO_NAME] = dataclasses.replace(undo, installed_implementation=plan.implementation)
+    model.mit_config = plan.config
+    model.__dict__[ACTIVE_NAME] = adapter_name
+
+
+def delete_mit_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove the inactive adapter ``adapter_name`` (its modules and parameters go with it). The active adapter is
+    not deleted (ValueError): switch to another one first, or :func:`unload_mit` the model."""
+    adapters = mit_adapters(model)
+    if adapter_name not in adapters:
+        raise ValueError(
+            f"adapter_name {adapter_name!r} is not an adapter of this model; its adapters: {sorted(adapters)}"
+        )
+    if adapter_name == model.__dict__[ACTIVE_NAME]:
+        raise ValueError(
+            f"adapter_name {adapter_name!r} is the active adapter; set_adapter(...) another one first, or unload() "
+            "the model"
+        )
+    del adapters[adapter_name]
+
+
+def unload_mit(model: nn.Module) -> nn.Module:
+    """Remove MiT from ``model`` (an MiT model), in place, and return it: the base model exactly as it was before
+    :func:`apply_mit` / :func:`mit.load_adapter`.
+
+    The infusion modules are detached (with them, the MiT parameters and state-dict keys; every named adapter goes),
+    the ``down_proj`` pre-hooks MiT registered are removed (other hooks keep their place), every ``MiT<Class>``
+    instance gets its own class back, ``config._attn_implementation`` and every base parameter's ``requires_grad``
+    get their recorded values (:class:`MiTUndo`), and ``mit_config`` goes. If ``model.set_attn_implementation(...)``
+    was called on the MiT model, the implementation it chose (without ``"mit_"``) is kept. The ``"mit_" + base``
+    attention function stays registered in transformers (process-wide, other MiT models may use it); the unloaded
+    model no longer names it. A model pickled by an earlier release has no record: its attention implementation
+    becomes the base name and its base parameters stay frozen. ValueError for a model that is not an MiT model or
+    inside its ``disable_adapter()`` context."""
+    _require_mit(model, "unload")
+    if model.mit_adapter_disabled():
+        raise ValueError("model: unload inside its disable_adapter() context; leave the context first")
+    undo: MiTUndo | None = model.__dict__.get(UNDO_NAME)
+    _detach_attached(model)
     current = model.config._attn_implementation
     if undo is not None and undo.installed_implementation is not None and current == undo.installed_implementation:
         model.config._attn_implementation = undo.attn_implementation
     elif is_mit_implementation(current):
         model.config._attn_implementation = base_implementation(current)
     if undo is not None:
-        for name, param in model.named_parameters():
-            if name in undo.requires_grad:
-                param.requires_grad_(undo.requires_grad[name])
-    model.__class__ = model._mit_base
+        restore_requires_grad(model, undo.requires_grad)
+    restore_class(model)
     del model.mit_config
-    model.__dict__.pop(UNDO_NAME, None)
+    for name in (UNDO_NAME, ADAPTERS_NAME, ACTIVE_NAME):
+        model.__dict__.pop(name, None)
     return model
 
 
-def _remove_pre_hooks_of(module: nn.Module, infusion: MiTFFNInfusion) -> None:
-    """Remove ``infusion.scale_down_proj_input`` from ``module``'s forward pre-hooks (found by the bound method, so
-    it works after ``copy.deepcopy`` / pickling, where the registration's handle would not)."""
-    for key, hook in list(module._forward_pre_hooks.items()):
-        method = getattr(hook, "__func__", None)
-        if getattr(hook, "__self__", None) is infusion and method is MiTFFNInfusion.scale_down_proj_input:
-            del module._forward_pre_hooks[key]
-            module._forward_pre_hooks_with_kwargs.pop(key, None)
-
-
-@contextlib.contextmanager
-def disable_mit_adapter(model: nn.Module) -> Iterator[None]:
+def disable_mit_adapter(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Context manager: inside it, ``model`` (an MiT model) computes its base model, bit for bit, in every thread.
 
     A ``modality_embedding`` given to ``forward`` / ``generate`` inside the context is accepted and ignored (not even
@@ -390,27 +480,20 @@ def disable_mit_adapter(model: nn.Module) -> Iterator[None]:
     ``disable_adapter`` serves); padding-aware positions are not derived either (the base model's own positions).
     Contexts nest; on exit the previous state comes back, also after an exception. ValueError for a model that is
     not an MiT model."""
-    if not is_mit_model(model):
-        raise ValueError(f"model: disable_adapter needs a model returned by mit.apply_mit, got {type(model).__name__}")
-    previous = model.__dict__.get(DISABLED_NAME, 0)
-    model.__dict__[DISABLED_NAME] = previous + 1
-    try:
-        yield
-    finally:
-        if previous:
-            model.__dict__[DISABLED_NAME] = previous
-        else:
-            model.__dict__.pop(DISABLED_NAME, None)
+    _require_mit(model, "disable_adapter")
+    return disabled(model, DISABLED_NAME)
 
 
-def apply_mit(model: nn.Module, config: MiTConfig) -> nn.Module:
+def apply_mit(model: nn.Module, config: MiTConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Turn a Hugging Face decoder model (``*ForCausalLM`` or bare ``*Model`` of a family in
-    :data:`mit.integrations.families.FAMILIES`) into an MiT model, in place, and return it.
+    :data:`mit.hf.families.FAMILIES`) into an MiT model, in place, and return it.
 
     Freezes every base parameter; infuses the layers ``config.resolved_layers(num_layers)`` with zero-initialised
-    maps (so the model's outputs are unchanged until training moves them); leaves the other layers untouched.
-    Everything is validated and built (:func:`plan_mit`) before the model changes."""
-    return plan_mit(model, config).install(model)
+    maps (so the model's outputs are unchanged until training moves them); leaves the other layers untouched. The
+    adapter is named ``adapter_name`` (more are added with ``model.add_adapter(config, name)``). Everything is
+    validated and built (:func:`plan_mit`) before the model changes."""
+    check_adapter_name(adapter_name)
+    return plan_mit(model, config).install(model, adapter_name)
 
 
 def plan_mit(model: nn.Module, config: MiTConfig) -> MiTPlan:
@@ -424,15 +507,19 @@ def plan_mit(model: nn.Module, config: MiTConfig) -> MiTPlan:
         raise ValueError(f"apply_mit needs a plain model; this one is already a {type(model).__name__}")
     if not isinstance(model, nn.Module):
         raise ValueError(f"apply_mit needs a Hugging Face decoder model, got {type(model).__name__}")
-    layers = _plan_layers(model, config)
-    implementation = None
-    if config.infuse_kv:
-        attention = decoder_of(model).config._attn_implementation
-        implementation = mit_implementation(base_implementation(attention or "eager"))
-    return MiTPlan(config, implementation, layers)
+    return MiTPlan(config, _implementation(model, config), plan_mit_layers(model, config))
 
 
-def _plan_layers(
+def _implementation(model: nn.Module, config: MiTConfig) -> str | None:
+    """The ``"mit_" + base`` attention implementation ``config`` needs on ``model`` (None without key/value
+    infusion); registers it in transformers."""
+    if not config.infuse_kv:
+        return None
+    attention = decoder_of(model).config._attn_implementation
+    return mit_implementation(base_implementation(attention or "eager"))
+
+
+def plan_mit_layers(
     model: nn.Module, config: MiTConfig, like: torch.Tensor | None = None
 ) -> list[tuple[str, nn.Module, MiTKVInfusion | None, MiTFFNInfusion | None]]:
     """(name, layer, new kv infusion, new ffn infusion) per layer ``config`` infuses in ``model``; the modules are
@@ -454,5 +541,5 @@ def planned_mit_parameters(model: nn.Module, config: MiTConfig) -> dict[str, tor
     """Name -> shape of every MiT parameter ``config`` gives ``model`` (plain or already an MiT model), built on the
     meta device from the constructors :func:`apply_mit` uses, without changing ``model``: what an adapter saved with
     ``config`` must hold to load into the plain base model."""
-    layers = _plan_layers(model, config, torch.empty(0, device="meta"))
+    layers = plan_mit_layers(model, config, torch.empty(0, device="meta"))
     return {name: p.shape for name, p in MiTPlan(config, None, layers).named_parameters()}

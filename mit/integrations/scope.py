@@ -22,12 +22,10 @@ instead of at every decoding step.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
-
-if TYPE_CHECKING:
-    from .infusion import MiTFFNInfusion
+from torch import nn
 
 
 class FFNBinding(NamedTuple):
@@ -40,7 +38,7 @@ class FFNBinding(NamedTuple):
             pre-hook), else None.
     """
 
-    infusion: MiTFFNInfusion
+    infusion: nn.Module  # the MiTFFNInfusion (typed loosely: mit.integrations.infusion imports this module)
     modality_embedding: torch.Tensor
     down_proj_scale: torch.Tensor | None = None
 
@@ -63,7 +61,7 @@ def bind_ffn(binding: FFNBinding | None) -> FFNBinding | None:
     return previous
 
 
-def current_ffn(infusion: MiTFFNInfusion) -> FFNBinding | None:
+def current_ffn(infusion: nn.Module) -> FFNBinding | None:
     """The current thread's binding for ``infusion``, or None (no embedding for it in this call)."""
     binding = _scope.ffn
     if binding is None or binding.infusion is not infusion:

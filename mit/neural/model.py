@@ -20,16 +20,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import re
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from ..integrations.classes import Rebuildable, RefusesPretrained, mit_subclass, register_kind
-from ..integrations.families import family_of
-from ..integrations.model import count_parameters, decoder_of, is_mit_model, padding_aware_position_ids
+from ..hf.classes import Rebuildable, method_subclass
+from ..hf.decoder import decoder_of, padding_aware_position_ids
+from ..hf.families import family_of
+from ..hf.method_model import MethodModelMixin, RefusesPretrained
+from ..hf.reversible import disabled, disabled_depth, freeze, remove_hooks, restore_class, restore_requires_grad
+from ..hf.signature import splice_keyword_inputs
 from .config import NeuralTuningConfig
 from .neurons import NEURONS_NAME, NeuralState, NeuralTuningLayer
 from .tokens import ImageProjection, NewTokenRows, prepend_image_tokens
@@ -38,6 +40,9 @@ STATE_KWARG = "nt_state"
 UNDO_NAME = "_nt_undo"  # instance attribute of a neural-tuning model: its NeuralUndo
 DISABLED_NAME = "_nt_adapter_disabled"  # instance attribute while disable_adapter() contexts are open: their depth
 IMAGE_NAME, TOKENS_NAME = "nt_image_projection", "nt_new_tokens"
+ADAPTERS_NAME = "_nt_adapters"  # instance attribute of a neural-tuning model: {adapter name: NeuralAdapter}
+ACTIVE_NAME = "_nt_active_adapter"  # instance attribute of a neural-tuning model: the name of the attached adapter
+DEFAULT_ADAPTER = "default"  # the name apply_neural_tuning / load_neural_adapter give an adapter (peft's)
 _NT_NAME = re.compile(r"(^|\.)nt_")
 
 
@@ -50,6 +55,8 @@ def neural_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 class NTDecoderLayerMixin(Rebuildable):
     """Mixin of ``NT<DecoderLayer>``: the base layer's forward, with the per-forward :class:`NeuralState` (from the
     kwargs, so a gradient-checkpointing recomputation gets the same one) handed to the layer's neurons."""
+
+    _mit_prefix = "NT"
 
     def forward(self, *args, **kwargs):
         neurons: NeuralTuningLayer = getattr(self.self_attn, NEURONS_NAME)
@@ -72,16 +79,6 @@ class NTDecoderLayerMixin(Rebuildable):
             neurons.clear()
 
 
-def _signature_with(base: type, extra: list[inspect.Parameter]) -> tuple[inspect.Signature, inspect.Signature, str]:
-    signature = inspect.signature(base.forward)
-    parameters = list(signature.parameters.values())
-    var_keyword = next((p for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD), None)
-    if var_keyword is None:
-        raise ValueError(f"{base.__name__}.forward takes no **kwargs: the neural-tuning state cannot reach its layers")
-    where = parameters.index(var_keyword)
-    return signature, signature.replace(parameters=[*parameters[:where], *extra, *parameters[where:]]), var_keyword.name
-
-
 def refuse_modality_embedding(model: nn.Module, kwargs: dict) -> None:
     """ValueError when ``kwargs`` hold MiT's ``modality_embedding``: a neural-tuning model would pass it on to
     transformers, which ignores it, and return the outputs without it."""
@@ -95,7 +92,7 @@ def refuse_modality_embedding(model: nn.Module, kwargs: dict) -> None:
 
 def _decoder_forward(base: type) -> dict:
     """``forward`` of ``NT<Decoder>``: the base one with a fresh :class:`NeuralState` in its ``**kwargs``."""
-    _, signature, _ = _signature_with(base, [])
+    signature = splice_keyword_inputs(base, (), "neural-tuning").spliced
 
     def forward(self, *args, **kwargs):
         refuse_modality_embedding(self, kwargs)
@@ -109,13 +106,8 @@ def _decoder_forward(base: type) -> dict:
 def _model_forward(base: type) -> dict:
     """``forward`` of ``NT<Model>``: the base signature plus keyword-only ``image_features`` (B, P, image_dim) and
     ``image_mask`` (B,)."""
-    images = inspect.Parameter(
-        "image_features", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=torch.Tensor | None
-    )
-    image_mask = inspect.Parameter(
-        "image_mask", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=torch.Tensor | None
-    )
-    signature, nt_signature, var_keyword = _signature_with(base, [images, image_mask])
+    spliced = splice_keyword_inputs(base, ("image_features", "image_mask"), "neural-tuning")
+    signature, nt_signature, var_keyword = spliced.base, spliced.spliced, spliced.var_keyword
 
     def forward(
         self, *args, image_features: torch.Tensor | None = None, image_mask: torch.Tensor | None = None, **kwargs
@@ -144,6 +136,13 @@ class NTDecoderMixin(RefusesPretrained, Rebuildable):
     """Mixin of ``NT<Decoder>`` (the module holding ``layers``, when it is not the top-level model); its
     ``save_pretrained`` / ``from_pretrained`` are refused, as the top-level model's."""
 
+    _mit_prefix = "NT"
+
+    @classmethod
+    def subclass_attributes(cls, base: type) -> dict:
+        """``forward`` with the per-forward state (:func:`_decoder_forward`)."""
+        return _decoder_forward(base)
+
     _method = "neural tuning"
     _pretrained_hint = ("mit.save_neural_adapter", "mit.load_neural_adapter")
 
@@ -156,19 +155,23 @@ class NeuralUndo:
     Attributes:
         requires_grad: ``requires_grad`` of every base parameter, by name, before neural tuning froze them.
         vocab_size: the input embedding's number of rows before the new tokens resized it (None: not resized).
+        base_vocab_size: the input embedding's number of rows before neural tuning, resized or not (None: recorded
+            by an earlier release, which had one adapter: ``vocab_size``, or the rows it has while attached).
     """
 
     requires_grad: dict[str, bool]
     vocab_size: int | None
+    base_vocab_size: int | None = None
 
 
-class NeuralTuningModelMixin(RefusesPretrained, Rebuildable):
+class NeuralTuningModelMixin(MethodModelMixin, Rebuildable):
     """What ``apply_neural_tuning`` adds to the top-level model (mixin of ``NT<ModelClass>``). transformers'
-    ``save_pretrained`` / ``from_pretrained`` are refused (:class:`~mit.integrations.classes.RefusesPretrained`):
+    ``save_pretrained`` / ``from_pretrained`` are refused (:class:`~mit.hf.method_model.RefusesPretrained`):
     :func:`mit.save_neural_adapter` / :func:`mit.load_neural_adapter` round-trip the method."""
 
     neural_config: NeuralTuningConfig
     nt_new_token_ids: list[int]
+    _mit_prefix = "NT"
     _method = "neural tuning"
     _pretrained_hint = ("mit.save_neural_adapter", "mit.load_neural_adapter")
 
@@ -176,12 +179,47 @@ class NeuralTuningModelMixin(RefusesPretrained, Rebuildable):
         """(name, parameter) of every neural-tuning parameter (see :func:`neural_named_parameters`)."""
         return neural_named_parameters(self)
 
-    def print_trainable_parameters(self) -> None:
-        """Print ``trainable params: N || all params: M || trainable%: P`` (peft's format)."""
-        trainable, total = count_parameters(self)
-        print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
-        )
+    @classmethod
+    def subclass_attributes(cls, base: type) -> dict:
+        """``forward`` with ``image_features`` / ``image_mask`` (:func:`_model_forward`)."""
+        return _model_forward(base)
+
+    @property
+    def active_adapter(self) -> str:
+        """The name of the adapter the model computes with (``"default"`` unless named otherwise)."""
+        return active_neural_adapter(self)
+
+    def active_adapters(self) -> list[str]:
+        """``[active_adapter]`` (transformers' spelling: one adapter is active at a time)."""
+        return [active_neural_adapter(self)]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The names of the model's adapters, the active one included, in the order they were added."""
+        return list(neural_adapters(self))
+
+    def add_adapter(
+        self,
+        adapter_config: NeuralTuningConfig,
+        adapter_name: str | None = None,
+        tokenizer=None,
+        *,
+        new_token_ids: list[int] | None = None,
+    ) -> None:
+        """Add a new adapter ``adapter_name`` with its own ``NeuralTuningConfig`` (layers, image dim, new tokens...),
+        initialised as :func:`apply_neural_tuning` would, inactive: :meth:`set_adapter` switches to it (see
+        :func:`add_neural_adapter`)."""
+        if adapter_name is None:
+            raise ValueError("adapter_name: expected the new adapter's name, got None")
+        add_neural_adapter(self, adapter_config, adapter_name, tokenizer, new_token_ids=new_token_ids)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Compute with the adapter ``adapter_name`` from now on (see :func:`set_neural_adapter`)."""
+        set_neural_adapter(self, adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove the inactive adapter ``adapter_name`` (see :func:`delete_neural_adapter`)."""
+        delete_neural_adapter(self, adapter_name)
 
     def unload(self) -> nn.Module:
         """Remove neural tuning from this model, in place, and return the base model (see :func:`unload_neural`)."""
@@ -193,7 +231,7 @@ class NeuralTuningModelMixin(RefusesPretrained, Rebuildable):
 
     def neural_adapter_disabled(self) -> bool:
         """True inside a :meth:`disable_adapter` context."""
-        return self.__dict__.get(DISABLED_NAME, 0) > 0
+        return disabled_depth(self, DISABLED_NAME) > 0
 
     def _nt_prepare_images(
         self, arguments: dict, image_features: torch.Tensor, image_mask: torch.Tensor | None = None
@@ -243,11 +281,6 @@ class NeuralTuningModelMixin(RefusesPretrained, Rebuildable):
                                 **kwargs)  # fmt: skip
 
 
-register_kind("nt_decoder_layer", NTDecoderLayerMixin, prefix="NT")
-register_kind("nt_decoder", NTDecoderMixin, _decoder_forward, prefix="NT")
-register_kind("nt_model", NeuralTuningModelMixin, _model_forward, prefix="NT")
-
-
 def is_neural_model(model: object) -> bool:
     """True for a model returned by :func:`apply_neural_tuning`."""
     return isinstance(model, NeuralTuningModelMixin)
@@ -263,28 +296,30 @@ def _make_neurons(layer: nn.Module, index: int, config: NeuralTuningConfig, mode
     return NeuralTuningLayer(config, index, model_config.hidden_size, heads * head_dim, kv_heads * head_dim, eps, like)
 
 
-def _attach_neurons(layer: nn.Module, index: int, config: NeuralTuningConfig, model_config) -> None:
+def _hook_neurons(layer: nn.Module, index: int, neurons: NeuralTuningLayer) -> None:
+    """Attach ``neurons`` to decoder layer ``layer`` (``self_attn.nt_neurons``), with their forward hooks on the
+    attention's projections, and switch the layer to its ``NT<Layer>`` class."""
     attention = layer.self_attn
-    neurons = _make_neurons(layer, index, config, model_config, next(attention.parameters()))
-    setattr(attention, NEURONS_NAME, neurons)
     if all(isinstance(getattr(attention, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj")):
-        attention.q_proj.register_forward_hook(neurons.add_q)
-        attention.v_proj.register_forward_hook(neurons.add_v)
+        hooks = [(attention.q_proj, neurons.add_q), (attention.v_proj, neurons.add_v)]
         if neurons.with_k:
-            attention.k_proj.register_forward_hook(neurons.add_k)
+            hooks.append((attention.k_proj, neurons.add_k))
     elif isinstance(getattr(attention, "qkv_proj", None), nn.Linear):
         if attention.qkv_proj.out_features != neurons.q_features + 2 * neurons.kv_features:
             raise ValueError(
                 f"qkv_proj of layer {index} has {attention.qkv_proj.out_features} outputs, expected "
                 f"Hq*D + 2*Hkv*D = {neurons.q_features + 2 * neurons.kv_features}"
             )
-        attention.qkv_proj.register_forward_hook(neurons.add_qkv)
+        hooks = [(attention.qkv_proj, neurons.add_qkv)]
     else:
         raise ValueError(
             f"neural tuning needs q_proj/k_proj/v_proj or qkv_proj Linear modules; {type(attention).__name__} of "
             f"layer {index} has neither"
         )
-    layer.__class__ = mit_subclass(NTDecoderLayerMixin, type(layer))
+    setattr(attention, NEURONS_NAME, neurons)
+    for module, hook in hooks:
+        module.register_forward_hook(hook)
+    layer.__class__ = method_subclass(NTDecoderLayerMixin, type(layer))
 
 
 def planned_neural_parameters(
@@ -322,77 +357,51 @@ def _check_contiguous(token_ids: list[int]) -> None:
         raise ValueError(f"the new tokens must have contiguous ids, got {token_ids}")
 
 
-def _add_new_tokens(model: nn.Module, token_ids: list[int]) -> None:
-    first = token_ids[0]
-    embedding = model.get_input_embeddings()
-    if embedding.num_embeddings < first + len(token_ids):
-        model.resize_token_embeddings(first + len(token_ids))
-        embedding = model.get_input_embeddings()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = head is not None and head.weight is embedding.weight
-    rows = slice(first, first + len(token_ids))
-    init_head = None if head is None or tied else head.weight[rows]
-    tokens = NewTokenRows(first, embedding.weight[rows], init_head, tied)
-    embedding.weight.requires_grad_(False)
-    setattr(model, TOKENS_NAME, tokens)
-    embedding.register_forward_hook(tokens.embed_hook)
-    if tokens.head is not None:
-        head.weight.requires_grad_(False)
-        head.register_forward_hook(tokens.head_hook)
-
-
 def apply_neural_tuning(
-    model: nn.Module, config: NeuralTuningConfig, tokenizer=None, *, new_token_ids: list[int] | None = None
+    model: nn.Module,
+    config: NeuralTuningConfig,
+    tokenizer=None,
+    *,
+    new_token_ids: list[int] | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
 ) -> nn.Module:
     """Turn a Hugging Face decoder model of a supported family into a neural-tuning model, in place, and return it.
 
     ``tokenizer`` is needed when ``config.new_tokens`` is not empty: the tokens are added to it (as special tokens)
     and the model's embedding is resized to hold them. ``new_token_ids`` (used by the adapter loader) gives their ids
-    instead of a tokenizer."""
+    instead of a tokenizer. The adapter is named ``adapter_name`` (more are added with
+    ``model.add_adapter(config, name)``)."""
+    check_adapter_name(adapter_name)
     if not isinstance(config, NeuralTuningConfig):
         raise ValueError(f"config must be a mit.NeuralTuningConfig, got {type(config).__name__}")
-    if is_neural_model(model) or is_mit_model(model):
+    if isinstance(model, Rebuildable):  # MiT or neural tuning already applied
         raise ValueError(f"apply_neural_tuning needs a plain model; this one is already a {type(model).__name__}")
     if not isinstance(model, nn.Module):
         raise ValueError(f"apply_neural_tuning needs a Hugging Face decoder model, got {type(model).__name__}")
     decoder = decoder_of(model)
     family_of(decoder.config)  # validates the model type
-    layers = config.resolved_layers(len(decoder.layers))
+    config.resolved_layers(len(decoder.layers))
     if config.new_tokens and new_token_ids is None:
         if tokenizer is None:
             raise ValueError(f"config.new_tokens={config.new_tokens} need a tokenizer to add them to, got None")
         tokenizer.add_tokens(list(config.new_tokens), special_tokens=True)
         new_token_ids = [int(i) for i in tokenizer.convert_tokens_to_ids(list(config.new_tokens))]
-    if new_token_ids is not None and len(new_token_ids) != len(config.new_tokens):
-        raise ValueError(
-            f"new_token_ids must have one id per new token ({len(config.new_tokens)}), got {new_token_ids}"
-        )
-    _check_contiguous(list(new_token_ids or []))
+    new_token_ids = _resolve_new_token_ids(config, None, new_token_ids)
 
-    undo = NeuralUndo(
-        requires_grad={name: p.requires_grad for name, p in model.named_parameters()},
-        vocab_size=model.get_input_embeddings().num_embeddings
-        if new_token_ids and model.get_input_embeddings().num_embeddings < new_token_ids[0] + len(new_token_ids)
-        else None,
-    )
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for index in layers:
-        _attach_neurons(decoder.layers[index], index, config, decoder.config)
-    like = next(decoder.parameters())
-    if config.image_dim is not None:
-        setattr(model, IMAGE_NAME, ImageProjection(config.image_dim, decoder.config.hidden_size, like))
-    if new_token_ids:
-        _add_new_tokens(model, list(new_token_ids))
+    rows = model.get_input_embeddings().num_embeddings
+    grown = bool(new_token_ids) and rows < new_token_ids[0] + len(new_token_ids)
+    undo = NeuralUndo(requires_grad=freeze(model), vocab_size=rows if grown else None, base_vocab_size=rows)
+    if grown:  # the new rows are initialised by transformers' resize, as they were before named adapters
+        model.resize_token_embeddings(new_token_ids[0] + len(new_token_ids))
+        _freeze_vocabulary(model)
+    adapter = _build_adapter(model, config, new_token_ids)
+    _attach(model, adapter, rows)
     if decoder is not model:
-        decoder.__class__ = mit_subclass(NTDecoderMixin, type(decoder))
-    model.__class__ = mit_subclass(NeuralTuningModelMixin, type(model))
-    for name, module in model.named_modules():  # new modules follow the model's train / eval mode
-        if _NT_NAME.search(name):
-            module.train(model.training)
-    model.neural_config = config
-    model.nt_new_token_ids = list(new_token_ids or [])
+        decoder.__class__ = method_subclass(NTDecoderMixin, type(decoder))
+    model.__class__ = method_subclass(NeuralTuningModelMixin, type(model))
     model.__dict__[UNDO_NAME] = undo
+    model.__dict__[ADAPTERS_NAME] = {adapter_name: adapter}
+    model.__dict__[ACTIVE_NAME] = adapter_name
     return model
 
 
@@ -417,45 +426,367 @@ def unload_neural(model: nn.Module) -> nn.Module:
 
     The forward hooks neural tuning registered (on the attention projections, the input embedding and the LM head;
     found by their bound methods, so this works after ``copy.deepcopy`` / pickling) are removed and other hooks keep
-    their place; the ``nt_*`` modules are detached (task heads attached as ``nt_*`` too); every ``NT<Class>``
-    instance gets its own class back; every base parameter's ``requires_grad`` gets its recorded value;
-    ``neural_config`` and ``nt_new_token_ids`` go. When the new tokens had grown the vocabulary, the embeddings are
-    resized back with ``resize_token_embeddings`` (the rows kept are the original ones, bit for bit, and
-    ``config.vocab_size`` comes back; an untied LM head is then a new module of the same class, as it already was
-    after the resize that grew it). A tokenizer that got the new tokens keeps them. ValueError for a model that is
-    not a neural-tuning model, or inside its ``disable_adapter()`` context."""
+    their place; the ``nt_*`` modules are detached (task heads attached as ``nt_*`` too) and every named adapter goes;
+    every ``NT<Class>`` instance gets its own class back; every base parameter's ``requires_grad`` gets its recorded
+    value; ``neural_config`` and ``nt_new_token_ids`` go. When the active adapter's new tokens had grown the
+    vocabulary, the embeddings are resized back with ``resize_token_embeddings`` (the rows kept are the original ones,
+    bit for bit, and ``config.vocab_size`` comes back; an untied LM head is then a new module of the same class, as it
+    already was after the resize that grew it). A tokenizer that got the new tokens keeps them. ValueError for a model
+    that is not a neural-tuning model, or inside its ``disable_adapter()`` context."""
     if not is_neural_model(model):
         raise ValueError(f"model: unload needs a model returned by mit.apply_neural_tuning, got {type(model).__name__}")
     if model.neural_adapter_disabled():
         raise ValueError("model: unload inside its disable_adapter() context; leave the context first")
     undo: NeuralUndo | None = model.__dict__.get(UNDO_NAME)
-    owners = {id(module) for module in _method_modules(model)}
+    base_vocab = _base_vocab_size(model)
+    owners = _method_modules(model)
     for module in list(model.modules()):
-        for key, hook in list(module._forward_hooks.items()):
-            if id(getattr(hook, "__self__", None)) in owners and getattr(hook, "__func__", None) in _HOOK_METHODS:
-                del module._forward_hooks[key]
-                module._forward_hooks_with_kwargs.pop(key, None)
-                module._forward_hooks_always_called.pop(key, None)
+        remove_hooks(module, owners, _HOOK_METHODS, pre=False)
         for name in list(module._modules):
             if name.startswith("nt_"):  # the neurons, the image projection, the new-token rows, nt_* task heads
                 delattr(module, name)
         if module is not model and isinstance(module, (NTDecoderLayerMixin, NTDecoderMixin)):
-            module.__class__ = module._mit_base
-    if undo is not None and undo.vocab_size is not None:
-        model.resize_token_embeddings(undo.vocab_size)
+            restore_class(module)
+    if model.get_input_embeddings().num_embeddings != base_vocab:
+        model.resize_token_embeddings(base_vocab)
     if undo is not None:
-        for name, param in model.named_parameters():
-            if name in undo.requires_grad:
-                param.requires_grad_(undo.requires_grad[name])
-    model.__class__ = model._mit_base
+        restore_requires_grad(model, undo.requires_grad)
+    restore_class(model)
     del model.neural_config
     del model.nt_new_token_ids
-    model.__dict__.pop(UNDO_NAME, None)
+    for name in (UNDO_NAME, ADAPTERS_NAME, ACTIVE_NAME):
+        model.__dict__.pop(name, None)
     return model
 
 
-@contextlib.contextmanager
-def disable_neural_adapter(model: nn.Module) -> Iterator[None]:
+@dataclasses.dataclass
+class NeuralAdapter:
+    """One named adapter of a neural-tuning model: its config, its new tokens' ids and its modules (the same objects
+    whether it is attached or not, so its parameters keep their identity across switches).
+
+    Attributes:
+        config: its :class:`NeuralTuningConfig` (while active, ``model.neural_config`` is the one in force).
+        new_token_ids: its new tokens' ids (while active, ``model.nt_new_token_ids``).
+        neurons: decoder layer index -> its :class:`NeuralTuningLayer`.
+        image: its :class:`ImageProjection` (None without ``image_dim``).
+        tokens: its :class:`NewTokenRows` (None without new tokens).
+        grown_rows: while detached, the input embedding's (and an untied LM head's) rows beyond the base vocabulary
+            it had grown, given back when it is attached again (None: none).
+    """
+
+    config: NeuralTuningConfig
+    new_token_ids: list[int]
+    neurons: dict[int, NeuralTuningLayer]
+    image: ImageProjection | None = None
+    tokens: NewTokenRows | None = None
+    grown_rows: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def modules(self) -> list[nn.Module]:
+        """Its modules: the neurons, then the image projection and the new-token rows when it has them."""
+        return [*self.neurons.values(), *(m for m in (self.image, self.tokens) if m is not None)]
+
+    def named_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+        """Its parameters, named as they are in ``model`` while it is the active adapter."""
+        decoder = decoder_of(model)
+        names = {id(m): n for n, m in model.named_modules()}
+        for index, neurons in self.neurons.items():
+            yield from neurons.named_parameters(prefix=f"{names[id(decoder.layers[index].self_attn)]}.{NEURONS_NAME}")
+        if self.image is not None:
+            yield from self.image.named_parameters(prefix=IMAGE_NAME)
+        if self.tokens is not None:
+            yield from self.tokens.named_parameters(prefix=TOKENS_NAME)
+
+
+def check_adapter_name(adapter_name: object) -> str:
+    """``adapter_name`` when it is a non-empty string without dots, else ValueError naming it."""
+    if not (isinstance(adapter_name, str) and adapter_name and "." not in adapter_name):
+        raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+    return adapter_name
+
+
+def _require_neural(model: object, what: str) -> None:
+    if not is_neural_model(model):
+        raise ValueError(f"model: {what} needs a model returned by mit.apply_neural_tuning, got {type(model).__name__}")
+
+
+def _attached_adapter(model: nn.Module) -> NeuralAdapter:
+    """The adapter attached to ``model`` now (for a model pickled by an earlier release, which records none)."""
+    neurons = {}
+    for index, layer in enumerate(decoder_of(model).layers):
+        found = layer.self_attn._modules.get(NEURONS_NAME)
+        if isinstance(found, NeuralTuningLayer):
+            neurons[index] = found
+    image, tokens = model._modules.get(IMAGE_NAME), model._modules.get(TOKENS_NAME)
+    return NeuralAdapter(model.neural_config, list(model.nt_new_token_ids), neurons, image, tokens)
+
+
+def neural_adapters(model: nn.Module) -> dict[str, NeuralAdapter]:
+    """The adapters of a neural-tuning model, by name: the active one attached, the others kept (with their own
+    modules and parameters) off the model, outside its module tree and state dict."""
+    _require_neural(model, "neural_adapters")
+    adapters = model.__dict__.get(ADAPTERS_NAME)
+    if adapters is None:  # pickled by an earlier release: one adapter, attached
+        adapters = model.__dict__[ADAPTERS_NAME] = {DEFAULT_ADAPTER: _attached_adapter(model)}
+        model.__dict__[ACTIVE_NAME] = DEFAULT_ADAPTER
+    return adapters
+
+
+def active_neural_adapter(model: nn.Module) -> str:
+    """The name of the adapter a neural-tuning model computes with now."""
+    neural_adapters(model)
+    return model.__dict__[ACTIVE_NAME]
+
+
+def _base_vocab_size(model: nn.Module) -> int:
+    """The input embedding's number of rows before neural tuning."""
+    undo: NeuralUndo | None = model.__dict__.get(UNDO_NAME)
+    if undo is not None and undo.base_vocab_size is not None:
+        return undo.base_vocab_size
+    if undo is not None and undo.vocab_size is not None:
+        return undo.vocab_size
+    return model.get_input_embeddings().num_embeddings  # an earlier release's model: its one adapter did not grow it
+
+
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
+def _resolve_new_token_ids(config: NeuralTuningConfig, tokenizer, new_token_ids: list[int] | None) -> list[int] | None:
+    """The new tokens' ids: ``new_token_ids`` checked, or (with a tokenizer) the ids the tokenizer would give them,
+    without adding them yet."""
+    if config.new_tokens and new_token_ids is None:
+        if tokenizer is None:
+            raise ValueError(f"config.new_tokens={config.new_tokens} need a tokenizer to add them to, got None")
+        new_token_ids = _ids_after_adding(tokenizer, list(config.new_tokens))
+    if new_token_ids is not None and len(new_token_ids) != len(config.new_tokens):
+        raise ValueError(
+            f"new_token_ids must have one id per new token ({len(config.new_tokens)}), got {new_token_ids}"
+        )
+    _check_contiguous(list(new_token_ids or []))
+    return [int(i) for i in new_token_ids] if new_token_ids else None
+
+
+def _ids_after_adding(tokenizer, tokens: list[str]) -> list[int]:
+    """The ids ``tokenizer.add_tokens(tokens)`` would give (a token already known keeps its id; new ones are numbered
+    from ``len(tokenizer)`` in order), without adding them."""
+    vocab = tokenizer.get_vocab()
+    ids, following = [], len(tokenizer)
+    for token in tokens:
+        if token in vocab:
+            ids.append(int(vocab[token]))
+        else:
+            vocab[token] = following
+            ids.append(following)
+            following += 1
+    return ids
+
+
+def _add_tokens(tokenizer, config: NeuralTuningConfig, expected: list[int] | None) -> None:
+    """Add the config's new tokens to ``tokenizer`` (as special tokens); ValueError unless they get ``expected``."""
+    tokenizer.add_tokens(list(config.new_tokens), special_tokens=True)
+    ids = [int(i) for i in tokenizer.convert_tokens_to_ids(list(config.new_tokens))]
+    if ids != expected:
+        raise ValueError(f"tokenizer: gave the new tokens {config.new_tokens} ids {ids}, expected {expected}")
+
+
+def _initial_rows(weight: torch.Tensor, token_ids: list[int], base: int) -> torch.Tensor:
+    """The rows ``token_ids`` of ``weight`` (num, hidden); an id beyond its rows gets the mean of the base rows (the
+    centre of transformers' mean resizing, the vocabulary is not grown for an inactive adapter)."""
+    mean = None
+    rows = []
+    for i in token_ids:
+        if i < weight.shape[0]:
+            rows.append(weight[i])
+        else:
+            if mean is None:
+                mean = weight[:base].float().mean(0).to(weight.dtype)
+            rows.append(mean)
+    return torch.stack(rows).detach()
+
+
+def _build_adapter(model: nn.Module, config: NeuralTuningConfig, new_token_ids: list[int] | None) -> NeuralAdapter:
+    """A new adapter's modules for ``model`` (not attached), initialised as :func:`apply_neural_tuning` does: the
+    neurons as configured, the new-token rows from the embedding (and untied LM head) rows at their ids."""
+    decoder = decoder_of(model)
+    layers = config.resolved_layers(len(decoder.layers))
+    neurons = {
+        index: _make_neurons(
+            decoder.layers[index], index, config, decoder.config, next(decoder.layers[index].self_attn.parameters())
+        )
+        for index in layers
+    }
+    image = None
+    if config.image_dim is not None:
+        image = ImageProjection(config.image_dim, decoder.config.hidden_size, next(decoder.parameters()))
+    tokens = None
+    if new_token_ids:
+        base = _base_vocab_size(model) if is_neural_model(model) else model.get_input_embeddings().num_embeddings
+        embedding, head = model.get_input_embeddings(), _output_embeddings(model)
+        tied = head is not None and head.weight is embedding.weight
+        init_head = None if head is None or tied else _initial_rows(head.weight, new_token_ids, base)
+        tokens = NewTokenRows(new_token_ids[0], _initial_rows(embedding.weight, new_token_ids, base), init_head, tied)
+    return NeuralAdapter(config, list(new_token_ids or []), neurons, image, tokens)
+
+
+def _freeze_vocabulary(model: nn.Module) -> None:
+    """``requires_grad=False`` on the input embedding and LM head weights (a resize may give a new LM head)."""
+    model.get_input_embeddings().weight.requires_grad_(False)
+    head = _output_embeddings(model)
+    if head is not None:
+        head.weight.requires_grad_(False)
+
+
+def _attach(model: nn.Module, adapter: NeuralAdapter, base_vocab: int) -> None:
+    """Put ``adapter``'s modules (and their hooks) on ``model`` (growing the vocabulary when its new tokens need it)
+    and make its config and new token ids the model's."""
+    decoder = decoder_of(model)
+    for index, neurons in adapter.neurons.items():
+        _hook_neurons(decoder.layers[index], index, neurons)
+    if adapter.image is not None:
+        setattr(model, IMAGE_NAME, adapter.image)
+    tokens = adapter.tokens
+    if tokens is not None:
+        end = tokens.first_id + tokens.num
+        if model.get_input_embeddings().num_embeddings < end:
+            model.resize_token_embeddings(end)
+            _freeze_vocabulary(model)
+            if adapter.grown_rows is not None:  # the rows it had grown before, bit for bit
+                grown_embedding, grown_head = adapter.grown_rows
+                with torch.no_grad():
+                    model.get_input_embeddings().weight[base_vocab:].copy_(grown_embedding)
+                    if grown_head is not None:
+                        _output_embeddings(model).weight[base_vocab:].copy_(grown_head)
+        adapter.grown_rows = None
+        embedding, head = model.get_input_embeddings(), _output_embeddings(model)
+        setattr(model, TOKENS_NAME, tokens)
+        embedding.register_forward_hook(tokens.embed_hook)
+        if tokens.head is not None:
+            head.register_forward_hook(tokens.head_hook)
+    for module in adapter.modules():  # the modules follow the model's train / eval mode
+        module.train(model.training)
+    model.neural_config = adapter.config
+    model.nt_new_token_ids = list(adapter.new_token_ids)
+
+
+def _detach(model: nn.Module, adapter: NeuralAdapter, base_vocab: int) -> None:
+    """Take ``adapter``'s modules and hooks off ``model`` (other hooks keep their place), give its layers their own
+    classes back and the vocabulary its base size (keeping the grown rows in ``adapter.grown_rows``)."""
+    owners = adapter.modules()
+    for module in list(model.modules()):
+        remove_hooks(module, owners, _HOOK_METHODS, pre=False)
+    decoder = decoder_of(model)
+    for index, neurons in adapter.neurons.items():
+        layer = decoder.layers[index]
+        if layer.self_attn._modules.get(NEURONS_NAME) is neurons:
+            delattr(layer.self_attn, NEURONS_NAME)
+        if isinstance(layer, NTDecoderLayerMixin):
+            restore_class(layer)
+    for name, module in ((IMAGE_NAME, adapter.image), (TOKENS_NAME, adapter.tokens)):
+        if module is not None and model._modules.get(name) is module:
+            delattr(model, name)
+    embedding = model.get_input_embeddings()
+    if embedding.num_embeddings > base_vocab:
+        head = _output_embeddings(model)
+        untied = head is not None and head.weight is not embedding.weight and head.weight.shape[0] > base_vocab
+        adapter.grown_rows = (
+            embedding.weight[base_vocab:].detach().clone(),
+            head.weight[base_vocab:].detach().clone() if untied else None,
+        )
+        model.resize_token_embeddings(base_vocab)
+        _freeze_vocabulary(model)
+
+
+def plan_neural_adapter(
+    model: nn.Module,
+    config: NeuralTuningConfig,
+    adapter_name: str,
+    tokenizer=None,
+    new_token_ids: list[int] | None = None,
+) -> NeuralAdapter:
+    """A new adapter ``adapter_name`` with ``config`` for a neural-tuning model: its modules, initialised as
+    :func:`apply_neural_tuning` would; neither the model nor ``tokenizer`` is touched. ValueError naming the argument
+    for a name in use or a config that does not fit."""
+    _require_neural(model, "add_adapter")
+    adapters = neural_adapters(model)
+    check_adapter_name(adapter_name)
+    if adapter_name in adapters:
+        raise ValueError(f"adapter_name {adapter_name!r} is in use; the model's adapters: {sorted(adapters)}")
+    if not isinstance(config, NeuralTuningConfig):
+        raise ValueError(f"config must be a mit.NeuralTuningConfig, got {type(config).__name__}")
+    return _build_adapter(model, config, _resolve_new_token_ids(config, tokenizer, new_token_ids))
+
+
+def add_neural_adapter(
+    model: nn.Module,
+    config: NeuralTuningConfig,
+    adapter_name: str,
+    tokenizer=None,
+    *,
+    new_token_ids: list[int] | None = None,
+    adapter: NeuralAdapter | None = None,
+) -> NeuralAdapter:
+    """Add a new adapter ``adapter_name`` with ``config`` (its own layers, image dim, new tokens) to a neural-tuning
+    model, inactive (as peft's ``add_adapter``): :func:`set_neural_adapter` makes it the one the model computes with.
+    Its new tokens are added to ``tokenizer`` now (or given as ``new_token_ids``); the vocabulary grows when the adapter
+    is activated. Its modules are ``adapter``'s (from :func:`plan_neural_adapter`, possibly filled since) or new ones.
+    Returns it; its ``named_parameters(model)`` are its parameters, named as they are once active."""
+    if adapter is None:
+        adapter = plan_neural_adapter(model, config, adapter_name, tokenizer, new_token_ids)
+    if tokenizer is not None and config.new_tokens:
+        ids = _ids_after_adding(tokenizer, list(config.new_tokens))
+        if ids != adapter.new_token_ids:  # checked before the tokenizer changes
+            raise ValueError(
+                f"tokenizer: would give the new tokens {config.new_tokens} ids {ids}, expected {adapter.new_token_ids}"
+            )
+        _add_tokens(tokenizer, config, adapter.new_token_ids)
+    neural_adapters(model)[adapter_name] = adapter
+    return adapter
+
+
+def _unknown(adapter_name: object, adapters: dict) -> ValueError:
+    return ValueError(
+        f"adapter_name {adapter_name!r} is not an adapter of this model; its adapters: {sorted(adapters)}"
+    )
+
+
+def set_neural_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Make ``adapter_name`` the adapter a neural-tuning model computes with: the active adapter's modules and hooks
+    come off the model (kept, with their parameters, for a later switch back; a vocabulary it grew gets its base size
+    back) and the named one's go on (growing the vocabulary when its new tokens need it). ``model.neural_config`` and
+    ``model.nt_new_token_ids`` become its own. The parameters of each adapter stay the same objects across switches
+    (an optimizer holding them keeps working). Refused inside a ``disable_adapter()`` context."""
+    adapters = neural_adapters(model)
+    if adapter_name not in adapters:
+        raise _unknown(adapter_name, adapters)
+    active = model.__dict__[ACTIVE_NAME]
+    if adapter_name == active:
+        return
+    if model.neural_adapter_disabled():
+        raise ValueError("model: set_adapter inside its disable_adapter() context; leave the context first")
+    current = adapters[active]
+    current.config, current.new_token_ids = model.neural_config, list(model.nt_new_token_ids)
+    base_vocab = _base_vocab_size(model)
+    _detach(model, current, base_vocab)
+    _attach(model, adapters[adapter_name], base_vocab)
+    model.__dict__[ACTIVE_NAME] = adapter_name
+
+
+def delete_neural_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove the inactive adapter ``adapter_name`` (its modules and parameters go with it; a tokenizer keeps its new
+    tokens). The active adapter is not deleted (ValueError): switch to another one first, or :func:`unload_neural`
+    the model."""
+    adapters = neural_adapters(model)
+    if adapter_name not in adapters:
+        raise _unknown(adapter_name, adapters)
+    if adapter_name == model.__dict__[ACTIVE_NAME]:
+        raise ValueError(
+            f"adapter_name {adapter_name!r} is the active adapter; set_adapter(...) another one first, or unload() "
+            "the model"
+        )
+    del adapters[adapter_name]
+
+
+def disable_neural_adapter(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Context manager: inside it, ``model`` (a neural-tuning model) computes its base model, bit for bit: the
     neurons' deltas and the new-token rows are off (their hooks return the modules' own outputs), and
     ``image_features`` / ``image_mask`` given to ``forward`` / ``generate`` are accepted and ignored. With new tokens
@@ -467,17 +798,14 @@ def disable_neural_adapter(model: nn.Module) -> Iterator[None]:
         raise ValueError(
             f"model: disable_adapter needs a model returned by mit.apply_neural_tuning, got {type(model).__name__}"
         )
-    previous = model.__dict__.get(DISABLED_NAME, 0)
-    model.__dict__[DISABLED_NAME] = previous + 1
     modules = _method_modules(model)
-    for module in modules:
-        module.disabled = True
-    try:
-        yield
-    finally:
-        if previous:
-            model.__dict__[DISABLED_NAME] = previous
-        else:
-            model.__dict__.pop(DISABLED_NAME, None)
-            for module in modules:
-                module.__dict__.pop("disabled", None)
+
+    def switch_off() -> None:
+        for module in modules:
+            module.disabled = True
+
+    def switch_on() -> None:
+        for module in modules:
+            module.__dict__.pop("disabled", None)
+
+    return disabled(model, DISABLED_NAME, on_first=switch_off, on_last=switch_on)

@@ -32,7 +32,7 @@ import weakref
 import torch
 from torch import nn
 
-from ..integrations.infusion import trainable_dtype
+from ..hf.parameters import trainable_dtype
 
 NEURONS_NAME = "nt_neurons"  # attribute of an adapted layer's self_attn
 

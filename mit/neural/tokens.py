@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..integrations.infusion import trainable_dtype
+from ..hf.parameters import trainable_dtype
 
 
 class ImageProjection(nn.Module):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 import mit
-from mit.integrations import adapter_files, directory_swap
+from mit.hf import adapter_files, directory_swap
 
 CONFIG = mit.MiTConfig(modality_dim=fam.MODALITY_DIM, layers=[0, 1])
 OTHER = mit.MiTConfig(modality_dim=fam.MODALITY_DIM, layers=[1], infuse_ffn=False)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mit
-from mit.integrations import adapter_files
+from mit.hf import adapter_files
 
 CONFIG = mit.MiTConfig(modality_dim=fam.MODALITY_DIM, layers=[0, 1])
 KV = "model.layers.1.self_attn.mit_kv_infusion.map.weight"

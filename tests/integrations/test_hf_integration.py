@@ -156,7 +156,7 @@ def test_bad_modality_embedding_and_bad_models():
         model(ids, attention_mask=mask, modality_embedding=torch.randn(3, 8))
     with pytest.raises(ValueError, match="already applied"):
         mit.apply_mit(model, mit.MiTConfig(modality_dim=MODALITY_DIM))
-    with pytest.raises(ValueError, match="needs a Hugging Face decoder model"):
+    with pytest.raises(ValueError, match="expected a Hugging Face decoder model"):
         mit.apply_mit(torch.nn.Linear(2, 2), mit.MiTConfig(modality_dim=MODALITY_DIM))
     with pytest.raises(ValueError, match=r"must be a mit\.MiTConfig"):
         mit.apply_mit(tiny_model(), {"modality_dim": 16})

@@ -10,52 +10,13 @@ import inspect
 import pytest
 import torch
 from integration_families import FAMILIES, MODALITY_DIM, embedding, model, padded_batch, randomise
+from model_equality import assert_same_model
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import mit
-from mit.integrations.lifecycle import NEURAL_CONFIG_NAME
+from mit.lifecycle import NEURAL_CONFIG_NAME
 
 FAMILY_NAMES = sorted(FAMILIES)
-HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-    "_state_dict_hooks",
-    "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
-
-
-def assert_same_model(got: torch.nn.Module, expected: torch.nn.Module) -> None:
-    """``got`` is ``expected`` bit for bit: classes, module tree, attributes, hooks, state dict, requires_grad,
-    config (with the attention implementation)."""
-    assert type(got) is type(expected)
-    got_modules, expected_modules = dict(got.named_modules()), dict(expected.named_modules())
-    assert list(got_modules) == list(expected_modules)
-    for name, module in got_modules.items():
-        other = expected_modules[name]
-        assert type(module) is type(other), name
-        assert sorted(vars(module)) == sorted(vars(other)), name
-        assert list(module._modules) == list(other._modules), name
-        for hooks in HOOK_DICTS:
-            assert len(getattr(module, hooks)) == len(getattr(other, hooks)), (name, hooks)
-        assert module.training == other.training, name
-    got_state, expected_state = got.state_dict(), expected.state_dict()
-    assert list(got_state) == list(expected_state)
-    for key, value in got_state.items():
-        assert value.dtype == expected_state[key].dtype, key
-        assert torch.equal(value, expected_state[key]), key
-    assert [(n, p.requires_grad) for n, p in got.named_parameters()] == [
-        (n, p.requires_grad) for n, p in expected.named_parameters()
-    ]
-    assert got.config._attn_implementation == expected.config._attn_implementation
-    assert got.config.to_dict() == expected.config.to_dict()
-    assert not mit.is_mit_model(got)
 
 
 def logits(m, **kwargs):

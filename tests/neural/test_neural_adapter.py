@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mit
-from mit.integrations import adapter_files
+from mit.hf import adapter_files
 from mit.neural import NeuralTuningConfig, apply_neural_tuning
 
 CONFIG = NeuralTuningConfig(rank=8, start_layer=2, image_dim=12, new_tokens=["<A>", "<B>"])

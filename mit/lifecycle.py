@@ -1,6 +1,6 @@
 """The package-level adapter life cycle, for both methods: load a trained model in one call
-(:func:`from_pretrained`), compute the base model for a while (:func:`disable_adapter`), give the base model back
-(:func:`unload`).
+(:func:`from_pretrained`), switch between named adapters (:func:`set_adapter`), compute the base model for a while
+(:func:`disable_adapter`), give the base model back (:func:`unload`).
 
 Each function dispatches on the kind of model (MiT: :mod:`mit.integrations.model`; neural tuning:
 :mod:`mit.neural.model`) or, for :func:`from_pretrained`, on the adapter directory's config file (``mit_config.json``
@@ -15,13 +15,12 @@ import pathlib
 
 from torch import nn
 
-from .adapter import load_adapter
-from .adapter_files import CONFIG_NAME
-from .model import disable_mit_adapter, is_mit_model, unload_mit
+from .integrations.adapter import CONFIG_NAME, load_adapter
+from .integrations.model import disable_mit_adapter, is_mit_model, unload_mit
 
 NEURAL_CONFIG_NAME = "neural_config.json"  # mit.neural.adapter.CONFIG_NAME (checked by the tests)
 
-__all__ = ["adapter_kind", "disable_adapter", "from_pretrained", "unload"]
+__all__ = ["adapter_kind", "disable_adapter", "from_pretrained", "set_adapter", "unload"]
 
 
 def _neural():
@@ -37,18 +36,33 @@ def _is_neural(model: object) -> bool:
     return neural is not None and neural.is_neural_model(model)
 
 
+def _neither(model: object, what: str) -> ValueError:
+    """The error for a model with neither method, naming ``model``."""
+    return ValueError(
+        f"model: {what} needs a model returned by mit.apply_mit or mit.apply_neural_tuning (or an adapter loader), "
+        f"got {type(model).__name__}"
+    )
+
+
 def unload(model: nn.Module) -> nn.Module:
     """Remove the method (MiT or neural tuning) from ``model``, in place, and return the base model exactly as it was
     before it was applied (classes, parameters and state dict, hooks, attention implementation, ``requires_grad``;
-    outputs bit for bit). ValueError naming ``model`` for a model with neither method."""
+    outputs bit for bit), every named adapter removed. ValueError naming ``model`` for a model with neither method."""
     if is_mit_model(model):
         return unload_mit(model)
     if _is_neural(model):
         return _neural().unload_neural(model)
-    raise ValueError(
-        f"model: unload needs a model returned by mit.apply_mit or mit.apply_neural_tuning (or an adapter loader), "
-        f"got {type(model).__name__}"
-    )
+    raise _neither(model, "unload")
+
+
+def set_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Make ``adapter_name`` the adapter ``model`` (MiT or neural tuning) computes with: ``model.set_adapter``
+    (adapters are added with ``model.add_adapter(config, name)`` or ``mit.load_adapter(model, directory, name)``).
+    ValueError naming ``model`` for a model with neither method, or naming ``adapter_name`` when it has no such
+    adapter."""
+    if is_mit_model(model) or _is_neural(model):
+        return model.set_adapter(adapter_name)
+    raise _neither(model, "set_adapter")
 
 
 def disable_adapter(model: nn.Module) -> contextlib.AbstractContextManager[None]:
@@ -59,10 +73,7 @@ def disable_adapter(model: nn.Module) -> contextlib.AbstractContextManager[None]
         return disable_mit_adapter(model)
     if _is_neural(model):
         return _neural().disable_neural_adapter(model)
-    raise ValueError(
-        f"model: disable_adapter needs a model returned by mit.apply_mit or mit.apply_neural_tuning (or an adapter "
-        f"loader), got {type(model).__name__}"
-    )
+    raise _neither(model, "disable_adapter")
 
 
 def adapter_kind(adapter_dir: str | os.PathLike) -> str:

@@ -1,13 +1,14 @@
 """The adapter directory, for MiT and neural-tuning adapters alike: one reader, one validator and one writer.
 
 An adapter is a directory holding exactly two files, read as one snapshot and written as one unit
-(:mod:`mit.integrations.directory_swap`: a reader sees the previous adapter or the new one, never a mix):
+(:mod:`mit.hf.directory_swap`: a reader sees the previous adapter or the new one, never a mix):
 
 - ``adapter_model.safetensors``: a readable safetensors file whose metadata ``format``, when present, is ``"pt"``, and
   whose tensors are all real floating point (no integer, bool or complex tensor). Which names and shapes it must hold
   depends on the model: the loaders check them against the parameters the config gives that model.
-- the JSON file of its kind (:class:`AdapterSchema`): ``mit_config.json`` (:data:`MIT_SCHEMA`) or
-  ``neural_config.json`` (``mit.neural.adapter.NEURAL_SCHEMA``), an object with exactly these fields:
+- the JSON file of its kind (:class:`AdapterSchema`, which each method declares): ``mit_config.json``
+  (``mit.integrations.adapter.MIT_SCHEMA``) or ``neural_config.json`` (``mit.neural.adapter.NEURAL_SCHEMA``), an
+  object with exactly these fields:
 
   - ``format``: the format this release writes (``"mit-adapter-v2"``, ``"mit-neural-adapter-v1"``) or an older one it
     still reads (``"mit-adapter-v1"``, release 0.1.0);
@@ -29,22 +30,17 @@ import dataclasses
 import json
 import os
 import pathlib
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from ..config import MiTConfig
 from ..utils.tensors import check_tensors_match
+from .decoder import decoder_of
 from .directory_swap import read_directory, write_directory
-from .model import decoder_of
 
 WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "mit_config.json"
-FORMAT = "mit-adapter-v2"
-V1_FORMAT = "mit-adapter-v1"
 SHAPE_KEYS = (
     "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
 )  # fmt: skip
@@ -235,47 +231,6 @@ def read_tensors(path: pathlib.Path, data: bytes) -> dict[str, torch.Tensor]:
     return tensors
 
 
-_V1_RENAMES = (
-    (re.compile(r"\.self_attn\.infusion\.(weight|bias)$"), r".self_attn.mit_kv_infusion.map.\1"),
-    (re.compile(r"\.self_attn\.head_logit$"), r".self_attn.mit_kv_infusion.head_logit"),
-    (re.compile(r"\.mlp\.ffn_infusion\.(weight|bias)$"), r".mlp.mit_ffn_infusion.map.\1"),
-)
-
-
-def convert_v1_names(
-    tensors: dict[str, torch.Tensor], source: str = "the mit-adapter-v1 file"
-) -> dict[str, torch.Tensor]:
-    """Rename the tensors of a ``mit-adapter-v1`` file to this release's parameter names (``self_attn.infusion.*`` ->
-    ``self_attn.mit_kv_infusion.map.*``, ``self_attn.head_logit`` -> ``self_attn.mit_kv_infusion.head_logit``,
-    ``mlp.ffn_infusion.*`` -> ``mlp.mit_ffn_infusion.map.*``).
-
-    A file holding two spellings of one tensor (the old name and the new one) is a ValueError naming ``source`` and
-    both names: which one was meant cannot be known."""
-    converted: dict[str, torch.Tensor] = {}
-    spelled: dict[str, str] = {}
-    for name, tensor in tensors.items():
-        new = name
-        for pattern, replacement in _V1_RENAMES:
-            new = pattern.sub(replacement, new)
-        if new in converted:
-            first, second = sorted((spelled[new], name))
-            raise ValueError(
-                f"{source}: holds both {first} and {second}, two spellings of the tensor {new}; expected one of them"
-            )
-        converted[new], spelled[new] = tensor, name
-    return converted
-
-
-MIT_SCHEMA = AdapterSchema(
-    kind="MiT",
-    config_name=CONFIG_NAME,
-    format=FORMAT,
-    config_field="mit_config",
-    config_class=MiTConfig,
-    legacy={V1_FORMAT: LegacyFormat(model_type="llama", rename=convert_v1_names)},  # v1: Llama models only
-)
-
-
 def _parse_json(path: pathlib.Path, data: bytes) -> object:
     try:
         return json.loads(data.decode("utf-8"))
@@ -283,7 +238,7 @@ def _parse_json(path: pathlib.Path, data: bytes) -> object:
         raise ValueError(f"{path}: not a readable JSON file ({error})") from None
 
 
-def read_adapter(directory: str | os.PathLike, schema: AdapterSchema = MIT_SCHEMA) -> AdapterFiles:
+def read_adapter(directory: str | os.PathLike, schema: AdapterSchema) -> AdapterFiles:
     """Read and validate the adapter of kind ``schema`` in ``directory``, both files from one snapshot (ValueError
     naming the file and the problem); no model is involved, nothing is changed."""
     directory = pathlib.Path(directory)
@@ -306,7 +261,7 @@ def write_adapter(
     directory: str | os.PathLike, schema: AdapterSchema, meta: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> pathlib.Path:
     """Write an adapter of kind ``schema`` (``meta``: the JSON object, ``tensors``: CPU tensors) to ``directory`` as
-    one unit (:func:`mit.integrations.directory_swap.write_directory`: a previous adapter there is replaced whole, or
+    one unit (:func:`mit.hf.directory_swap.write_directory`: a previous adapter there is replaced whole, or
     left whole if the save fails).
 
     ``meta`` and ``tensors`` are first validated as :func:`read_adapter` will read them (ValueError naming the file

@@ -1,5 +1,5 @@
 """Directories written and read as one unit: a reader sees the old content or the new one, never a mix, and a crash
-at any moment leaves one of them complete. Adapters (:mod:`mit.integrations.adapter_files`) are saved and read
+at any moment leaves one of them complete. Adapters (:mod:`mit.hf.adapter_files`) are saved and read
 through it.
 
 Writing, :func:`write_directory` (``target`` = ``<parent>/<name>``), one writer at a time:
