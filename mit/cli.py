@@ -162,12 +162,17 @@ NEURAL_DIGITS_SCRIPT = pathlib.Path("benchmarks") / "experiments" / "neural_digi
 
 
 def _neural_digits_experiment(argv: list[str]) -> int:
-    """``mit demo neural-digits``: the neural-tuning experiment is not part of the installed package; from a source
-    checkout this runs its script (``python benchmarks/experiments/neural_digits/run.py``) with the same flags."""
+    """``mit demo neural-digits``: the neural-tuning experiment is not part of the installed package; in a source
+    checkout (the current directory, or the one an editable install points to) this runs its script
+    (``python benchmarks/experiments/neural_digits/run.py``) with the same flags."""
     import subprocess
 
-    script = pathlib.Path(__file__).resolve().parents[1] / NEURAL_DIGITS_SCRIPT
-    if not script.is_file():
+    candidates = (
+        pathlib.Path.cwd() / NEURAL_DIGITS_SCRIPT,
+        pathlib.Path(__file__).resolve().parents[1] / NEURAL_DIGITS_SCRIPT,
+    )
+    script = next((c for c in candidates if c.is_file()), None)
+    if script is None:
         raise CLIError(
             f"demo neural-digits: the experiment lives in a source checkout of mit ({NEURAL_DIGITS_SCRIPT}), not in "
             "the installed package; run 'python benchmarks/experiments/neural_digits/run.py' there"

@@ -161,6 +161,19 @@ BACKENDS: tuple[str, ...] = ("auto", *BACKEND_TABLE)
 """The names ``backend=`` accepts: ``"auto"`` (:func:`resolve` picks) and the table's."""
 
 
+def attention_function(backend: str, device: torch.device, head_dim: int) -> AttentionFunction:
+    """The function :func:`mit_kernels.mit_attention` runs for ``backend`` on ``device`` with head dim ``head_dim``
+    (:func:`resolve`, then the table): callers that built their arguments themselves (the Hugging Face integration,
+    once per forward) call it without the public op's validation."""
+    return BACKEND_TABLE[resolve(backend, device, head_dim)].attention_for(backend)
+
+
+def ffn_gate_function(backend: str, device: torch.device) -> FfnGateFunction:
+    """The function :func:`mit_kernels.mit_ffn_gate` runs for ``backend`` on ``device`` (see
+    :func:`attention_function`)."""
+    return BACKEND_TABLE[resolve(backend, device)].ffn_gate_for(backend)
+
+
 def resolve(backend: str, device: torch.device, head_dim: int | None = None) -> str:
     """The backend that runs an operator on ``device`` (head dim ``head_dim`` for attention), or ValueError naming
     why the requested one cannot (its :attr:`Backend.refusal`). ``"auto"`` on a CUDA device that Triton cannot use

@@ -8,7 +8,7 @@ projections, q/k norms, rotary and the cache update, with k/v un-repeated (B, Hk
 raw (un-infused) K/V, and every step re-infuses them on load.
 
 For a layer with a :class:`~mit.integrations.infusion.MiTKVInfusion` and a ``modality_embedding`` in its kwargs (put
-there by the MiT model's ``forward``, with the call's :class:`MaskAnalyses`; transformers forwards both through every
+there by the MiT model's ``forward``, with the call's :class:`CallMemo`; transformers forwards both through every
 decoder layer to this function):
 
 - **fused**: when the attention to compute is exactly "bottom-right causal + key padding" (what transformers asks for
@@ -32,7 +32,9 @@ from collections.abc import Callable
 import torch
 
 from mit_kernels import mit_attention
+from mit_kernels.backends import attention_function, ffn_gate_function
 from mit_kernels.reference import infuse, infusion_gate
+from mit_kernels.validation import check_scale
 
 from .infusion import MiTKVInfusion, check_modality
 
@@ -121,6 +123,10 @@ def key_padding_mask(attention_mask: torch.Tensor, batch: int, lq: int, lk: int)
     unmasked; any other content (a block-diagonal / packed mask, say) is not of the form."""
     if attention_mask.dim() != 4 or tuple(attention_mask.shape[-2:]) != (lq, lk) or attention_mask.shape[1] != 1:
         return None
+    if lq == 1 and attention_mask.dtype == torch.bool:
+        # A decoding step: one query row, which the bottom-right causal mask lets see every key, so every bool mask
+        # is of the form and its row is the key padding mask (nothing to read: no host-device sync per step).
+        return attention_mask[:, 0, 0, :].expand(batch, lk).clone()
     if attention_mask.dtype == torch.bool:
         allowed = attention_mask
     else:
@@ -130,7 +136,7 @@ def key_padding_mask(attention_mask: torch.Tensor, batch: int, lq: int, lk: int)
         allowed = ~masked
     allowed = allowed[:, 0].expand(batch, lq, lk)
     kv_mask = allowed[:, -1, :].clone()  # the last query row sees every key the causal mask allows (a copy: a view
-    # would keep the whole (B, 1, Lq, Lk) mask alive in a forward's MaskAnalyses)
+    # would keep the whole (B, 1, Lq, Lk) mask alive in a forward's CallMemo)
     i = torch.arange(lq, device=allowed.device)[:, None]
     j = torch.arange(lk, device=allowed.device)[None, :]
     expected = kv_mask[:, None, :] & (j <= i + (lk - lq))
@@ -143,14 +149,16 @@ def key_padding_mask(attention_mask: torch.Tensor, batch: int, lq: int, lk: int)
     return kv_mask
 
 
-MASKS_KWARG = "mit_mask_analyses"  # the kwarg carrying a forward's MaskAnalyses to its attention functions
+MEMO_KWARG = "mit_call_memo"  # the kwarg carrying a forward's CallMemo to its decoder layers and attention functions
 
 
-class MaskAnalyses:
-    """The mask analyses of one forward call (:func:`key_padding_mask` results), created by the MiT model's
-    ``forward`` and passed to every attention function in the kwargs transformers forwards, next to
-    ``modality_embedding`` (so a gradient-checkpointing recomputation in backward gets the same object). Nothing is
-    shared between calls or threads.
+class CallMemo:
+    """What one forward call works out once for all its layers: the mask analyses (:func:`key_padding_mask` results)
+    and the fused kernels' functions (the backend resolved, :func:`mit_kernels.backends.attention_function`). Created
+    by the MiT model's ``forward`` and passed to every decoder layer and attention function in the kwargs transformers
+    forwards, next to ``modality_embedding`` (so a gradient-checkpointing recomputation in backward gets the same
+    object). Nothing is shared between calls or threads, so a backend that falls back (a Triton failure) is seen by
+    the next call.
 
     Every layer of one forward gets the same mask tensor (Gemma: one per layer type): each is analysed once, keyed by
     identity (and version), remembering the last few; inference-mode tensors (which carry no version) are analysed on
@@ -159,6 +167,21 @@ class MaskAnalyses:
     def __init__(self, size: int = 4) -> None:
         self.size = size
         self.entries: list[tuple[weakref.ref, tuple, tuple[bool, torch.Tensor | None]]] = []
+        self.functions: dict[tuple, Callable] = {}
+
+    def attention_function(self, backend: str, device: torch.device, head_dim: int) -> Callable:
+        """The attention function ``backend`` resolves to on ``device`` for ``head_dim``, resolved once per call."""
+        key = ("attention", backend, device, head_dim)
+        if key not in self.functions:
+            self.functions[key] = attention_function(backend, device, head_dim)
+        return self.functions[key]
+
+    def ffn_gate_function(self, backend: str, device: torch.device) -> Callable:
+        """The FFN gate function ``backend`` resolves to on ``device``, resolved once per call."""
+        key = ("ffn_gate", backend, device)
+        if key not in self.functions:
+            self.functions[key] = ffn_gate_function(backend, device)
+        return self.functions[key]
 
     def lookup(self, mask: torch.Tensor, batch: int, lq: int, lk: int) -> tuple[bool, torch.Tensor | None]:
         """``(is "causal + key padding", its (B, Lk) key padding mask or None)`` for a (B or 1, 1, Lq, Lk) mask."""
@@ -189,7 +212,7 @@ def fused_kv_mask(
     lq: int,
     lk: int,
     kwargs: dict,
-    analyses: MaskAnalyses | None = None,
+    analyses: CallMemo | None = None,
 ) -> tuple[bool, torch.Tensor | None, str]:
     """Whether ``base`` would compute bottom-right causal attention with a key padding mask here.
 
@@ -251,7 +274,7 @@ def _make_attention_function(base: str) -> Callable:
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         modality_embedding = kwargs.pop("modality_embedding", None)
-        analyses = kwargs.pop(MASKS_KWARG, None)
+        analyses: CallMemo | None = kwargs.pop(MEMO_KWARG, None)
         infusion: MiTKVInfusion | None = getattr(module, KV_INFUSION_NAME, None)
         if modality_embedding is None or infusion is None:
             return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
@@ -274,10 +297,17 @@ def _make_attention_function(base: str) -> Callable:
         fused, kv_mask, reason = fused_kv_mask(base, module, attention_mask, batch, lq, lk, kwargs, analyses)
         if fused:
             infusion.record("fused")
-            out = mit_attention(
-                query, key, value, *vectors, head_logit, causal=True, scale=kwargs.get("scaling"), kv_mask=kv_mask,
-                rescale=infusion.rescale, backend=infusion.backend,
-            )  # fmt: skip
+            if analyses is None:  # no forward of an MiT model above (a layer called on its own): the public op
+                out = mit_attention(
+                    query, key, value, *vectors, head_logit, causal=True, scale=kwargs.get("scaling"),
+                    kv_mask=kv_mask, rescale=infusion.rescale, backend=infusion.backend,
+                )  # fmt: skip
+            else:  # the arguments are built here (shapes from the model): the backend is resolved once per call
+                attention = analyses.attention_function(infusion.backend, query.device, query.shape[-1])
+                out = attention(
+                    query, key, value, *vectors, head_logit, causal=True, scale=check_scale(kwargs.get("scaling")),
+                    kv_mask=kv_mask, rescale=infusion.rescale,
+                )  # fmt: skip
             return out.transpose(1, 2).contiguous(), None
         infusion.record(f"fallback: {reason}")
         k_mul, k_add, v_mul, v_add = vectors

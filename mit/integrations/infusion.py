@@ -80,9 +80,9 @@ class _InfusionMap(nn.Module):
         self.last_dispatch = path
         self.dispatch_counts[path] += 1
 
-    def _apply_map(self, modality_embedding: torch.Tensor, dtype: torch.dtype, shape: Callable) -> torch.Tensor:
-        """``shape(map(embedding))`` in ``dtype`` (taken from the current ``generate`` call's cache when one is
-        bound and gradients are off)."""
+    def _apply_map(self, modality_embedding: torch.Tensor, dtype: torch.dtype, finish: Callable) -> object:
+        """``finish(map(embedding) in dtype)`` (taken from the current ``generate`` call's cache when one is bound
+        and gradients are off: in a decoding step the kernels then get the vectors as they need them, with no copy)."""
         weight = self.map.weight
         cache = generation_cache() if not torch.is_grad_enabled() else None
         key = (id(self), id(modality_embedding), dtype)
@@ -90,7 +90,7 @@ class _InfusionMap(nn.Module):
             hit = cache.get(key)
             if hit is not None and hit[0]() is modality_embedding:
                 return hit[1]
-        out = shape(self.map(modality_embedding.to(device=weight.device, dtype=weight.dtype))).to(dtype)
+        out = finish(self.map(modality_embedding.to(device=weight.device, dtype=weight.dtype)).to(dtype))
         if cache is not None:
             cache[key] = (weakref.ref(modality_embedding), out)
         return out
@@ -115,9 +115,13 @@ class MiTKVInfusion(_InfusionMap):
             self.head_logit = nn.Parameter(init)
 
     def vectors(self, modality_embedding: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
-        """k_mul, k_add, v_mul, v_add, each (B, Hkv, D) in ``dtype``, from the (B, modality_dim) embedding."""
-        vectors = self._apply_map(modality_embedding, dtype, lambda x: x.view(-1, 4, self.num_kv_heads, self.head_dim))
-        return list(vectors.unbind(dim=1))
+        """k_mul, k_add, v_mul, v_add, each (B, Hkv, D) in ``dtype`` and contiguous (as the fused kernels take them),
+        from the (B, modality_dim) embedding."""
+        return list(self._apply_map(modality_embedding, dtype, self._split))
+
+    def _split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, 4 * Hkv * D) -> four contiguous (B, Hkv, D)."""
+        return tuple(x.contiguous() for x in out.view(-1, 4, self.num_kv_heads, self.head_dim).unbind(dim=1))
 
     def gate_logits(self, device: torch.device) -> torch.Tensor:
         """lambda (Hkv,), or zeros when head rescaling is off (the kernels then ignore it)."""

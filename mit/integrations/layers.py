@@ -16,7 +16,7 @@ import torch
 from mit_kernels import mit_ffn_gate
 
 from ..hf.classes import Rebuildable
-from .attention import KV_INFUSION_NAME, is_mit_implementation
+from .attention import KV_INFUSION_NAME, MEMO_KWARG, is_mit_implementation
 from .infusion import MiTFFNInfusion, check_modality
 from .scope import FFNBinding, bind_ffn, current_ffn
 
@@ -46,7 +46,7 @@ class MiTDecoderLayerMixin(Rebuildable):
         infusion: MiTFFNInfusion | None = getattr(self.mlp, FFN_INFUSION_NAME, None)
         if infusion is None or modality_embedding is None:
             return super().forward(*args, **kwargs)
-        previous = bind_ffn(FFNBinding(infusion, modality_embedding))
+        previous = bind_ffn(FFNBinding(infusion, modality_embedding, memo=kwargs.get(MEMO_KWARG)))
         try:
             return super().forward(*args, **kwargs)
         finally:
@@ -75,7 +75,11 @@ class MiTMLPMixin(Rebuildable):
             infusion.record("fused")
             gate, up = self.gate_proj(x), self.up_proj(x)
             # under autocast the projections run in the autocast dtype while the residual stream x does not
-            gated = mit_ffn_gate(gate, up, ffn_mul.to(gate.dtype), backend=infusion.backend)
+            ffn_mul = ffn_mul.to(gate.dtype)
+            if binding.memo is None:  # no forward of an MiT model above: the public op
+                gated = mit_ffn_gate(gate, up, ffn_mul, backend=infusion.backend)
+            else:  # the arguments are built here (shapes from the model): the backend is resolved once per call
+                gated = binding.memo.ffn_gate_function(infusion.backend, gate.device)(gate, up, ffn_mul)
             return self.down_proj(gated)
         infusion.record("scaled down_proj input")
         previous = bind_ffn(FFNBinding(infusion, modality_embedding, 1 + ffn_mul))

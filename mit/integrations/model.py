@@ -37,8 +37,8 @@ from ..hf.reversible import disabled, disabled_depth, freeze, remove_hooks, rest
 from ..hf.signature import splice_keyword_inputs
 from .attention import (
     KV_INFUSION_NAME,
-    MASKS_KWARG,
-    MaskAnalyses,
+    MEMO_KWARG,
+    CallMemo,
     base_implementation,
     is_mit_implementation,
     mit_implementation,
@@ -220,11 +220,12 @@ def _forward_with_modality(base: type) -> dict:
         bound = signature.bind(self, *args, **kwargs)
         self._mit_prepare(bound.arguments, modality_embedding)
         # the embedding's one route: transformers' **kwargs, to every decoder layer and attention function (the MiT
-        # decoder layer binds it for its MLP, mit.integrations.scope); with it, this call's own mask analyses
+        # decoder layer binds it for its MLP, mit.integrations.scope); with it, this call's own memo (mask analyses,
+        # resolved kernels)
         extra = bound.arguments.setdefault(var_keyword, {})
         extra["modality_embedding"] = modality_embedding
-        if self.mit_config.infuse_kv and not torch.compiler.is_compiling():  # compiled: no mask is read (attention.py)
-            extra[MASKS_KWARG] = MaskAnalyses()
+        if not torch.compiler.is_compiling():  # compiled: no mask is read (attention.py), the public ops run
+            extra[MEMO_KWARG] = CallMemo()
         return base.forward(*bound.args, **bound.kwargs)
 
     forward.__signature__ = spliced.spliced

@@ -36,11 +36,14 @@ class FFNBinding(NamedTuple):
         modality_embedding: (B, modality_dim) embedding of the decoder layer's call.
         down_proj_scale: (B, d_ff) ``1 + f`` while an unfused MLP runs its own forward (read by the ``down_proj``
             pre-hook), else None.
+        memo: the forward call's :class:`~mit.integrations.attention.CallMemo` (the fused gate's function resolved
+            once per call), or None (the public op then runs).
     """
 
     infusion: nn.Module  # the MiTFFNInfusion (typed loosely: mit.integrations.infusion imports this module)
     modality_embedding: torch.Tensor
     down_proj_scale: torch.Tensor | None = None
+    memo: object | None = None  # a CallMemo (typed loosely: mit.integrations.attention imports this module)
 
 
 class _CallScope(threading.local):

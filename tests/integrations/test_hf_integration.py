@@ -118,6 +118,23 @@ def test_state_dict_keeps_base_keys():
     assert "model.layers.3.mlp.mit_ffn_infusion.map.bias" in extra
 
 
+def test_a_decoding_steps_bool_mask_is_its_key_padding_row_as_the_full_analysis_says():
+    """One query row (a decoding step): the shortcut that reads nothing gives what the full analysis of the same mask
+    gives (through its additive form), for padding, a sliding window's masked keys, a row that sees no key, and a
+    mask broadcast over the batch."""
+    gen = torch.Generator().manual_seed(0)
+    for batch, mask_batch in ((3, 3), (3, 1)):
+        for _ in range(20):
+            row = torch.rand(mask_batch, 1, 1, 9, generator=gen) < 0.7
+            row[0, 0, 0] = False if mask_batch == 1 else row[0, 0, 0]
+            additive = torch.zeros(row.shape).masked_fill(~row, torch.finfo(torch.float32).min)
+            got = key_padding_mask(row, batch, 1, 9)
+            assert got.shape == (batch, 9) and got.dtype == torch.bool
+            assert torch.equal(got, key_padding_mask(additive, batch, 1, 9))
+    nothing = torch.zeros(2, 1, 1, 4, dtype=torch.bool)
+    assert torch.equal(key_padding_mask(nothing, 2, 1, 4), torch.zeros(2, 4, dtype=torch.bool))
+
+
 def test_key_padding_mask_reads_and_validates_transformers_masks():
     lq, lk = 3, 5
     pad = torch.tensor([[True] * 5, [False, False, False, True, True]])  # sample 1's query 0 sees no key
