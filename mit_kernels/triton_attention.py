@@ -849,8 +849,16 @@ def mit_attention_triton_fwd(
         interpreter=plan.interpreted,
     )  # fmt: skip
     plan.attention(config)()
-    plan.attention(exact_config(config, "fwd"), exact=True)()
+    if _exact_pass_needed(plan, plan.marks):
+        plan.attention(exact_config(config, "fwd"), exact=True)()
     return plan.out, plan.lse2
+
+
+def _exact_pass_needed(plan, marks: torch.Tensor) -> bool:
+    """Whether to launch an exact variant after its fast one. Always on a GPU: its programs with no marked row return
+    at once, and reading ``marks`` on the host would cost a sync. Under the interpreter only when a row was marked:
+    there every program of a launch runs in numpy whether it returns at once or not, and reading costs nothing."""
+    return not plan.interpreted or bool(marks.any())
 
 
 def mit_attention_triton_bwd(
@@ -882,10 +890,12 @@ def mit_attention_triton_bwd(
     tune = {"interpreter": plan.interpreted}
     dq_config = choose("bwd_dq", plan.block_d, plan.q, plan.tune_key, lambda c: plan.dq_launch(c)(), **tune)
     plan.dq_launch(dq_config)()
-    plan.dq_launch(exact_config(dq_config, "bwd_dq"), exact=True)()
+    if _exact_pass_needed(plan, plan.dq_marks):
+        plan.dq_launch(exact_config(dq_config, "bwd_dq"), exact=True)()
     dkdv_config = choose("bwd_dkdv", plan.block_d, plan.q, plan.tune_key, lambda c: plan.dkdv_launch(c)(), **tune)
     plan.dkdv_launch(dkdv_config)()
-    plan.dkdv_launch(exact_config(dkdv_config, "bwd_dkdv"), exact=True)()
+    if _exact_pass_needed(plan, plan.kv_marks):
+        plan.dkdv_launch(exact_config(dkdv_config, "bwd_dkdv"), exact=True)()
     plan.infusion_launch()()
     return plan.gradients()
 

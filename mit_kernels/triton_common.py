@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_interpreter_fix
 from .reference import accumulator_dtype
 
 _TL_DTYPES = {
@@ -33,6 +34,10 @@ def interpreter_active() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(_probe, InterpretedFunction)
+
+
+if interpreter_active():  # comparisons typed int1, as compiled code has them (Triton 3.9's interpreter: int32)
+    triton_interpreter_fix.apply()
 
 
 def tl_dtype(dtype: torch.dtype):

@@ -50,7 +50,7 @@ class TileConfig:
         return tiles if interpreted else {**tiles, "num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
-INTERPRETER = TileConfig(16, 16)  # numpy runs each program; small tiles keep the padded work small
+INTERPRETER = TileConfig(32, 32)  # numpy runs each program; small tiles keep the padded work small
 DECODE_ROWS = 16  # a query count up to this is a decode step: the forward infuses K/V tiles as it loads them
 PASSES = ("fwd", "bwd_dq", "bwd_dkdv")
 

@@ -14,6 +14,31 @@ if not torch.cuda.is_available():
 import pytest
 from attention_cases import DEVICE
 
+# Parallel by default: with pytest-xdist installed (the test extras bring it) and no ``-n`` given, the suite runs on
+# one worker process per core, at most WORKERS_MAX (``-n 0`` runs it in this process). Each worker then keeps torch
+# to its share of the cores, so that workers do not oversubscribe them.
+WORKERS_MAX = 8
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    if not config.pluginmanager.hasplugin("xdist") or "PYTEST_XDIST_WORKER" in os.environ:
+        return
+    given = config.getoption("numprocesses", None)
+    unneeded = config.getoption("collectonly") or config.getoption("usepdb") or config.getoption("dist") != "no"
+    if given is None and not unneeded:
+        config.option.numprocesses = min(_cores(), WORKERS_MAX)
+
+
+def pytest_configure(config):
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        torch.set_num_threads(max(1, _cores() // int(workers)))
+
 
 @pytest.fixture
 def device() -> torch.device:

@@ -9,6 +9,13 @@ two only: torch's SDPA backward makes no such promise on a GPU); the interpreter
 shorter sequences than the C++ one, which also spans the C++ kernels' block sizes and its decode kernel. The sdpa
 matrix is small: its masks (bottom-right causal with Lq < Lk and Lq > Lk, rows that see no key, padding) and GQA are
 what it adds to torch's SDPA.
+
+Under the interpreter (every Triton program run in numpy, one at a time) the Triton cases are covering designs rather
+than full products, so that this file runs in about a minute: the matrix crosses dtype x sequence lengths in full and
+assigns head dims by a Latin square (every dtype / head dim and head dim / lengths pair still meets), and the switches
+take, for each GQA ratio, the half of the 2^4 causal / rescale / padding / zero-infusion product whose four switches
+have an even sum (any three of the four then appear in all eight combinations). On a GPU, and for the C++ and sdpa
+backends (milliseconds a case), both are full products.
 """
 
 from __future__ import annotations
@@ -66,14 +73,39 @@ def require(backend: str) -> str:
     return backend
 
 
+# The Triton interpreter runs covering designs (module docstring); on a GPU it runs the full products.
+INTERPRETED = DEVICE.type == "cpu"
+
+
+def _dtype_dim_lengths(backend: str) -> list:
+    """(dtype, head dim, (Lq, Lk)) triples: the full product, or for the interpreted Triton backend every dtype x
+    lengths pair with the head dim ``HEAD_DIMS[(dtype index + lengths index) % 3]`` (a Latin square: all pairs meet)."""
+    if backend == "triton" and INTERPRETED:
+        return [
+            (dt, HEAD_DIMS[(a + s) % len(HEAD_DIMS)], lengths)
+            for a, dt in enumerate(DTYPES[backend])
+            for s, lengths in enumerate(SEQ_LENS[backend])
+        ]
+    return list(itertools.product(DTYPES[backend], HEAD_DIMS, SEQ_LENS[backend]))
+
+
 def _matrix(backend: str) -> list:
-    """Every dtype x head dim x sequence-length pair; the remaining switches are cycled so that each of their values
-    meets every dtype (the full product of the switches is test_parity_switches)."""
-    cases = itertools.product(DTYPES[backend], HEAD_DIMS, SEQ_LENS[backend])
+    """Dtype x head dim x sequence-length cases (:func:`_dtype_dim_lengths`); the remaining switches are cycled so
+    that each of their values meets every dtype (the switches' own product is test_parity_switches)."""
     return [
         pytest.param(backend, dt, d, lq, lk, HEADS[i % 3], bool(i % 2), i % 5 != 0, MASK_KINDS[i % 3], i % 7 == 3)
-        for i, (dt, d, (lq, lk)) in enumerate(cases)
+        for i, (dt, d, (lq, lk)) in enumerate(_dtype_dim_lengths(backend))
     ]
+
+
+def _switches(backend: str) -> list:
+    """GQA ratio x causal x rescale x padding x zero infusion, alternately with a decode-sized and a prefill-sized
+    query block; for the interpreted Triton backend the half of each ratio's 2^4 product with an even switch sum."""
+    combos = itertools.product(HEADS, [False, True], [False, True], ["none", "left_pad"], [False, True])
+    cases = [(*combo, 2 if i % 2 == 0 else 37) for i, combo in enumerate(combos)]
+    if backend == "triton" and INTERPRETED:
+        cases = [c for c in cases if (c[1] + c[2] + (c[3] != "none") + c[4]) % 2 == 0]
+    return [pytest.param(backend, *case) for case in cases]
 
 
 @pytest.mark.parametrize(
@@ -91,17 +123,12 @@ def test_parity_matrix(backend, dtype, d, lq, lk, heads, causal, rescale, mask_k
 
 
 @pytest.mark.parametrize(
-    "heads, causal, rescale, mask_kind, zero_infusion, lq",
-    [
-        (*combo, 2 if i % 2 == 0 else 37)  # alternately a decode-sized and a prefill-sized query block
-        for i, combo in enumerate(
-            itertools.product(HEADS, [False, True], [False, True], ["none", "left_pad"], [False, True])
-        )
-    ],
+    "backend, heads, causal, rescale, mask_kind, zero_infusion, lq",
+    _switches("triton") + _switches("cpu") + _switches("sdpa"),
 )
 def test_parity_switches(backend, heads, causal, rescale, mask_kind, zero_infusion, lq):
     hq, hkv = heads
-    device = device_of(backend)
+    device = device_of(require(backend))
     inputs = make_attention_inputs(2, hq, hkv, lq, 21, 32, torch.float32, zero_infusion=zero_infusion, device=device)
     kv_mask = make_kv_mask(2, 21, mask_kind, device=device)
     check_parity(inputs, torch.float32, backend, causal=causal, rescale=rescale, kv_mask=kv_mask)
@@ -139,8 +166,10 @@ def test_parity_custom_scale_and_strided_inputs(backend):
 )
 def test_gradcheck_fp64(backend, lq, lk, causal, mask_kind, rescale):
     device = device_of(backend)
-    inputs = [x.requires_grad_() for x in make_attention_inputs(2, 4, 2, lq, lk, 16, torch.float64, device=device)]
-    kv_mask = make_kv_mask(2, lk, mask_kind, device=device)
+    # GQA ratio 2; batch 2 (masks that differ per sample) but 1 under the interpreter (a program per sample and head).
+    batch = 1 if backend == "triton" and INTERPRETED else 2
+    inputs = [x.requires_grad_() for x in make_attention_inputs(batch, 2, 1, lq, lk, 16, torch.float64, device=device)]
+    kv_mask = make_kv_mask(batch, lk, mask_kind, device=device)
 
     def fn(*xs):
         return mit_attention(*xs, causal=causal, kv_mask=kv_mask, rescale=rescale, backend=backend)
@@ -227,11 +256,13 @@ def test_backward_is_deterministic(backend_name, dtype):
     """GQA heads add their dK', dV' contributions in a fixed order and the vector gradients are reduced in a fixed
     order (no atomics): two runs agree bit for bit."""
     backend = require(backend_name)
-    length = 40 if backend == "triton" else 300
+    length = 40 if backend == "triton" else 300  # several key / query tiles either way
+    # Heads sharing a KV head add up (GQA ratio 3; 2 on one sample under the interpreter: a program per sample / head).
+    batch, hq = (1, 4) if backend == "triton" and INTERPRETED else (2, 6)
     device = device_of(backend)
-    inputs = make_attention_inputs(2, 6, 2, length, length, 32, dtype, device=device)
+    inputs = make_attention_inputs(batch, hq, 2, length, length, 32, dtype, device=device)
     grad_out = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(2)).to(dtype).to(device)
-    kv_mask = make_kv_mask(2, length, "random", device=device)
+    kv_mask = make_kv_mask(batch, length, "random", device=device)
     first_out, first = run_attention(inputs, grad_out, backend, causal=True, kv_mask=kv_mask)
     second_out, second = run_attention(inputs, grad_out, backend, causal=True, kv_mask=kv_mask)
     assert torch.equal(first_out, second_out)
