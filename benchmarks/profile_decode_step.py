@@ -74,7 +74,7 @@ def main(argv=None) -> list[dict]:
     if args.quick:
         args.weights, args.new_tokens = "random", 8
     base, model, tokenizer, used = models(args.weights, 4 if args.quick else None)
-    ids, mask = batch(tokenizer, base.config.vocab_size)
+    ids, mask = batch(tokenizer, base.config.vocab_size, 2)
     embedding = torch.randn(ids.shape[0], MODALITY_DIM, generator=torch.Generator().manual_seed(2))
     n = args.new_tokens
     kwargs = {"attention_mask": mask, "max_new_tokens": n, "min_new_tokens": n, "do_sample": False}

