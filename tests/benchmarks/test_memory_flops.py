@@ -203,3 +203,29 @@ def test_flops_neural_is_prefix_plus_its_neurons(flops_rows):
         assert float(neural["mit_op_fwd"]) == 0
         # trainable: 16 x (W_z + RMSNorm weight + W_b with bias) + the image projection Linear(1024, 4096)
         assert int(neural["trainable_params"]) == 16 * (4096 * 128 + 128 + 128 * 8192 + 8192) + 1024 * 4096 + 4096
+
+
+def test_decode_profile_quick_names_the_fused_ops_once_per_infused_layer_and_step(tmp_path):
+    """benchmarks/profile_decode_step.py --quick: one generate of each model under torch.profiler and cProfile; the
+    aten table's difference shows MiT's two fused ops, each called exactly once per infused layer and decoding step
+    (the random 4-layer model infuses its last layer only: MiTConfig's default layers scaled to 4), and the Python
+    table lists the package's functions."""
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "profile_decode_step.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (table,) = tmp_path.glob("profile_decode_step_*.md")
+    with table.with_suffix(".csv").open() as f:
+        rows = list(csv.DictReader(f))
+    header = table.read_text().splitlines()[0]
+    infused = int(header.split(" infused layers")[0].rsplit(" ", 1)[-1])
+    assert infused >= 1
+    aten = {r["name"]: r for r in rows if r["table"] == "aten"}
+    for op in ("mit_kernels::attention_cpu_fwd", "mit_kernels::ffn_gate_cpu_fwd"):
+        assert int(aten[op]["calls_base"]) == 0
+        assert float(aten[op]["extra_calls_per_step"]) == infused, op
+    python = [r["name"] for r in rows if r["table"] == "python"]
+    assert any("mit_attention_forward" in name for name in python)
