@@ -24,36 +24,49 @@ struct Rows3 {
   int64_t b, l;
 };
 
+// Forward. ``m`` is ffn_mul in acc_t, contiguous (B, F); 1 + m is formed per element (the same fp32 / fp64 sum as
+// torch's m + 1), so a call allocates nothing but y: a decoding step calls this once per infused layer with one row, and
+// there an extra op, allocation or zero-filled buffer costs more than the arithmetic.
 template <typename T>
-void ffn_fwd_impl(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& one_plus_m, at::Tensor& y) {
+void ffn_fwd_impl(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& m, at::Tensor& y) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
+  constexpr bool kSame = std::is_same_v<T, A>;
   const int64_t B = gate.size(0), L = gate.size(1), F = gate.size(2);
   const Rows3 sg{gate.stride(0), gate.stride(1)}, su{up.stride(0), up.stride(1)};
   const T* gd = gate.const_data_ptr<T>();
   const T* ud = up.const_data_ptr<T>();
-  const A* md = one_plus_m.const_data_ptr<A>();
+  const A* md = m.const_data_ptr<A>();
   T* yd = y.data_ptr<T>();
   const int64_t nchunk = (F + kColChunk - 1) / kColChunk;
   const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / (8 * kColChunk));
   at::parallel_for(0, B * L * nchunk, grain, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(3 * kColChunk);
-    A* g = buf.data();
-    A* u = g + kColChunk;
-    A* o = u + kColChunk;
+    // low precision: the rows converted to acc_t and the output before its conversion (uninitialised: every element
+    // used is written first); acc_t: rows read and the output written in place
+    A buf[kSame ? 1 : 3 * kColChunk];
+    A* g = buf;
+    A* u = g + (kSame ? 0 : kColChunk);
     for (int64_t x = begin; x < end; x++) {
       const int64_t c = x % nchunk, row = x / nchunk, l = row % L, b = row / L;
       const int64_t f0 = c * kColChunk, n = std::min(kColChunk, F - f0);
       const A* gr = row_as_acc<T>(gd + b * sg.b + l * sg.l + f0, g, n);
       const A* ur = row_as_acc<T>(ud + b * su.b + l * su.l + f0, u, n);
       const A* mr = md + b * F + f0;
+      T* yr = yd + (b * L + l) * F + f0;
+      A* o;
+      if constexpr (kSame) {
+        o = yr;
+      } else {
+        o = u + kColChunk;
+      }
+      const V one(A(1));
       int64_t i = 0;
       for (; i + V::size() <= n; i += V::size()) {
         const V xv = V::loadu(gr + i);
-        (xv * vsigmoid<A>(xv) * V::loadu(ur + i) * V::loadu(mr + i)).store(o + i);
+        (xv * vsigmoid<A>(xv) * V::loadu(ur + i) * (V::loadu(mr + i) + one)).store(o + i);
       }
-      for (; i < n; i++) o[i] = gr[i] / (A(1) + std::exp(-gr[i])) * ur[i] * mr[i];
-      from_acc<T>(o, yd + (b * L + l) * F + f0, n);
+      for (; i < n; i++) o[i] = gr[i] / (A(1) + std::exp(-gr[i])) * ur[i] * (mr[i] + A(1));
+      if constexpr (!kSame) from_acc<T>(o, yr, n);
     }
   });
 }
@@ -154,9 +167,9 @@ at::Tensor ffn_gate_cpu_fwd(const at::Tensor& gate_in, const at::Tensor& up_in, 
   at::Tensor y = at::empty(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
   const auto acc = gate.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor one_plus_m = (ffn_mul.to(acc) + 1).contiguous();
+  const at::Tensor m = ffn_mul.to(acc).contiguous();  // no copy when ffn_mul is already acc_t and contiguous
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "mit_ffn_gate_cpu_fwd",
-                                  [&] { ffn_fwd_impl<scalar_t>(gate, up, one_plus_m, y); });
+                                  [&] { ffn_fwd_impl<scalar_t>(gate, up, m, y); });
   return y;
 }
 

@@ -27,11 +27,15 @@ def smollm2_path() -> pathlib.Path:
     return directory
 
 
-def load_smollm2(dtype=None, cache: bool | None = None):
+def load_smollm2(dtype=None, cache: bool | None = None, num_layers: int | None = None):
     """Load SmolLM2-135M-Instruct (30 layers, 9 query / 3 KV heads, head dim 64) and its tokenizer, offline.
 
     Returns ``(model, tokenizer)``: a transformers ``LlamaForCausalLM`` (fp32 by default; the 4-bit weights are
     de-quantised on load) and its tokenizer with left padding, ready for batched generation.
+
+    ``num_layers`` (1..30) keeps only the first ``num_layers`` pretrained decoder layers (the embeddings, final norm
+    and output head unchanged; ``config.num_hidden_layers`` says the new depth): a smaller real model, for checks of
+    training behaviour that need pretrained weights but not the whole depth (its answers are not the full model's).
 
     De-quantising the GGUF file takes ~20 s; the first load writes the de-quantised fp32 weights (safetensors), the
     config and the tokenizer to a cache directory (:func:`smollm2_cache_dir`), and later loads read them back in about
@@ -39,6 +43,8 @@ def load_smollm2(dtype=None, cache: bool | None = None):
     variable ``MIT_SMOLLM2_CACHE=0``) reads the GGUF file every time."""
     import torch
 
+    if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1):
+        raise ValueError(f"num_layers must be a positive int (at most SmolLM2's 30 layers) or None, got {num_layers!r}")
     if cache is None:
         cache = os.environ.get("MIT_SMOLLM2_CACHE", "1").strip() != "0"
     directory = smollm2_path()
@@ -51,6 +57,8 @@ def load_smollm2(dtype=None, cache: bool | None = None):
             _write_cache(model, tokenizer, cached)
             if dtype is not None and dtype != torch.float32:
                 model, tokenizer = _load_pretrained(cached, dtype)
+    if num_layers is not None:
+        _keep_first_layers(model, num_layers)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -59,6 +67,18 @@ def load_smollm2(dtype=None, cache: bool | None = None):
 
 
 _CACHE_COMPLETE = "complete"
+
+
+def _keep_first_layers(model, num_layers: int) -> None:
+    """Truncate ``model`` (a transformers decoder-only LM) to its first ``num_layers`` decoder layers, in place, and
+    make its config say so (``num_hidden_layers``, and ``layer_types`` where the config has one)."""
+    layers = model.model.layers
+    if num_layers > len(layers):
+        raise ValueError(f"num_layers must be at most the model's {len(layers)} layers, got {num_layers}")
+    model.model.layers = type(layers)(list(layers)[:num_layers])
+    model.config.num_hidden_layers = num_layers
+    if getattr(model.config, "layer_types", None) is not None:
+        model.config.layer_types = list(model.config.layer_types)[:num_layers]
 
 
 def smollm2_cache_dir(directory: pathlib.Path | None = None) -> pathlib.Path:

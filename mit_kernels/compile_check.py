@@ -13,9 +13,10 @@ divisibility specialisation) and records, per compile:
 - tensor-core instructions in the SASS: HMMA (mma.sync, sm_80), HGMMA (wgmma, sm_90), UTC*MMA (tcgen05, sm_100);
 
 next to the yardstick: a plain flash-attention forward / backward (:mod:`mit_kernels.triton_yardstick`) compiled on
-the same tile, dtype, head dim and target. ``python -m mit_kernels compile-check`` runs a bounded subset (each kernel's
-default tile, bf16 and fp32, head dims 64 and 128, sm_90: what CI runs); ``--full`` the whole matrix
-(benchmarks/compile_check.py writes it to benchmarks/results/). Targets checked (:func:`violations`): no compile
+the same tile, dtype, head dim and target, for the rows the lean targets below apply to (:func:`lean_target`).
+``python -m mit_kernels compile-check`` runs a bounded subset (each kernel's default tile, bf16 and fp32, head dims 64
+and 128, sm_90: what CI runs; ``--head-dims`` narrows it); ``--full`` the whole matrix (benchmarks/compile_check.py
+writes it to benchmarks/results/). Targets checked (:func:`violations`): no compile
 failure; every candidate the rule keeps fits and the rule's bound holds; for fp16 / bf16 and head dims up to 128 every
 fast pass's default tile on sm_80 and sm_90 spills no more than the yardstick, has tensor-core MMAs of the target's
 kind (wgmma on sm_90, decode included) and at most 1.25x the yardstick's shared memory; fp32 and every head dim have
@@ -267,14 +268,23 @@ def run_case(case: Case) -> dict:
     }  # fmt: skip
     row.update(_compile_stats(launch, case.arch))
     row["fits"] = bool(row["compiled"]) and row["shared"] <= row["shared_limit"]
-    attention_fast = case.pass_name in ATTENTION_PASSES and not case.exact
-    if attention_fast:
+    if case.pass_name in ATTENTION_PASSES and not case.exact:
         row.update(rule_columns(case))
+    if lean_target(row):  # the yardstick is compiled only where a target compares with it
         yard = _yardstick_stats(dataclasses.replace(case, kv_mask=False, rescale=False, default=False))
         row.update({f"yard_{k}": yard[k] for k in ("registers", "stack", "shared", "mma")})
     else:
         row.update({f"yard_{k}": "" for k in ("registers", "stack", "shared", "mma")})
     return row
+
+
+def lean_target(row: dict) -> bool:
+    """Whether the lean targets (spill, tensor-core MMAs, shared memory beside the yardstick) apply to ``row``: the
+    default tile of a fast attention pass, fp16 / bf16, head dim up to 128, sm_80 or sm_90."""
+    return (
+        row["pass"] in ATTENTION_PASSES and row["variant"] == "fast" and bool(row["default"])
+        and row["dtype"] in ("float16", "bfloat16") and row["head_dim"] <= 128 and row["arch"] in (80, 90)
+    )  # fmt: skip
 
 
 def _attention_cases(arch, dtypes, head_dims, flags, every_tile: bool) -> Iterable[Case]:
@@ -299,13 +309,17 @@ def _attention_cases(arch, dtypes, head_dims, flags, every_tile: bool) -> Iterab
                     yield dataclasses.replace(base, exact=True)
 
 
-def subset_cases(archs: Iterable[int] = (90,)) -> list[Case]:
-    """What CI compiles: every kernel's default tile, bf16 and fp32, head dims 64 and 128, causal with padding,
-    GQA 4, head rescaling; decode and prefill; the FFN gate."""
+def subset_cases(archs: Iterable[int] = (90,), head_dims: Iterable[int] = (64, 128)) -> list[Case]:
+    """What CI compiles: every kernel's default tile, bf16 and fp32, head dims 64 and 128 (or ``head_dims``), causal
+    with padding, GQA 4, head rescaling; decode and prefill; the FFN gate."""
+    head_dims = tuple(head_dims)
+    bad = [d for d in head_dims if d not in HEAD_DIMS]
+    if not head_dims or bad:
+        raise ValueError(f"head_dims must be a non-empty subset of {HEAD_DIMS}, got {head_dims}")
     out = []
     for arch in archs:
         flags = [(True, True, True, 4)]
-        out += _attention_cases(arch, (torch.bfloat16, torch.float32), (64, 128), flags, every_tile=False)
+        out += _attention_cases(arch, (torch.bfloat16, torch.float32), head_dims, flags, every_tile=False)
         out += [Case(p, arch, dt, 0) for p in ("ffn_fwd", "ffn_bwd") for dt in (torch.bfloat16, torch.float32)]
     return _unique(out)
 
@@ -341,7 +355,8 @@ def run(cases: list[Case], jobs: int = 1, progress: bool = True, on_row=None) ->
             "the compile check compiles for real GPUs: run it without TRITON_INTERPRET=1 (the kernels were defined "
             "for the interpreter)"
         )
-    # Cases that share a yardstick compile go to the same worker (its cache), in chunks; rows come back in order.
+    # Cases that share a yardstick compile go to the same worker (its cache), in chunks of at most 16 and at least two
+    # per worker (a short list is shared out evenly); rows come back in order.
     order = sorted(range(len(cases)), key=lambda i: _yardstick_key(cases[i]))
     ordered = [cases[i] for i in order]
     if jobs <= 1:
@@ -349,7 +364,7 @@ def run(cases: list[Case], jobs: int = 1, progress: bool = True, on_row=None) ->
         pool = None
     else:
         pool = concurrent.futures.ProcessPoolExecutor(jobs)
-        done = pool.map(run_case, ordered, chunksize=16)
+        done = pool.map(run_case, ordered, chunksize=max(1, min(16, -(-len(ordered) // (2 * jobs)))))
     rows = [None] * len(cases)
     try:
         for position, row in zip(order, _progress(done, progress, len(cases))):
@@ -391,11 +406,7 @@ def violations(rows: list[dict]) -> list[str]:
             out.append(f"{where}: shared memory {r['shared']} B above the rule's bound {r['shared_bound']}")
         if r["default"] and r["variant"] == "fast" and not r["fits"] and r["arch"] in (80, 90):
             out.append(f"{where}: the default tile does not fit ({r['shared']} > {r['shared_limit']} B)")
-        lean_target = (
-            r["pass"] in ATTENTION_PASSES and r["variant"] == "fast" and r["default"]
-            and r["dtype"] in ("float16", "bfloat16") and r["head_dim"] <= 128 and r["arch"] in (80, 90)
-        )  # fmt: skip
-        if lean_target:
+        if lean_target(r):
             if r["stack"] > r["yard_stack"]:
                 out.append(f"{where}: {r['stack']} B of stack (spill) per thread > the yardstick's {r['yard_stack']}")
             if r["mma"] == 0:
@@ -444,9 +455,9 @@ def summary(rows: list[dict]) -> str:
         f"Triton {triton_version()}, torch {torch.__version__}: {len(rows)} compiles, {compiled} compiled, "
         f"{len(rows) - compiled} failed; {len(bad)} target violations.",
         "",
-        "Default tiles of the fast attention passes (fp16 / bf16 rows carry the lean targets), causal, padding mask, "
-        "GQA 4, beside the plain flash-attention yardstick on the same tile (registers / stack bytes / shared bytes / "
-        "tensor-core instructions):",
+        "Default tiles of the fast attention passes, causal, padding mask, GQA 4 (registers / stack bytes / shared "
+        "bytes / tensor-core instructions); the fp16 / bf16 rows up to head dim 128 carry the lean targets and stand "
+        "beside the plain flash-attention yardstick on the same tile (not compiled for the other rows):",
         "",
         "| pass | sm | dtype | D | decode | tile | MiT reg | MiT stack | MiT shared | MiT MMA | plain reg "
         "| plain stack | plain shared | plain MMA |",
@@ -471,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mit_kernels compile-check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="the full matrix (default: the bounded CI subset)")
     parser.add_argument("--arch", type=int, nargs="+", choices=(80, 90, 100), help="targets (default: subset sm_90)")
+    parser.add_argument("--head-dims", type=int, nargs="+", choices=HEAD_DIMS,
+                        help="head dims of the subset (default: 64 128; the full matrix has every bucket)")  # fmt: skip
     parser.add_argument("--csv", help="write every row to this CSV file")
     parser.add_argument("--summary", help="write the markdown summary to this file")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
@@ -481,7 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         help="keep the rows of --csv compiled from the same sources and Triton; compile only the missing cases",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    cases = full_cases(args.arch) if args.full else subset_cases(args.arch or (90,))
+    if args.full and args.head_dims:
+        parser.error("--head-dims selects the subset's head dims; --full compiles every bucket")
+    cases = full_cases(args.arch) if args.full else subset_cases(args.arch or (90,), args.head_dims or (64, 128))
     cases = cases[: args.limit] if args.limit else cases
     kept = {}
     if args.resume and args.csv and os.path.exists(args.csv):

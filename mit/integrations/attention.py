@@ -102,10 +102,18 @@ def _eager_function(module: torch.nn.Module) -> Callable:
     raise ValueError(f"{type(module).__name__} has no eager_attention_forward in its modeling module")
 
 
-def _base_function(base: str, module: torch.nn.Module) -> Callable:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+_ATTENTION_FUNCTIONS = None  # transformers' ALL_ATTENTION_FUNCTIONS, imported at the first call (not at import)
 
-    return _eager_function(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+
+def _base_function(base: str, module: torch.nn.Module) -> Callable:
+    global _ATTENTION_FUNCTIONS
+    if base == "eager":
+        return _eager_function(module)
+    if _ATTENTION_FUNCTIONS is None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        _ATTENTION_FUNCTIONS = ALL_ATTENTION_FUNCTIONS
+    return _ATTENTION_FUNCTIONS[base]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -164,10 +172,17 @@ class CallMemo:
     identity (and version), remembering the last few; inference-mode tensors (which carry no version) are analysed on
     every call."""
 
-    def __init__(self, size: int = 4) -> None:
+    def __init__(self, size: int = 4, checked_embedding: torch.Tensor | None = None) -> None:
         self.size = size
         self.entries: list[tuple[weakref.ref, tuple, tuple[bool, torch.Tensor | None]]] = []
         self.functions: dict[tuple, Callable] = {}
+        self.checked_embedding = checked_embedding
+
+    def embedding_checked(self, modality_embedding: torch.Tensor, batch: int) -> bool:
+        """Whether the model's forward already validated this very embedding for this batch size (then a layer's
+        check would repeat it: every infusion map of one adapter takes the same modality_dim)."""
+        checked = self.checked_embedding
+        return checked is modality_embedding and checked.shape[0] == batch
 
     def attention_function(self, backend: str, device: torch.device, head_dim: int) -> Callable:
         """The attention function ``backend`` resolves to on ``device`` for ``head_dim``, resolved once per call."""
@@ -285,7 +300,8 @@ def _make_attention_function(base: str) -> Callable:
             )
         batch, _, lq, _ = query.shape
         lk = key.shape[2]
-        check_modality(modality_embedding, batch, infusion.map.in_features)
+        if analyses is None or not analyses.embedding_checked(modality_embedding, batch):
+            check_modality(modality_embedding, batch, infusion.map.in_features)
         if query.device.type in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(query.device.type):
             # Under autocast the projections and the rotary embedding can leave q, k and v in different dtypes; the
             # model's own SDPA / eager attention then runs in the autocast dtype (SDPA and matmul are on autocast's

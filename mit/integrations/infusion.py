@@ -77,7 +77,9 @@ class _InfusionMap(nn.Module):
         self.dispatch_counts: Counter[str] = Counter()
 
     def record(self, path: str) -> None:
-        self.last_dispatch = path
+        # a plain attribute: written past nn.Module.__setattr__, whose parameter / buffer / module checks cost more
+        # than the rest of the record (it is called per infused layer and decoding step)
+        self.__dict__["last_dispatch"] = path
         self.dispatch_counts[path] += 1
 
     def _apply_map(self, modality_embedding: torch.Tensor, dtype: torch.dtype, finish: Callable) -> object:

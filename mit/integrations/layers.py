@@ -41,12 +41,13 @@ class MiTDecoderLayerMixin(Rebuildable):
 
     def forward(self, *args, **kwargs):
         modality_embedding = kwargs.get("modality_embedding")
-        if modality_embedding is not None and hasattr(self.self_attn, KV_INFUSION_NAME):
-            check_attention_dispatch(self.self_attn.config)
+        memo = kwargs.get(MEMO_KWARG)
+        if modality_embedding is not None and memo is None and hasattr(self.self_attn, KV_INFUSION_NAME):
+            check_attention_dispatch(self.self_attn.config)  # (an MiT model's forward, which passes a memo, did)
         infusion: MiTFFNInfusion | None = getattr(self.mlp, FFN_INFUSION_NAME, None)
         if infusion is None or modality_embedding is None:
             return super().forward(*args, **kwargs)
-        previous = bind_ffn(FFNBinding(infusion, modality_embedding, memo=kwargs.get(MEMO_KWARG)))
+        previous = bind_ffn(FFNBinding(infusion, modality_embedding, memo=memo))
         try:
             return super().forward(*args, **kwargs)
         finally:
@@ -69,7 +70,8 @@ class MiTMLPMixin(Rebuildable):
         if binding is None:
             return super().forward(x, *args, **kwargs)
         modality_embedding = binding.modality_embedding
-        check_modality(modality_embedding, x.shape[0], infusion.map.in_features)
+        if binding.memo is None or not binding.memo.embedding_checked(modality_embedding, x.shape[0]):
+            check_modality(modality_embedding, x.shape[0], infusion.map.in_features)
         ffn_mul = infusion.multiplier(modality_embedding, x.dtype)
         if infusion.fused:
             infusion.record("fused")

@@ -225,7 +225,7 @@ def _forward_with_modality(base: type) -> dict:
         extra = bound.arguments.setdefault(var_keyword, {})
         extra["modality_embedding"] = modality_embedding
         if not torch.compiler.is_compiling():  # compiled: no mask is read (attention.py), the public ops run
-            extra[MEMO_KWARG] = CallMemo()
+            extra[MEMO_KWARG] = CallMemo(checked_embedding=modality_embedding)  # _mit_prepare checked it
         return base.forward(*bound.args, **bound.kwargs)
 
     forward.__signature__ = spliced.spliced

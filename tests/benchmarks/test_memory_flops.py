@@ -187,6 +187,25 @@ def test_generation_benchmark_quick(tmp_path):
     assert [int(r["batch"]) for r in rows[:6:2]] == [1, 2, 2]
 
 
+def test_fused_op_latency_quick_times_every_call_in_generate_and_alone(tmp_path):
+    """benchmarks/fused_op_latency.py --quick (random 4-layer model, 4 new tokens): inside generate, every call of
+    MiT's fused ops is timed once per infused layer and forward (prefill + 3 steps), with MiT's default layers (3 of 4)
+    and with every layer; the frozen model's SDPA and SiLU once per layer and forward; then each op alone. Times are
+    not asserted."""
+    rows = run_quick("fused_op_latency.py", tmp_path / "latency.csv")
+    by = {(r["op"], r["setting"]): r for r in rows}
+    forwards = 4
+    for op in ("MiT fused attention", "MiT fused FFN gate"):
+        assert int(by[op, "in generate, default layers (3 of 4)"]["calls"]) == 3 * forwards
+        assert int(by[op, "in generate, every layer (4 of 4)"]["calls"]) == 4 * forwards
+    for op in ("SDPA", "SiLU"):
+        assert int(by[op, "in generate, every layer (4 of 4)"]["calls"]) == 4 * forwards
+    for op in ("MiT fused attention", "MiT fused FFN gate", "SDPA", "SiLU"):
+        assert int(by[op, "alone, back to back"]["calls"]) == 50
+    for r in rows:
+        assert 0 < float(r["q1_us"]) <= float(r["median_us"]) <= float(r["q3_us"])
+
+
 def test_flops_neural_is_prefix_plus_its_neurons(flops_rows):
     """Neural tuning on LLaMA-2-7B (neurons in layers 16 ... 31, r = 128, targets qv) over the same 576 + L tokens as
     prefix concatenation: its forward is prefix's plus, per adapted layer and token, W_z (4096 -> 128) and W_b

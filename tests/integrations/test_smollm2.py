@@ -230,3 +230,24 @@ def test_gradient_checkpointing_same_gradients_smollm2(smollm2, batch):
     assert torch.equal(loss, loss_ckpt)
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_num_layers_keeps_the_first_pretrained_layers(smollm2, batch):
+    """load_smollm2(num_layers=n): the first n decoder layers with their pretrained weights (the embeddings, final norm
+    and head unchanged), a config that says n, and the hidden states of the full model's first n layers."""
+    full, _ = smollm2
+    small, _ = mit.models.load_smollm2(num_layers=4)
+    assert len(small.model.layers) == small.config.num_hidden_layers == 4
+    full_state = full.state_dict()
+    small_state = small.state_dict()
+    assert all(int(k.split(".")[2]) < 4 for k in small_state if k.startswith("model.layers."))
+    for name, tensor in small_state.items():
+        assert torch.equal(tensor, full_state[name]), name
+    ids, mask = batch
+    with torch.no_grad():
+        states = full.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        last = small.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(last, small.model.norm(states[4]), rtol=0, atol=0)
+    for bad in (0, 31, True, 2.5):
+        with pytest.raises(ValueError, match="num_layers"):
+            mit.models.load_smollm2(num_layers=bad)

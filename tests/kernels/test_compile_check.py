@@ -16,12 +16,12 @@ from mit_kernels import compile_check, dispatch
 pytestmark = pytest.mark.skipif(not dispatch.triton_available(), reason="triton is not installed")
 
 
-def _compile_subset(tmp_path, extra_path: str | None = None) -> subprocess.CompletedProcess:
+def _compile_subset(tmp_path, extra_path: str | None = None, *options: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "cache")}  # compile for real, not from a cache
     env.pop("TRITON_INTERPRET", None)
     if extra_path:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, env.get("PYTHONPATH")) if p)
-    command = [sys.executable, "-m", "mit_kernels", "compile-check", "--no-progress", "--jobs", "2"]
+    command = [sys.executable, "-m", "mit_kernels", "compile-check", "--no-progress", "--jobs", "2", *options]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -33,16 +33,36 @@ def _assert_clean(result: subprocess.CompletedProcess, expected_version: str | N
 
 
 def test_every_default_kernel_compiles_lean_on_the_installed_triton(tmp_path):
-    _assert_clean(_compile_subset(tmp_path))
+    """The subset (every kernel's default tile, bf16 and fp32, head dims 64 and 128, sm_90); the yardstick is compiled
+    for exactly the rows the lean targets apply to."""
+    path = tmp_path / "rows.csv"
+    _assert_clean(_compile_subset(tmp_path, None, "--csv", str(path)))
+    rows = compile_check.read_csv(str(path))
+    assert len(rows) == len(compile_check.subset_cases()) and {r["head_dim"] for r in rows} == {0, 64, 128}
+    lean = [r for r in rows if compile_check.lean_target(r)]
+    assert len(lean) == 8  # fwd (prefill, decode), bwd_dq, bwd_dkdv at bf16 x head dims 64, 128
+    assert all(isinstance(r["yard_registers"], int) and r["yard_mma"] > 0 for r in lean)
+    assert all(r["yard_registers"] == "" for r in rows if not compile_check.lean_target(r))
 
 
 def test_every_default_kernel_compiles_lean_on_the_lowest_supported_triton(tmp_path):
-    """`make test` installs the lowest Triton pyproject allows into a folder of its own (MIT_TRITON_LOWEST)."""
+    """`make test` installs the lowest Triton pyproject allows into a folder of its own (MIT_TRITON_LOWEST). Head dim
+    64 only: what an older Triton can fail at (its API, its lowering of an op, a spill) does not depend on the head
+    dim's constexpr tile sizes; the installed Triton compiles both head dims."""
     folder = os.environ.get("MIT_TRITON_LOWEST")
     if not folder:
         pytest.skip("MIT_TRITON_LOWEST is not set (make test sets it to the lowest supported Triton)")
     version = next(name for name in os.listdir(folder) if name.startswith("triton-") and name.endswith(".dist-info"))
-    _assert_clean(_compile_subset(tmp_path, folder), version.removeprefix("triton-").removesuffix(".dist-info"))
+    result = _compile_subset(tmp_path, folder, "--head-dims", "64")
+    _assert_clean(result, version.removeprefix("triton-").removesuffix(".dist-info"))
+    assert f"{len(compile_check.subset_cases(head_dims=(64,)))} compiles" in result.stdout
+
+
+def test_subset_head_dims_are_checked():
+    assert {c.head_dim for c in compile_check.subset_cases(head_dims=(64,))} == {0, 64}
+    for bad in ((), (48,)):
+        with pytest.raises(ValueError, match="head_dims"):
+            compile_check.subset_cases(head_dims=bad)
 
 
 SPECIALISATION = """
