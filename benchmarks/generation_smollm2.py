@@ -8,8 +8,8 @@ tokens), no grad, for several cases (batch size x prompt x cache):
   mit    ``mit.apply_mit`` (default layers 12, 16, 20, 24, 28, 29; modality_dim 768; non-zero infusion maps, as after
          training) with a (B, 768) modality embedding: every infused layer runs the fused kernels (checked)
 Training step: forward + backward (+ Adam step) of the next-token loss on the batch-2 short prompts, base frozen:
-  text_only  the frozen model on the text alone, training the RMSNorm weights of the layers MiT infuses (a tiny
-             tunable set at the same depth, so the backward covers exactly the layers MiT's does)
+  text_only  the frozen model on the text alone, training as many parameters as MiT (within 1%) in the layers MiT
+             infuses: their MLPs' up and down projections (so the backward covers exactly the layers MiT's does)
   mit        the MiT model with the embedding, training the infusion maps
 
 Every case is timed ``--repeats`` rounds after a warm-up round, in one process, base and MiT back to back (which one
@@ -142,7 +142,7 @@ def main(argv=None) -> list[dict]:
         args.weights, args.new_tokens, args.repeats, args.long_tokens = "random", 8, 2, 48
     base, tokenizer, used = load(args.weights, 4 if args.quick else None)
     base.set_attn_implementation("sdpa")
-    base.requires_grad_(False)  # frozen, like the MiT model's base (text_only then trains only the norms below)
+    base.requires_grad_(False)  # frozen, like the MiT model's base (text_only then trains the weights below)
     model = mit.apply_mit(copy.deepcopy(base), mit.MiTConfig(modality_dim=MODALITY_DIM))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # non-zero infusion, as after some training
@@ -168,21 +168,25 @@ def main(argv=None) -> list[dict]:
         )
         shapes[case] = tuple(ids.shape)
 
-    # text_only trains the norms of the layers MiT infuses; mit trains its maps
+    # text_only trains as many parameters as mit, in the layers MiT infuses (so the backward covers the same layers):
+    # their MLPs' up and down projections; mit trains its maps
     ids, mask = batch(tokenizer, vocab, 2)
     embedding = torch.randn(2, MODALITY_DIM, generator=gen)
     layers = model.mit_config.resolved_layers(base.config.num_hidden_layers)
-    norms = [n_.weight for i in layers for n_ in (base.model.layers[i].input_layernorm,
-                                                    base.model.layers[i].post_attention_layernorm)]  # fmt: skip
+    text_params = [proj.weight for i in layers for proj in (base.model.layers[i].mlp.up_proj,
+                                                             base.model.layers[i].mlp.down_proj)]  # fmt: skip
     mit_params = [param for _, param in model.mit_named_parameters()]
-    optimisers = {"text_only": torch.optim.Adam(norms, lr=1e-6), "mit": torch.optim.Adam(mit_params, lr=1e-6)}
+    trainable = {"text_only": sum(w.numel() for w in text_params), "mit": sum(w.numel() for w in mit_params)}
+    if abs(trainable["text_only"] / trainable["mit"] - 1) > 0.01:
+        raise RuntimeError(f"text_only and mit must train as many parameters (within 1%), got {trainable}")
+    optimisers = {"text_only": torch.optim.Adam(text_params, lr=1e-6), "mit": torch.optim.Adam(mit_params, lr=1e-6)}
     labels = ids.masked_fill(mask == 0, -100)
     train_case = Case(2)
     shapes[train_case] = shapes.get(train_case, tuple(ids.shape))
 
     def train_step(method: str) -> None:
         m, extra = (base, {}) if method == "text_only" else (model, {"modality_embedding": embedding})
-        for w in norms:
+        for w in text_params:
             w.requires_grad_(method == "text_only")
         logits = m(ids, attention_mask=mask, use_cache=False, **extra).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
@@ -224,7 +228,7 @@ def main(argv=None) -> list[dict]:
             rows.append({
                 "workload": workload, "case": case.label(), "method": method, "weights": used, "device": device,
                 "batch": shapes[case][0], "prompt_tokens": shapes[case][1], "cache": case.cache,
-                "new_tokens": n if generate else 0,
+                "new_tokens": n if generate else 0, "trainable_params": 0 if generate else trainable[method],
                 "median_s": statistics.median(seconds), "min_s": min(seconds),
                 "ms_per_token": 1e3 * statistics.median(seconds) / n if generate else float("nan"),
                 **(spread(ratios) if method == "mit" else spread([1.0] * len(ratios))),

@@ -185,6 +185,11 @@ def test_generation_benchmark_quick(tmp_path):
             assert low == high == 1.0
     assert [int(r["prompt_tokens"]) for r in rows[4:6]] == [48, 48] and rows[4]["cache"] == "static"
     assert [int(r["batch"]) for r in rows[:6:2]] == [1, 2, 2]
+    # the training step's reference trains as many parameters as MiT (its maps: 3 infused layers of the 4-layer model,
+    # each 768 -> 4 x 3 x 64 and 768 -> 1536 with biases, plus 3 gate logits) in the same layers: the MLPs' up and
+    # down projections
+    text_only, mit = (int(r["trainable_params"]) for r in rows[6:])
+    assert mit == 3 * (768 * 768 + 768 + 768 * 1536 + 1536 + 3) and text_only == 3 * 2 * 576 * 1536
 
 
 def test_fused_op_latency_quick_times_every_call_in_generate_and_alone(tmp_path):

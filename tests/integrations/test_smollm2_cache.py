@@ -54,3 +54,28 @@ def test_the_cache_key_follows_the_file_and_the_environment(tmp_path, monkeypatc
     b = mit.models.smollm2_cache_dir(directory)
     assert a.parent == tmp_path / "a" and b.parent == tmp_path / "b" and a.name == b.name
     assert a.name.startswith("smollm2-") and len(a.name) == len("smollm2-") + 16
+
+
+def test_the_same_file_elsewhere_shares_the_cache_and_another_file_does_not(tmp_path, monkeypatch):
+    """The key is the file's content (and the transformers version), not its path or time: a second environment (or
+    a reinstall) with the same GGUF file reads the same cache; a changed file gets another one."""
+    import os
+    import shutil
+
+    try:
+        directory = mit.models.smollm2_path()
+    except ImportError as error:
+        pytest.skip(f"{error} ({SMOLLM2_INSTALL})")
+    monkeypatch.setenv("MIT_CACHE_DIR", str(tmp_path / "cache"))
+    copy = tmp_path / "elsewhere"
+    copy.mkdir()
+    shutil.copyfile(directory / mit.models.SMOLLM2_GGUF, copy / mit.models.SMOLLM2_GGUF)
+    os.utime(copy / mit.models.SMOLLM2_GGUF, ns=(1, 1))
+    assert mit.models.smollm2_cache_dir(copy) == mit.models.smollm2_cache_dir(directory)
+    with open(copy / mit.models.SMOLLM2_GGUF, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    os.utime(copy / mit.models.SMOLLM2_GGUF, ns=(2, 2))
+    assert mit.models.smollm2_cache_dir(copy) != mit.models.smollm2_cache_dir(directory)
