@@ -7,6 +7,7 @@ The scripts live in benchmarks/ (not in the package); they run as subprocesses a
 from __future__ import annotations
 
 import csv
+import os
 import pathlib
 import subprocess
 import sys
@@ -30,14 +31,37 @@ def run_quick(script: str, out: pathlib.Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def run_quick_once(tmp_path_factory, script: str, name: str) -> list[dict]:
+    """:func:`run_quick` once per test session, whichever pytest-xdist worker asks first (the others wait for it and
+    read its CSV): a module fixture is otherwise built again by every worker that gets one of its tests. Without
+    ``fcntl`` (Windows) each worker runs it."""
+    try:
+        import fcntl
+    except ImportError:
+        return run_quick(script, tmp_path_factory.mktemp(name) / f"{name}.csv")
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, shared by its workers
+    folder, out = root / f"shared-{name}", root / f"shared-{name}" / f"{name}.csv"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / "complete").is_file():
+            with out.open() as f:
+                return list(csv.DictReader(f))
+        folder.mkdir(exist_ok=True)
+        rows = run_quick(script, out)
+        (folder / "complete").write_text("")
+        return rows
+
+
 @pytest.fixture(scope="module")
 def memory_rows(tmp_path_factory) -> list[dict]:
-    return run_quick("memory_vs_seqlen.py", tmp_path_factory.mktemp("memory") / "memory.csv")
+    return run_quick_once(tmp_path_factory, "memory_vs_seqlen.py", "memory")
 
 
 @pytest.fixture(scope="module")
 def flops_rows(tmp_path_factory) -> list[dict]:
-    return run_quick("flops.py", tmp_path_factory.mktemp("flops") / "flops.csv")
+    return run_quick_once(tmp_path_factory, "flops.py", "flops")
 
 
 def test_memory_csv_columns_and_methods(memory_rows):
@@ -137,7 +161,7 @@ def test_memory_tracker_ignores_views_of_existing_tensors():
 
 @pytest.fixture(scope="module")
 def attention_rows(tmp_path_factory) -> list[dict]:
-    return run_quick("bench_attention.py", tmp_path_factory.mktemp("attention") / "attention.csv")
+    return run_quick_once(tmp_path_factory, "bench_attention.py", "attention")
 
 
 def test_attention_benchmark_rows(attention_rows):
