@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import itertools
 import os
 import pathlib
 import sys
@@ -89,6 +91,11 @@ def parity_cases(dry: bool) -> list[dict]:
         case("causal+left_pad", full, d_small, groups[0], odd, odd),
         case("noncausal+random_mask", low, d_large, groups[1], odd - 6, odd + 10, causal=False, mask="random"),
         case("decode", low, d_large, groups[2], 1, 37 if dry else 4099),
+        # one query row: the split decode (GQA group as tile rows), over many splits, padding and mixed lengths
+        case("decode", mid, d_small, groups[0], 1, 200 if dry else 20000, mask="random"),
+        case("decode", full, d_large, groups[1], 1, 61 if dry else 777),
+        case("decode", low, d_small, 16, 1, 45 if dry else 3001, b=3, hkv=1),
+        case("decode", low, d_large, groups[1], 1, 90 if dry else 65537, b=1),
         case("long", low, d_large, groups[1], 33 if dry else 8192, 33 if dry else 8192, mask="none", b=1, hkv=1),
     ]
     return cases
@@ -123,6 +130,19 @@ def check_case(case: dict, device: torch.device) -> list[dict]:
             "passed": ok, "detail": why,
         })  # fmt: skip
     return rows
+
+
+def guarded(check: functools.partial) -> list[dict]:
+    """``check()``'s rows, or one failed row naming the case and the exception when it raises."""
+    try:
+        return check()
+    except Exception as exc:  # a compile or launch failure on the GPU: record it, check the other cases
+        case = check.args[0] if isinstance(check.args[0], dict) else {"name": "offsets>2^31"}
+        return [{"case": case.get("name"), "dtype": str(case.get("dtype", "")).removeprefix("torch."),
+                 "B": case.get("b"), "Hq": case.get("hkv", 0) * case.get("group", 0), "Hkv": case.get("hkv"),
+                 "Lq": case.get("lq"), "Lk": case.get("lk"), "D": case.get("d"), "causal": case.get("causal"),
+                 "mask": case.get("mask"), "tensor": "all", "error": float("nan"), "reference_error": float("nan"),
+                 "passed": False, "detail": f"{type(exc).__name__}: {exc}"[:2000]}]  # fmt: skip
 
 
 def check_offsets(device: torch.device, dtype: torch.dtype) -> list[dict]:
@@ -238,7 +258,8 @@ def causal_flops(b, hq, lq, lk, d, backward: bool) -> float:
     return forward * (3.5 if backward else 1.0)
 
 
-def bench_layer(lengths, shape, dtype, device, official_max, progress) -> list[dict]:
+def bench_layer(lengths, shape, dtype, device, official_max, progress, csv_path=None) -> list[dict]:
+    """Rows of times and peak memory per method and length; rewritten to ``csv_path`` after each row."""
     b, hq, hkv, d = shape
     gqa = flash_takes_gqa(device, dtype)
     rows = []
@@ -271,9 +292,121 @@ def bench_layer(lengths, shape, dtype, device, official_max, progress) -> list[d
             if method != "official":
                 row["decode_ms"] = median_ms(lambda fn=fn, decode=decode: fn(*decode), device)
             rows.append(row)
+            if csv_path is not None:
+                write_csv(rows, csv_path)
             progress.update(1)
             del inputs, leaves, grad
     return rows
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2b. Decode steps: the split decode (and its tiles) vs the per-query-head decode vs plain flash decoding
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def graph_ms(fn, device: torch.device) -> float:
+    """Median device time of ``fn`` replayed from a CUDA graph (no host launch cost: the kernels' own time); the median
+    of three host-timed runs on CPU."""
+    if device.type != "cuda":
+        return median_ms(fn, device)
+    import triton.testing
+
+    fn()  # compile and allocate outside the capture
+    return triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median")
+
+
+def decode_variants(dry: bool) -> dict[str, dict]:
+    """Name -> what to patch in :mod:`mit_kernels.triton_attention` for it: the split decode at its default tile, at
+    other tiles (D 128), and the per-query-head decode it replaced (the split decode switched off)."""
+    from mit_kernels.triton_configs import TileConfig
+
+    variants = {"split": {}, "per_head": {"DECODE_SPLIT_MAX_GROUP": 0}}
+    if not dry:
+        for block_n, warps, stages in ((16, 4, 2), (32, 4, 2), (64, 4, 2), (32, 8, 2)):
+            tile = TileConfig(16, block_n, warps, stages)
+            variants[f"split_{block_n}x{warps}w{stages}s"] = {"decode_tile": lambda d, g, i=False, t=tile: t}
+    return variants
+
+
+def bench_decode(shapes, lengths, dtype, device, progress, csv_path) -> list[dict]:
+    """Per decode step (Lq = 1): host-timed (``do_bench``: what an eager generate loop pays) and graph-replayed (the
+    kernels alone) medians of each variant and of plain flash decoding (SDPA's flash backend, no infusion); the
+    split decode's output against the per-head decode's (max abs difference, both in ``dtype``)."""
+    from mit_kernels import triton_attention
+
+    rows = []
+    dry = device.type != "cuda"
+    for (b, hq, hkv, d), length in itertools.product(shapes, lengths):
+        inputs = speed_inputs(b, hq, hkv, 1, length, d, dtype, device, grad=False)
+        outputs = {}
+        for variant, patch in decode_variants(dry).items():
+            saved = {name: getattr(triton_attention, name) for name in patch}
+            try:
+                for name, value in patch.items():
+                    setattr(triton_attention, name, value)
+
+                def step(inputs=inputs):
+                    return mit_kernels.mit_attention(*inputs, backend="triton")
+
+                outputs[variant] = step()
+                row = {"variant": variant, "B": b, "Hq": hq, "Hkv": hkv, "D": d, "L": length,
+                       "host_ms": median_ms(step, device), "graph_ms": graph_ms(step, device), "error": ""}  # fmt: skip
+            except Exception as exc:  # a tile that does not compile or launch here: a row saying so
+                row = {"variant": variant, "B": b, "Hq": hq, "Hkv": hkv, "D": d, "L": length,
+                       "host_ms": float("nan"), "graph_ms": float("nan"),
+                       "error": f"{type(exc).__name__}: {exc}"[:300]}  # fmt: skip
+            finally:
+                for name, value in saved.items():
+                    setattr(triton_attention, name, value)
+            rows.append(row)
+        plain = plain_inputs(inputs, flash_takes_gqa(device, dtype))
+
+        def plain_step(plain=plain):
+            return plain_attention(*plain)
+
+        rows.append({"variant": "plain_flash", "B": b, "Hq": hq, "Hkv": hkv, "D": d, "L": length,
+                     "host_ms": median_ms(plain_step, device), "graph_ms": graph_ms(plain_step, device),
+                     "error": ""})  # fmt: skip
+        for row in rows[-len(outputs) - 1 :]:
+            row["kv_bytes"] = 2 * b * hkv * length * d * dtype.itemsize
+            row["vs_plain_graph"] = row["graph_ms"] / rows[-1]["graph_ms"]
+            row["max_diff_vs_per_head"] = (
+                (outputs[row["variant"]].float() - outputs["per_head"].float()).abs().max().item()
+                if row["variant"] in outputs and "per_head" in outputs else float("nan")
+            )  # fmt: skip
+        write_csv(rows, csv_path)
+        progress.update(1)
+        del inputs, plain, outputs
+    return rows
+
+
+def profile_host(device: torch.device, out: pathlib.Path, name: str) -> None:
+    """torch.profiler of a fused forward + backward (L 1024) and a decode step (L 4096), bf16, D 128, 32 / 4 heads:
+    the operators' host (CPU) time next to their device time, to tell launch and Python cost from kernel time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dtype = torch.float32 if device.type != "cuda" else torch.bfloat16
+    b, hq, hkv, d = (1, 4, 2, 16) if device.type != "cuda" else (1, 32, 4, 128)
+    lines = []
+    for label, length, lq, backward in (("fwd+bwd L=1024", 1024, None, True), ("decode L=4096", 4096, 1, False)):
+        length = 32 if device.type != "cuda" else length
+        inputs = speed_inputs(b, hq, hkv, lq or length, length, d, dtype, device, grad=backward)
+
+        def run(inputs=inputs, backward=backward):
+            out = mit_kernels.mit_attention(*inputs, backend="triton")
+            if backward:
+                torch.autograd.grad(out, inputs, grad_outputs=torch.ones_like(out))
+
+        for _ in range(3):
+            run()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(10):
+                run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        lines += [f"== {label}, 10 calls", prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)]
+    (out / f"gpu_check_{name}_profile.txt").write_text("\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -317,6 +450,7 @@ def training_step_memory(lengths, dims, layers, dtype, device, prefix_tokens) ->
             torch.autograd.grad(out.float().square().mean(), list(projector.parameters()))
 
         for method, step in (("mit", mit_step), ("prefix", prefix_step)):
+            step()  # first call: autotuning (its timing buffers) and compilation stay out of the peak
             rows.append({"method": method, "L": length, "layers": layers, "prefix_tokens": prefix_tokens,
                          "peak_mib": peak_memory_bytes(step, device) / 2**20,
                          "step_ms": median_ms(step, device)})  # fmt: skip
@@ -346,9 +480,34 @@ def plot(speed: list[dict], steps: list[dict], path: pathlib.Path, title: str) -
         sub = [r for r in steps if r["method"] == method]
         axes[2].plot([r["L"] for r in sub], [r["peak_mib"] for r in sub], "o-", label=method)
     axes[2].set(xscale="log", xlabel="text tokens L", ylabel="peak MiB", title="training step: MiT vs prefix (576)")
+    step_lengths = sorted({r["L"] for r in steps})
+    axes[2].set_xticks(step_lengths, [str(length) for length in step_lengths])
+    axes[2].minorticks_off()
     for ax in axes:
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_decode(decode: list[dict], path: pathlib.Path, title: str) -> None:
+    """Per decode shape: graph-replayed time per step over plain flash decoding's, against the cache length."""
+    plt = pyplot()
+    if plt is None or not decode:
+        return
+    shapes = list(dict.fromkeys((r["B"], r["Hq"], r["Hkv"], r["D"]) for r in decode))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.6), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        rows = [r for r in decode if (r["B"], r["Hq"], r["Hkv"], r["D"]) == shape]
+        for variant in dict.fromkeys(r["variant"] for r in rows):
+            sub = [r for r in rows if r["variant"] == variant]
+            style = "o-" if variant in ("split", "per_head", "plain_flash") else ":"
+            ax.plot([r["L"] for r in sub], [r["vs_plain_graph"] for r in sub], style, label=variant)
+        ax.set(xscale="log", yscale="log", xlabel="cached keys L", ylabel="time / plain flash decoding",
+               title=f"B{shape[0]} Hq{shape[1]}/Hkv{shape[2]} D{shape[3]}")  # fmt: skip
+        ax.legend(fontsize=7)
+    fig.suptitle(f"decode step, kernels only (CUDA graph replay); {title}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -384,6 +543,22 @@ def summary(parity, speed, steps, header) -> list[str]:
     return lines
 
 
+def decode_summary(decode: list[dict]) -> list[str]:
+    """One line per decode shape and length: each variant's graph-replayed time over plain flash decoding's, and the
+    split decode's host-timed step."""
+    if not decode:
+        return []
+    lines = ["decode (graph-replayed time / plain flash decoding; split host ms = an eager step):"]
+    keys = dict.fromkeys((r["B"], r["Hq"], r["Hkv"], r["D"], r["L"]) for r in decode)
+    for key in keys:
+        rows = {r["variant"]: r for r in decode if (r["B"], r["Hq"], r["Hkv"], r["D"], r["L"]) == key}
+        ratios = " ".join(f"{v}={r['vs_plain_graph']:.2f}x" for v, r in rows.items() if v != "plain_flash")
+        plain = rows["plain_flash"]
+        lines.append(f"  B{key[0]} Hq{key[1]}/Hkv{key[2]} D{key[3]} L{key[4]}: plain {plain['graph_ms'] * 1e3:.1f} us; "
+                     f"{ratios}; split host {rows['split']['host_ms'] * 1e3:.0f} us")  # fmt: skip
+    return lines
+
+
 def compile_section(dry: bool, device: torch.device, out: pathlib.Path, name: str) -> list[str]:
     """Step 0: the compile check for this GPU's architecture (a two-case smoke run for sm_90 in a dry run, in a
     subprocess: the dry run's own kernels are the interpreter's). Writes its CSV; returns the summary lines."""
@@ -409,8 +584,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
     parser.add_argument("--out", type=pathlib.Path, default=HERE / "results")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["compile", "parity", "speed", "steps"],
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["compile", "parity", "decode", "speed", "steps", "profile"],
                         help="sections to skip")  # fmt: skip
+    parser.add_argument("--parity-only", nargs="*", default=None, metavar="NAME",
+                        help="run the parity cases whose name holds one of these (default: all)")  # fmt: skip
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
@@ -430,26 +608,43 @@ def main(argv: list[str] | None = None) -> int:
     parity: list[dict] = []
     os.environ["MIT_TRITON_AUTOTUNE"] = "0"  # parity checks the default tiles; every case would otherwise tune
     if "parity" not in args.skip:
-        cases = parity_cases(dry)
-        for case in tqdm(cases, desc="parity"):
-            parity += check_case(case, device)
+        # one case that fails to compile or run is a failed row, not the end of the check; the CSV is rewritten after
+        # every case, so a run stopped at its time limit keeps what it checked
+        parity_csv = args.out / f"gpu_check_{name}_parity.csv"
+        checks = [functools.partial(check_case, case, device) for case in parity_cases(dry)]
         # a 4 GiB buffer (on CPU: address space, only the touched rows are backed by memory)
-        parity += check_offsets(device, torch.float16 if dry else torch.bfloat16)
-        write_csv(parity, args.out / f"gpu_check_{name}_parity.csv")
+        checks.append(functools.partial(check_offsets, device, torch.float16 if dry else torch.bfloat16))
+        if args.parity_only is not None:  # a rerun of some cases (a lease too short for all of them)
+            names = [c.args[0]["name"] if isinstance(c.args[0], dict) else "offsets>2^31" for c in checks]
+            checks = [c for c, n in zip(checks, names) if any(part in n for part in args.parity_only)]
+        for check in tqdm(checks, desc="parity"):
+            parity += guarded(check)
+            write_csv(parity, parity_csv)
 
     speed: list[dict] = []
     steps: list[dict] = []
+    decode: list[dict] = []
     os.environ["MIT_TRITON_AUTOTUNE"] = "1"  # speed: the tiles a user gets
     if "speed" not in args.skip:
         lengths = [16, 32] if dry else [1024, 2048, 4096, 8192, 16384]
         shape = (1, 4, 2, 16) if dry else (1, 32, 4, 128)  # B, Hq, Hkv, D: GQA 8 on the GPU
         dtype = torch.float32 if dry else torch.bfloat16
         with tqdm(total=len(lengths) * len(METHODS), desc="speed") as progress:
-            speed = bench_layer(lengths, shape, dtype, device, 32 if dry else 8192, progress)
+            speed = bench_layer(lengths, shape, dtype, device, 32 if dry else 8192, progress,
+                                args.out / f"gpu_check_{name}_speed.csv")  # fmt: skip
         for r in speed:
             r.update(device=name, dtype=str(dtype).removeprefix("torch."), B=shape[0], Hq=shape[1], Hkv=shape[2],
                      D=shape[3])  # fmt: skip
         write_csv(speed, args.out / f"gpu_check_{name}_speed.csv")
+    if "decode" not in args.skip:
+        shapes = [(1, 4, 2, 16), (2, 4, 1, 32)] if dry else [(1, 32, 8, 128), (8, 32, 8, 128), (1, 32, 4, 128),
+                                                              (8, 32, 8, 64)]  # fmt: skip
+        lengths = [40, 200] if dry else [1024, 4096, 16384, 65536]
+        with tqdm(total=len(shapes) * len(lengths), desc="decode") as progress:
+            decode = bench_decode(shapes, lengths, torch.float32 if dry else torch.bfloat16, device, progress,
+                                  args.out / f"gpu_check_{name}_decode.csv")  # fmt: skip
+    if "profile" not in args.skip:
+        profile_host(device, args.out, name)
     if "steps" not in args.skip:
         lengths = [8, 16] if dry else [256, 1024, 4096]
         dims = (64, 4, 96) if dry else (4096, 32, 11008)  # LLaMA-2-7B: hidden 4096, 32 heads, d_ff 11008
@@ -458,8 +653,9 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(steps, args.out / f"gpu_check_{name}_steps.csv")
     if speed and steps:
         plot(speed, steps, args.out / f"gpu_check_{name}.png", header)
+    plot_decode(decode, args.out / f"gpu_check_{name}_decode.png", header)
     lines = summary(parity, speed, steps, header) if speed and steps else [header]
-    lines += compile_lines
+    lines += decode_summary(decode) + compile_lines
     from mit_kernels.triton_configs import tuned_configs
 
     for key, config in sorted(tuned_configs().items(), key=str):  # which tiles the autotuner chose (empty: dry run)

@@ -19,8 +19,9 @@ and 128, sm_90: what CI runs; ``--head-dims`` narrows it); ``--full`` the whole 
 writes it to benchmarks/results/). Targets checked (:func:`violations`): no compile
 failure; every candidate the rule keeps fits and the rule's bound holds; for fp16 / bf16 and head dims up to 128 every
 fast pass's default tile on sm_80 and sm_90 spills no more than the yardstick, has tensor-core MMAs of the target's
-kind (wgmma on sm_90, decode included) and at most 1.25x the yardstick's shared memory; fp32 and every head dim have
-a default tile that fits an A100.
+kind (wgmma on sm_90, decode included) and at most 1.25x the yardstick's shared memory; the decode step's
+fixed-tile split and combine passes spill nothing there (fp16 / bf16); fp32 and every head dim have a default tile
+that fits an A100.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch
 HEAD_DIMS = (16, 32, 64, 128, 256)  # every head-dim bucket the Triton kernels accept (D <= 256)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ATTENTION_PASSES = ("fwd", "bwd_dq", "bwd_dkdv")
+DECODE_PASSES = ("decode_split", "decode_combine")  # fixed tiles (not tuned): they must spill nothing
 MMA_KIND = {80: "HMMA", 90: "HGMMA", 100: "UTCMMA"}
 CSV_FIELDS = (
     "case", "source", "kernel", "pass", "variant", "arch", "dtype", "head_dim", "causal", "rescale", "kv_mask", "group",
@@ -52,7 +54,8 @@ CSV_FIELDS = (
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One launch to compile. ``pass_name``: infuse, fwd, delta, bwd_dq, bwd_dkdv, infusion_bwd, ffn_fwd, ffn_bwd;
+    """One launch to compile. ``pass_name``: infuse, fwd, decode_split, decode_combine, delta, bwd_dq, bwd_dkdv,
+    infusion_bwd, ffn_fwd, ffn_bwd;
     ``exact``: the NaN / Inf variant of an attention pass; ``config``: the tile (None: the pass's fixed one)."""
 
     pass_name: str
@@ -119,6 +122,9 @@ def build_launch(case: Case):
             return triton_ffn.ffn_gate_fwd_launch(x, x, m)[0]
         return triton_ffn.ffn_gate_bwd_launch(x, x, x, m)[0]
     inputs = attention_inputs(case)
+    if case.pass_name in DECODE_PASSES:  # a generation step (Lq = 1): split pass, then combine pass
+        plan = ta.ForwardPlan(*inputs, case.causal, case.head_dim**-0.5, case.rescale)
+        return plan.decode_launches()[DECODE_PASSES.index(case.pass_name)]
     if case.pass_name in ("infuse", "fwd"):
         plan = ta.ForwardPlan(*inputs, case.causal, case.head_dim**-0.5, case.rescale)
         if case.pass_name == "infuse":
@@ -217,8 +223,9 @@ def source_hash() -> str:
     """A hash of what decides a compile and the Triton version (the CSV's ``source`` column: ``--resume`` reuses a row
     only when it was compiled from the same kernels by the same Triton): the kernel modules, and of
     :mod:`mit_kernels.triton_configs` what a launch takes from it besides its case's tile (the exact variant's tile,
-    the elementwise kernels' rows, the decode bound). The tile rule (candidates, shared-memory bound, limits) is not
-    in it: a row's tile is part of its case, and the rule's columns are recomputed when a row is reused."""
+    the elementwise kernels' rows, the decode bound, the split decode's tile and splits). The tile rule (candidates,
+    shared-memory bound, limits) is not in it: a row's tile is part of its case, and the rule's columns are recomputed
+    when a row is reused."""
     import hashlib
     import inspect
 
@@ -229,9 +236,11 @@ def source_hash() -> str:
     for name in ("triton_attention.py", "triton_ffn.py", "triton_common.py", "triton_yardstick.py"):
         with open(os.path.join(here, name), "rb") as f:
             digest.update(f.read())
-    for function in (triton_configs.exact_config, triton_configs.elementwise_rows):
+    for function in (triton_configs.exact_config, triton_configs.elementwise_rows, triton_configs.decode_tile,
+                     triton_configs.decode_splits):  # fmt: skip
         digest.update(inspect.getsource(function).encode())
-    digest.update(repr((triton_configs.DECODE_ROWS, triton_configs.INTERPRETER)).encode())
+    constants = (triton_configs.DECODE_ROWS, triton_configs.DECODE_SPLIT_MAX_GROUP, triton_configs.INTERPRETER)
+    digest.update(repr(constants).encode())
     return digest.hexdigest()[:16]
 
 
@@ -296,6 +305,8 @@ def _attention_cases(arch, dtypes, head_dims, flags, every_tile: bool) -> Iterab
         yield Case("infuse", rescale=rescale, **common)
         yield Case("infusion_bwd", rescale=rescale, **common)
         yield Case("delta", **common)
+        yield Case("decode_split", rescale=rescale, causal=causal, decode=True, **common)
+        yield Case("decode_combine", decode=True, **common)
         for pass_name, decode in (("fwd", False), ("fwd", True), ("bwd_dq", False), ("bwd_dkdv", False)):
             # rescale only changes the kernels that compute the gate: the decode forward (the others get False)
             rescales = (rescale,) if decode else (False,)
@@ -406,6 +417,9 @@ def violations(rows: list[dict]) -> list[str]:
             out.append(f"{where}: shared memory {r['shared']} B above the rule's bound {r['shared_bound']}")
         if r["default"] and r["variant"] == "fast" and not r["fits"] and r["arch"] in (80, 90):
             out.append(f"{where}: the default tile does not fit ({r['shared']} > {r['shared_limit']} B)")
+        if (r["pass"] in DECODE_PASSES and r["dtype"] in ("float16", "bfloat16") and r["arch"] in (80, 90)
+                and r["head_dim"] <= 128 and r["stack"]):  # fmt: skip
+            out.append(f"{where}: {r['stack']} B of stack (spill) per thread in a fixed-tile decode pass")
         if lean_target(r):
             if r["stack"] > r["yard_stack"]:
                 out.append(f"{where}: {r['stack']} B of stack (spill) per thread > the yardstick's {r['yard_stack']}")

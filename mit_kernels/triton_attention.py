@@ -14,8 +14,19 @@ Passes (one program per tile; every grid is one-dimensional, so no axis meets CU
   loops hold no infusion, so they compile to the same registers, shared memory and tensor-core instructions as a plain
   flash-attention kernel of the same tile (``python -m mit_kernels compile-check`` measures both side by side).
   Cost: one read of K, V and one write of K', V' (O(B Hkv Lk D)), against the O(B Hq Lq Lk D) attention work.
-- Decode (Lq <= ``DECODE_ROWS``) is memory-bound: there the forward infuses each K/V tile as it is loaded
-  (``INFUSE=True``) instead, so the cache is read once per step and nothing is written. On 16-row tiles (mma.sync
+- A generation step (Lq = 1, GQA group up to ``DECODE_SPLIT_MAX_GROUP``) is split over the keys, flash-decoding
+  style: ``_attn_decode_split_kernel`` runs one program per (b, KV head, split of the cache), with the group's query
+  heads as the rows of one tile, so each cached key is read and infused once per step (not once per query head), and
+  about two programs per multiprocessor keep the memory system busy at batch 1; each program writes its split's
+  softmax partials (m_s, l_s, acc_s, base 2), and ``_attn_decode_combine_kernel`` reduces them per query row::
+
+      m = max_s m_s      l = sum_s 2^(m_s - m) l_s      O = sum_s 2^(m_s - m) acc_s / l      lse2 = m + log2(l)
+
+  and marks the rows that came out non-finite for the exact variant below (one program per query head).
+  On an H200 its kernels take 4-69x less time than one program per query head (the path below, 32 programs for a
+  whole cache at batch 1; benchmarks/results/gpu_check_NVIDIA_H200_decode.csv).
+- Other decode shapes (Lq <= ``DECODE_ROWS``) are memory-bound too: there the forward infuses each K/V tile as it is
+  loaded (``INFUSE=True``) instead, so the cache is read once per step and nothing is written. On 16-row tiles (mma.sync
   targets: sm_80, sm_86, sm_89) the infusion is distributed over the products (``SPLIT``)::
 
       q . K'_t = q . k_t + g_t ((q * k_mul) . k_t + q . k_add)
@@ -84,13 +95,26 @@ contiguous tensor is, whatever the length).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .reference import accumulator_dtype
 from .triton_common import Launch, interpreter_active, tl_accumulator, tl_dtype
-from .triton_configs import DECODE_ROWS, TileConfig, choose, elementwise_rows, exact_config
+from .triton_configs import (
+    DECODE_ROWS,
+    DECODE_SPLIT_MAX_GROUP,
+    INTERPRETER,
+    TileConfig,
+    choose,
+    decode_splits,
+    decode_tile,
+    elementwise_rows,
+    exact_config,
+    multiprocessor_count,
+)
 
 LOG2E = 1.4426950408889634
 COSINE_EPS: tl.constexpr = tl.constexpr(1e-8)  # jit functions may only read constexpr globals
@@ -426,6 +450,129 @@ def _attn_fwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Decode step (one query row): split over the keys, all query heads of a KV head in one program
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["Hkv", "Lk", "NUM_SPLITS", "SPLIT_LEN"])
+def _attn_decode_split_kernel(
+    Q, K, V, KM, KA, VM, VA, HL, KVM, M_PART, L_PART, SEEN_PART, ACC_PART,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    Hkv, Lk, D, NUM_SPLITS, SPLIT_LEN, scale_hi, scale_lo, scale_log2_hi, scale_log2_lo,
+    GROUP: tl.constexpr, RESCALE: tl.constexpr, HAS_KV_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Partial softmax statistics of keys [split * SPLIT_LEN, (split + 1) * SPLIT_LEN) for the GROUP query heads of one
+    KV head (rows of the tile; Lq = 1, so every key is causally visible)::
+
+        s_t = (q . K'_t) scale log2(e)
+        m_s = max_t s_t      l_s = sum_t 2^(s_t - m_s)      acc_s = sum_t 2^(s_t - m_s) V'_t
+
+    K', V' are infused tile by tile as they are loaded (rounded to the inputs' dtype, as the pre-pass stores them), so
+    each key of the cache is read and infused once per step for the whole group. SEEN_PART: the split holds a key the
+    padding mask keeps (a property of the mask alone)."""
+    pid = tl.program_id(0)
+    pid_bh = (pid // NUM_SPLITS).to(tl.int64)
+    split = pid % NUM_SPLITS
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    hq = (h * GROUP + rows).to(tl.int64)
+    q_ptrs = Q + b * stride_qb + hq[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(rows[:, None] < GROUP) & (offs_d[None, :] < D), other=0.0).to(ACC).to(DOT)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    k_mul, k_add, v_mul, v_add, _norm_a, clamped_norm_a = _load_vectors(KM, KA, VM, VA, pid_bh * D, offs_d, D, ACC)
+    head_logit = tl.load(HL + h).to(ACC)
+    scale_log2 = _scales(scale_hi, scale_lo, scale_log2_hi, scale_log2_lo, ACC)[1]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    seen = Lk * 0  # int32: 1 once a kept key was met
+    lo = split * SPLIT_LEN
+    hi = tl.minimum(lo + SPLIT_LEN, Lk)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = _key_keep(KVM, b, offs_n, Lk, HAS_KV_MASK) & (offs_n < hi)
+        v_raw = _load_tile(v_base, offs_n, offs_d, stride_vn, Lk, D, ACC)
+        gate = _gate(v_raw, v_add, clamped_norm_a, head_logit, RESCALE)[0]
+        v = _infuse(v_raw, v_mul, v_add, gate).to(V.dtype.element_ty).to(DOT)  # fp32 V dies before K is loaded
+        k_raw = _load_tile(k_base, offs_n, offs_d, stride_kn, Lk, D, ACC)
+        k = _infuse(k_raw, k_mul, k_add, gate).to(K.dtype.element_ty).to(DOT)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * scale_log2
+        s = tl.where(keep[None, :], s, float("-inf"))
+        seen = tl.maximum(seen, tl.max(keep.to(tl.int32), axis=0))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: exp2 gives 0, never NaN
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(DOT), v, acc * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
+        m_i = m_new
+    part = (
+        pid_bh * GROUP + rows
+    ) * NUM_SPLITS + split  # rows of (B * Hq, NUM_SPLITS): b * Hq + hq = pid_bh * GROUP + r
+    row_ok = rows < GROUP
+    tl.store(M_PART + part, m_i, mask=row_ok)
+    tl.store(L_PART + part, l_i, mask=row_ok)
+    tl.store(SEEN_PART + part, (rows * 0 + seen).to(tl.int8), mask=row_ok)
+    _store_tile(ACC_PART, acc, part, offs_d, D, (pid_bh + 1) * GROUP * NUM_SPLITS, D, row_ok)  # (B Hq NUM_SPLITS, D)
+
+
+@triton.jit(do_not_specialize=["Hq", "NUM_SPLITS"])
+def _attn_decode_combine_kernel(
+    M_PART, L_PART, SEEN_PART, ACC_PART, O, LSE, MARK,
+    stride_ob, stride_oh,
+    Hq, D, NUM_SPLITS,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """O and lse2 of one query row from the splits' partials (flash-decoding's reduction)::
+
+        m = max_s m_s      l = sum_s 2^(m_s - m) l_s      O = sum_s 2^(m_s - m) acc_s / l      lse2 = m + log2(l)
+
+    A row whose splits saw no kept key gives 0 (lse2 = +inf); MARK = 1 where the row came out non-finite (the exact
+    decode variant then recomputes it)."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // Hq
+    hq = row % Hq
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    base = row * NUM_SPLITS
+    m = tl.full([BLOCK_S], float("-inf"), ACC)
+    seen = tl.zeros([BLOCK_S], tl.int32)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        ok = s0 + offs_s < NUM_SPLITS
+        m = tl.maximum(m, tl.load(M_PART + base + s0 + offs_s, mask=ok, other=float("-inf")))
+        seen = tl.maximum(seen, tl.load(SEEN_PART + base + s0 + offs_s, mask=ok, other=0).to(tl.int32))
+    m_row = tl.max(m, axis=0)
+    m_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
+    l_vec = tl.zeros([BLOCK_S], ACC)
+    acc = tl.zeros([BLOCK_S, BLOCK_D], ACC)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        ok = s0 + offs_s < NUM_SPLITS
+        m_s = tl.load(M_PART + base + s0 + offs_s, mask=ok, other=float("-inf"))
+        w = tl.math.exp2(m_s - m_safe)
+        l_vec += w * tl.load(L_PART + base + s0 + offs_s, mask=ok, other=0.0)
+        acc += w[:, None] * _load_tile(ACC_PART + base * D, s0 + offs_s, offs_d, D, NUM_SPLITS, D, ACC)
+    l_row = tl.sum(l_vec, axis=0)
+    out = tl.sum(acc, axis=0)
+    seen_row = tl.max(seen, axis=0) > 0
+    no_mass = l_row == 0.0
+    l_safe = tl.where(no_mass, 1.0, l_row)
+    out = tl.where(seen_row, tl.where(no_mass, float("nan"), _div(out, l_safe)), 0.0)
+    lse2 = tl.where(seen_row, tl.where(no_mass, float("nan"), m_row + tl.math.log2(l_safe)), float("inf"))
+    tl.store(O + b * stride_ob + hq * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=offs_d < D)
+    tl.store(LSE + row, lse2.to(LSE.dtype.element_ty))
+    bad = tl.max((~(tl.abs(out) < float("inf"))).to(tl.int32), axis=0) > 0
+    tl.store(MARK + row, (bad | (seen_row & ~(tl.abs(lse2) < float("inf")))).to(tl.int8))
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Backward
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -656,6 +803,7 @@ def block_d_of(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+@functools.lru_cache(maxsize=64)
 def _split_scales(scale: float) -> tuple[float, float, float, float]:
     """(scale_hi, scale_lo, scale_log2_hi, scale_log2_lo): fp32 halves whose sum is the fp64 value to ~1e-14."""
     out = []
@@ -721,6 +869,8 @@ class ForwardPlan(_Inputs):
         rows = (self.batch, self.hq, self.lq)
         self.lse2 = torch.empty(rows, device=self.q.device, dtype=accumulator_dtype(self.q.dtype))
         self.marks = torch.empty(rows, device=self.q.device, dtype=torch.int8)
+        # a generation step: split over the keys, the group's query heads as the rows of one tile (decode_launches)
+        self.one_query = self.lq == 1 and self.group <= DECODE_SPLIT_MAX_GROUP
         self.k_src, self.v_src, self.pre = self.k, self.v, None
         if not self.decode:
             self.pre, self.k_src, self.v_src = self.infuse_launch()
@@ -743,7 +893,44 @@ class ForwardPlan(_Inputs):
 
     def launches(self, config: TileConfig) -> list[Launch]:
         exact = exact_config(config, "fwd")
+        if self.one_query:
+            return [*self.decode_launches(), self.attention(self.decode_exact_config(), exact=True)]
         return [*([self.pre] if self.pre else []), self.attention(config), self.attention(exact, exact=True)]
+
+    def decode_exact_config(self) -> TileConfig:
+        """The exact variant's tile after a split decode (the fast variant's rows are one query row per head)."""
+        return exact_config(INTERPRETER if self.interpreted else TileConfig(16, 32, 4, 1), "fwd")
+
+    def decode_launches(self) -> list[Launch]:
+        """A decode step's fast variant (Lq = 1): the split pass (one program per (b, KV head, key split), the group's
+        query heads as tile rows) and the combine pass (one program per query row), which writes out, lse2 and the
+        marks the exact variant reads."""
+        tile = decode_tile(self.block_d, self.group, self.interpreted)
+        processors = multiprocessor_count(self.q.device)
+        splits, split_len = decode_splits(self.batch * self.hkv, self.lk, tile.block_n, processors, self.interpreted)
+        rows = self.batch * self.hq
+        acc_dtype = accumulator_dtype(self.q.dtype)
+        dev = self.q.device
+        m_part = torch.empty((rows, splits), device=dev, dtype=acc_dtype)
+        l_part = torch.empty_like(m_part)
+        seen_part = torch.empty((rows, splits), device=dev, dtype=torch.int8)
+        acc_part = torch.empty((rows, splits, self.d), device=dev, dtype=acc_dtype)
+        split = Launch(
+            "decode_split", _attn_decode_split_kernel, (self.batch * self.hkv * splits,),
+            (self.q, self.k, self.v, *self.vectors, self.head_logit, self.kvm, m_part, l_part, seen_part, acc_part,
+             self.q.stride(0), self.q.stride(1), *_strides(self.k), *_strides(self.v),
+             self.hkv, self.lk, self.d, splits, split_len, *_split_scales(self.scale)),
+            {"GROUP": self.group, "RESCALE": self.rescale, "HAS_KV_MASK": self.has_kv_mask, "BLOCK_D": self.block_d,
+             **self.dots, **tile.launch_args(self.interpreted)},
+            tile,
+        )  # fmt: skip
+        combine = Launch(
+            "decode_combine", _attn_decode_combine_kernel, (rows,),
+            (m_part, l_part, seen_part, acc_part, self.out, self.lse2, self.marks,
+             self.out.stride(0), self.out.stride(1), self.hq, self.d, splits),
+            {"BLOCK_S": 16, "BLOCK_D": self.block_d, "ACC": self.dots["ACC"], **_warps(self.interpreted)},
+        )  # fmt: skip
+        return [split, combine]
 
 
 class BackwardPlan(_Inputs):
@@ -842,6 +1029,12 @@ def mit_attention_triton_fwd(
     """Run the forward. Returns ``out`` (B, Hq, Lq, D) in q's dtype and ``lse2`` (B, Hq, Lq) fp32 (base-2 log-sum-exp
     of the scaled scores; +inf for rows that see no key). Inputs are assumed validated."""
     plan = ForwardPlan(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale)
+    if plan.one_query:
+        for launch in plan.decode_launches():
+            launch()
+        if _exact_pass_needed(plan, plan.marks):
+            plan.attention(plan.decode_exact_config(), exact=True)()
+        return plan.out, plan.lse2
     if plan.pre is not None:
         plan.pre()
     config = choose(

@@ -52,6 +52,7 @@ class TileConfig:
 
 INTERPRETER = TileConfig(32, 32)  # numpy runs each program; small tiles keep the padded work small
 DECODE_ROWS = 16  # a query count up to this is a decode step: the forward infuses K/V tiles as it loads them
+DECODE_SPLIT_MAX_GROUP = 16  # one query row and a GQA group up to this: the split decode (query heads as tile rows)
 PASSES = ("fwd", "bwd_dq", "bwd_dkdv")
 
 # Shared memory per block (bytes) that a kernel may use, by compute capability (CUDA's documented maxima).
@@ -188,6 +189,50 @@ def exact_config(config: TileConfig, pass_name: str) -> TileConfig:
     if config == INTERPRETER:
         return INTERPRETER
     return TileConfig(min(config.block_m, 32) if pass_name != "fwd" or config.block_m > 16 else 16, 32, 4, 1)
+
+
+def decode_tile(block_d: int, group: int, interpreted: bool = False) -> TileConfig:
+    """The split decode pass's tile (memory-bound: not tuned): the GQA group's query heads as rows (at least 16, the
+    smallest tensor-core tile; groups up to :data:`DECODE_SPLIT_MAX_GROUP`), 32 keys per tile, pipelined two deep up
+    to head dim 64, unpipelined at 128; 16 keys above. The raw K / V tiles are infused in fp32 registers: these are
+    tiles on which neither Triton 3.6 nor 3.8 spills on sm_80 or sm_90, and the fastest or within 3% of the fastest of
+    the tiles timed on an H200 (benchmarks/results/gpu_check_NVIDIA_H200_decode.csv)."""
+    import triton
+
+    rows = max(16, triton.next_power_of_2(group))
+    if interpreted:
+        return TileConfig(rows, 16)
+    if block_d <= 64:
+        return TileConfig(rows, 32, 4, 2)
+    return TileConfig(rows, 32 if block_d <= 128 else 16, 4, 1)
+
+
+def decode_splits(units: int, keys: int, block_n: int, processors: int, interpreted: bool = False) -> tuple[int, int]:
+    """(number of splits, keys per split) of a decode step over ``keys`` cached keys, ``units`` = B * Hkv: about two
+    programs per multiprocessor (flash-decoding), each split a whole number of tiles and at least 4 tiles long on a
+    GPU (a program's fixed cost: the query tile, the vectors, its partials), 1 in the interpreter (tests reach many
+    splits on short caches)."""
+    if keys <= 0:
+        return 1, block_n
+    tiles = -(-keys // block_n)
+    wanted = max(1, -(-2 * processors // max(units, 1)))
+    splits = max(1, min(wanted, tiles // (1 if interpreted else 4)))
+    split_len = -(-tiles // splits) * block_n
+    return -(-keys // split_len), split_len
+
+
+_PROCESSORS: dict[int, int] = {}
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (cached); 132 (an H100 / H200) for meta tensors (the compile check), 4 on CPU
+    (the interpreter)."""
+    if device.type != "cuda":
+        return 132 if device.type == "meta" else 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PROCESSORS:
+        _PROCESSORS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _PROCESSORS[index]
 
 
 def autotune_enabled() -> bool:

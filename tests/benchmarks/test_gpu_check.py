@@ -36,7 +36,15 @@ def test_gpu_check_dry_run(tmp_path):
     assert {r["method"] for r in steps} == {"mit", "prefix"}
     assert (tmp_path / "gpu_check_dry-run-cpu.png").stat().st_size > 10_000
     summary = (tmp_path / "gpu_check_dry-run-cpu_summary.txt").read_text()
-    assert "parity: 103/103 tensors within the rule" in summary and "targets:" in summary
+    assert "parity: 139/139 tensors within the rule" in summary and "targets:" in summary
+    decode = read(tmp_path / "gpu_check_dry-run-cpu_decode.csv")  # the decode section: split vs per-head vs plain
+    assert {r["variant"] for r in decode} == {"split", "per_head", "plain_flash"}
+    assert all(r["error"] == "" and float(r["graph_ms"]) > 0 for r in decode)
+    # the split decode and the per-head decode compute the same function (fp32 here)
+    assert all(float(r["max_diff_vs_per_head"]) < 1e-5 for r in decode if r["variant"] == "split")
+    assert "decode (graph-replayed time / plain flash decoding" in summary
+    profile = (tmp_path / "gpu_check_dry-run-cpu_profile.txt").read_text()
+    assert "mit_kernels::attention_triton_fwd" in profile and "decode L=" in profile
     compiled = read(tmp_path / "gpu_check_dry-run-cpu_compile.csv")  # step 0: the compile check's smoke run
     assert len(compiled) == 2 and all(r["compiled"] == "True" and r["arch"] == "90" for r in compiled)
     assert "compile check (sm_90, exit 0):" in summary
