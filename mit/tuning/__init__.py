@@ -1,8 +1,8 @@
 """The tuning framework: encoders, heads, losses, metrics, dataset adapters, tuning methods, tasks and the accelerate
 trainer (built from parts: build, loaders, optim, loop, checkpoints, run_dir).
 
-Optional part of the package (``pip install "mit[tuning]"``: accelerate, PyYAML, Pillow). Its modules are imported on
-first use of a name below, so ``import mit.tuning`` itself stays cheap.
+Optional part of the package (``pip install "mit[tuning]"``: PyYAML, Pillow; accelerate comes with the package). Its
+modules are imported on first use of a name below, so ``import mit.tuning`` itself stays cheap.
 """
 
 from __future__ import annotations

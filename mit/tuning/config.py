@@ -109,6 +109,9 @@ class DataConfig:
         validate(self)
 
 
+CHECKPOINT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")  # open_clip / OpenAI weight files
+
+
 @dataclasses.dataclass
 class EncoderConfig:
     """The frozen CLIP image encoder of tasks with images (its global embedding is what MiT infuses)."""
@@ -138,6 +141,13 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        weights = self.encoder_pretrained
+        if self.encoder_backend == "transformers" and weights and weights.lower().endswith(CHECKPOINT_FILE_SUFFIXES):
+            raise ValueError(
+                f"encoder_pretrained: {weights!r} is a single checkpoint file, which the transformers backend cannot "
+                "load (it reads a Hugging Face CLIP directory); pass --encoder-backend open_clip for an open_clip or "
+                "OpenAI file"
+            )
 
 
 def head_section(tasks: list[TaskSpec], name: str = "HeadConfig") -> type:

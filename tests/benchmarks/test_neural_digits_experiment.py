@@ -388,6 +388,9 @@ def test_the_experiment_runs_by_path_and_mit_demo_neural_digits_runs_it_from_a_s
         result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=EXPERIMENTS.parents[1])
         assert result.returncode == 0, result.stderr[-2000:]
         assert "benchmarks/experiments/neural_digits/run.py" in result.stdout and "--from-runs" in result.stdout
+        # the task list shows the answer the default recipe trains (one <LCL-1> token, ExperimentConfig.segment_tokens)
+        assert nd.NeuralDigitsConfig().segment_tokens == 1 and '-> "<LCL-1>..<LCL-5>"' not in result.stdout
+        assert '"Segment the 3" -> "<LCL-1>"' in result.stdout and "(default 1, --segment-tokens)" in result.stdout
     import importlib.util
 
     assert importlib.util.find_spec("mit.demo.neural_digits") is None

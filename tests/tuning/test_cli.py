@@ -139,7 +139,12 @@ def test_config_file_with_overrides(assets, tmp_path, capsys):
     [
         (["train", "--task", "bogus"], "argument --task: invalid choice: 'bogus'"),
         (["train", "--task", "cls", "--epochs", "x"], "argument --epochs: expected an integer, got 'x'"),
-        (["train", "--task", "cls", "--data", "d", "--out", "o"], "missing required setting 'model'"),
+        (["train", "--task", "cls", "--data", "d", "--out", "o"], "missing required setting --model"),
+        (["train", "--task", "cls", "--model", "m", "--out", "o"], "missing required setting --data"),
+        (
+            ["train", "--task", "cls", "--model", "m", "--data", "d", "--out", "o", "--encoder-pretrained", "V.pt"],
+            "encoder_pretrained: 'V.pt' is a single checkpoint file, which the transformers backend cannot load",
+        ),
         (
             ["train", "--task", "cls", "--model", "/no/such", "--data", "d", "--out", "o"],
             "--model /no/such: expected a Hugging Face model directory with config.json",
@@ -239,6 +244,51 @@ def test_help(capsys, argv):
     if argv[0] == "train":
         for text in ("--task", "--encoder-pretrained", "--quick-gelu", "--mixed-precision", "--resume", "--config"):
             assert text in out
+
+
+def _example_commands(text: str) -> list[list[str]]:
+    """The ``mit train`` commands of an examples text, continuation lines joined, comments dropped."""
+    import shlex
+
+    joined = text.replace("\\\n", " ")
+    return [shlex.split(line.split("#")[0])[2:] for line in joined.splitlines() if line.strip().startswith("mit train")]
+
+
+def test_every_train_example_parses_into_a_valid_configuration():
+    """The help's examples are what users copy: each one parses, and its settings pass every check the configuration
+    makes before anything is loaded (an open_clip .pt file given to the transformers backend used to pass here and
+    fail at load time)."""
+    from mit.cli import EXAMPLES, build_parser
+    from mit.tuning.config import RunConfig
+
+    commands = _example_commands(EXAMPLES)
+    assert len(commands) >= 5
+    for argv in commands:
+        args = vars(build_parser().parse_args(["train", *argv]))
+        args.pop("command"), args.pop("config")
+        if args:  # the config-file examples carry only overrides
+            if "task" in args:
+                RunConfig.from_dict(args)
+
+
+def test_demo_help_lists_the_demos(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "mit demo digits [--quick]" in out and "mit demo neural-digits [--quick]" in out
+
+
+def test_top_level_help_names_the_supported_families(capsys):
+    from mit.hf.families import FAMILIES
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "tune a frozen Llama model" not in out
+    for name in ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma2", "Gemma3", "Phi3"):
+        assert name in out
+    assert len(FAMILIES) == 7  # the help names seven families: a new one must be added there too
 
 
 @pytest.mark.parametrize(

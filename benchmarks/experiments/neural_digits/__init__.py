@@ -10,11 +10,12 @@ task id (the prompt selects the task):
                   digit's mean training image, plus the cross-entropy of a linear digit read-out of the same state);
                   a logistic-regression digit classifier trained independently on the training split's real images
                   scores the generated image (accuracy = predicted digit == 7)
-  segment_digit   [canvas] "Segment the 3" -> "<LCL-1>..<LCL-5>"; the canvas is two different digits side by side
-                  (8x16), the mask is the half holding the named digit
-  segment_larger  [canvas] "Segment the larger number" -> "<LCL-1>..<LCL-5>"; the mask is the larger digit's half
+  segment_digit   [canvas] "Segment the 3" -> "<LCL-1>"; the canvas is two different digits side by side (8x16),
+                  the mask is the half holding the named digit
+  segment_larger  [canvas] "Segment the larger number" -> "<LCL-1>"; the mask is the larger digit's half
 
-Segmentation: the mean of the <LCL-k> tokens' final hidden states FiLM-conditions a small mask decoder over the patch
+A segmentation answer is ``segment_tokens`` of <LCL-1>..<LCL-5> (default 1, --segment-tokens). Segmentation: the mean
+of the <LCL-k> tokens' final hidden states FiLM-conditions a small mask decoder over the patch
 features; mIoU and P@0.5 (fraction of samples with IoU > 0.5) against the half mask; picking a half at random gives
 P@0.5 = 50%, the whole canvas (IoU exactly 0.5) 0%.
 
