@@ -56,6 +56,7 @@ from tqdm import tqdm
 from ..config import MiTConfig
 from ..integrations import apply_mit
 from ..utils.profiling import peak_memory_bytes
+from ..utils.progress import progress_bar
 from ..utils.results import pyplot, write_csv
 
 TEMPLATES = {
@@ -313,7 +314,7 @@ def train_one(base, method: str, seed: int, train: DigitsSplit, test: DigitsSpli
     first: list[torch.Tensor] = []  # the loss of step 1, which runs under the memory tracker
     peak = 0
     start = time.perf_counter()
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"{method} seed {seed}", unit="step", leave=False)
+    bar = progress_bar(range(1, cfg.steps + 1), desc=f"{method} seed {seed}", unit="step", leave=False, nested=True)
     for step in bar:
         if cfg.paired:
             batch = torch.randint(0, len(train.labels), (cfg.batch_size // 2,), generator=gen)
@@ -377,7 +378,7 @@ def run_demo(
         raise ValueError(f"the template must tokenise to the same length for every k: {statements}")
     runs = [(m, s) for m in cfg.methods for s in (cfg.seeds if m in MAIN_METHODS else cfg.ablation_seeds)]
     rows, curves = [], []
-    for method, seed in tqdm(runs, desc="digits demo", unit="run"):
+    for method, seed in progress_bar(runs, desc="digits demo", unit="run"):
         summary, curve = train_one(base, method, seed, train, test, question_ids, cfg)
         rows.append({"template": cfg.template, **summary})
         curves += curve
@@ -448,7 +449,12 @@ def write_results(rows: list[dict], curves: list[dict], out_dir: pathlib.Path, s
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+# Where a run writes by default: a directory of the working directory, never the source tree's committed results
+# (benchmarks/results/ of a checkout: `--out benchmarks/results` refreshes those on purpose).
+DEFAULT_OUT = pathlib.Path("mit-results") / "digits"
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mit demo digits", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -457,8 +463,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="methods to run")
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds for the main methods (text_only, prefix, mit)")
     parser.add_argument("--template", choices=sorted(TEMPLATES), default="claim", help="statement template")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"), help="output directory")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
+                        help=f"output directory (default: ./{DEFAULT_OUT})")  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
     cfg = quick_config() if args.quick else DemoConfig()
     cfg.template = args.template
     if args.steps:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Iterator
 
 import torch
@@ -68,6 +69,9 @@ class MiTUndo:
     attn_implementation: str | None
     installed_implementation: str | None
     requires_grad: dict[str, bool]
+
+
+_PERSISTENT_DISABLE = "_mit_disable_adapters_context"  # the open disable_adapter() context of disable_adapters()
 
 
 class MiTModelMixin(MethodModelMixin, Rebuildable):
@@ -130,12 +134,45 @@ class MiTModelMixin(MethodModelMixin, Rebuildable):
     def unload(self) -> nn.Module:
         """Remove MiT from this model, in place, and return it: the base model exactly as it was before
         :func:`apply_mit` (see :func:`unload_mit`)."""
+        self.enable_adapters()  # a disable_adapters() left open would leave its state on the base model
         return unload_mit(self)
 
     def disable_adapter(self) -> contextlib.AbstractContextManager[None]:
         """Context manager: inside it, the model computes the base model (bit for bit); a ``modality_embedding``
         given to ``forward`` / ``generate`` is accepted and ignored (see :func:`disable_mit_adapter`)."""
         return disable_mit_adapter(self)
+
+    def disable_adapters(self) -> None:
+        """transformers' spelling: compute the base model (bit for bit) until :meth:`enable_adapters`, as inside
+        :meth:`disable_adapter`; calling it again changes nothing."""
+        if _PERSISTENT_DISABLE not in self.__dict__:
+            context = disable_mit_adapter(self)
+            context.__enter__()
+            self.__dict__[_PERSISTENT_DISABLE] = context
+
+    def enable_adapters(self) -> None:
+        """transformers' spelling: undo :meth:`disable_adapters` (no effect on an open ``disable_adapter()`` context,
+        nor when the adapters were not disabled)."""
+        context = self.__dict__.pop(_PERSISTENT_DISABLE, None)
+        if context is not None:
+            context.__exit__(None, None, None)
+
+    def load_adapter(self, peft_model_id: str | os.PathLike | None = None, adapter_name: str | None = None,
+                     **kwargs) -> None:  # fmt: skip
+        """transformers' spelling of :func:`mit.load_adapter` (its PEFT loader does not read MiT adapters): load the
+        MiT adapter saved in directory ``peft_model_id`` into this model, as ``adapter_name`` (see there). transformers'
+        other arguments (hub revisions, tokens, device maps, state dicts) do not apply: ValueError naming them."""
+        from .adapter import load_adapter
+
+        given = sorted(name for name, value in kwargs.items() if value is not None)
+        if given:
+            raise ValueError(
+                f"load_adapter: {', '.join(given)} not supported for MiT adapters (a local directory written by "
+                "mit.save_adapter; load it with model.load_adapter(directory, adapter_name=...))"
+            )
+        if peft_model_id is None:
+            raise ValueError("load_adapter: peft_model_id: expected the directory of an MiT adapter, got None")
+        load_adapter(self, peft_model_id, adapter_name)
 
     def mit_adapter_disabled(self) -> bool:
         """True inside a :meth:`disable_adapter` context."""

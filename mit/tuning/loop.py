@@ -39,9 +39,9 @@ def run_steps(
     rows: list[dict[str, Any]] = []
     bar = None
     if progress:
-        from tqdm import tqdm
+        from ..utils.progress import progress_bar
 
-        bar = tqdm(total=steps, desc=name, unit="step", leave=False)
+        bar = progress_bar(total=steps, desc=name, unit="step", leave=False, nested=True)
     try:
         for step in range(1, steps + 1):
             loss, parts = step_loss(step)

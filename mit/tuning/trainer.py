@@ -232,10 +232,10 @@ class Trainer:
         return last_metrics
 
     def _progress_bar(self):
-        from tqdm.auto import tqdm
+        from ..utils.progress import progress_bar
 
         per_epoch = len(self._train_batches(0))
-        return tqdm(
+        return progress_bar(
             total=per_epoch * self.config.optim.epochs,
             initial=self.epoch * per_epoch + self.step_in_epoch,
             desc=f"mit {self.config.task}",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import pathlib
 
 import pytest
 import torch
@@ -78,3 +79,14 @@ def test_quick_run_learns_through_the_infusion(tmp_path, monkeypatch):
         steps = [int(row["step"]) for row in csv.DictReader(f) if row["method"] == "mit"]
     assert steps[0] == 0 and steps[-1] == 60
     assert (tmp_path / "digits_demo_quick.png").stat().st_size > 10_000
+
+
+def test_default_output_is_outside_the_committed_results(tmp_path, monkeypatch):
+    """A run from a source checkout's root must not overwrite benchmarks/results/ unless asked (--out)."""
+    monkeypatch.chdir(tmp_path)
+    out = demo_digits.build_parser().parse_args([]).out.resolve()
+    assert out == (tmp_path / "mit-results" / "digits").resolve()
+    assert "benchmarks" not in out.parts
+    assert demo_digits.build_parser().parse_args(["--out", "benchmarks/results"]).out == pathlib.Path(
+        "benchmarks/results"
+    )

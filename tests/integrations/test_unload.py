@@ -235,3 +235,37 @@ def test_neural_config_name_matches_the_neural_adapter():
     from mit.neural.adapter import CONFIG_NAME
 
     assert CONFIG_NAME == NEURAL_CONFIG_NAME
+
+
+def test_transformers_adapter_methods_work_on_mit_models(tmp_path):
+    """transformers' PEFT-mixin names (load_adapter, disable_adapters, enable_adapters) on an MiT model do the MiT
+    thing, instead of failing with "PEFT is not installed"."""
+    base = model("llama")
+    infused = trained(copy.deepcopy(base))
+    adapted, expected = logits(infused, modality_embedding=embedding()), logits(base)
+    mit.save_adapter(infused, tmp_path / "adapter")
+
+    infused.disable_adapters()
+    infused.disable_adapters()  # idempotent
+    assert infused.mit_adapter_disabled()
+    assert torch.equal(logits(infused, modality_embedding=embedding()), expected)
+    infused.enable_adapters()
+    infused.enable_adapters()  # idempotent
+    assert not infused.mit_adapter_disabled()
+    assert torch.equal(logits(infused, modality_embedding=embedding()), adapted)
+
+    fresh = mit.apply_mit(copy.deepcopy(base), infused.mit_config)  # zero-initialised maps
+    assert not torch.allclose(logits(fresh, modality_embedding=embedding()), adapted)
+    fresh.load_adapter(str(tmp_path / "adapter"))  # into the active adapter, as mit.load_adapter does
+    assert torch.equal(logits(fresh, modality_embedding=embedding()), adapted)
+    fresh.load_adapter(tmp_path / "adapter", adapter_name="second")  # a new, inactive adapter
+    assert fresh.adapter_names == ["default", "second"]
+    with pytest.raises(ValueError, match="load_adapter: revision, token not supported for MiT adapters"):
+        fresh.load_adapter(tmp_path / "adapter", revision="main", token="x")
+    with pytest.raises(ValueError, match="peft_model_id: expected the directory of an MiT adapter"):
+        fresh.load_adapter()
+
+    infused.disable_adapters()  # left disabled, then unloaded: the base model carries no MiT state
+    unloaded = infused.unload()
+    assert not any(name.startswith("_mit") for name in vars(unloaded))
+    assert torch.equal(logits(unloaded), expected)
