@@ -29,7 +29,7 @@ import torch
 from generation_smollm2 import MODALITY_DIM, batch, load
 
 import mit
-from mit.utils.results import pyplot, write_csv
+from mit.utils.results import output_csv, pyplot, write_csv
 from mit_kernels import cpu_backend
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -114,7 +114,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--hot-calls", type=int, default=2000, help="calls of each op in the tight loop")
     p.add_argument("--weights", default="auto", choices=["auto", "real", "random"])
     p.add_argument("--quick", action="store_true", help="random 4-layer model, 4 new tokens, 50 hot calls (seconds)")
-    p.add_argument("--out", type=pathlib.Path, default=None, help="CSV path (PNG beside it)")
+    p.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=None,
+        help="output directory (default: benchmarks/results; a path ending in .csv names the file)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.weights, args.new_tokens, args.hot_calls = "random", 4, 50
@@ -164,7 +169,7 @@ def main(argv=None) -> list[dict]:
         act_args, _ = last["SiLU"]
         rows.append(summary("SiLU", "alone, back to back", hot_loop(act_args[0], act_args[1:], {}, args.hot_calls),
                             **common))  # fmt: skip
-    out = args.out or RESULTS / f"fused_op_latency_{device}.csv"
+    out = output_csv(args.out, RESULTS, f"fused_op_latency_{device}.csv")
     write_csv(rows, out)
     plot(rows, out.with_suffix(".png"))
     print(f"{used}; {device}; {args.new_tokens} new tokens, batch 1")

@@ -37,7 +37,7 @@ import transformers
 from tqdm import tqdm
 
 import mit
-from mit.utils.results import pyplot, write_csv
+from mit.utils.results import output_csv, pyplot, write_csv
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 MODALITY_DIM = 768
@@ -136,7 +136,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=7, help="timed rounds (after one warm-up round)")
     p.add_argument("--weights", default="auto", choices=["auto", "real", "random"])
     p.add_argument("--quick", action="store_true", help="random 4-layer model, 8 new tokens, 2 rounds (seconds)")
-    p.add_argument("--out", type=pathlib.Path, default=None, help="CSV path (PNG beside it)")
+    p.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=None,
+        help="output directory (default: benchmarks/results; a path ending in .csv names the file)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.weights, args.new_tokens, args.repeats, args.long_tokens = "random", 8, 2, 48
@@ -234,7 +239,7 @@ def main(argv=None) -> list[dict]:
                 **(spread(ratios) if method == "mit" else spread([1.0] * len(ratios))),
                 "rounds": len(seconds), "torch": torch.__version__, "transformers": transformers.__version__,
             })  # fmt: skip
-    out = args.out or RESULTS / f"generation_smollm2_{device}.csv"
+    out = output_csv(args.out, RESULTS, f"generation_smollm2_{device}.csv")
     write_csv(rows, out)
     plot(rows, out.with_suffix(".png"))
     print(f"{used}; {device}; {n} new tokens; {args.repeats} rounds")

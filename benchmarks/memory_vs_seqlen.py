@@ -87,7 +87,7 @@ import mit
 import mit_kernels
 from mit.neural import NeuralState
 from mit.neural import neural_named_parameters as neural_params
-from mit.utils.results import pyplot, write_csv
+from mit.utils.results import output_csv, pyplot, write_csv
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 LAYER_METHODS = ("mit_fused", "mit_reference", "plain", "prefix_eager", "prefix_sdpa", "neural")
@@ -448,7 +448,12 @@ def parse_args(argv=None):
     p.add_argument("--min-time", type=float, default=0.3, help="seconds of timed runs per configuration (>= 1 run)")
     p.add_argument("--quick", action="store_true", help="tiny sweep, random 4-layer model (seconds)")
     p.add_argument("--full", action="store_true", help="the long sweep: layer to 8192, whole model to 4096")
-    p.add_argument("--out", type=pathlib.Path, default=None, help="CSV path (PNG beside it)")
+    p.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=None,
+        help="output directory (default: benchmarks/results; a path ending in .csv names the file)",
+    )
     args = p.parse_args(argv)
     if args.model_layers is not None and args.weights == "real":
         p.error("--model-layers builds a random-weight model; it cannot be combined with --weights real")
@@ -469,7 +474,7 @@ def main(argv=None) -> list[dict]:
     device = torch.device(args.device)
     start = time.perf_counter()
     rows = run(args)
-    out = args.out or RESULTS / f"memory_vs_seqlen_{device_name(device)}.csv"
+    out = output_csv(args.out, RESULTS, f"memory_vs_seqlen_{device_name(device)}.csv")
     write_csv(rows, out, FIELDS)
     plot(rows, out.with_suffix(".png"))
     print_table(rows)

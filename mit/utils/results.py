@@ -29,6 +29,16 @@ def csv_text(rows: Sequence[dict], fields: Sequence[str] | None = None, float_fo
     return buffer.getvalue()
 
 
+def output_csv(out: str | pathlib.Path | None, default_dir: pathlib.Path, name: str) -> pathlib.Path:
+    """Where a benchmark writes its CSV (its PNG goes beside it): ``--out`` names a directory, as for every other
+    tool (the file is ``name`` there); a path ending in ``.csv`` is taken as the file itself (the older spelling).
+    None: ``default_dir / name``."""
+    if out is None:
+        return pathlib.Path(default_dir) / name
+    out = pathlib.Path(out)
+    return out if out.suffix.lower() == ".csv" else out / name
+
+
 def write_csv(rows: Sequence[dict], path: pathlib.Path, fields: Sequence[str] | None = None) -> None:
     """Write ``rows`` to ``path`` atomically (parents created), floats as ``%.6g``."""
     path = pathlib.Path(path)
