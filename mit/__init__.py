@@ -6,6 +6,7 @@
     mit.save_adapter(model, "out/");  mit.load_adapter(fresh_model, "out/")
     model = mit.from_pretrained("base-model-name-or-dir", "out/")   # base model + adapter (MiT or neural) in one call
     with mit.disable_adapter(model): ...                            # the base model, bit for bit
+    emb = mit.ImageEmbedder.from_pretrained("clip-dir/")(["cat.jpg"])  # pictures -> modality embeddings
     base = mit.unload(model)                                         # the base model back, exactly
 
 Subpackages: :mod:`mit.integrations` (MiT on Hugging Face models, adapters), :mod:`mit.tuning` (encoders, heads,
@@ -44,6 +45,8 @@ _NEURAL = ("NeuralTuningConfig", "apply_neural_tuning", "load_neural_adapter", "
 
 
 def __getattr__(name: str):
+    if name == "ImageEmbedder":  # pictures -> modality embeddings (transformers' CLIP processor and tower; PIL)
+        return importlib.import_module(".image_embedder", __name__).ImageEmbedder
     if name in _TUNING:
         return getattr(importlib.import_module(".tuning", __name__), name)
     if name in _NEURAL:
@@ -55,6 +58,7 @@ __all__ = [
     "FAMILIES",
     "CLIPImageEncoder",
     "ClassificationHead",
+    "ImageEmbedder",
     "MiTConfig",
     "MiTFFNInfusion",
     "MiTKVInfusion",
