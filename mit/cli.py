@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="evaluate a checkpoint",
         description="Evaluate a checkpoint (the latest of a run directory, or a checkpoint directory) on a split; "
-        "prints the metrics as JSON.",
+        "prints JSON: what was evaluated (checkpoint directory, global_step, epoch, task, dataset, split, samples), "
+        "then the metrics.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXAMPLES,
     )
@@ -278,7 +279,7 @@ def _eval(args: argparse.Namespace) -> int:
         overrides["limit_eval"] = args.limit
     if args.batch_size:
         overrides["eval_batch_size"] = args.batch_size
-    metrics = evaluate_checkpoint(args.checkpoint, overrides)
+    metrics = evaluate_checkpoint(args.checkpoint, overrides, provenance=True)  # says what it evaluated, then how
     text = json.dumps(metrics, indent=2, default=float)
     print(text)
     if args.output:

@@ -57,7 +57,15 @@ import torch
 from ..utils.files import atomic_write_text, unique_suffix
 from . import distributed
 from .build import build_encoder, build_model, resolve_config
-from .checkpoints import CHECKPOINT_WEIGHTS, Checkpoint, CheckpointStore, checkpoint_dir, read_config, set_rng_state
+from .checkpoints import (
+    CHECKPOINT_STATE,
+    CHECKPOINT_WEIGHTS,
+    Checkpoint,
+    CheckpointStore,
+    checkpoint_dir,
+    read_config,
+    set_rng_state,
+)
 from .config import RunConfig, resume_safe_flags
 from .errors import CheckpointError, RunDirectoryError, RunOutputError, TrainingDiverged
 from .loaders import build_datasets, epoch_batches, make_loader, shard
@@ -431,14 +439,26 @@ class Trainer:
         )
 
 
-def evaluate_checkpoint(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> dict[str, float]:
+def evaluate_checkpoint(
+    path: str | os.PathLike, overrides: dict[str, Any] | None = None, *, provenance: bool = False
+) -> dict[str, Any]:
     """Rebuild the run of a checkpoint (its config.json, with ``overrides`` given by flag name), load its weights,
-    evaluate."""
+    evaluate. Returns the metrics; with ``provenance``, first what was evaluated: ``checkpoint`` (the directory, the
+    run's latest one when ``path`` is a run directory), ``global_step`` and ``epoch`` it was saved at, ``task``,
+    ``dataset``, ``split`` and ``samples`` (the number evaluated)."""
     directory = checkpoint_dir(path)
     config = read_config(directory).replace(**{**(overrides or {}), "resume": False})
     trainer = Trainer(config, build_train_data=False)
     trainer.load_checkpoint(directory, weights_only=True)
-    return trainer.evaluate()
+    metrics = trainer.evaluate()
+    if not provenance:
+        return metrics
+    # the counters of the trainer state (safe loading; any process count: nothing else of it is used here)
+    counters = torch.load(directory / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
+    described = {"checkpoint": str(directory.resolve()), "global_step": counters["global_step"],
+                 "epoch": counters["epoch"], "task": config.task, "dataset": config.data.dataset,
+                 "split": config.splits()[1], "samples": len(trainer.eval_dataset)}  # fmt: skip
+    return {**described, **metrics}
 
 
 __all__ = [

@@ -98,7 +98,12 @@ def test_train_end_to_end(assets, tmp_path, capsys, task, dataset, metric):
         "mosei": "test",
     }[dataset]
     assert main(["eval", "--checkpoint", str(out), "--split", eval_split, "--output", str(tmp_path / "e.json")]) == 0
-    assert metric in json.loads((tmp_path / "e.json").read_text())
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    assert metric in evaluated
+    # what was evaluated comes first: the run's latest checkpoint, its step, the split
+    assert list(evaluated)[:7] == ["checkpoint", "global_step", "epoch", "task", "dataset", "split", "samples"]
+    assert evaluated["checkpoint"] == str(latest.resolve()) and evaluated["global_step"] == printed["global_step"]
+    assert evaluated["split"] == eval_split and evaluated["dataset"] == dataset and evaluated["samples"] > 0
 
 
 def test_config_file_with_overrides(assets, tmp_path, capsys):
