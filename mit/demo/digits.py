@@ -338,7 +338,7 @@ def train_one(base, method: str, seed: int, train: DigitsSplit, test: DigitsSpli
         else:
             loss = training_step()
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if step == cfg.steps:
             curve.append(point(step, None))
         elif step % cfg.eval_every == 0:

@@ -55,7 +55,7 @@ def run_steps(
             rows.append({"run": name, "step": step, "loss": value, **parts})
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{value:.3f}")
+                bar.set_postfix(loss=f"{value:.3f}", refresh=False)  # redraws follow the bar's interval
     finally:
         if bar is not None:
             bar.close()

@@ -311,7 +311,7 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             self.loss_rows.append({"global_step": self.global_step, "epoch": self.epoch, "loss": loss_value, "lr": lr})
             if progress is not None:
-                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
             stop = max_steps is not None and self.global_step >= max_steps
             every = config.run.checkpoint_every
             if stop or (every and self.global_step % every == 0):

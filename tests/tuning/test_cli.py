@@ -338,3 +338,34 @@ def test_an_unreadable_config_file_is_one_line(tmp_path, capsys, monkeypatch):
 
 def _raise(error: BaseException):
     raise error
+
+
+def test_mit_data_toy_writes_real_digits_that_mit_train_runs_on(tmp_path, capsys):
+    """`mit data toy`: real scans in UPMC-Food101's layout (the adapter reads them back: ten classes, disjoint splits,
+    the pixels of scikit-learn's digits); the printed command's flags run (here on the tiny test model, 2 steps)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from tuning_fixtures import write_tiny_llama
+
+    from mit.tuning.data.food101 import Food101Dataset
+    from mit.tuning.data.toy import DIGIT_WORDS
+
+    out = tmp_path / "toy"
+    assert main(["data", "toy", "--out", str(out), "--train", "30", "--test", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 30 training and 20 test digits" in printed and "--encoder" in printed
+    train, test = Food101Dataset(out, "train", image_size=32), Food101Dataset(out, "test", image_size=32)
+    assert len(train) == 30 and len(test) == 20 and train.classes == test.classes and len(train.classes) == 10
+    digits = load_digits()
+    label = DIGIT_WORDS[int(digits.target[45])]  # scan 45 is a test sample (30 + 20 scans, split by index)
+    stored = np.asarray(Image.open(out / "images" / "test" / label / "digit_0045.png"))[::4, ::4, 0]
+    assert np.array_equal(stored, np.round(digits.images[45] * 255 / 16).astype(np.uint8))
+    assert main(["data", "toy", "--out", str(out)]) == 2  # nothing is overwritten
+    assert "exists and is not an empty directory" in capsys.readouterr().err
+
+    command = printed.split("mit train ", 1)[1].split()
+    command[command.index("--model") + 1] = str(write_tiny_llama(tmp_path / "llama"))
+    command[command.index("--out") + 1] = str(tmp_path / "run")
+    assert main(["train", *command, "--max-steps", "2", "--no-progress", "--modality-dim", "64"]) == 0
+    assert '"global_step": 2' in capsys.readouterr().out
