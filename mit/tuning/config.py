@@ -109,6 +109,7 @@ class DataConfig:
         validate(self)
 
 
+TRACKERS = ("none", "tensorboard", "wandb")  # --report-to: accelerate's trackers the trainer logs to
 CHECKPOINT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")  # open_clip / OpenAI weight files
 
 
@@ -239,7 +240,13 @@ class RunSettings:
     )
     num_workers: int = setting(0, help="data loader workers (0)", metavar="N", low=0, resume_safe=True)
     resume: bool = setting(False, help="continue the run in --out from its latest checkpoint", resume_safe=True)
-    progress: bool = setting(True, help="show a progress bar", resume_safe=True)
+    progress: bool = setting(True, help="show a progress bar and one line per epoch (stderr)", resume_safe=True)
+    report_to: str = setting(
+        "none",
+        help="experiment tracker, through accelerate: none, tensorboard (event files in --out/trackers) or wandb",
+        choices=TRACKERS,
+        resume_safe=True,
+    )
 
     def __post_init__(self) -> None:
         validate(self)

@@ -69,12 +69,13 @@ def enable_cpu_fsdp(accelerator: Accelerator) -> bool:
     return True
 
 
-def make_accelerator(precision: str) -> Accelerator:
+def make_accelerator(precision: str, report_to: str = "none", project_dir: str | None = None) -> Accelerator:
     """The run's Accelerator: ``precision`` is accelerate's mixed precision; several processes without GPUs
     (torchrun / accelerate launch on CPU) get ``cpu=True`` (gloo), ``ACCELERATE_USE_FSDP`` takes effect there too
-    (:func:`enable_cpu_fsdp`), and unsupported sharding is refused (:func:`check_supported`). In a single process
-    accelerate's global state is reset first: a second run in the same process (tests, notebooks) may ask for another
-    precision."""
+    (:func:`enable_cpu_fsdp`), and unsupported sharding is refused (:func:`check_supported`). ``report_to``: an
+    accelerate tracker (``"tensorboard"``, ``"wandb"``) writing under ``project_dir``, or ``"none"``. In a single
+    process accelerate's global state is reset first: a second run in the same process (tests, notebooks) may ask for
+    another precision."""
     from accelerate import Accelerator
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -82,7 +83,8 @@ def make_accelerator(precision: str) -> Accelerator:
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available() and world > 1)
+    trackers = {} if report_to == "none" else {"log_with": report_to, "project_dir": project_dir}
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available() and world > 1, **trackers)
     enable_cpu_fsdp(accelerator)
     check_supported(accelerator)
     return accelerator

@@ -91,7 +91,9 @@ class Trainer:
             raise ValueError(f"config: expected a RunConfig, got {type(config).__name__}")
         self.spec = config.spec
         if accelerator is None:
-            accelerator = distributed.make_accelerator(config.optim.precision)
+            accelerator = distributed.make_accelerator(
+                config.optim.precision, config.run.report_to, str(pathlib.Path(config.run.out) / "trackers")
+            )
         else:
             distributed.enable_cpu_fsdp(accelerator)
             distributed.check_supported(accelerator)
@@ -211,6 +213,10 @@ class Trainer:
         last_metrics: dict[str, float] = {}
         epochs = config.optim.epochs
         progress = self._progress_bar() if config.run.progress and self.is_main else None
+        tracking = config.run.report_to != "none"
+        if tracking:  # accelerate's trackers log on the main process; a resumed run continues at its step
+            flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_flat().items()}
+            self.accelerator.init_trackers(f"mit-{config.task}", config=flat)
         try:
             while self.epoch < epochs:
                 batches = self._train_batches(self.epoch)
@@ -231,13 +237,35 @@ class Trainer:
                     last_metrics = self.evaluate()
                     row.update({"eval_" + k if k == "loss" else k: v for k, v in last_metrics.items()})
                 self.metric_rows.append(row)
+                self._report_epoch(row, epochs, progress)
                 self.epoch += 1
                 self.step_in_epoch = 0
                 self.save_checkpoint()
         finally:
             if progress is not None:
                 progress.close()
+            if tracking:
+                self.accelerator.end_training()
         return last_metrics
+
+    def _report_epoch(self, row: dict[str, Any], epochs: int, progress) -> None:
+        """An epoch's one console line (stderr, main process, unless ``--no-progress``: beside the progress bar, also
+        in a log file) and its
+        metrics to the trackers (``train/epoch_loss``, ``eval/<metric>``, at the epoch's last optimizer step)."""
+        if self.config.run.report_to != "none":
+            values = {"train/epoch_loss": row["train_loss"], "train/lr": row["lr"]}
+            values.update({f"eval/{k.removeprefix('eval_')}": v for k, v in row.items()
+                           if k not in ("epoch", "global_step", "lr", "train_loss")})  # fmt: skip
+            self.accelerator.log(values, step=row["global_step"])
+        if not self.is_main or not self.config.run.progress:
+            return
+        shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                         if k not in ("epoch", "global_step", "lr"))  # fmt: skip
+        line = f"mit: epoch {row['epoch']}/{epochs} (step {row['global_step']}, lr {row['lr']:.2e}): {shown}"
+        if progress is not None:
+            progress.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def _progress_bar(self):
         from ..utils.progress import progress_bar
@@ -310,6 +338,8 @@ class Trainer:
             self._epoch_losses.append(loss_value)
             lr = self.optimizer.param_groups[0]["lr"]
             self.loss_rows.append({"global_step": self.global_step, "epoch": self.epoch, "loss": loss_value, "lr": lr})
+            if config.run.report_to != "none":
+                accelerator.log({"train/loss": loss_value, "train/lr": lr}, step=self.global_step)
             if progress is not None:
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
             stop = max_steps is not None and self.global_step >= max_steps

@@ -369,3 +369,30 @@ def test_mit_data_toy_writes_real_digits_that_mit_train_runs_on(tmp_path, capsys
     command[command.index("--out") + 1] = str(tmp_path / "run")
     assert main(["train", *command, "--max-steps", "2", "--no-progress", "--modality-dim", "64"]) == 0
     assert '"global_step": 2' in capsys.readouterr().out
+
+
+def test_report_to_tensorboard_logs_steps_and_epochs_and_a_console_line(assets, tmp_path, capsys):
+    """--report-to tensorboard (accelerate's tracker, offline): per-step loss / lr and per-epoch metrics as scalars
+    in --out/trackers; every epoch also prints one line (stderr)."""
+    pytest.importorskip("tensorboard")  # in the test extra; an optional extra of the package
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    argv = ["train", "--task", "cls", "--dataset", "food101", "--model", assets["llama"], "--data", assets["food101"],
+            "--encoder", assets["clip"], "--out", str(out), "--report-to", "tensorboard", *TINY,
+            "--progress"]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out.strip().splitlines()[-1])
+    epoch_lines = [line for line in captured.err.splitlines() if line.startswith("mit: epoch ")]
+    assert [line.split(" (")[0] for line in epoch_lines] == ["mit: epoch 1/2", "mit: epoch 2/2"]
+    assert "train_loss" in epoch_lines[-1] and "accuracy" in epoch_lines[-1]
+    events = list((out / "trackers").rglob("events.out.tfevents.*"))
+    assert events, list((out / "trackers").rglob("*"))
+    scalars = EventAccumulator(str(events[0].parent)).Reload()
+    tags = scalars.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/epoch_loss", "eval/accuracy", "eval/loss"} <= set(tags)
+    steps = [e.step for e in scalars.Scalars("train/loss")]
+    assert steps == list(range(1, printed["global_step"] + 1))
+    final = scalars.Scalars("eval/accuracy")[-1]
+    assert final.step == printed["global_step"] and final.value == pytest.approx(printed["accuracy"])
