@@ -46,6 +46,7 @@ from .attention import (
 )
 from .infusion import MiTFFNInfusion, MiTKVInfusion, check_modality, mit_named_parameters
 from .layers import FFN_INFUSION_NAME, MiTDecoderLayerMixin, MiTMLPMixin, check_attention_dispatch
+from .quantized import check_no_cpu_packed_4bit
 from .scope import bind_generation_cache
 
 UNDO_NAME = "_mit_undo"  # instance attribute of an MiT model: its MiTUndo
@@ -232,6 +233,8 @@ class MiTModelMixin(MethodModelMixin, Rebuildable):
         if tokens is None:
             raise ValueError("modality_embedding needs input_ids or inputs_embeds to infer the batch size")
         check_modality(modality_embedding, tokens.shape[0], self.mit_config.modality_dim, tokens.device)
+        if self.training and torch.is_grad_enabled() and tokens.device.type == "cpu":
+            check_no_cpu_packed_4bit(self)  # bitsandbytes' CPU-packed 4-bit layers drop gradients silently
         extra = arguments.get("kwargs") or {}
         if extra.get("cu_seq_lens_q") is not None or extra.get("cu_seq_lens_k") is not None:
             raise ValueError("MiT does not support packed (varlen) batches: pad the batch instead")
