@@ -10,6 +10,8 @@ case instead.
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
 
@@ -24,7 +26,10 @@ def cpu_packed_4bit_layers(model: nn.Module) -> list[str]:
 
 
 def check_no_cpu_packed_4bit(model: nn.Module) -> None:
-    """ValueError when a training forward would run through CPU-packed 4-bit layers (module docstring)."""
+    """ValueError when a training forward would run through CPU-packed 4-bit layers (module docstring). Free when
+    bitsandbytes was never imported (no model of this process can hold its layers)."""
+    if "bitsandbytes" not in sys.modules:
+        return
     packed = cpu_packed_4bit_layers(model)
     if packed:
         raise ValueError(
