@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from ..hf.decoder import count_parameters, decoder_of, padding_aware_position_ids
 from ..hf.families import FAMILIES, FamilySpec
+from . import adapter  # noqa: F401  (registers the loader MiT models' load_adapter calls)
 from .attention import key_padding_mask, mit_implementation
 from .infusion import MiTFFNInfusion, MiTKVInfusion, mit_named_parameters
 from .model import (

@@ -33,6 +33,7 @@ from ..hf.adapter_files import (
     write_adapter,
 )
 from .model import (
+    ADAPTER_LOADER,
     DEFAULT_ADAPTER,
     active_mit_adapter,
     add_mit_adapter,
@@ -163,3 +164,6 @@ def load_adapter(model, directory: str | os.PathLike, adapter_name: str | None =
     if add is not None:
         add_mit_adapter(model, files.config, adapter_name, add)
     return model
+
+
+ADAPTER_LOADER["load"] = load_adapter  # MiT models' load_adapter method (transformers' spelling) calls this

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -72,6 +72,9 @@ class MiTUndo:
     requires_grad: dict[str, bool]
 
 
+# mit.integrations.adapter's load_adapter, registered by that module when it is imported (the package imports it):
+# the adapter module builds on this one, so this one reaches it through the registration, not an import
+ADAPTER_LOADER: dict[str, Callable] = {}
 _PERSISTENT_DISABLE = "_mit_disable_adapters_context"  # the open disable_adapter() context of disable_adapters()
 
 
@@ -163,8 +166,6 @@ class MiTModelMixin(MethodModelMixin, Rebuildable):
         """transformers' spelling of :func:`mit.load_adapter` (its PEFT loader does not read MiT adapters): load the
         MiT adapter saved in directory ``peft_model_id`` into this model, as ``adapter_name`` (see there). transformers'
         other arguments (hub revisions, tokens, device maps, state dicts) do not apply: ValueError naming them."""
-        from .adapter import load_adapter
-
         given = sorted(name for name, value in kwargs.items() if value is not None)
         if given:
             raise ValueError(
@@ -173,7 +174,7 @@ class MiTModelMixin(MethodModelMixin, Rebuildable):
             )
         if peft_model_id is None:
             raise ValueError("load_adapter: peft_model_id: expected the directory of an MiT adapter, got None")
-        load_adapter(self, peft_model_id, adapter_name)
+        ADAPTER_LOADER["load"](self, peft_model_id, adapter_name)
 
     def mit_adapter_disabled(self) -> bool:
         """True inside a :meth:`disable_adapter` context."""
