@@ -1,5 +1,5 @@
-"""The ``mit`` command: ``mit train``, ``mit eval``, ``mit data toy``, ``mit demo``. ``mit train --help`` lists the
-options."""
+"""The ``mit`` command: ``mit train``, ``mit eval``, ``mit export``, ``mit predict``, ``mit data toy``, ``mit demo``.
+``mit train --help`` lists the options."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXAMPLES,
     )
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,data,demo}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,export,predict,data,demo}", parser_class=_Parser)
     train = sub.add_parser(
         "train",
         help="tune MiT + a task head on a dataset",
@@ -137,6 +137,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate.add_argument("--mixed-precision", choices=list(PRECISIONS), help="precision for evaluation")
     evaluate.add_argument("--output", metavar="FILE", help="also write the metrics to this JSON file")
+    export = sub.add_parser(
+        "export",
+        help="a checkpoint -> an adapter directory for inference (MiT adapter + task head + classes)",
+        description="Write the task adapter of a checkpoint (the latest of a run directory, or a checkpoint "
+        "directory): the MiT adapter (mit.load_adapter reads it), the task head's weights and task.json (the run's "
+        "settings, class names, prompt template, the checkpoint and step). 'mit predict --adapter DIR' uses it.",
+    )
+    export.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory or checkpoint directory")
+    export.add_argument("--out", required=True, metavar="DIR", help="a new directory")
+    predict = sub.add_parser(
+        "predict",
+        help="an exported adapter + images and texts -> answers (task cls)",
+        description="Answer with an exported adapter: one JSON line per (image, text) pair, in order: the predicted "
+        "class and its probability. Task cls (image-text classification); the base LLM and CLIP weights are the "
+        "run's, or --model / --encoder-pretrained where they moved.",
+    )
+    predict.add_argument("--adapter", required=True, metavar="DIR", help="a directory written by mit export")
+    predict.add_argument("--images", required=True, nargs="+", metavar="FILE", help="image files")
+    predict.add_argument("--text", nargs="+", metavar="TEXT",
+                         help="one text per image, or one for all (default: the empty text)")  # fmt: skip
+    predict.add_argument("--model", metavar="PATH", help="LLM directory, if it moved since training")
+    predict.add_argument("--encoder-pretrained", metavar="PATH", help="CLIP weights, if they moved")
+    predict.add_argument("--batch-size", type=int, default=8, metavar="N", help="pairs per forward (8)")
+    predict.add_argument("--output", metavar="FILE", help="also write the answers to this JSON lines file")
     data = sub.add_parser(
         "data",
         help="write a small real dataset to try mit train offline: 'mit data toy --out DIR'",
@@ -307,6 +331,40 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    _trainer_module()  # the tuning extra's one-line error when it is missing
+    from .tuning.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(json.dumps({"adapter": str(out), "files": sorted(p.name for p in out.iterdir())}))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    _trainer_module()
+    from .tuning.export import Predictor
+
+    texts = args.text or [""]
+    if len(texts) == 1:
+        texts = texts * len(args.images)
+    if len(texts) != len(args.images):
+        raise CLIError(f"--text: expected one text per image ({len(args.images)}) or one for all, got {len(texts)}")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
+    overrides = {k: getattr(args, k) for k in ("model", "encoder_pretrained") if getattr(args, k)}
+    answers = Predictor(args.adapter, overrides).predict(args.images, texts, args.batch_size, progress=True)
+    lines = [json.dumps(row) for row in answers]
+    print("\n".join(lines))
+    if args.output:
+        from .utils.files import atomic_write_text
+
+        try:
+            atomic_write_text(args.output, "\n".join(lines) + "\n")
+        except OSError as error:
+            raise CLIError(f"--output {args.output}: cannot write it: {os_error_text(error)}") from None
+    return 0
+
+
 def _data(args: argparse.Namespace) -> int:
     from .tuning.data.toy import toy_train_command, write_toy_dataset
 
@@ -346,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        return {"train": _train, "eval": _eval, "data": _data}[args.command](args)
+        commands = {"train": _train, "eval": _eval, "export": _export, "predict": _predict, "data": _data}
+        return commands[args.command](args)
     except CLIError as error:
         print(f"mit: error: {_one_line(error)}", file=sys.stderr)
         return 2

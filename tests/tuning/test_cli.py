@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from tuning_fixtures import (
     make_food101,
     make_mosi,
@@ -396,3 +397,59 @@ def test_report_to_tensorboard_logs_steps_and_epochs_and_a_console_line(assets, 
     assert steps == list(range(1, printed["global_step"] + 1))
     final = scalars.Scalars("eval/accuracy")[-1]
     assert final.step == printed["global_step"] and final.value == pytest.approx(printed["accuracy"])
+
+
+def test_export_then_predict_answers_as_the_trained_model_does(tmp_path, capsys):
+    """train (toy digits) -> mit export -> mit predict: the answers are the trained task model's own predictions on
+    the same images (argmax of its logits, recomputed here through the run's checkpoint), one JSON line per image."""
+    from tuning_fixtures import write_tiny_llama
+
+    from mit.tuning.checkpoints import checkpoint_dir, read_config
+    from mit.tuning.data.food101 import Food101Dataset
+    from mit.tuning.trainer import Trainer
+
+    data = tmp_path / "toy"
+    assert main(["data", "toy", "--out", str(data), "--train", "24", "--test", "6"]) == 0
+    run = tmp_path / "run"
+    argv = ["train", "--task", "cls", "--dataset", "food101", "--data", str(data), "--encoder",
+            str(data / "clip_tiny.json"), "--model", str(write_tiny_llama(tmp_path / "llama")), "--out", str(run),
+            "--max-steps", "3", "--batch-size", "8", "--lr", "1e-2", "--no-progress",
+            "--modality-dim", "64"]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "adapter")]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert set(exported["files"]) >= {"task.json", "task_head.safetensors", "mit_config.json"}
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "adapter")]) == 2  # never overwritten
+
+    test = Food101Dataset(data, "test", image_size=32)
+    images = [str(data / "images" / "test" / label / name) for name, _, _, label in test.samples]
+    assert main(["predict", "--adapter", str(tmp_path / "adapter"), "--images", *images,
+                 "--text", "a scanned handwritten digit", "--batch-size", "4",
+                 "--output", str(tmp_path / "answers.jsonl")]) == 0  # fmt: skip
+    answers = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [a["image"] for a in answers] == images and all(a["label"] in test.classes for a in answers)
+    assert (tmp_path / "answers.jsonl").read_text().count("\n") == len(images)
+
+    # the same predictions from the run's checkpoint, computed by the trainer's model directly
+    directory = checkpoint_dir(run)
+    trainer = Trainer(read_config(directory).replace(progress=False), build_train_data=False)
+    trainer.load_checkpoint(directory, weights_only=True)
+    model = trainer.unwrapped.eval()
+    with torch.no_grad():
+        logits = model(trainer.collate([test[i] for i in range(len(test))]))["logits"]
+    trainer.close()
+    expected = [test.classes[i] for i in logits.argmax(-1).tolist()]
+    assert [a["label"] for a in answers] == expected
+    probabilities = logits.float().softmax(-1).max(-1).values.tolist()
+    assert [a["probability"] for a in answers] == pytest.approx(probabilities, abs=1e-5)
+
+
+def test_predict_refuses_what_it_cannot_answer(tmp_path, capsys):
+    (tmp_path / "not_an_adapter").mkdir()
+    assert main(["predict", "--adapter", str(tmp_path / "not_an_adapter"), "--images", "x.png"]) == 2
+    assert "task.json' does not exist; expected a directory written by mit export" in capsys.readouterr().err
+    (tmp_path / "msa").mkdir()
+    (tmp_path / "msa" / "task.json").write_text(json.dumps({"format": "mit-task-v1", "task": "msa"}))
+    assert main(["predict", "--adapter", str(tmp_path / "msa"), "--images", "x.png"]) == 2
+    assert "mit predict supports the tasks ('cls',); this adapter is 'msa'" in capsys.readouterr().err
