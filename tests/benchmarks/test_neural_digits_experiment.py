@@ -391,6 +391,9 @@ def test_the_experiment_runs_by_path_and_mit_demo_neural_digits_runs_it_from_a_s
         # the task list shows the answer the default recipe trains (one <LCL-1> token, ExperimentConfig.segment_tokens)
         assert nd.NeuralDigitsConfig().segment_tokens == 1 and '-> "<LCL-1>..<LCL-5>"' not in result.stdout
         assert '"Segment the 3" -> "<LCL-1>"' in result.stdout and "(default 1, --segment-tokens)" in result.stdout
+        # a run writes outside the committed results unless told to (--out benchmarks/results)
+        text = " ".join(result.stdout.split()).replace("neural- digits", "neural-digits")  # argparse wraps at "-"
+        assert "(default: ./mit-results/neural-digits; --out benchmarks/results refreshes the committed" in text
     import importlib.util
 
     assert importlib.util.find_spec("mit.demo.neural_digits") is None

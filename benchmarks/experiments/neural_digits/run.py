@@ -18,6 +18,9 @@ from neural_digits.config import LCL, VARIANTS, NeuralDigitsConfig, quick_config
 from neural_digits.grid import run_demo
 from neural_digits.results import merge_runs
 
+# a run writes here unless told otherwise: never over the committed results in benchmarks/results/ by accident
+DEFAULT_OUT = pathlib.Path("mit-results") / "neural-digits"
+
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(
@@ -41,7 +44,9 @@ def main(argv: list[str] | None = None):
                         help="doses of the selectivity test: fractions of the units switched off")  # fmt: skip
     parser.add_argument("--from-runs", type=pathlib.Path, nargs="+", metavar="DIR",
                         help="train nothing: merge earlier invocations' results (their --out) into --out")  # fmt: skip
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"), help="output directory")
+    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
+                        help=f"output directory (default: ./{DEFAULT_OUT}; --out benchmarks/results refreshes the "
+                        "committed results)")  # fmt: skip
     args = parser.parse_args(argv)
     stem = "neural_digits" + ("_quick" if args.quick else "")
     if args.from_runs:
