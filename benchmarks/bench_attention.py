@@ -37,7 +37,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from memory import peak_memory_bytes
 
 import mit_kernels
-from mit.utils.results import output_csv, pyplot, write_csv
+from mit.utils.results import add_out_argument, output_csv, pyplot, write_csv
 from mit_kernels.reference import mit_attention_reference, mit_ffn_gate_reference
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -264,12 +264,7 @@ def parse_args(argv=None):
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing (CPU)")
     p.add_argument("--quick", action="store_true", help="tiny sweep for a smoke test (seconds)")
     p.add_argument("--full", action="store_true", help="LLaMA-7B training up to 4096 too, and batch 1 and 4")
-    p.add_argument(
-        "--out",
-        type=pathlib.Path,
-        default=None,
-        help="output directory (default: benchmarks/results; a path ending in .csv names the file)",
-    )
+    add_out_argument(p)
     args = p.parse_args(argv)
     if args.full:
         args.llama7b_max_len, args.batches = max(args.train_lengths), [1, 4]

@@ -67,7 +67,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, LlamaC
 import mit
 import mit_kernels
 import mit_kernels.dispatch
-from mit.utils.results import output_csv, pyplot, write_csv
+from mit.utils.results import add_out_argument, output_csv, pyplot, write_csv
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 METHODS = ("mit", "prefix", "neural", "text_only")
@@ -292,12 +292,7 @@ def parse_args(argv=None):
     p.add_argument("--lengths", nargs="+", type=int, default=[16, 32, 64, 128, 256, 512])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="two lengths (seconds)")
-    p.add_argument(
-        "--out",
-        type=pathlib.Path,
-        default=None,
-        help="output directory (default: benchmarks/results; a path ending in .csv names the file)",
-    )
+    add_out_argument(p)
     args = p.parse_args(argv)
     if args.quick:
         args.lengths = [16, 64]

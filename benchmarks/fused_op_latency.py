@@ -29,7 +29,7 @@ import torch
 from generation_smollm2 import MODALITY_DIM, batch, load
 
 import mit
-from mit.utils.results import output_csv, pyplot, write_csv
+from mit.utils.results import add_out_argument, output_csv, pyplot, write_csv
 from mit_kernels import cpu_backend
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -114,12 +114,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--hot-calls", type=int, default=2000, help="calls of each op in the tight loop")
     p.add_argument("--weights", default="auto", choices=["auto", "real", "random"])
     p.add_argument("--quick", action="store_true", help="random 4-layer model, 4 new tokens, 50 hot calls (seconds)")
-    p.add_argument(
-        "--out",
-        type=pathlib.Path,
-        default=None,
-        help="output directory (default: benchmarks/results; a path ending in .csv names the file)",
-    )
+    add_out_argument(p)
     args = p.parse_args(argv)
     if args.quick:
         args.weights, args.new_tokens, args.hot_calls = "random", 4, 50

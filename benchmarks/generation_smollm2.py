@@ -37,7 +37,7 @@ import transformers
 from tqdm import tqdm
 
 import mit
-from mit.utils.results import output_csv, pyplot, write_csv
+from mit.utils.results import add_out_argument, output_csv, pyplot, write_csv
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 MODALITY_DIM = 768
@@ -136,12 +136,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=7, help="timed rounds (after one warm-up round)")
     p.add_argument("--weights", default="auto", choices=["auto", "real", "random"])
     p.add_argument("--quick", action="store_true", help="random 4-layer model, 8 new tokens, 2 rounds (seconds)")
-    p.add_argument(
-        "--out",
-        type=pathlib.Path,
-        default=None,
-        help="output directory (default: benchmarks/results; a path ending in .csv names the file)",
-    )
+    add_out_argument(p)
     args = p.parse_args(argv)
     if args.quick:
         args.weights, args.new_tokens, args.repeats, args.long_tokens = "random", 8, 2, 48

@@ -87,7 +87,7 @@ import mit
 import mit_kernels
 from mit.neural import NeuralState
 from mit.neural import neural_named_parameters as neural_params
-from mit.utils.results import output_csv, pyplot, write_csv
+from mit.utils.results import add_out_argument, output_csv, pyplot, write_csv
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 LAYER_METHODS = ("mit_fused", "mit_reference", "plain", "prefix_eager", "prefix_sdpa", "neural")
@@ -448,12 +448,7 @@ def parse_args(argv=None):
     p.add_argument("--min-time", type=float, default=0.3, help="seconds of timed runs per configuration (>= 1 run)")
     p.add_argument("--quick", action="store_true", help="tiny sweep, random 4-layer model (seconds)")
     p.add_argument("--full", action="store_true", help="the long sweep: layer to 8192, whole model to 4096")
-    p.add_argument(
-        "--out",
-        type=pathlib.Path,
-        default=None,
-        help="output directory (default: benchmarks/results; a path ending in .csv names the file)",
-    )
+    add_out_argument(p)
     args = p.parse_args(argv)
     if args.model_layers is not None and args.weights == "real":
         p.error("--model-layers builds a random-weight model; it cannot be combined with --weights real")

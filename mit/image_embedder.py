@@ -72,11 +72,12 @@ class ImageEmbedder:
     ``grid_size`` (gh, gw) of its patch tokens."""
 
     def __init__(self, processor, tower: torch.nn.Module) -> None:
-        config = tower.config
+        from .tuning.clip import CLIPVisual  # the block outputs as the tuning framework's decoders take them
+
         self.processor, self.tower = processor, tower.eval().requires_grad_(False)
-        self.embedding_dim = int(config.projection_dim)
-        self.width, self.num_layers = int(config.hidden_size), int(config.num_hidden_layers)
-        self.grid_size = (int(config.image_size) // int(config.patch_size),) * 2
+        self.visual = CLIPVisual(self.tower, "transformers")
+        self.embedding_dim, self.width = self.visual.embed_dim, self.visual.width
+        self.num_layers, self.grid_size = self.visual.num_layers, self.visual.grid_size
 
     @classmethod
     def from_pretrained(
@@ -146,11 +147,13 @@ class ImageEmbedder:
         embeddings, levels = [], [[] for _ in layers]
         for start in starts:
             pixels = self.pixel_values(batch[start : start + batch_size]).to(self.device, self.dtype)
-            out = self.tower(pixel_values=pixels, output_hidden_states=bool(layers))
-            embeddings.append(out.image_embeds)
-            for slot, i in enumerate(layers):  # hidden_states[0]: the embeddings; [i + 1]: block i's output
-                tokens = out.hidden_states[i + 1][:, 1:]
-                levels[slot].append(tokens.transpose(1, 2).reshape(len(pixels), self.width, *self.grid_size))
+            if not layers:  # no hidden states kept: they would hold every block's output for the batch
+                embeddings.append(self.tower(pixel_values=pixels).image_embeds)
+                continue
+            embedding, blocks = self.visual(pixels, layers)
+            embeddings.append(embedding)
+            for slot, block in enumerate(blocks):
+                levels[slot].append(block)
         embedding = torch.cat(embeddings)
         if not layers:
             return embedding

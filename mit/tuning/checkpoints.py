@@ -98,6 +98,19 @@ def read_config(directory: pathlib.Path) -> RunConfig:
         raise CheckpointError(f"{path}: not valid JSON ({error})") from None
 
 
+def read_counters(directory: pathlib.Path) -> dict[str, Any]:
+    """``{"global_step", "epoch"}`` a checkpoint was saved at (its trainer state, loaded with ``weights_only=True``;
+    any process count: nothing else of the state is used)."""
+    path = directory / CHECKPOINT_STATE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"checkpoint {path}: unreadable trainer state ({error})") from None
+    if not isinstance(state, dict) or not {"global_step", "epoch"} <= set(state):
+        raise CheckpointError(f"checkpoint {path}: expected a trainer state with global_step and epoch")
+    return {"global_step": state["global_step"], "epoch": state["epoch"]}
+
+
 def checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
     """A run directory (-> its latest checkpoint) or a checkpoint directory."""
     path = pathlib.Path(path)
@@ -287,6 +300,7 @@ __all__ = [
     "CheckpointStore",
     "checkpoint_dir",
     "read_config",
+    "read_counters",
     "rng_state",
     "save_torch",
     "set_rng_state",

@@ -37,7 +37,7 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> pathli
     from safetensors.torch import save_file
 
     from ..integrations.adapter import save_adapter
-    from .checkpoints import CHECKPOINT_STATE, checkpoint_dir, read_config
+    from .checkpoints import checkpoint_dir, read_config, read_counters
     from .trainer import Trainer
 
     target = pathlib.Path(out)
@@ -52,7 +52,7 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> pathli
     model = trainer.unwrapped
     head = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()
             if p.requires_grad and not name.startswith("llm.")}  # fmt: skip
-    counters = torch.load(directory / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
+    counters = read_counters(directory)
     dataset = trainer.eval_dataset
     task = {
         "format": FORMAT, "task": config.task, "run_config": config.to_dict(),

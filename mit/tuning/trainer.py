@@ -58,12 +58,12 @@ from ..utils.files import atomic_write_text, unique_suffix
 from . import distributed
 from .build import build_encoder, build_model, resolve_config
 from .checkpoints import (
-    CHECKPOINT_STATE,
     CHECKPOINT_WEIGHTS,
     Checkpoint,
     CheckpointStore,
     checkpoint_dir,
     read_config,
+    read_counters,
     set_rng_state,
 )
 from .config import RunConfig, resume_safe_flags
@@ -483,8 +483,7 @@ def evaluate_checkpoint(
     metrics = trainer.evaluate()
     if not provenance:
         return metrics
-    # the counters of the trainer state (safe loading; any process count: nothing else of it is used here)
-    counters = torch.load(directory / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
+    counters = read_counters(directory)
     described = {"checkpoint": str(directory.resolve()), "global_step": counters["global_step"],
                  "epoch": counters["epoch"], "task": config.task, "dataset": config.data.dataset,
                  "split": config.splits()[1], "samples": len(trainer.eval_dataset)}  # fmt: skip

@@ -29,6 +29,16 @@ def csv_text(rows: Sequence[dict], fields: Sequence[str] | None = None, float_fo
     return buffer.getvalue()
 
 
+def add_out_argument(parser) -> None:
+    """The benchmarks' ``--out`` option (read with :func:`output_csv`): a directory, or a path ending in ``.csv``."""
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=None,
+        help="output directory (default: benchmarks/results; a path ending in .csv names the file)",
+    )
+
+
 def output_csv(out: str | pathlib.Path | None, default_dir: pathlib.Path, name: str) -> pathlib.Path:
     """Where a benchmark writes its CSV (its PNG goes beside it): ``--out`` names a directory, as for every other
     tool (the file is ``name`` there); a path ending in ``.csv`` is taken as the file itself (the older spelling).
