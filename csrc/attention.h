@@ -39,6 +39,12 @@ inline at::Tensor last_dim_contiguous(const at::Tensor& x) {
   return (x.size(-1) <= 1 || x.stride(-1) == 1) ? x : x.contiguous();
 }
 
+// x in dtype acc and contiguous: x itself when it already is (no dispatcher call: a decoding step passes vectors
+// that already are, in every infused layer), else a converted copy.
+inline at::Tensor as_contiguous(const at::Tensor& x, at::ScalarType acc) {
+  return (x.scalar_type() == acc && x.is_contiguous()) ? x : x.to(acc).contiguous();
+}
+
 // The infusion vectors and gate parameters in the accumulation dtype, plus |v_add| per (b, h).
 struct InfusionParams {
   at::Tensor k_mul, k_add, v_mul, v_add;  // (B, Hkv, D) acc, contiguous
@@ -50,11 +56,11 @@ inline InfusionParams make_infusion_params(const at::Tensor& k_mul, const at::Te
                                            const at::Tensor& v_add, const at::Tensor& head_logit,
                                            at::ScalarType acc) {
   InfusionParams p;
-  p.k_mul = k_mul.to(acc).contiguous();
-  p.k_add = k_add.to(acc).contiguous();
-  p.v_mul = v_mul.to(acc).contiguous();
-  p.v_add = v_add.to(acc).contiguous();
-  p.head_logit = head_logit.to(acc).contiguous();
+  p.k_mul = as_contiguous(k_mul, acc);
+  p.k_add = as_contiguous(k_add, acc);
+  p.v_mul = as_contiguous(v_mul, acc);
+  p.v_add = as_contiguous(v_add, acc);
+  p.head_logit = as_contiguous(head_logit, acc);
   const int64_t rows = p.v_add.numel() / std::max<int64_t>(p.v_add.size(-1), 1), D = p.v_add.size(-1);
   p.norm_a = at::empty({rows}, p.v_add.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "mit_norm_a", [&] {

@@ -167,7 +167,7 @@ at::Tensor ffn_gate_cpu_fwd(const at::Tensor& gate_in, const at::Tensor& up_in, 
   at::Tensor y = at::empty(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
   const auto acc = gate.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor m = ffn_mul.to(acc).contiguous();  // no copy when ffn_mul is already acc_t and contiguous
+  const at::Tensor m = as_contiguous(ffn_mul, acc);  // no copy when ffn_mul is already acc_t and contiguous
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "mit_ffn_gate_cpu_fwd",
                                   [&] { ffn_fwd_impl<scalar_t>(gate, up, m, y); });
   return y;

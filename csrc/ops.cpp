@@ -139,17 +139,36 @@ class FfnGateFunction : public torch::autograd::Function<FfnGateFunction> {
   }
 };
 
+// Whether a call records a graph: grad mode on and some differentiable input requires grad. When none does (every
+// decoding step, under no_grad), the autograd kernels call the forward op below autograd directly: no node, context
+// or saved variables are made for a graph that would be thrown away (Function::apply makes them in any case).
+bool records_graph(std::initializer_list<std::reference_wrapper<const at::Tensor>> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const at::Tensor& x : inputs) {
+    if (x.defined() && x.requires_grad()) return true;
+  }
+  return false;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const at::Tensor& k_mul, const at::Tensor& k_add,
                                                       const at::Tensor& v_mul, const at::Tensor& v_add,
                                                       const at::Tensor& head_logit,
                                                       const std::optional<at::Tensor>& kv_mask, bool causal,
                                                       double scale, bool rescale) {
+  if (!records_graph({q, k, v, k_mul, k_add, v_mul, v_add, head_logit})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return attn_fwd_op().call(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale);
+  }
   auto r = AttentionFunction::apply(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale);
   return {r[0], r[1]};
 }
 
 at::Tensor ffn_gate_autograd(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& ffn_mul) {
+  if (!records_graph({gate, up, ffn_mul})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ffn_fwd_op().call(gate, up, ffn_mul);
+  }
   return FfnGateFunction::apply(gate, up, ffn_mul);
 }
 

@@ -148,10 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, metavar="DIR", help="a new directory")
     predict = sub.add_parser(
         "predict",
-        help="an exported adapter + images and texts -> answers (task cls)",
-        description="Answer with an exported adapter: one JSON line per (image, text) pair, in order: the predicted "
-        "class and its probability. Task cls (image-text classification); the base LLM and CLIP weights are the "
-        "run's, or --model / --encoder-pretrained where they moved.",
+        help="an exported adapter + images and texts -> answers (task cls) or masks (task refseg)",
+        description="Answer with an exported adapter: one JSON line per (image, text) pair, in order. Task cls "
+        "(image-text classification): the predicted class and its probability. Task refseg (referring segmentation; "
+        "the text is the referring expression): the mask, written as a PNG at the image's resolution into --masks, "
+        "and the fraction of the image it covers. The base LLM and CLIP weights are the run's, or --model / "
+        "--encoder-pretrained where they moved.",
     )
     predict.add_argument("--adapter", required=True, metavar="DIR", help="a directory written by mit export")
     predict.add_argument("--images", required=True, nargs="+", metavar="FILE", help="image files")
@@ -161,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--encoder-pretrained", metavar="PATH", help="CLIP weights, if they moved")
     predict.add_argument("--batch-size", type=int, default=8, metavar="N", help="pairs per forward (8)")
     predict.add_argument("--output", metavar="FILE", help="also write the answers to this JSON lines file")
+    predict.add_argument("--masks", metavar="DIR", help="refseg: the directory the masks are written to (created)")
     data = sub.add_parser(
         "data",
         help="write a small real dataset to try mit train offline: 'mit data toy --out DIR'",
@@ -352,7 +355,10 @@ def _predict(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CLIError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
     overrides = {k: getattr(args, k) for k in ("model", "encoder_pretrained") if getattr(args, k)}
-    answers = Predictor(args.adapter, overrides).predict(args.images, texts, args.batch_size, progress=True)
+    predictor = Predictor(args.adapter, overrides)
+    if predictor.task["task"] == "refseg" and not args.masks:
+        raise CLIError("--masks: a refseg adapter predicts masks; give the directory to write them to")
+    answers = predictor.predict(args.images, texts, args.batch_size, progress=True, masks_dir=args.masks)
     lines = [json.dumps(row) for row in answers]
     print("\n".join(lines))
     if args.output:

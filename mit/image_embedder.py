@@ -15,7 +15,6 @@ is not loaded). Everything is local (``local_files_only``): nothing is downloade
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 from collections.abc import Sequence
@@ -23,17 +22,9 @@ from typing import Any
 
 import torch
 
+from .tuning.image_preprocessing import processor_class
+
 ImageInput = Any  # a PIL image, a path (str / os.PathLike), or an (H, W, 3) / (H, W) uint8 numpy array
-
-
-def _processor_class():
-    """transformers' CLIP image processor class: the PIL one where torchvision is missing (transformers >= 5.2x would
-    otherwise warn and fall back to it on every load), else ``CLIPImageProcessor``."""
-    import transformers
-
-    if importlib.util.find_spec("torchvision") is None and hasattr(transformers, "CLIPImageProcessorPil"):
-        return transformers.CLIPImageProcessorPil
-    return transformers.CLIPImageProcessor
 
 
 def _as_pil(image: ImageInput, index: int):
@@ -97,7 +88,7 @@ class ImageEmbedder:
                     "image preprocessing its weights were trained with)"
                 )
         try:
-            processor = _processor_class().from_pretrained(str(directory), local_files_only=True)
+            processor = processor_class().from_pretrained(str(directory), local_files_only=True)
             tower = CLIPVisionModelWithProjection.from_pretrained(str(directory), local_files_only=True, dtype=dtype)
         except (OSError, ValueError) as error:
             raise ValueError(f"path: {str(directory)!r}: cannot load the CLIP checkpoint ({error})") from error

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .backends import BACKEND_TABLE, BACKENDS
+from .backends import BACKENDS
 from .dispatch import triton_available, triton_interpreter_active
 from .validation import check_attention_inputs, check_bool, check_scale
 
@@ -66,7 +66,7 @@ def mit_attention(
     check_bool("causal", causal)
     check_bool("rescale", rescale)
     scale = check_scale(scale)
-    attention = BACKEND_TABLE[backends.resolve(backend, q.device, q.shape[-1])].attention_for(backend)
+    attention = backends.loaded_backend(backends.resolve(backend, q.device, q.shape[-1])).attention_for(backend)
     return attention(
         q, k, v, k_mul, k_add, v_mul, v_add, head_logit, causal=causal, scale=scale, kv_mask=kv_mask, rescale=rescale
     )

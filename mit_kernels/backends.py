@@ -72,6 +72,9 @@ class Backend:
         attention_under_auto, ffn_gate_under_auto: what ``backend="auto"`` runs when it picks this backend, when that
             differs from the above (Triton: falls back to an exact path when a kernel cannot be compiled or launched);
             None: the same.
+        loaded: for a backend whose functions load their implementation at each call (the C++ kernels), the same
+            backend with functions bound to the loaded implementation, for use once :func:`resolve` has accepted it
+            (no per-call loading check); None: this entry's functions are already that.
     """
 
     attention: AttentionFunction
@@ -79,6 +82,7 @@ class Backend:
     refusal: Refusal = runs_anywhere
     attention_under_auto: AttentionFunction | None = None
     ffn_gate_under_auto: FfnGateFunction | None = None
+    loaded: Callable[[], Backend] | None = None
 
     def attention_for(self, requested: str) -> AttentionFunction:
         """The attention function to run when ``backend=requested`` resolved to this backend."""
@@ -135,6 +139,14 @@ def _cpu_ffn_gate(gate: torch.Tensor, up: torch.Tensor, ffn_mul: torch.Tensor) -
     return module.ffn_gate(gate, up, ffn_mul)
 
 
+def _cpu_loaded() -> Backend:
+    """The C++ backend bound to its loaded operators (:attr:`Backend.loaded`)."""
+    module, reason = dispatch.cpu_backend()
+    if module is None:  # resolve() accepted "cpu", so this is a build that disappeared since
+        raise RuntimeError(f"mit_kernels.cpu_backend is not available: {reason}")
+    return Backend(attention=module.loaded_attention, ffn_gate=module.loaded_ffn_gate, refusal=_cpu_refusal)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The table
 # --------------------------------------------------------------------------------------------------------------------
@@ -151,7 +163,7 @@ BACKEND_TABLE: dict[str, Backend] = {
         ffn_gate_under_auto=triton_backend.ffn_gate_under_auto,
     ),
     # The compiled C++ kernels; CPU tensors.
-    "cpu": Backend(attention=_cpu_attention, ffn_gate=_cpu_ffn_gate, refusal=_cpu_refusal),
+    "cpu": Backend(attention=_cpu_attention, ffn_gate=_cpu_ffn_gate, refusal=_cpu_refusal, loaded=_cpu_loaded),
     # The infusion in PyTorch, then torch's scaled_dot_product_attention; the FFN gate has no attention: the reference.
     "sdpa": Backend(attention=sdpa_attention, ffn_gate=mit_ffn_gate_reference),
 }
@@ -165,13 +177,20 @@ def attention_function(backend: str, device: torch.device, head_dim: int) -> Att
     """The function :func:`mit_kernels.mit_attention` runs for ``backend`` on ``device`` with head dim ``head_dim``
     (:func:`resolve`, then the table): callers that built their arguments themselves (the Hugging Face integration,
     once per forward) call it without the public op's validation."""
-    return BACKEND_TABLE[resolve(backend, device, head_dim)].attention_for(backend)
+    return loaded_backend(resolve(backend, device, head_dim)).attention_for(backend)
 
 
 def ffn_gate_function(backend: str, device: torch.device) -> FfnGateFunction:
     """The function :func:`mit_kernels.mit_ffn_gate` runs for ``backend`` on ``device`` (see
     :func:`attention_function`)."""
-    return BACKEND_TABLE[resolve(backend, device)].ffn_gate_for(backend)
+    return loaded_backend(resolve(backend, device)).ffn_gate_for(backend)
+
+
+def loaded_backend(name: str) -> Backend:
+    """The table entry of backend ``name`` (one :func:`resolve` returned), bound to its loaded implementation
+    (:attr:`Backend.loaded`)."""
+    entry = BACKEND_TABLE[name]
+    return entry.loaded() if entry.loaded is not None else entry
 
 
 def resolve(backend: str, device: torch.device, head_dim: int | None = None) -> str:

@@ -125,15 +125,48 @@ def attention(
     """MiT attention on CPU tensors (see :func:`mit_kernels.mit_attention`); differentiable w.r.t. all eight
     tensors. ``scale=None`` means ``1 / sqrt(D)``. Returns (B, Hq, Lq, D) in q's dtype, contiguous."""
     _require()
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = torch.ops.mit_kernels.attention_cpu_fwd(
-        q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, bool(causal), scale, bool(rescale)
-    )
-    return out
+    return loaded_attention(
+        q, k, v, k_mul, k_add, v_mul, v_add, head_logit, causal=bool(causal), scale=scale, kv_mask=kv_mask,
+        rescale=bool(rescale),
+    )  # fmt: skip
 
 
 def ffn_gate(gate: torch.Tensor, up: torch.Tensor, ffn_mul: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up * (1 + ffn_mul[:, None, :])`` on CPU tensors (see :func:`mit_kernels.ffn.mit_ffn_gate`);
     differentiable w.r.t. all three. Returns (B, L, F) in gate's dtype, contiguous."""
     _require()
+    return torch.ops.mit_kernels.ffn_gate_cpu_fwd(gate, up, ffn_mul)
+
+
+# The two functions above once the extension is known to be loaded (mit_kernels.backends.resolve accepted "cpu"): the
+# operators with no per-call loading check, in the signature of mit_kernels.backends.AttentionFunction /
+# FfnGateFunction. They are what a resolved backend runs (once per forward in the Hugging Face integration, where a
+# decoding step calls them in every infused layer).
+
+
+def loaded_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_mul: torch.Tensor,
+    k_add: torch.Tensor,
+    v_mul: torch.Tensor,
+    v_add: torch.Tensor,
+    head_logit: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None,
+    kv_mask: torch.Tensor | None,
+    rescale: bool,
+) -> torch.Tensor:
+    """:func:`attention` with keyword options and no loading check (the extension must be loaded)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _ = torch.ops.mit_kernels.attention_cpu_fwd(
+        q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale
+    )
+    return out
+
+
+def loaded_ffn_gate(gate: torch.Tensor, up: torch.Tensor, ffn_mul: torch.Tensor) -> torch.Tensor:
+    """:func:`ffn_gate` with no loading check (the extension must be loaded)."""
     return torch.ops.mit_kernels.ffn_gate_cpu_fwd(gate, up, ffn_mul)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .backends import BACKEND_TABLE
 from .validation import (
     check_rank,
     check_same_dtype_device,
@@ -74,4 +73,4 @@ def mit_ffn_gate(gate: torch.Tensor, up: torch.Tensor, ffn_mul: torch.Tensor, *,
         The Triton path computes in fp32 (fp64 for fp64 inputs) and saves only the inputs for the backward.
     """
     check_ffn_gate_inputs(gate, up, ffn_mul)
-    return BACKEND_TABLE[backends.resolve(backend, gate.device)].ffn_gate_for(backend)(gate, up, ffn_mul)
+    return backends.loaded_backend(backends.resolve(backend, gate.device)).ffn_gate_for(backend)(gate, up, ffn_mul)

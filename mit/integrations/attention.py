@@ -290,7 +290,9 @@ def _make_attention_function(base: str) -> Callable:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         modality_embedding = kwargs.pop("modality_embedding", None)
         analyses: CallMemo | None = kwargs.pop(MEMO_KWARG, None)
-        infusion: MiTKVInfusion | None = getattr(module, KV_INFUSION_NAME, None)
+        # a child module is in _modules: looked up there, a layer without one costs no AttributeError (nn.Module's
+        # __getattr__ raises one, with its message formatted, for every missing name)
+        infusion: MiTKVInfusion | None = module._modules.get(KV_INFUSION_NAME)
         if modality_embedding is None or infusion is None:
             return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
         if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:

@@ -85,13 +85,13 @@ class _InfusionMap(nn.Module):
     def _apply_map(self, modality_embedding: torch.Tensor, dtype: torch.dtype, finish: Callable) -> object:
         """``finish(map(embedding) in dtype)`` (taken from the current ``generate`` call's cache when one is bound
         and gradients are off: in a decoding step the kernels then get the vectors as they need them, with no copy)."""
-        weight = self.map.weight
         cache = generation_cache() if not torch.is_grad_enabled() else None
         key = (id(self), id(modality_embedding), dtype)
         if cache is not None:
             hit = cache.get(key)
             if hit is not None and hit[0]() is modality_embedding:
                 return hit[1]
+        weight = self.map.weight
         out = finish(self.map(modality_embedding.to(device=weight.device, dtype=weight.dtype)).to(dtype))
         if cache is not None:
             cache[key] = (weakref.ref(modality_embedding), out)

@@ -42,9 +42,9 @@ class MiTDecoderLayerMixin(Rebuildable):
     def forward(self, *args, **kwargs):
         modality_embedding = kwargs.get("modality_embedding")
         memo = kwargs.get(MEMO_KWARG)
-        if modality_embedding is not None and memo is None and hasattr(self.self_attn, KV_INFUSION_NAME):
+        if modality_embedding is not None and memo is None and KV_INFUSION_NAME in self.self_attn._modules:
             check_attention_dispatch(self.self_attn.config)  # (an MiT model's forward, which passes a memo, did)
-        infusion: MiTFFNInfusion | None = getattr(self.mlp, FFN_INFUSION_NAME, None)
+        infusion: MiTFFNInfusion | None = self.mlp._modules.get(FFN_INFUSION_NAME)  # (no AttributeError when absent)
         if infusion is None or modality_embedding is None:
             return super().forward(*args, **kwargs)
         previous = bind_ffn(FFNBinding(infusion, modality_embedding, memo=memo))
@@ -65,7 +65,7 @@ class MiTMLPMixin(Rebuildable):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``x`` (B, L, hidden) -> (B, L, hidden)."""
-        infusion: MiTFFNInfusion = getattr(self, FFN_INFUSION_NAME)
+        infusion: MiTFFNInfusion = self._modules[FFN_INFUSION_NAME]
         binding = current_ffn(infusion)
         if binding is None:
             return super().forward(x, *args, **kwargs)

@@ -222,8 +222,9 @@ class MiTModelMixin(MethodModelMixin, Rebuildable):
             attn_implementation = mit_implementation(attn_implementation)
         return super().set_attn_implementation(attn_implementation, *args, **kwargs)
 
-    def _mit_prepare(self, arguments: dict, modality_embedding: torch.Tensor | None) -> None:
-        """Validate the embedding, refuse packed batches, derive padding-aware positions (in ``arguments``)."""
+    def _mit_prepare(self, arguments: dict, extra: dict, modality_embedding: torch.Tensor | None) -> None:
+        """Validate the embedding, refuse packed batches, derive padding-aware positions (in ``arguments``, the
+        forward's named arguments; ``extra``: those its ``**kwargs`` receives)."""
         if modality_embedding is None:
             return
         if self.mit_config.infuse_kv:
@@ -236,7 +237,6 @@ class MiTModelMixin(MethodModelMixin, Rebuildable):
         check_modality(modality_embedding, tokens.shape[0], self.mit_config.modality_dim, tokens.device)
         if self.training and torch.is_grad_enabled() and tokens.device.type == "cpu":
             check_no_cpu_packed_4bit(self)  # bitsandbytes' CPU-packed 4-bit layers drop gradients silently
-        extra = arguments.get("kwargs") or {}
         if extra.get("cu_seq_lens_q") is not None or extra.get("cu_seq_lens_k") is not None:
             raise ValueError("MiT does not support packed (varlen) batches: pad the batch instead")
         mask, positions = arguments.get("attention_mask"), arguments.get("position_ids")
@@ -258,15 +258,22 @@ def _forward_with_modality(base: type) -> dict:
     def forward(self, *args, modality_embedding: torch.Tensor | None = None, **kwargs):
         if modality_embedding is None or self.mit_adapter_disabled():  # disabled: the base model, embedding ignored
             return base.forward(self, *args, **kwargs)
-        bound = signature.bind(self, *args, **kwargs)
-        self._mit_prepare(bound.arguments, modality_embedding)
+        if args:  # positional inputs: named by the base signature
+            bound = signature.bind(self, *args, **kwargs)
+            arguments = bound.arguments
+            extra = arguments.setdefault(var_keyword, {})
+        else:  # all by keyword (generate's every step): the names are the arguments already, no binding needed
+            bound, arguments = None, dict(kwargs)
+            extra = arguments
+        self._mit_prepare(arguments, extra, modality_embedding)
         # the embedding's one route: transformers' **kwargs, to every decoder layer and attention function (the MiT
         # decoder layer binds it for its MLP, mit.integrations.scope); with it, this call's own memo (mask analyses,
         # resolved kernels)
-        extra = bound.arguments.setdefault(var_keyword, {})
         extra["modality_embedding"] = modality_embedding
         if not torch.compiler.is_compiling():  # compiled: no mask is read (attention.py), the public ops run
             extra[MEMO_KWARG] = CallMemo(checked_embedding=modality_embedding)  # _mit_prepare checked it
+        if bound is None:
+            return base.forward(self, **arguments)
         return base.forward(*bound.args, **bound.kwargs)
 
     forward.__signature__ = spliced.spliced

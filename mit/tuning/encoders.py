@@ -12,7 +12,8 @@ import os
 import torch
 from torch import nn
 
-from .clip import OPENAI_MEAN, OPENAI_STD, build_clip_visual, default_feature_layers
+from .clip import build_clip_visual, default_feature_layers
+from .image_preprocessing import encoder_preprocessing
 
 
 @dataclasses.dataclass
@@ -48,8 +49,10 @@ class CLIPImageEncoder(nn.Module):
         backend: ``"transformers"`` (CLIPVisionModelWithProjection) or ``"open_clip"``.
         force_quick_gelu: QuickGELU activations (OpenAI's weights; the named configs already use them).
 
-    Inputs are images normalised with :attr:`mean` / :attr:`std` at :attr:`image_size`. Parameters are frozen and the
-    module stays in eval mode; the forward pass runs without autograd.
+    Inputs are images as :attr:`preprocessing` (:class:`~mit.tuning.image_preprocessing.ImagePreprocessing`) makes
+    them: the checkpoint's own CLIP image processor (its ``preprocessor_config.json``), open_clip's own transforms, or
+    transformers' CLIP defaults (OpenAI's); :attr:`mean` / :attr:`std` are its normalisation, :attr:`image_size` its
+    resolution. Parameters are frozen and the module stays in eval mode; the forward pass runs without autograd.
     """
 
     def __init__(
@@ -71,7 +74,8 @@ class CLIPImageEncoder(nn.Module):
         self.feature_layers = layers
         self.image_size, self.grid_size = self.visual.image_size, self.visual.grid_size
         self.embed_dim, self.width = self.visual.embed_dim, self.visual.width
-        self.mean, self.std = OPENAI_MEAN, OPENAI_STD
+        self.preprocessing = encoder_preprocessing(self.backend, pretrained, self.visual.tower, self.image_size)
+        self.mean, self.std = self.preprocessing.mean, self.preprocessing.std
         for p in self.visual.parameters():
             p.requires_grad_(False)
         self.visual.eval()

@@ -7,8 +7,10 @@ An exported directory holds everything a prediction needs besides the frozen bas
     task.json                                    format, task, the run's settings, class names, prompt template,
                                                  the checkpoint and step it came from
 
-Prediction is implemented for ``cls`` (image + text -> a class name and its probability); the other tasks are
-refused with a ValueError saying so (their inputs and outputs, masks or acoustic features, need their own readers).
+Prediction is implemented for ``cls`` (image + text -> a class name and its probability) and ``refseg`` (image +
+referring expression -> a mask, written as a PNG at the image's resolution); the other tasks are refused with a
+ValueError saying so (``msa`` reads acoustic / facial feature sequences, not images; ``multitask`` answers with text
+and masks of its own kind).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 FORMAT = "mit-task-v1"
 TASK_FILE = "task.json"
 HEAD_WEIGHTS = "task_head.safetensors"
-PREDICT_TASKS = ("cls",)
+PREDICT_TASKS = {"cls": "text", "refseg": "description"}  # task -> the prompt template's text field
 
 
 def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> pathlib.Path:
@@ -88,7 +90,8 @@ def read_task(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 class Predictor:
-    """An exported ``cls`` adapter on its base LLM and CLIP tower, ready to answer: ``predict(images, texts)``."""
+    """An exported ``cls`` or ``refseg`` adapter on its base LLM and CLIP tower, ready to answer:
+    ``predict(images, texts)`` (``masks_dir`` for refseg)."""
 
     def __init__(self, directory: str | os.PathLike, overrides: dict[str, Any] | None = None) -> None:
         from safetensors.torch import load_file
@@ -102,7 +105,7 @@ class Predictor:
         task = read_task(directory)
         if task["task"] not in PREDICT_TASKS:
             raise ValueError(
-                f"adapter: mit predict supports the tasks {PREDICT_TASKS}; this adapter is {task['task']!r}"
+                f"adapter: mit predict supports the tasks {tuple(PREDICT_TASKS)}; this adapter is {task['task']!r}"
             )
         config = RunConfig.from_dict(task["run_config"], str(directory / TASK_FILE))
         config = config.replace(**{**(overrides or {}), "progress": False, "resume": False})
@@ -117,7 +120,8 @@ class Predictor:
             classes=classes, num_classes=len(classes)
         )  # the number of classes the head was built with
         built = build_model(config, config.spec, dtype, encoder, stub)
-        self.model, self.collate, self.encoder = built.model.eval(), built.collate, encoder
+        self.model, self.encoder, self.tokenizer, self.spec = built.model.eval(), encoder, built.tokenizer, config.spec
+        self.padding_side, self.max_length = config.llm.padding_side, config.llm.max_length
         load_adapter(self.model.llm, directory)  # the MiT maps: checked against the model, then copied
         head = load_file(str(directory / HEAD_WEIGHTS))
         missing = [n for n, p in self.model.named_parameters() if p.requires_grad and not n.startswith("llm.")
@@ -129,33 +133,78 @@ class Predictor:
         self.classes, self.template, self.task = classes, task["template"], task
 
     @torch.no_grad()
-    def predict(self, images: Sequence[str | os.PathLike], texts: Sequence[str], batch_size: int = 8,
-                progress: bool = False) -> list[dict[str, Any]]:  # fmt: skip
-        """One ``{"image", "text", "label", "probability"}`` per (image path, text) pair, ``batch_size`` at a time."""
+    def predict(
+        self,
+        images: Sequence[str | os.PathLike],
+        texts: Sequence[str],
+        batch_size: int = 8,
+        progress: bool = False,
+        masks_dir: str | os.PathLike | None = None,
+    ) -> list[dict[str, Any]]:
+        """One answer per (image path, text) pair, in order, computed ``batch_size`` pairs at a time.
+
+        ``cls``: ``{"image", "text", "label", "probability"}`` (the most probable class). ``refseg``: ``{"image",
+        "text", "mask", "foreground"}``: the mask, at the image's own resolution (the logits resized bilinearly and
+        thresholded at 0, as evaluation does), is written as a black / white PNG in ``masks_dir`` (created; required
+        for refseg) under ``<index>_<image stem>.png``; ``foreground`` is the fraction of its pixels that are in it."""
         from ..utils.progress import progress_bar
-        from .data.common import load_image, resize_center_crop, to_tensor
+        from .data.common import load_image
         from .prompts import format_prompt
+        from .tasks.base import encode_text
 
         if len(images) != len(texts):
             raise ValueError(f"texts: expected one text per image ({len(images)}), got {len(texts)}")
         if not images:
             raise ValueError("images: expected at least one image")
-        size = self.encoder.image_size
-        rows = []
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+        segment = self.task["task"] == "refseg"
+        if segment:
+            if masks_dir is None:
+                raise ValueError("masks_dir: a refseg adapter predicts masks; expected a directory to write them to")
+            masks_dir = pathlib.Path(masks_dir)
+            masks_dir.mkdir(parents=True, exist_ok=True)
+        view = self.encoder.preprocessing.square if segment else self.encoder.preprocessing.crop
+        field = PREDICT_TASKS[self.task["task"]]
+        rows: list[dict[str, Any]] = []
         starts = range(0, len(images), batch_size)
         for start in progress_bar(starts, desc="predicting", unit="batch", disable=not progress):
-            pairs = zip(images[start : start + batch_size], texts[start : start + batch_size])
-            items = [{"image": to_tensor(resize_center_crop(load_image(path), size)),
-                      "prompt": format_prompt(self.template, text=text), "label": 0, "id": str(path)}
-                     for path, text in pairs]  # fmt: skip
-            batch = self.collate(items)
-            batch.pop("label")
-            probabilities = self.model(batch)["logits"].float().softmax(-1)
-            best = probabilities.max(-1)
-            for item, index, p in zip(items, best.indices.tolist(), best.values.tolist()):
-                rows.append({"image": item["id"], "text": texts[len(rows)], "label": self.classes[index],
-                             "probability": p})  # fmt: skip
+            paths, batch_texts = images[start : start + batch_size], texts[start : start + batch_size]
+            pictures = [load_image(path) for path in paths]
+            items = [{"prompt": format_prompt(self.template, **{field: text}), "id": str(path)}
+                     for path, text in zip(paths, batch_texts)]  # fmt: skip
+            batch = {**encode_text(self.spec, self.tokenizer, items, self.padding_side, self.max_length),
+                     "id": [x["id"] for x in items], "image": torch.stack([view(p) for p in pictures])}  # fmt: skip
+            logits = self.model(batch)["logits"].float()
+            for i, (path, text, picture) in enumerate(zip(paths, batch_texts, pictures)):
+                row = {"image": str(path), "text": text}
+                if segment:
+                    row.update(
+                        self._write_mask(
+                            logits[i], picture.size, masks_dir / f"{start + i:05d}_{pathlib.Path(path).stem}.png"
+                        )
+                    )
+                else:
+                    probabilities = logits[i].softmax(-1)
+                    index = int(probabilities.argmax())
+                    row.update(label=self.classes[index], probability=float(probabilities[index]))
+                rows.append(row)
         return rows
+
+    @staticmethod
+    def _write_mask(logits: torch.Tensor, size: tuple[int, int], path: pathlib.Path) -> dict[str, Any]:
+        """``logits`` (S, S) -> the mask at ``size`` (width, height), written as a PNG at ``path``."""
+        from PIL import Image
+        from torch.nn import functional as F
+
+        from ..utils.files import atomic_write
+
+        width, height = size
+        resized = F.interpolate(logits[None, None], size=(height, width), mode="bilinear", align_corners=False)
+        mask = (resized[0, 0] > 0).cpu()
+        picture = Image.fromarray(mask.numpy().astype("uint8") * 255, mode="L")
+        atomic_write(path, lambda temporary: picture.save(temporary, format="PNG"))
+        return {"mask": str(path), "foreground": float(mask.float().mean())}
 
 
 __all__ = ["FORMAT", "HEAD_WEIGHTS", "PREDICT_TASKS", "TASK_FILE", "Predictor", "export_checkpoint", "read_task"]

@@ -12,13 +12,14 @@ from torch.utils.data import DataLoader, Dataset
 from .config import RunConfig
 
 
-def build_datasets(config: RunConfig, image_size: int | None, splits: tuple[str, ...]) -> list:
-    """The datasets of ``splits``; with two splits the first one is the training split (``limit_train``)."""
+def build_datasets(config: RunConfig, preprocessing: Any, splits: tuple[str, ...]) -> list:
+    """The datasets of ``splits``; with two splits the first one is the training split (``limit_train``).
+    ``preprocessing``: the image encoder's :class:`~mit.tuning.image_preprocessing.ImagePreprocessing`, or None."""
     dataset = config.spec.dataset(config.data.dataset)
     out = []
     for i, split in enumerate(splits):
         limit = config.data.limit_train if i == 0 and len(splits) == 2 else config.data.limit_eval
-        out.append(dataset.build(config.data, split, image_size, limit))
+        out.append(dataset.build(config.data, split, preprocessing, limit))
     return out
 
 

@@ -129,7 +129,7 @@ class Trainer:
         resume_from = self._find_checkpoint() if resume else None
         train_split, eval_split = config.splits()
         splits = (train_split, eval_split) if build_train_data else (eval_split,)
-        datasets = build_datasets(config, encoder.image_size if encoder is not None else None, splits)
+        datasets = build_datasets(config, encoder.preprocessing if encoder is not None else None, splits)
         self.train_dataset = datasets[0] if build_train_data else None
         self.eval_dataset = datasets[-1]
         built = build_model(config, self.spec, dtype, encoder, self.eval_dataset)  # after the data: its errors first

@@ -18,7 +18,7 @@ from PIL import Image
 def checkpoint(tmp_path_factory):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from mit.image_embedder import _processor_class
+    from mit.tuning.image_preprocessing import processor_class as _processor_class
 
     directory = tmp_path_factory.mktemp("clip")
     config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
@@ -48,7 +48,7 @@ def digit_images():
 def test_embeddings_are_the_processor_and_tower_run_directly(checkpoint, digit_images, tmp_path):
     from transformers import CLIPVisionModelWithProjection
 
-    from mit.image_embedder import _processor_class
+    from mit.tuning.image_preprocessing import processor_class as _processor_class
 
     embedder = mit.ImageEmbedder.from_pretrained(checkpoint)
     assert embedder.embedding_dim == 16 and embedder.grid_size == (4, 4)

@@ -46,3 +46,28 @@ def test_generate_takes_one_row_per_prompt_and_refuses_a_pre_expanded_one(model)
         model.generate(
             ids, attention_mask=mask, modality_embedding=emb.repeat_interleave(2, 0), max_new_tokens=2, num_beams=2
         )
+
+
+def test_forward_by_keyword_and_positionally_agree_and_both_refuse_packed_batches(model):
+    """A forward called all by keyword (as generate does) skips binding the signature: it must compute exactly what
+    the positional call computes (padding-aware positions included) and refuse what that one refuses."""
+    ids, mask = fam.padded_batch()
+    emb = fam.embedding()
+    with torch.no_grad():
+        positional = model(ids, mask, modality_embedding=emb).logits
+        by_keyword = model(input_ids=ids, attention_mask=mask, modality_embedding=emb).logits
+    assert torch.equal(positional, by_keyword)
+    lengths = torch.tensor([0, ids.shape[1]], dtype=torch.int32)
+    for call in (
+        lambda: model(ids, mask, modality_embedding=emb, cu_seq_lens_q=lengths),
+        lambda: model(input_ids=ids, attention_mask=mask, modality_embedding=emb, cu_seq_lens_q=lengths),
+    ):
+        with pytest.raises(ValueError, match="packed"):
+            call()
+    restart = torch.arange(ids.shape[1]).remainder(3).expand(ids.shape[0], -1)
+    for call in (
+        lambda: model(ids, None, restart, modality_embedding=emb),
+        lambda: model(input_ids=ids, position_ids=restart, modality_embedding=emb),
+    ):
+        with pytest.raises(ValueError, match="position_ids restart inside a row"):
+            call()

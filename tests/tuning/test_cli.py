@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from tuning_fixtures import (
@@ -452,4 +453,51 @@ def test_predict_refuses_what_it_cannot_answer(tmp_path, capsys):
     (tmp_path / "msa").mkdir()
     (tmp_path / "msa" / "task.json").write_text(json.dumps({"format": "mit-task-v1", "task": "msa"}))
     assert main(["predict", "--adapter", str(tmp_path / "msa"), "--images", "x.png"]) == 2
-    assert "mit predict supports the tasks ('cls',); this adapter is 'msa'" in capsys.readouterr().err
+    assert "mit predict supports the tasks ('cls', 'refseg'); this adapter is 'msa'" in capsys.readouterr().err
+
+
+def test_export_then_predict_refseg_writes_the_trained_models_masks(assets, tmp_path, capsys):
+    """refseg: train -> export -> predict --masks: one PNG per (image, expression) at the image's own resolution,
+    equal to the trained model's logits on the same images (the dataset's square view), resized bilinearly and
+    thresholded at 0 (what evaluation does), recomputed here through the run's checkpoint."""
+    from PIL import Image
+
+    from mit.tuning.checkpoints import checkpoint_dir, read_config
+    from mit.tuning.trainer import Trainer
+
+    run = tmp_path / "run"
+    argv = ["train", "--task", "refseg", "--dataset", "refcoco", "--model", assets["llama"], "--data",
+            assets["refcoco"], "--out", str(run), "--encoder", assets["clip"], *TINY, "--max-steps", "2"]  # fmt: skip
+    assert main(argv) == 0
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "adapter")]) == 0
+    capsys.readouterr()
+
+    directory = checkpoint_dir(run)
+    trainer = Trainer(read_config(directory).replace(progress=False), build_train_data=False)
+    trainer.load_checkpoint(directory, weights_only=True)
+    dataset, model = trainer.eval_dataset, trainer.unwrapped.eval()
+    samples = [dataset.samples[i] for i in range(3)]
+    images = [str(dataset.image_dir / dataset.images[image_id]["file_name"]) for _, image_id, _, _ in samples]
+    texts = [sentence for _, _, _, sentence in samples]
+    with torch.no_grad():
+        logits = model(trainer.collate([dataset[i] for i in range(3)]))["logits"].float()
+    trainer.close()
+
+    adapter, masks = str(tmp_path / "adapter"), tmp_path / "masks"
+    assert main(["predict", "--adapter", adapter, "--images", *images, "--text", *texts]) == 2  # no --masks
+    assert "--masks: a refseg adapter predicts masks" in capsys.readouterr().err
+    assert main(["predict", "--adapter", adapter, "--images", *images, "--text", *texts, "--masks", str(masks),
+                 "--batch-size", "2"]) == 0  # fmt: skip
+    answers = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [a["image"] for a in answers] == images and [a["text"] for a in answers] == texts
+    for i, answer in enumerate(answers):
+        with Image.open(images[i]) as picture:
+            width, height = picture.size
+        resized = torch.nn.functional.interpolate(logits[i][None, None], size=(height, width), mode="bilinear")
+        expected = (resized[0, 0] > 0).numpy()
+        with Image.open(answer["mask"]) as written:
+            assert written.size == (width, height) and written.mode == "L"
+            got = np.asarray(written) > 127
+        assert (got == expected).all(), answer["mask"]
+        assert answer["foreground"] == pytest.approx(expected.mean())
+    assert any(0 < a["foreground"] < 1 for a in answers)  # the comparison above is not between empty masks

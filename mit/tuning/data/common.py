@@ -1,4 +1,4 @@
-"""Shared pieces of the dataset adapters: the error type, image loading and CLIP preprocessing."""
+"""Shared pieces of the dataset adapters: the error type, file and image loading, the image preprocessing."""
 
 from __future__ import annotations
 
@@ -6,12 +6,10 @@ import os
 import pathlib
 from typing import Any
 
-import numpy as np
-import torch
 from PIL import Image
 
 from ...utils.safe_pickle import UnsafePickleError, load_pickle
-from ..clip import OPENAI_MEAN, OPENAI_STD
+from ..image_preprocessing import ImagePreprocessing
 
 
 class DatasetError(ValueError):
@@ -53,25 +51,18 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise DatasetError(f"cannot read image {path}: {error}") from None
 
 
-def resize_square(image: Image.Image, size: int, resample=Image.Resampling.BICUBIC) -> Image.Image:
-    return image.resize((size, size), resample=resample)
-
-
-def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """CLIP's evaluation preprocessing: shortest side to ``size`` (bicubic), then a centred ``size`` x ``size`` crop."""
-    w, h = image.size
-    scale = size / min(w, h)
-    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
-    w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
-def to_tensor(image: Image.Image, mean=OPENAI_MEAN, std=OPENAI_STD) -> torch.Tensor:
-    """(3, H, W) float tensor normalised with CLIP's mean and std."""
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+def image_preprocessing(image_size: int, preprocessing: ImagePreprocessing | None) -> ImagePreprocessing:
+    """A dataset's preprocessing: the encoder's (``preprocessing``, whose size must be ``image_size``), or OpenAI's CLIP
+    preprocessing at ``image_size`` when None."""
+    if preprocessing is None:
+        return ImagePreprocessing.openai(image_size)
+    if not isinstance(preprocessing, ImagePreprocessing):
+        raise ValueError(f"preprocessing: expected an ImagePreprocessing or None, got {type(preprocessing).__name__}")
+    if preprocessing.size != image_size:
+        raise ValueError(
+            f"preprocessing: its size is {preprocessing.size} ({preprocessing.source}) but image_size is {image_size}"
+        )
+    return preprocessing
 
 
 def limit_items(items: list, limit: int | None) -> list:

@@ -17,8 +17,9 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from ..image_preprocessing import ImagePreprocessing
 from ..prompts import format_prompt
-from .common import DatasetError, limit_items, load_image, require_file, resize_center_crop, to_tensor
+from .common import DatasetError, image_preprocessing, limit_items, load_image, require_file
 
 SPLITS = ("train", "test")
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -50,11 +51,14 @@ class Food101Dataset(Dataset):
         image_size: int = 336,
         template: str = "food101",
         limit: int | None = None,
+        *,
+        preprocessing: ImagePreprocessing | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS} for UPMC-Food101, got {split!r}")
         root = pathlib.Path(root)
         self.image_size, self.template = image_size, template
+        self.preprocessing = image_preprocessing(image_size, preprocessing)
         expected = "UPMC-Food101 titles CSV (image_name,text,label)"
         rows = read_titles(require_file(root / "texts" / f"{split}_titles.csv", expected))
         train_csv = root / "texts" / "train_titles.csv"
@@ -80,7 +84,7 @@ class Food101Dataset(Dataset):
         name, text, label, label_name = self.samples[i]
         image = load_image(self.image_dir / label_name / name)
         return {
-            "image": to_tensor(resize_center_crop(image, self.image_size)),
+            "image": self.preprocessing.crop(image),
             "prompt": format_prompt(self.template, text=text),
             "label": label,
             "id": name,

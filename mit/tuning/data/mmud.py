@@ -32,7 +32,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .common import DatasetError, first_existing_dir, limit_items, load_image, read_pickle, resize_square, to_tensor
+from ..image_preprocessing import ImagePreprocessing
+from .common import DatasetError, first_existing_dir, image_preprocessing, limit_items, load_image, read_pickle
 from .refcoco import decode_rle, polygons_to_mask
 
 SPLITS = ("train", "valid", "test")
@@ -89,6 +90,8 @@ class MMUDDataset(Dataset):
         image_dir: str | os.PathLike | None = None,
         feature_dir: str | os.PathLike | None = None,
         limit: int | None = None,
+        *,
+        preprocessing: ImagePreprocessing | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split: expected one of {list(SPLITS)} for MMUD, got {split!r}")
@@ -112,6 +115,7 @@ class MMUDDataset(Dataset):
                     "expected one per object"
                 )
         self.path, self.image_size = path, image_size
+        self.preprocessing = image_preprocessing(image_size, preprocessing)
         self.records = limit_items([dict(zip(FIELDS, r)) for r in records], limit)
         self.image_dir = (
             pathlib.Path(image_dir)
@@ -160,7 +164,7 @@ class MMUDDataset(Dataset):
         texts = [[t] if isinstance(t, str) else list(t) for t in record["sample_texts"]]
         return {
             "id": f"{index}:{name}",
-            "image": to_tensor(resize_square(image, self.image_size)),
+            "image": self.preprocessing.square(image),
             "caption": str(record["caption"]),
             "enriched_text": str(record["enriched_text"]),
             "object_texts": texts,

@@ -23,16 +23,16 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from ..image_preprocessing import ImagePreprocessing
 from ..prompts import format_prompt
 from .common import (
     DatasetError,
     first_existing_dir,
+    image_preprocessing,
     limit_items,
     load_image,
     read_pickle,
     require_file,
-    resize_square,
-    to_tensor,
 )
 
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
@@ -119,6 +119,8 @@ class RefCOCODataset(Dataset):
         image_dir: str | os.PathLike | None = None,
         template: str = "refseg",
         limit: int | None = None,
+        *,
+        preprocessing: ImagePreprocessing | None = None,
     ) -> None:
         if dataset not in DEFAULT_SPLIT_BY:
             raise ValueError(f"dataset must be one of {sorted(DEFAULT_SPLIT_BY)}, got {dataset!r}")
@@ -134,6 +136,7 @@ class RefCOCODataset(Dataset):
             )
         root = pathlib.Path(root)
         self.image_size, self.template = image_size, template
+        self.preprocessing = image_preprocessing(image_size, preprocessing)
         refs_path = require_file(
             root / dataset / f"refs({split_by}).p", f"the {dataset} refs pickle of the refer toolkit"
         )
@@ -201,7 +204,7 @@ class RefCOCODataset(Dataset):
             )
         small = Image.fromarray(mask.astype(np.uint8) * 255).resize((self.image_size,) * 2, Image.Resampling.NEAREST)
         return {
-            "image": to_tensor(resize_square(image, self.image_size)),
+            "image": self.preprocessing.square(image),
             "mask": torch.from_numpy(np.asarray(small) > 127).float(),
             "orig_mask": torch.from_numpy(mask),
             "prompt": format_prompt(self.template, description=sentence),

@@ -16,15 +16,15 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from ..image_preprocessing import ImagePreprocessing
 from ..prompts import format_prompt
 from .common import (
     DatasetError,
     first_existing_dir,
+    image_preprocessing,
     limit_items,
     load_image,
     require_file,
-    resize_center_crop,
-    to_tensor,
 )
 
 SNLI_VE_LABELS = ("entailment", "neutral", "contradiction")
@@ -44,12 +44,15 @@ class SNLIVEDataset(Dataset):
         image_dir: str | os.PathLike | None = None,
         template: str = "snli_ve",
         limit: int | None = None,
+        *,
+        preprocessing: ImagePreprocessing | None = None,
     ) -> None:
         split = "dev" if split in ("val", "valid") else split
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS} for SNLI-VE, got {split!r}")
         root = pathlib.Path(root)
         self.image_size, self.template = image_size, template
+        self.preprocessing = image_preprocessing(image_size, preprocessing)
         path = require_file(root / f"snli_ve_{split}.jsonl", "SNLI-VE JSON lines (Flikr30kID, sentence2, gold_label)")
         self.image_dir = (
             pathlib.Path(image_dir)
@@ -88,7 +91,7 @@ class SNLIVEDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample_id, image, hypothesis, label = self.samples[i]
         return {
-            "image": to_tensor(resize_center_crop(load_image(self.image_dir / image), self.image_size)),
+            "image": self.preprocessing.crop(load_image(self.image_dir / image)),
             "prompt": format_prompt(self.template, text=hypothesis),
             "label": label,
             "id": sample_id,

@@ -110,16 +110,21 @@ def make_collate(
     spec = get_task(task) if isinstance(task, str) else task
 
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-        if spec.encode is not None:
-            text = spec.encode(tokenizer, items, padding_side, max_length)
-        else:
-            input_ids, attention_mask = tokenize_prompts(
-                tokenizer, [x["prompt"] for x in items], padding_side, max_length
-            )
-            text = {"input_ids": input_ids, "attention_mask": attention_mask}
+        text = encode_text(spec, tokenizer, items, padding_side, max_length)
         return {**text, "id": [x["id"] for x in items], **spec.collate(items)}
 
     return collate
+
+
+def encode_text(
+    spec: TaskSpec, tokenizer, items: list[dict[str, Any]], padding_side: str = "left", max_length: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The text entries of a batch of ``spec``'s items: its own ``encode``, or the tokenised ``"prompt"`` of each item
+    (``input_ids`` and ``attention_mask``, (B, L))."""
+    if spec.encode is not None:
+        return spec.encode(tokenizer, items, padding_side, max_length)
+    input_ids, attention_mask = tokenize_prompts(tokenizer, [x["prompt"] for x in items], padding_side, max_length)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

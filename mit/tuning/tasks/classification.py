@@ -70,16 +70,16 @@ def metrics(rows: list[tuple[int, int]]) -> dict[str, float]:
     return classification_metrics(list(predicted), list(labels))
 
 
-def _build_food101(data, split, image_size, limit):
+def _build_food101(data, split, preprocessing, limit):
     from ..data import Food101Dataset
 
-    return Food101Dataset(data.root, split, image_size, limit=limit)
+    return Food101Dataset(data.root, split, preprocessing.size, limit=limit, preprocessing=preprocessing)
 
 
-def _build_snli_ve(data, split, image_size, limit):
+def _build_snli_ve(data, split, preprocessing, limit):
     from ..data import SNLIVEDataset
 
-    return SNLIVEDataset(data.root, split, image_size, data.image_dir, limit=limit)
+    return SNLIVEDataset(data.root, split, preprocessing.size, data.image_dir, limit=limit, preprocessing=preprocessing)
 
 
 SPEC = TaskSpec(

@@ -337,10 +337,12 @@ def metrics(rows: list[tuple]) -> dict[str, float]:
     return out
 
 
-def _build(data, split, image_size, limit):
+def _build(data, split, preprocessing, limit):
     from ..data import MMUDDataset
 
-    return MultiTaskDataset(MMUDDataset(data.root, split, image_size, data.image_dir, limit=limit))
+    return MultiTaskDataset(
+        MMUDDataset(data.root, split, preprocessing.size, data.image_dir, limit=limit, preprocessing=preprocessing)
+    )
 
 
 SPEC = TaskSpec(

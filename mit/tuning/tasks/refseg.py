@@ -79,10 +79,13 @@ def metrics(rows: list[tuple[int, int]]) -> dict[str, float]:
 
 
 def _refcoco(name: str) -> DatasetSpec:
-    def build(data, split, image_size, limit):
+    def build(data, split, preprocessing, limit):
         from ..data import RefCOCODataset
 
-        return RefCOCODataset(data.root, name, split, data.split_by, image_size, data.image_dir, limit=limit)
+        return RefCOCODataset(
+            data.root, name, split, data.split_by, preprocessing.size, data.image_dir, limit=limit,
+            preprocessing=preprocessing,
+        )  # fmt: skip
 
     return DatasetSpec(name, ("train", "val"), build)
 

@@ -36,15 +36,16 @@ class DatasetSpec:
     Attributes:
         name: the ``--dataset`` value.
         splits: (training split, evaluation split) used when ``--train-split`` / ``--eval-split`` are not given.
-        build: ``build(data, split, image_size, limit) -> Dataset``; ``data`` is the run's
-            :class:`~mit.tuning.config.DataConfig`,
-            ``image_size`` the encoder's input size (None for tasks without an image encoder). Each item is a dict
-            with at least ``"prompt"`` (str) and ``"id"`` (str).
+        build: ``build(data, split, preprocessing, limit) -> Dataset``; ``data`` is the run's
+            :class:`~mit.tuning.config.DataConfig`, ``preprocessing`` the image encoder's
+            :class:`~mit.tuning.image_preprocessing.ImagePreprocessing` (its ``size`` is the input resolution; None
+            for tasks without an image encoder). Each item is a dict with at least ``"prompt"`` (str) and ``"id"``
+            (str).
     """
 
     name: str
     splits: tuple[str, str]
-    build: Callable[[Any, str, int | None, int | None], Dataset]
+    build: Callable[[Any, str, Any, int | None], Dataset]
 
 
 @dataclasses.dataclass(frozen=True)

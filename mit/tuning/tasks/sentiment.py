@@ -86,7 +86,7 @@ def metrics(rows: list[tuple[float, float]]) -> dict[str, float]:
 
 
 def _mmsa(name: str) -> DatasetSpec:
-    def build(data, split, image_size, limit):
+    def build(data, split, preprocessing, limit):
         from ..data import MSADataset
 
         return MSADataset(data.root, split, data.feature_file, limit=limit)
