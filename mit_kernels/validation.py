@@ -105,6 +105,8 @@ def check_scale(scale: object) -> float | None:
     """``scale`` is None (meaning 1/sqrt(D)) or a finite real number > 0 (not a bool); returns it as a float."""
     if scale is None:
         return None
+    if type(scale) is float and 0.0 < scale < math.inf:  # the common case, without numbers.Real's ABC check
+        return scale
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise ValueError(
             f"scale must be a positive float or None (1/sqrt(D)), got {scale!r} of type {type(scale).__name__}"

@@ -118,3 +118,27 @@ def test_readme_benchmark_commands_exist_and_take_the_documented_options():
         stdout, stderr = run.communicate(timeout=120)
         assert run.returncode == 0, stderr
         assert "--out" in stdout and "--quick" in stdout, script
+
+
+def test_readme_inline_mit_commands_parse():
+    """Every ``mit ...`` command quoted inline in the README (export, predict with --masks, demo, the toy train
+    command, ...) parses with the real command-line parser; a trailing `...` (the reader's other options) is dropped;
+    placeholders in angle brackets, and bare command names without options, are not commands."""
+    from mit.cli import DEMOS, build_parser
+    from mit.demo import digits
+
+    quoted = {" ".join(span.split()) for span in re.findall(r"`(mit [^`]+)`", README.read_text())}
+    commands = [shlex.split(text.removesuffix(" ...")) for text in quoted if "<" not in text]
+    # a command has options (a bare `mit data toy` names the command in a table) or names a demo
+    commands = [words for words in commands if "--help" not in words and len(words) > 2
+                and (any(w.startswith("--") for w in words) or words[1] == "demo")]  # fmt: skip
+    assert {words[1] for words in commands} >= {"export", "predict", "demo", "train"}
+    assert any("--masks" in words for words in commands)
+    for words in commands:
+        if words[1] == "demo":  # routed before the parser: a demo name, then that demo's own options
+            assert words[2] in DEMOS, words
+            if words[2] == "digits":
+                digits.build_parser().parse_args(words[3:])
+            continue
+        args = build_parser().parse_args(words[1:])
+        assert args.command == words[1], words

@@ -191,6 +191,15 @@ class CallMemo:
             self.functions[key] = attention_function(backend, device, head_dim)
         return self.functions[key]
 
+    def base_function(self, base: str, module: torch.nn.Module) -> Callable:
+        """The base implementation's attention function for ``module`` (a layer without infusion calls it as is),
+        looked up once per call."""
+        key = ("base", base, type(module))
+        function = self.functions.get(key)
+        if function is None:
+            function = self.functions[key] = _base_function(base, module)
+        return function
+
     def ffn_gate_function(self, backend: str, device: torch.device) -> Callable:
         """The FFN gate function ``backend`` resolves to on ``device``, resolved once per call."""
         key = ("ffn_gate", backend, device)
@@ -294,7 +303,8 @@ def _make_attention_function(base: str) -> Callable:
         # __getattr__ raises one, with its message formatted, for every missing name)
         infusion: MiTKVInfusion | None = module._modules.get(KV_INFUSION_NAME)
         if modality_embedding is None or infusion is None:
-            return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
+            function = analyses.base_function(base, module) if analyses is not None else _base_function(base, module)
+            return function(module, query, key, value, attention_mask, **kwargs)
         if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
             raise ValueError(
                 "MiT does not support packed (varlen) batches: one modality_embedding per sample cannot be attributed "

@@ -55,6 +55,30 @@ def test_cpu_no_grad_call_matches_and_builds_no_graph():
     torch.testing.assert_close(out, mit_attention_reference(*inputs).detach(), rtol=1e-5, atol=1e-6)
 
 
+@requires_ext
+@pytest.mark.parametrize("lq", [1, 40])  # the decode kernel and the blocked one
+def test_cpu_ops_without_a_graph_compute_what_the_recording_call_computes(lq):
+    """The autograd kernels of the C++ ops skip torch's autograd Function when no graph is recorded (no_grad,
+    inference mode, or no input requiring grad): the forward must be bit for bit the recording call's, and only the
+    recording call may return a graph."""
+    from mit_kernels import cpu_backend, mit_ffn_gate
+
+    inputs = [x.requires_grad_() for x in make_attention_inputs(2, 6, 2, lq, 50, 32, torch.float32, device=CPU)]
+    recorded = cpu_backend.attention(*inputs, None, True, None, True)
+    assert recorded.grad_fn is not None
+    detached = [x.detach() for x in inputs]
+    gate, up = torch.randn(2, lq, 96), torch.randn(2, lq, 96)
+    ffn_mul = torch.randn(2, 96, requires_grad=True)
+    recorded_ffn = mit_ffn_gate(gate, up, ffn_mul, backend="cpu")
+    assert recorded_ffn.grad_fn is not None
+    for context in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+        with context():
+            out = cpu_backend.attention(*(detached if context is torch.enable_grad else inputs), None, True, None, True)
+            ffn = mit_ffn_gate(gate, up, ffn_mul.detach() if context is torch.enable_grad else ffn_mul, backend="cpu")
+        assert out.grad_fn is None and not out.requires_grad and ffn.grad_fn is None, context
+        assert torch.equal(out, recorded.detach()) and torch.equal(ffn, recorded_ffn.detach()), context
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # FFN gate
 # --------------------------------------------------------------------------------------------------------------------
