@@ -142,3 +142,15 @@ def test_readme_inline_mit_commands_parse():
             continue
         args = build_parser().parse_args(words[1:])
         assert args.command == words[1], words
+
+
+def test_readme_smollm2_example_prints_what_the_readme_shows():
+    """``python examples/smollm2_quickstart.py`` (the HF example on the real SmolLM2 with an untrained adapter) prints
+    exactly the output block the README shows after it."""
+    text = README.read_text()
+    after = text[text.index("`python examples/smollm2_quickstart.py` runs exactly this") :]
+    shown = re.search(r"```\n(.*?)```", after, flags=re.S).group(1)
+    run = subprocess.run([sys.executable, str(README.parent / "examples" / "smollm2_quickstart.py")],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout == shown
