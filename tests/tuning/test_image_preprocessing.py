@@ -111,3 +111,31 @@ def test_training_runs_on_the_checkpoints_processor(data, tmp_path):
             assert dataset.preprocessing is encoder.preprocessing
     finally:
         trainer.close()
+
+
+def test_open_clip_towers_use_open_clips_own_evaluation_transforms(monkeypatch):
+    """open_clip cannot be imported here (its torchvision needs a matching torch), so this checks what mit asks of it,
+    through a stand-in module: open_clip.image_transform for evaluation with the tower's preprocess_cfg, its own
+    resize mode for the crop view and "squash" (S x S, no crop) for the segmentation view."""
+    import types
+
+    import mit.tuning.clip as clip_module
+    from mit.tuning.image_preprocessing import encoder_preprocessing
+
+    calls = []
+
+    def image_transform(size, **kwargs):
+        calls.append((size, kwargs))
+        tag = float(len(calls))  # which transform ran: 1 = the first one made (crop), 2 = the second (square)
+        return lambda image: torch.full((3, size, size), tag) if image.mode == "RGB" else None
+
+    monkeypatch.setattr(clip_module, "import_open_clip", lambda: types.SimpleNamespace(image_transform=image_transform))
+    tower = torch.nn.Module()
+    tower.preprocess_cfg = {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6), "interpolation": "bilinear",
+                            "resize_mode": "shortest"}  # fmt: skip
+    preprocessing = encoder_preprocessing("open_clip", "tag-or-file", tower, 24)
+    common = {"is_train": False, "mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6), "interpolation": "bilinear"}
+    assert calls == [(24, {**common, "resize_mode": "shortest"}), (24, {**common, "resize_mode": "squash"})]
+    picture = Image.new("L", (30, 20))  # converted to RGB before open_clip sees it
+    assert preprocessing.crop(picture)[0, 0, 0] == 1 and preprocessing.square(picture)[0, 0, 0] == 2
+    assert preprocessing.mean == (0.1, 0.2, 0.3) and preprocessing.processor is None
