@@ -280,7 +280,11 @@ def write_adapter(
 
 def base_shape(model) -> dict[str, int | str]:
     """The shape fields of ``base_model`` for ``model`` (its decoder's config)."""
-    config = decoder_of(model).config
+    return config_shape(decoder_of(model).config)
+
+
+def config_shape(config) -> dict[str, int | str]:
+    """The shape fields of ``base_model`` for a decoder's (transformers) config."""
     shape: dict[str, int | str] = {k: int(getattr(config, k)) for k in SHAPE_KEYS if k != "head_dim"}
     shape["head_dim"] = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
     shape["model_type"] = config.model_type
@@ -289,7 +293,12 @@ def base_shape(model) -> dict[str, int | str]:
 
 def check_base_shape(files: AdapterFiles, model) -> None:
     """ValueError naming the JSON file unless ``model`` has the type and shape the adapter was saved from."""
-    saved, shape = files.base_model, base_shape(model)
+    check_shape(files, base_shape(model))
+
+
+def check_shape(files: AdapterFiles, shape: Mapping[str, int | str]) -> None:
+    """ValueError naming the JSON file unless the base's ``shape`` (:func:`config_shape`) is the saved one."""
+    saved = files.base_model
     mismatched = {k: (saved.get(k), v) for k, v in shape.items() if saved.get(k) != v}
     if mismatched:
         details = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in mismatched.items())

@@ -1,0 +1,119 @@
+"""vLLM's Llama with an MiT adapter: per-request modality infusion in prefill and in every decoding step.
+
+The model is vLLM's own :class:`~vllm.model_executor.models.llama.LlamaForCausalLM`, unchanged; in each infused layer
+two forward pre-hooks apply :class:`~mit.serving.served_adapter.StepInfusion` for the tokens of the current batch:
+
+- on the layer's ``attn`` (vLLM's paged attention, called as ``attn(q, k, v)`` after the rotary embedding): the keys
+  and values become ``K'`` / ``V'`` before the attention writes them to the paged cache (exact: they depend only on
+  the token and its request's vectors);
+- on the MLP's ``down_proj``: its input ``silu(gate) * up`` is multiplied by ``1 + f``.
+
+Which request each token belongs to is bound for one forward by :meth:`MiTLlamaForCausalLM.mit_bind_step`, which the
+model runner calls (:mod:`mit.serving.vllm_internals`); forwards without a binding (vLLM's profiling and warm-up
+runs) and batches whose requests carry no embedding run the frozen base, untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from vllm.config import VllmConfig
+from vllm.model_executor.models.llama import LlamaForCausalLM
+
+from . import ADAPTER_ENV
+from .request_embedding import parse_embedding
+from .served_adapter import ServedAdapter, StepInfusion
+from .vllm_internals import check_serving_config
+
+
+def adapter_directory() -> str:
+    """The adapter directory the server serves (``MIT_VLLM_ADAPTER``); ValueError when it is not set."""
+    directory = os.environ.get(ADAPTER_ENV)
+    if not directory:
+        raise ValueError(f"{ADAPTER_ENV} is not set: it must name the MiT adapter directory to serve")
+    return directory
+
+
+class MiTLlamaForCausalLM(LlamaForCausalLM):
+    """``LlamaForCausalLM`` serving the MiT adapter named by ``MIT_VLLM_ADAPTER``.
+
+    The adapter is checked against the served base when the model is built (family, shape, every tensor): a wrong
+    adapter stops the server at start-up with a ValueError naming the file."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        check_serving_config(vllm_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        adapter = ServedAdapter.load(adapter_directory(), vllm_config.model_config.hf_config)
+        self.mit_adapter = adapter.to(vllm_config.device_config.device)
+        self._mit_step: StepInfusion | None = None
+        self._mit_requests: dict[str, tuple[object, dict | None]] = {}  # req_id -> (extra_args seen, vectors)
+        for index, served in adapter.layers.items():
+            layer = self.model.layers[index]
+            if served.kv is not None:
+                layer.self_attn.attn.register_forward_pre_hook(functools.partial(self._infuse_kv, index))
+            if served.ffn is not None:
+                layer.mlp.down_proj.register_forward_pre_hook(functools.partial(self._scale_ffn, index))
+
+    def _infuse_kv(self, index: int, module: torch.nn.Module, args: tuple) -> tuple | None:
+        step = self._mit_step
+        if step is None:
+            return None
+        q, k, v, *rest = args
+        k, v = step.infuse_kv(index, k, v)
+        return (q, k, v, *rest)
+
+    def _scale_ffn(self, index: int, module: torch.nn.Module, args: tuple) -> tuple | None:
+        step = self._mit_step
+        if step is None:
+            return None
+        x, *rest = args
+        return (step.scale_ffn(index, x), *rest)
+
+    def _vectors(self, req_id: str, extra_args: Mapping[str, object] | None) -> dict | None:
+        """The request's infusion vectors (computed when it is first scheduled), or None without an embedding."""
+        seen = self._mit_requests.get(req_id)
+        if seen is not None and seen[0] is extra_args:
+            return seen[1]
+        embedding = parse_embedding(extra_args, self.mit_adapter.modality_dim)  # (validated by the front end)
+        vectors = None if embedding is None else self.mit_adapter.request_vectors(embedding)
+        self._mit_requests[req_id] = (extra_args, vectors)
+        return vectors
+
+    @contextlib.contextmanager
+    def mit_bind_step(
+        self,
+        req_ids: Sequence[str],
+        extra_args: Sequence[Mapping[str, object] | None],
+        query_start_loc: np.ndarray,
+        num_tokens: int,
+    ) -> Iterator[None]:
+        """Bind, for one forward over ``num_tokens`` flat tokens, request ``i``'s tokens
+        ``query_start_loc[i]:query_start_loc[i + 1]`` to its embedding (``extra_args[i]``); tokens past the last
+        request are padding."""
+        if len(req_ids) != len(extra_args) or len(query_start_loc) != len(req_ids) + 1:
+            raise RuntimeError(
+                f"mit_bind_step: {len(req_ids)} requests, {len(extra_args)} argument sets and {len(query_start_loc)} "
+                "query offsets do not describe one batch"
+            )
+        scheduled = int(query_start_loc[-1]) if len(req_ids) else 0
+        if scheduled > num_tokens:
+            raise RuntimeError(f"mit_bind_step: {scheduled} scheduled tokens in a forward over {num_tokens}")
+        vectors = [self._vectors(r, a) for r, a in zip(req_ids, extra_args)]
+        for stale in self._mit_requests.keys() - set(req_ids):  # finished or preempted (recomputed if it returns)
+            del self._mit_requests[stale]
+        if all(v is None for v in vectors):
+            yield
+            return
+        counts = np.diff(np.asarray(query_start_loc, dtype=np.int64))
+        rows = np.full(num_tokens, -1, dtype=np.int64)
+        rows[:scheduled] = np.repeat(np.arange(len(req_ids)), counts)
+        self._mit_step = StepInfusion(self.mit_adapter, torch.from_numpy(rows), vectors)
+        try:
+            yield
+        finally:
+            self._mit_step = None
