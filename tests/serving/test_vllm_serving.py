@@ -14,49 +14,18 @@ vllm = pytest.importorskip(
     "vllm", reason="vLLM is not installed here: the serving tests run in their own environment (make test-serve)"
 )
 
-import transformers  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 
-import mit  # noqa: E402
 from mit.serving import ADAPTER_ENV  # noqa: E402
 from mit.serving.vllm_internals import check_vllm_internals  # noqa: E402
 
-MODALITY_DIM = 16
+MODALITY_DIM = 16  # the adapter of conftest.py
 NEW_TOKENS = 10
 PROMPTS = [
     "The capital of France is", "Once upon a time", "List three colours:", "def fib(n):",
     "The weather today is very", "In 1492,", "A cat and a dog", "Water boils at",
     "Translate to French: good morning", "The quick brown fox",
 ]  # fmt: skip
-
-
-def plain_llama_directory(model, tokenizer, directory):
-    """A transformers checkpoint directory vLLM loads (architectures set; no GGUF quantization record)."""
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).to(torch.float32)
-    plain.load_state_dict(model.state_dict())
-    plain.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return plain
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(base directory, adapter directory, transformers MiT model, tokenizer): SmolLM2 with non-zero maps."""
-    from mit.models import load_smollm2
-
-    model, tokenizer = load_smollm2()
-    base = tmp_path_factory.mktemp("smollm2")
-    plain = plain_llama_directory(model, tokenizer, base)
-    mit_model = mit.apply_mit(plain.eval(), mit.MiTConfig(modality_dim=MODALITY_DIM))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in mit_model.mit_named_parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * (0.02 if "weight" in name else 0.05))
-    adapter = tmp_path_factory.mktemp("adapter")
-    mit.save_adapter(mit_model, adapter)
-    return base, adapter, mit_model, tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -68,16 +37,6 @@ def llm(served):
                       kv_cache_memory_bytes=1 << 30)  # fmt: skip
     yield engine
     del engine
-
-
-def reference(served, prompt_ids, embedding):
-    """Greedy tokens of the transformers MiT model (the frozen base without an embedding), stopping at EOS as vLLM."""
-    _, _, model, _ = served
-    ids = torch.tensor([prompt_ids])
-    kwargs = {} if embedding is None else {"modality_embedding": embedding[None]}
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)
-    return out[0, ids.shape[1] :].tolist()
 
 
 def params(embedding):
@@ -95,21 +54,21 @@ def test_vllm_internals_the_plugin_relies_on_are_present():
     assert check_vllm_internals() == []
 
 
-def test_batch_of_requests_equals_transformers_generate(served, llm):
+def test_batch_of_requests_equals_transformers_generate(served, llm, reference):
     _, _, _, tokenizer = served
     prompt_ids = [tokenizer(p).input_ids for p in PROMPTS]
     generator = torch.Generator().manual_seed(1)
     embeddings = [None if i % 4 == 3 else torch.randn(MODALITY_DIM, generator=generator) * 3 for i in range(10)]
     got = served_tokens(llm, prompt_ids, embeddings)
-    want = [reference(served, p, e) for p, e in zip(prompt_ids, embeddings)]
+    want = [reference(p, e, NEW_TOKENS) for p, e in zip(prompt_ids, embeddings)]
     assert got == want
     # the adapter changes the answers (so that equality above is evidence of the infusion, not of the base)
-    base = [reference(served, p, None) for p, e in zip(prompt_ids, embeddings) if e is not None]
+    base = [reference(p, None, NEW_TOKENS) for p, e in zip(prompt_ids, embeddings) if e is not None]
     infused = [w for w, e in zip(want, embeddings) if e is not None]
     assert sum(b != w for b, w in zip(base, infused)) >= len(infused) // 2
 
 
-def test_concurrent_requests_never_mix_embeddings(served, llm):
+def test_concurrent_requests_never_mix_embeddings(served, llm, reference):
     """The same prompt with two embeddings, interleaved 8 times in one batch, and again with a long shared prompt
     (prefix-cache blocks: the second call must not reuse blocks cached for the other embedding)."""
     _, _, _, tokenizer = served
@@ -117,13 +76,13 @@ def test_concurrent_requests_never_mix_embeddings(served, llm):
     first, second = (torch.randn(MODALITY_DIM, generator=generator) * 3 for _ in range(2))
     for prompt in ("Describe the picture:", "Tell me a long story about a lighthouse keeper. " * 12):
         ids = tokenizer(prompt).input_ids
-        want = {0: reference(served, ids, first), 1: reference(served, ids, second)}
+        want = {0: reference(ids, first, NEW_TOKENS), 1: reference(ids, second, NEW_TOKENS)}
         assert want[0] != want[1]  # outputs that differ only through the embedding
         got = served_tokens(llm, [ids] * 16, [first, second] * 8)
         assert got == [want[i % 2] for i in range(16)]
         # one request alone after the other embedding's blocks were cached
         assert served_tokens(llm, [ids], [second]) == [want[1]]
-        assert served_tokens(llm, [ids], [None]) == [reference(served, ids, None)]
+        assert served_tokens(llm, [ids], [None]) == [reference(ids, None, NEW_TOKENS)]
 
 
 @pytest.mark.parametrize(
@@ -134,12 +93,12 @@ def test_concurrent_requests_never_mix_embeddings(served, llm):
         ({"mit_embedding": "x"}, r"must be a list of 16 numbers"),
     ],
 )
-def test_bad_embedding_is_refused_and_the_engine_keeps_serving(served, llm, extra, message):
+def test_bad_embedding_is_refused_and_the_engine_keeps_serving(served, llm, reference, extra, message):
     _, _, _, tokenizer = served
     ids = tokenizer(PROMPTS[0]).input_ids
     with pytest.raises(VLLMValidationError, match=message):  # the OpenAI-compatible server answers it with HTTP 400
         llm.generate([{"prompt_token_ids": ids}], vllm.SamplingParams(max_tokens=2, extra_args=extra), use_tqdm=False)
-    assert served_tokens(llm, [ids], [None]) == [reference(served, ids, None)]
+    assert served_tokens(llm, [ids], [None]) == [reference(ids, None, NEW_TOKENS)]
 
 
 def test_embedding_without_served_adapter_is_refused(served, llm, monkeypatch):

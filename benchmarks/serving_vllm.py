@@ -1,0 +1,222 @@
+"""Serving throughput and memory: vLLM with an MiT adapter vs the same vLLM serving the plain base, vs transformers'
+``generate`` with MiT, and the KV-cache memory of MiT vs prefix concatenation of 576 image tokens (LLaVA's way).
+
+Run it in the serving environment (``make test-serve`` builds one: ``.venv-serve``; docs/serving.md)::
+
+    .venv-serve/bin/python benchmarks/serving_vllm.py [--requests 16] [--new-tokens 32] [--rounds 5] [--out DIR]
+
+Everything is measured in one run, on the real SmolLM2-135M (fp32) with an adapter of non-zero maps
+(``modality_dim`` 768, CLIP ViT-L/14's): both vLLM engines stay up, and every round times, in alternating order, the
+same batch of concurrent requests (mixed prompt lengths, greedy, ``--new-tokens`` each) on
+
+- ``vllm_plain``: vLLM serving the base (no plugin model);
+- ``vllm_mit``: vLLM serving base + adapter, every request with its own embedding;
+- ``vllm_mit_frozen``: the same engine, requests without an embedding (what the plugin costs the frozen base);
+- ``transformers_mit``: the transformers MiT model's batched ``generate`` (left padding) on the same requests.
+
+Ratios are per round (each against ``vllm_plain`` of the same round), reported as the median with the extremes.
+Memory: the peak KV-cache use vLLM reports (``vllm:kv_cache_usage_perc`` sampled while the batch runs, times the
+cache's size) for the MiT batch and for the same batch with 576 extra prompt tokens per request on the plain engine
+(the cost of LLaVA-style prefix concatenation in a paged cache; the tokens' content does not matter for memory), plus
+MiT's own memory: the adapter's maps (once) and each request's vectors.
+Output: ``serving_vllm_<device>.csv`` and a PNG beside it (default directory: benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import mit
+from mit.serving import ADAPTER_ENV
+from mit.utils.results import add_out_argument, output_csv, pyplot, write_csv
+
+MODALITY_DIM = 768
+IMAGE_TOKENS = 576  # LLaVA-1.5: a 336 px CLIP ViT-L/14 image as 24 x 24 prefix tokens
+TEXT = (
+    "The lighthouse keeper climbed the spiral stairs every evening to light the lamp, watching the ships pass far "
+    "below while the gulls circled the rocks and the tide came in over the sand of the small bay near the village."
+)
+
+
+def build(directory: pathlib.Path):
+    """A vLLM-loadable SmolLM2 checkpoint, an MiT adapter with non-zero maps, and the transformers MiT model."""
+    import transformers
+
+    from mit.models import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).to(torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(directory / "base")
+    tokenizer.save_pretrained(directory / "base")
+    mit_model = mit.apply_mit(plain.eval(), mit.MiTConfig(modality_dim=MODALITY_DIM))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in mit_model.mit_named_parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * (0.02 if "weight" in name else 0.05))
+    mit.save_adapter(mit_model, directory / "adapter")
+    return directory / "base", directory / "adapter", mit_model, tokenizer
+
+
+def kv_usage_peak(llm, run) -> float:
+    """Peak fraction of the KV cache in use while ``run()`` runs (vLLM's own gauge, sampled every 5 ms)."""
+    peak, done = [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            for metric in llm.get_metrics():
+                if metric.name == "vllm:kv_cache_usage_perc":
+                    peak[0] = max(peak[0], float(metric.value))
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        run()
+    finally:
+        done.set()
+        thread.join()
+    return peak[0]
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=16, help="concurrent requests per batch")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--quick", action="store_true", help="4 requests, 4 new tokens, 1 round")
+    add_out_argument(parser)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.new_tokens, args.rounds = 4, 4, 1
+    from tqdm import tqdm
+    from vllm import LLM, SamplingParams
+
+    work = pathlib.Path(tempfile.mkdtemp(prefix="mit-serving-bench-"))
+    base, adapter, mit_model, tokenizer = build(work)
+    engine_args = {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True, "seed": 0, "block_size": 32,
+                   "max_num_seqs": max(args.requests, 8), "gpu_memory_utilization": 0.2,
+                   "kv_cache_memory_bytes": 2 << 30, "disable_log_stats": False}  # fmt: skip
+    os.environ.pop(ADAPTER_ENV, None)
+    plain = LLM(model=str(base), **engine_args)  # its processes start without the adapter: vLLM's own Llama
+    os.environ[ADAPTER_ENV] = str(adapter)
+    served = LLM(model=str(base), hf_overrides={"architectures": ["MiTLlamaForCausalLM"]}, **engine_args)
+
+    words = TEXT.split()
+    prompts = [tokenizer(" ".join(words[: 8 + (i * 5) % (len(words) - 8)])).input_ids for i in range(args.requests)]
+    generator = torch.Generator().manual_seed(1)
+    embeddings = torch.randn(args.requests, MODALITY_DIM, generator=generator)
+
+    def params(embedding):
+        extra = None if embedding is None else {"mit_embedding": embedding.tolist()}
+        return SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True, extra_args=extra)
+
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    with_embedding = [params(e) for e in embeddings]
+    without = [params(None) for _ in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+
+    def hf_generate():
+        with torch.no_grad():
+            mit_model.generate(ids, attention_mask=mask, modality_embedding=embeddings, max_new_tokens=args.new_tokens,
+                               min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=pad)  # fmt: skip
+
+    cases = {
+        "vllm_plain": lambda: plain.generate(inputs, without, use_tqdm=False),
+        "vllm_mit": lambda: served.generate(inputs, with_embedding, use_tqdm=False),
+        "vllm_mit_frozen": lambda: served.generate(inputs, without, use_tqdm=False),
+        "transformers_mit": hf_generate,
+    }
+    for run in cases.values():  # warm-up round
+        run()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    order = list(cases)
+    for round_index in tqdm(range(args.rounds), desc="rounds", file=sys.stderr):
+        for name in order if round_index % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            cases[name]()
+            times[name].append(time.perf_counter() - start)
+
+    n, tokens = args.requests, args.requests * args.new_tokens
+    rows = []
+    for name, values in times.items():
+        ratios = [plain_s / s for plain_s, s in zip(times["vllm_plain"], values)]  # throughput vs plain, per round
+        rows.append({"measure": "throughput", "case": name, "requests": n, "new_tokens": args.new_tokens,
+                     "median_s": statistics.median(values), "requests_per_s": n / statistics.median(values),
+                     "output_tokens_per_s": tokens / statistics.median(values),
+                     "vs_vllm_plain_median": statistics.median(ratios), "vs_vllm_plain_min": min(ratios),
+                     "vs_vllm_plain_max": max(ratios), "rounds": len(values)})  # fmt: skip
+
+    cache_bytes = engine_args["kv_cache_memory_bytes"]
+    image_prefix = tokenizer(" ".join([TEXT] * 12)).input_ids[:IMAGE_TOKENS]
+    prefixed = [{"prompt_token_ids": image_prefix + p} for p in prompts]
+    mit_usage = kv_usage_peak(served, lambda: served.generate(inputs, with_embedding, use_tqdm=False))
+    prefix_usage = kv_usage_peak(plain, lambda: plain.generate(prefixed, without, use_tqdm=False))
+    adapter_bytes = sum(p.numel() * p.element_size() for _, p in mit_model.mit_named_parameters())
+    vectors = served.llm_engine  # (the vectors' size follows from the adapter: per infused layer 4 Hkv D + d_ff)
+    del vectors
+    config = mit_model.config
+    layers = len(mit_model.mit_config.resolved_layers(config.num_hidden_layers))
+    per_request = layers * (4 * config.num_key_value_heads * config.head_dim + config.intermediate_size) * 4
+    mit_bytes = mit_usage * cache_bytes + adapter_bytes + n * per_request
+    prefix_bytes = prefix_usage * cache_bytes
+    rows.append({"measure": "memory", "case": "vllm_mit", "requests": n, "new_tokens": args.new_tokens,
+                 "kv_cache_peak_bytes": mit_usage * cache_bytes, "mit_adapter_bytes": adapter_bytes,
+                 "mit_request_vectors_bytes": n * per_request, "total_bytes": mit_bytes,
+                 "vs_prefix_576": mit_bytes / prefix_bytes})  # fmt: skip
+    rows.append({"measure": "memory", "case": "vllm_prefix_576_tokens", "requests": n, "new_tokens": args.new_tokens,
+                 "kv_cache_peak_bytes": prefix_bytes, "total_bytes": prefix_bytes, "vs_prefix_576": 1.0})  # fmt: skip
+
+    device = "cpu"
+    path = output_csv(args.out, pathlib.Path(__file__).resolve().parent / "results", f"serving_vllm_{device}.csv")
+    write_csv(rows, path)
+    print(f"wrote {path}")
+    for row in rows:
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+    plot(rows, path.with_suffix(".png"))
+    return rows
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    throughput = [r for r in rows if r["measure"] == "throughput"]
+    memory = [r for r in rows if r["measure"] == "memory"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["case"] for r in throughput]
+    values = [r["output_tokens_per_s"] for r in throughput]
+    low = [r["output_tokens_per_s"] * (1 - r["vs_vllm_plain_median"] + r["vs_vllm_plain_min"]) for r in throughput]
+    left.bar(names, values, color=["#777", "#2a7", "#7c9", "#c73"])
+    left.scatter(names, low, marker="_", color="k", label="lowest round (scaled)")
+    for x, r in enumerate(throughput):
+        left.annotate(f"{r['vs_vllm_plain_median']:.2f}x", (x, r["output_tokens_per_s"]), ha="center", va="bottom")
+    left.set_ylabel("output tokens / s")
+    left.set_title(f"{throughput[0]['requests']} concurrent requests, {throughput[0]['new_tokens']} new tokens")
+    left.tick_params(axis="x", labelrotation=15)
+    right.bar([r["case"] for r in memory], [r["total_bytes"] / 2**20 for r in memory], color=["#2a7", "#777"])
+    right.set_ylabel("MiB (KV cache peak + MiT's own)")
+    right.set_title(f"memory: MiT = {memory[0]['vs_prefix_576']:.2f}x prefix of {IMAGE_TOKENS} tokens")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
