@@ -15,10 +15,10 @@ same batch of concurrent requests (mixed prompt lengths, greedy, ``--new-tokens`
 - ``transformers_mit``: the transformers MiT model's batched ``generate`` (left padding) on the same requests.
 
 Ratios are per round (each against ``vllm_plain`` of the same round), reported as the median with the extremes.
-Memory: the peak KV-cache use vLLM reports (``vllm:kv_cache_usage_perc`` sampled while the batch runs, times the
-cache's size) for the MiT batch and for the same batch with 576 extra prompt tokens per request on the plain engine
-(the cost of LLaVA-style prefix concatenation in a paged cache; the tokens' content does not matter for memory), plus
-MiT's own memory: the adapter's maps (once) and each request's vectors.
+Memory, for the same concurrent batch: the key/value cache vLLM's paged allocation gives it (whole blocks per request,
+computed from the engine's block size and the model's shape, :func:`kv_cache_bytes`) with MiT, plus MiT's own memory
+(the adapter's maps, once, and each request's vectors), against the same batch with 576 image tokens prepended to
+every prompt, LLaVA-1.5's prefix concatenation.
 Output: ``serving_vllm_<device>.csv`` and a PNG beside it (default directory: benchmarks/results).
 """
 
@@ -30,7 +30,6 @@ import pathlib
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 import torch
@@ -71,25 +70,11 @@ def build(directory: pathlib.Path):
     return directory / "base", directory / "adapter", mit_model, tokenizer
 
 
-def kv_usage_peak(llm, run) -> float:
-    """Peak fraction of the KV cache in use while ``run()`` runs (vLLM's own gauge, sampled every 5 ms)."""
-    peak, done = [0.0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            for metric in llm.get_metrics():
-                if metric.name == "vllm:kv_cache_usage_perc":
-                    peak[0] = max(peak[0], float(metric.value))
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    try:
-        run()
-    finally:
-        done.set()
-        thread.join()
-    return peak[0]
+def kv_cache_bytes(prompt_lengths: list[int], new_tokens: int, block_size: int, bytes_per_token: int) -> int:
+    """Key/value cache held at the peak of a batch whose requests all run concurrently: vLLM's paged cache gives each
+    request whole blocks, ``ceil((prompt + new tokens) / block_size)`` of them (a block holds ``block_size`` tokens'
+    keys and values of every layer)."""
+    return sum(-(-(n + new_tokens) // block_size) for n in prompt_lengths) * block_size * bytes_per_token
 
 
 def main(argv=None) -> list[dict]:
@@ -163,25 +148,25 @@ def main(argv=None) -> list[dict]:
                      "vs_vllm_plain_median": statistics.median(ratios), "vs_vllm_plain_min": min(ratios),
                      "vs_vllm_plain_max": max(ratios), "rounds": len(values)})  # fmt: skip
 
-    cache_bytes = engine_args["kv_cache_memory_bytes"]
-    image_prefix = tokenizer(" ".join([TEXT] * 12)).input_ids[:IMAGE_TOKENS]
-    prefixed = [{"prompt_token_ids": image_prefix + p} for p in prompts]
-    mit_usage = kv_usage_peak(served, lambda: served.generate(inputs, with_embedding, use_tqdm=False))
-    prefix_usage = kv_usage_peak(plain, lambda: plain.generate(prefixed, without, use_tqdm=False))
-    adapter_bytes = sum(p.numel() * p.element_size() for _, p in mit_model.mit_named_parameters())
-    vectors = served.llm_engine  # (the vectors' size follows from the adapter: per infused layer 4 Hkv D + d_ff)
-    del vectors
     config = mit_model.config
+    block_size = served.llm_engine.vllm_config.cache_config.block_size
+    bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4  # K and V, fp32
+    image_prefix = len(tokenizer(" ".join([TEXT] * 12)).input_ids[:IMAGE_TOKENS])
+    mit_kv = kv_cache_bytes([len(p) for p in prompts], args.new_tokens, block_size, bytes_per_token)
+    prefix_kv = kv_cache_bytes([image_prefix + len(p) for p in prompts], args.new_tokens, block_size, bytes_per_token)
+    adapter_bytes = sum(p.numel() * p.element_size() for _, p in mit_model.mit_named_parameters())
     layers = len(mit_model.mit_config.resolved_layers(config.num_hidden_layers))
     per_request = layers * (4 * config.num_key_value_heads * config.head_dim + config.intermediate_size) * 4
-    mit_bytes = mit_usage * cache_bytes + adapter_bytes + n * per_request
-    prefix_bytes = prefix_usage * cache_bytes
+    mit_bytes = mit_kv + adapter_bytes + n * per_request
     rows.append({"measure": "memory", "case": "vllm_mit", "requests": n, "new_tokens": args.new_tokens,
-                 "kv_cache_peak_bytes": mit_usage * cache_bytes, "mit_adapter_bytes": adapter_bytes,
+                 "kv_cache_bytes": mit_kv, "mit_adapter_bytes": adapter_bytes,
                  "mit_request_vectors_bytes": n * per_request, "total_bytes": mit_bytes,
-                 "vs_prefix_576": mit_bytes / prefix_bytes})  # fmt: skip
-    rows.append({"measure": "memory", "case": "vllm_prefix_576_tokens", "requests": n, "new_tokens": args.new_tokens,
-                 "kv_cache_peak_bytes": prefix_bytes, "total_bytes": prefix_bytes, "vs_prefix_576": 1.0})  # fmt: skip
+                 "vs_prefix_576": mit_bytes / prefix_kv,
+                 "per_request_vs_prefix_576": (mit_kv + n * per_request) / prefix_kv,  # without the shared maps
+                 "block_size": block_size})  # fmt: skip
+    rows.append({"measure": "memory", "case": f"vllm_prefix_{IMAGE_TOKENS}_tokens", "requests": n,
+                 "new_tokens": args.new_tokens, "kv_cache_bytes": prefix_kv, "total_bytes": prefix_kv,
+                 "vs_prefix_576": 1.0, "per_request_vs_prefix_576": 1.0, "block_size": block_size})  # fmt: skip
 
     device = "cpu"
     path = output_csv(args.out, pathlib.Path(__file__).resolve().parent / "results", f"serving_vllm_{device}.csv")
@@ -211,7 +196,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     left.set_title(f"{throughput[0]['requests']} concurrent requests, {throughput[0]['new_tokens']} new tokens")
     left.tick_params(axis="x", labelrotation=15)
     right.bar([r["case"] for r in memory], [r["total_bytes"] / 2**20 for r in memory], color=["#2a7", "#777"])
-    right.set_ylabel("MiB (KV cache peak + MiT's own)")
+    right.set_ylabel("MiB: KV cache of the batch (+ MiT's maps and vectors)")
     right.set_title(f"memory: MiT = {memory[0]['vs_prefix_576']:.2f}x prefix of {IMAGE_TOKENS} tokens")
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -4,13 +4,14 @@ A server batches the tokens of many requests into one flat sequence (vLLM: ``(nu
 token belonging to one request, and each request carrying its own modality embedding or none. Per infused layer:
 
 - keys and values: ``K'_t = k_t + g_t (k_t ⊙ k_mul_r + k_add_r)``, ``V'_t = v_t + g_t (v_t ⊙ v_mul_r + v_add_r)``,
-  ``g_t = sigmoid(λ_h + cos(v_t, v_add_r))`` (:func:`mit_kernels.reference.infusion_gate` / ``infuse``, the
-  contract), where ``r`` is the token's request. ``K'`` / ``V'`` depend only on the token's own key / value and its
-  request's vectors, so writing them to the paged cache is exact: attention over the cache is then plain attention.
+  ``g_t = sigmoid(λ_h + cos(v_t, v_add_r))`` (the arithmetic of :func:`mit_kernels.reference.infusion_gate` /
+  ``infuse``, the contract), where ``r`` is the token's request. ``K'`` / ``V'`` depend only on the token's own key /
+  value and its request's vectors, so writing them to the paged cache is exact: attention over the cache is then
+  plain attention.
 - the MLP: the down-projection's input ``silu(gate) * up`` is multiplied by ``1 + f_r``.
 
-A request without an embedding gets zero vectors: ``x + g (x ⊙ 0 + 0) = x`` and ``x (1 + 0) = x`` bit for bit, so it is
-served by the frozen base exactly (docs/semantics.md, "Identity at initialisation"). Nothing here imports vLLM.
+The tokens of a request without an embedding are not touched at all, so it is served by the frozen base exactly.
+Nothing here imports vLLM.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import os
 import pathlib
 
 import torch
+import torch.nn.functional as F
 
-from mit_kernels.reference import infuse, infusion_gate
+from mit_kernels.reference import COSINE_EPS
 
 from ..hf.adapter_files import check_adapter_tensors, check_shape, config_shape, read_adapter
 from ..integrations.adapter import MIT_SCHEMA
@@ -92,77 +94,98 @@ class ServedAdapter:
     def request_vectors(self, embedding: torch.Tensor) -> dict[int, tuple[torch.Tensor | None, torch.Tensor | None]]:
         """Per infused layer: the request's ``(4, Hkv, D)`` k_mul, k_add, v_mul, v_add and its ``(d_ff,)`` f, in the
         maps' dtype (fp32), from its ``(modality_dim,)`` embedding."""
-        out = {}
+        return self.requests_vectors(embedding[None])[0]
+
+    @torch.no_grad()
+    def requests_vectors(
+        self, embeddings: torch.Tensor
+    ) -> list[dict[int, tuple[torch.Tensor | None, torch.Tensor | None]]]:
+        """:meth:`request_vectors` of each row of ``embeddings`` (R, modality_dim), the maps applied to all rows at
+        once (their weights, tens of MB for a 7B base, are read once, not once per request)."""
+        out: list[dict] = [{} for _ in range(embeddings.shape[0])]
         for index, layer in self.layers.items():
             kv = ffn = None
             if layer.kv is not None:
                 weight = layer.kv.map.weight
-                kv = layer.kv.map(embedding.to(weight)).view(4, layer.kv.num_kv_heads, layer.kv.head_dim)
+                kv = layer.kv.map(embeddings.to(weight)).view(-1, 4, layer.kv.num_kv_heads, layer.kv.head_dim)
             if layer.ffn is not None:
                 weight = layer.ffn.map.weight
-                ffn = layer.ffn.map(embedding.to(weight))
-            out[index] = (kv, ffn)
+                ffn = layer.ffn.map(embeddings.to(weight))
+            for row, vectors in enumerate(out):
+                vectors[index] = (None if kv is None else kv[row], None if ffn is None else ffn[row])
         return out
+
+
+class BatchVectors:
+    """The infusion vectors of a set of requests (those of a batch that carry an embedding), stacked per layer:
+    ``kv[index]`` (R, 4, Hkv, D) and ``ffn_scale[index]`` (R, d_ff) = ``1 + f``. A decoding batch keeps its requests
+    from step to step, so the model reuses one of these while its set of requests is unchanged."""
+
+    def __init__(
+        self, adapter: ServedAdapter, vectors: list[dict[int, tuple[torch.Tensor | None, torch.Tensor | None]]]
+    ):
+        self.kv: dict[int, torch.Tensor] = {}
+        self.ffn_scale: dict[int, torch.Tensor] = {}
+        for index, layer in adapter.layers.items():
+            if layer.kv is not None:
+                self.kv[index] = torch.stack([v[index][0] for v in vectors])
+            if layer.ffn is not None:
+                self.ffn_scale[index] = 1 + torch.stack([v[index][1] for v in vectors])
 
 
 class StepInfusion:
     """The infusion of one forward pass over a flat batch of ``num_tokens`` tokens.
 
-    ``token_rows`` (num_tokens,) gives each token's row in ``vectors``; ``vectors`` holds, per request, what
-    :meth:`ServedAdapter.request_vectors` gave, or None for a request without an embedding. Tokens of such requests and
-    padding tokens (``token_rows`` = -1) keep their keys, values and MLP input bit for bit."""
+    ``token_rows`` (num_tokens,) gives each token's row in ``batch`` (:class:`BatchVectors`), or -1 for a token that
+    is not infused: a token of a request without an embedding, or padding. Those keep their keys, values and MLP
+    input bit for bit (they are not computed on at all)."""
 
-    def __init__(
-        self,
-        adapter: ServedAdapter,
-        token_rows: torch.Tensor,
-        vectors: list[dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] | None],
-    ) -> None:
-        self.adapter, self.vectors = adapter, vectors
-        rows = len(vectors)
-        # rows without an embedding, and padding, read the zero row appended after the requests' rows
-        frozen = torch.tensor([v is None for v in vectors] + [True], dtype=torch.bool)
-        rows_of_tokens = torch.where(token_rows < 0, rows, token_rows)
-        self.token_rows = rows_of_tokens
-        self.infused_tokens = ~frozen[rows_of_tokens]
-        self._cache: dict[tuple[int, str], torch.Tensor] = {}
+    def __init__(self, adapter: ServedAdapter, token_rows: torch.Tensor, batch: BatchVectors) -> None:
+        self.adapter, self.batch = adapter, batch
+        infused = token_rows >= 0
+        if bool(infused.all()):
+            self.tokens, self.rows = None, token_rows  # every token: the outputs are computed whole, no scatter
+        else:
+            self.tokens = infused.nonzero().squeeze(1)
+            self.rows = token_rows[self.tokens]
+        self._logits = {i: layer.kv.gate_logits(token_rows.device) for i, layer in adapter.layers.items() if layer.kv}
 
-    def _rows(self, index: int, which: int, like: torch.Tensor) -> torch.Tensor:
-        """(rows + 1, ...) stacked vectors of layer ``index`` (0: kv, 1: ffn), zero for frozen rows."""
-        key = (index, "kv" if which == 0 else "ffn")
-        hit = self._cache.get(key)
-        if hit is None:
-            present = [v[index][which] for v in self.vectors if v is not None]
-            zero = torch.zeros_like(present[0])
-            hit = torch.stack([zero if v is None else v[index][which] for v in self.vectors] + [zero])
-            self._cache[key] = hit = hit.to(like.device)
-        return hit
+    def _select(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.tokens is None else x[self.tokens]
+
+    def _place(self, x: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        if self.tokens is None:
+            return new.reshape(x.shape)
+        out = x.clone()
+        out[self.tokens] = new.reshape(-1, x.shape[-1])
+        return out
 
     def infuse_kv(self, index: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``k``, ``v`` (num_tokens, Hkv * D), rotary applied to k -> K', V' of the same shape and dtype."""
+        """``k``, ``v`` (num_tokens, Hkv * D), rotary applied to k -> K', V' of the same shape and dtype.
+
+        The contract's arithmetic op for op (:func:`mit_kernels.reference.infusion_gate` and ``infuse``, each
+        infused token read as a sample of one position): the gate in fp32, the infusion in the input dtype."""
         layer = self.adapter.layers[index].kv
-        tokens = self.infused_tokens.nonzero().squeeze(1).to(k.device)
-        if tokens.numel() == 0:
+        if self.rows.numel() == 0:
             return k, v
         heads, dim = layer.num_kv_heads, layer.head_dim
-        vec = self._rows(index, 0, k)[self.token_rows.to(k.device)[tokens]].to(k.dtype)  # (n, 4, Hkv, D)
-        k_mul, k_add, v_mul, v_add = vec.unbind(1)
-        # the contract's functions over (n, Hkv, 1, D): each infused token is a "sample" of one position
-        kt = k[tokens].view(-1, heads, 1, dim)
-        vt = v[tokens].view(-1, heads, 1, dim)
-        logit = layer.gate_logits(k.device)
-        gate = infusion_gate(vt, v_add, logit, rescale=layer.rescale)
-        k_new, v_new = k.clone(), v.clone()
-        k_new[tokens] = infuse(kt, k_mul, k_add, gate).reshape(-1, heads * dim)
-        v_new[tokens] = infuse(vt, v_mul, v_add, gate).reshape(-1, heads * dim)
-        return k_new, v_new
+        k_mul, k_add, v_mul, v_add = self.batch.kv[index][self.rows].to(k.dtype).unbind(1)  # (n, Hkv, D) each
+        kt = self._select(k).view(-1, heads, dim)
+        vt = self._select(v).view(-1, heads, dim)
+        ct = torch.float64 if v.dtype == torch.float64 else torch.float32
+        if layer.rescale:
+            cos = F.cosine_similarity(vt.to(ct), v_add.to(ct), dim=-1, eps=COSINE_EPS)
+            gate = torch.sigmoid(self._logits[index].to(ct)[None, :] + cos)[..., None].to(k.dtype)
+            k_new = kt + gate * (kt * k_mul + k_add)
+            v_new = vt + gate * (vt * v_mul + v_add)
+        else:  # g = 1
+            k_new = kt + (kt * k_mul + k_add)
+            v_new = vt + (vt * v_mul + v_add)
+        return self._place(k, k_new), self._place(v, v_new)
 
     def scale_ffn(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """The down projection's input ``x`` (num_tokens, d_ff) -> ``x * (1 + f)`` per token (frozen tokens: x)."""
-        tokens = self.infused_tokens.nonzero().squeeze(1).to(x.device)
-        if tokens.numel() == 0:
+        """The down projection's input ``x`` (num_tokens, d_ff) -> ``x * (1 + f)`` per infused token."""
+        if self.rows.numel() == 0:
             return x
-        f = self._rows(index, 1, x)[self.token_rows.to(x.device)[tokens]].to(x.dtype)
-        out = x.clone()
-        out[tokens] = x[tokens] * (1 + f)
-        return out
+        scale = self.batch.ffn_scale[index][self.rows].to(x.dtype)
+        return self._place(x, self._select(x) * scale)

@@ -26,6 +26,7 @@ from .request_embedding import FIELD, embedding_salt, has_embedding, parse_embed
 
 SUPPORTED_VLLM = ("0.32",)  # the releases (major.minor) whose internals below were checked
 SERVED_ARCHITECTURES = ("LlamaForCausalLM",)  # the base families the plugin serves an adapter on
+MIT_ARCHITECTURES = ("MiTLlamaForCausalLM",)  # the plugin's model, by its own name (--hf-overrides architectures)
 _WRAPPED = "_mit_wrapped"
 
 
@@ -126,7 +127,7 @@ def served_modality_dim(architectures) -> int | None:
     directory = os.environ.get(ADAPTER_ENV)
     if not directory:
         return None
-    unsupported = [a for a in architectures or () if a not in SERVED_ARCHITECTURES]
+    unsupported = [a for a in architectures or () if a not in SERVED_ARCHITECTURES + MIT_ARCHITECTURES]
     if unsupported or not architectures:
         raise ValueError(
             f"{FIELD}: the served base is {architectures}, and the MiT vLLM plugin serves adapters on "

@@ -27,8 +27,10 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 
 from . import ADAPTER_ENV
 from .request_embedding import parse_embedding
-from .served_adapter import ServedAdapter, StepInfusion
+from .served_adapter import BatchVectors, ServedAdapter, StepInfusion
 from .vllm_internals import check_serving_config
+
+_UNSEEN = (object(), None)  # a request the model has not seen (its extra_args may be None)
 
 
 def adapter_directory() -> str:
@@ -50,7 +52,10 @@ class MiTLlamaForCausalLM(LlamaForCausalLM):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         adapter = ServedAdapter.load(adapter_directory(), vllm_config.model_config.hf_config)
         self.mit_adapter = adapter.to(vllm_config.device_config.device)
+        self.mit_adapter_device = torch.device(vllm_config.device_config.device)
         self._mit_step: StepInfusion | None = None
+        # the last batch's requests' vectors (held, so compared by identity) and their stacks
+        self._mit_batch: tuple[list[dict], BatchVectors] | None = None
         self._mit_requests: dict[str, tuple[object, dict | None]] = {}  # req_id -> (extra_args seen, vectors)
         for index, served in adapter.layers.items():
             layer = self.model.layers[index]
@@ -74,14 +79,27 @@ class MiTLlamaForCausalLM(LlamaForCausalLM):
         x, *rest = args
         return (step.scale_ffn(index, x), *rest)
 
-    def _vectors(self, req_id: str, extra_args: Mapping[str, object] | None) -> dict | None:
-        """The request's infusion vectors (computed when it is first scheduled), or None without an embedding."""
-        seen = self._mit_requests.get(req_id)
-        if seen is not None and seen[0] is extra_args:
-            return seen[1]
-        embedding = parse_embedding(extra_args, self.mit_adapter.modality_dim)  # (validated by the front end)
-        vectors = None if embedding is None else self.mit_adapter.request_vectors(embedding)
-        self._mit_requests[req_id] = (extra_args, vectors)
+    def _vectors(self, req_ids: Sequence[str], extra_args: Sequence[Mapping[str, object] | None]) -> list[dict | None]:
+        """Each request's infusion vectors (None without an embedding): computed when it is first scheduled, for all
+        new requests of the step at once, and kept while it stays in the batch."""
+        fresh = [
+            i for i, (r, a) in enumerate(zip(req_ids, extra_args)) if self._mit_requests.get(r, _UNSEEN)[0] is not a
+        ]
+        if fresh:
+            dim = self.mit_adapter.modality_dim
+            embeddings = [parse_embedding(extra_args[i], dim) for i in fresh]  # (validated by the front end)
+            given = [i for i, e in zip(fresh, embeddings) if e is not None]
+            computed = (
+                self.mit_adapter.requests_vectors(torch.stack([e for e in embeddings if e is not None]))
+                if given
+                else []
+            )
+            found = dict(zip(given, computed))
+            for i in fresh:
+                self._mit_requests[req_ids[i]] = (extra_args[i], found.get(i))
+        vectors = [self._mit_requests[r][1] for r in req_ids]
+        for stale in self._mit_requests.keys() - set(req_ids):  # finished or preempted (recomputed if it returns)
+            del self._mit_requests[stale]
         return vectors
 
     @contextlib.contextmanager
@@ -103,16 +121,22 @@ class MiTLlamaForCausalLM(LlamaForCausalLM):
         scheduled = int(query_start_loc[-1]) if len(req_ids) else 0
         if scheduled > num_tokens:
             raise RuntimeError(f"mit_bind_step: {scheduled} scheduled tokens in a forward over {num_tokens}")
-        vectors = [self._vectors(r, a) for r, a in zip(req_ids, extra_args)]
-        for stale in self._mit_requests.keys() - set(req_ids):  # finished or preempted (recomputed if it returns)
-            del self._mit_requests[stale]
-        if all(v is None for v in vectors):
+        vectors = self._vectors(req_ids, extra_args)
+        infused = [i for i, v in enumerate(vectors) if v is not None]
+        if not infused:
             yield
             return
+        members = [vectors[i] for i in infused]
+        cached = self._mit_batch
+        if cached is None or len(cached[0]) != len(members) or any(a is not b for a, b in zip(cached[0], members)):
+            cached = self._mit_batch = (members, BatchVectors(self.mit_adapter, members))
+        compact = np.full(len(req_ids), -1, dtype=np.int64)
+        compact[infused] = np.arange(len(infused))
         counts = np.diff(np.asarray(query_start_loc, dtype=np.int64))
         rows = np.full(num_tokens, -1, dtype=np.int64)
-        rows[:scheduled] = np.repeat(np.arange(len(req_ids)), counts)
-        self._mit_step = StepInfusion(self.mit_adapter, torch.from_numpy(rows), vectors)
+        rows[:scheduled] = np.repeat(compact, counts)
+        device = self.mit_adapter_device
+        self._mit_step = StepInfusion(self.mit_adapter, torch.from_numpy(rows).to(device), cached[1])
         try:
             yield
         finally:

