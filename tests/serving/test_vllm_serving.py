@@ -30,11 +30,13 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def llm(served):
+    """The offline engine serving base + adapter. At most 64 tokens per step: long prompts are prefilled in chunks
+    (the 121-token prompt below in two), and steps mix one request's prefill chunk with others' decoding tokens."""
     base, adapter, _, _ = served
     os.environ[ADAPTER_ENV] = str(adapter)
     engine = vllm.LLM(model=str(base), dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
                       max_num_seqs=16, enable_prefix_caching=True, gpu_memory_utilization=0.2, block_size=32,
-                      kv_cache_memory_bytes=1 << 30)  # fmt: skip
+                      kv_cache_memory_bytes=1 << 30, max_num_batched_tokens=64)  # fmt: skip
     yield engine
     del engine
 
