@@ -45,6 +45,11 @@ def check_vllm_internals() -> list[str]:
     for name in ("input_ids", "positions", "intermediate_tensors", "inputs_embeds", "model_kwargs"):
         if name not in forward:
             problems.append(f"GPUModelRunner._model_forward has no parameter {name!r}")
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    for runner in (CPUModelRunner,):  # a runner with its own _model_forward would bypass the hook (no infusion)
+        if "_model_forward" in vars(runner):
+            problems.append(f"{runner.__name__} overrides _model_forward")
     source = inspect.getsource(GPUModelRunner)
     for needle in ("self._model_forward(", "self.query_start_loc.np[1 : num_reqs + 1]", "self.input_batch.req_ids"):
         if needle not in source:

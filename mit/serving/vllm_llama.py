@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -28,8 +29,9 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from . import ADAPTER_ENV
 from .request_embedding import parse_embedding
 from .served_adapter import BatchVectors, ServedAdapter, StepInfusion
-from .vllm_internals import check_serving_config
+from .vllm_internals import check_serving_config, check_vllm_internals, install_runner_hook
 
+logger = logging.getLogger(__name__)
 _UNSEEN = (object(), None)  # a request the model has not seen (its extra_args may be None)
 
 
@@ -49,6 +51,10 @@ class MiTLlamaForCausalLM(LlamaForCausalLM):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         check_serving_config(vllm_config)
+        problems = check_vllm_internals()
+        if problems:
+            logger.warning("mit: this vLLM differs from the supported releases: %s", "; ".join(problems))
+        install_runner_hook()  # (this process runs the model: its runner gets each batch's requests bound)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         adapter = ServedAdapter.load(adapter_directory(), vllm_config.model_config.hf_config)
         self.mit_adapter = adapter.to(vllm_config.device_config.device)
