@@ -3,7 +3,7 @@
 
 Run it in the serving environment (``make test-serve`` builds one: ``.venv-serve``; docs/serving.md)::
 
-    .venv-serve/bin/python benchmarks/serving_vllm.py [--requests 16] [--new-tokens 32] [--rounds 5] [--out DIR]
+    .venv-serve/bin/python benchmarks/serving_vllm.py [--requests 16] [--new-tokens 32] [--rounds 9] [--out DIR]
 
 Everything is measured in one run, on the real SmolLM2-135M (fp32) with an adapter of non-zero maps
 (``modality_dim`` 768, CLIP ViT-L/14's): both vLLM engines stay up, and every round times, in alternating order, the
@@ -15,10 +15,10 @@ same batch of concurrent requests (mixed prompt lengths, greedy, ``--new-tokens`
 - ``transformers_mit``: the transformers MiT model's batched ``generate`` (left padding) on the same requests.
 
 Ratios are per round (each against ``vllm_plain`` of the same round), reported as the median with the extremes.
-Memory, for the same concurrent batch: the key/value cache vLLM's paged allocation gives it (whole blocks per request,
-computed from the engine's block size and the model's shape, :func:`kv_cache_bytes`) with MiT, plus MiT's own memory
-(the adapter's maps, once, and each request's vectors), against the same batch with 576 image tokens prepended to
-every prompt, LLaVA-1.5's prefix concatenation.
+Memory, for the same concurrent batch: the key/value cache it holds at its peak, as vLLM's scheduler reports it after
+every step (:func:`kv_cache_peak`; beside it, what the paged allocation rule gives, :func:`kv_cache_bytes`), with MiT
+plus MiT's own memory (the adapter's maps, once, and each request's vectors), against the same batch with a different
+576-token prefix before every prompt, LLaVA-1.5's prefix concatenation of an image.
 Output: ``serving_vllm_<device>.csv`` and a PNG beside it (default directory: benchmarks/results).
 """
 
@@ -77,11 +77,33 @@ def kv_cache_bytes(prompt_lengths: list[int], new_tokens: int, block_size: int, 
     return sum(-(-(n + new_tokens) // block_size) for n in prompt_lengths) * block_size * bytes_per_token
 
 
+def kv_cache_peak(llm, run) -> float:
+    """The largest fraction of ``llm``'s KV-cache blocks in use while ``run()`` runs, as vLLM's scheduler reports it
+    after every step (``SchedulerStats.kv_cache_usage``, read where the engine hands it to its stat loggers)."""
+    manager = llm.llm_engine.logger_manager
+    if manager is None:
+        raise RuntimeError("the engine keeps no statistics (disable_log_stats=False is needed)")
+    peak, original = [0.0], manager.record
+
+    def record(*args, **kwargs):
+        stats = kwargs.get("scheduler_stats", args[0] if args else None)
+        if stats is not None:
+            peak[0] = max(peak[0], float(stats.kv_cache_usage))
+        return original(*args, **kwargs)
+
+    manager.record = record
+    try:
+        run()
+    finally:
+        del manager.record
+    return peak[0]
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=16, help="concurrent requests per batch")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--rounds", type=int, default=9, help="timed rounds (after one warm-up round)")
     parser.add_argument("--quick", action="store_true", help="4 requests, 4 new tokens, 1 round")
     add_out_argument(parser)
     args = parser.parse_args(argv)
@@ -149,24 +171,38 @@ def main(argv=None) -> list[dict]:
                      "vs_vllm_plain_max": max(ratios), "rounds": len(values)})  # fmt: skip
 
     config = mit_model.config
-    block_size = served.llm_engine.vllm_config.cache_config.block_size
+    cache = served.llm_engine.vllm_config.cache_config
+    block_size, blocks = cache.block_size, cache.num_gpu_blocks
     bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4  # K and V, fp32
-    image_prefix = len(tokenizer(" ".join([TEXT] * 12)).input_ids[:IMAGE_TOKENS])
-    mit_kv = kv_cache_bytes([len(p) for p in prompts], args.new_tokens, block_size, bytes_per_token)
-    prefix_kv = kv_cache_bytes([image_prefix + len(p) for p in prompts], args.new_tokens, block_size, bytes_per_token)
+    # a different 576-token "image" per request (as images differ: no prefix-cache sharing between them)
+    filler = tokenizer(" ".join([TEXT] * 16)).input_ids
+    prefixed = [filler[i : i + IMAGE_TOKENS] + p for i, p in enumerate(prompts)]
+    computed = {
+        "vllm_mit": kv_cache_bytes([len(p) for p in prompts], args.new_tokens, block_size, bytes_per_token),
+        f"vllm_prefix_{IMAGE_TOKENS}_tokens": kv_cache_bytes([len(p) for p in prefixed], args.new_tokens, block_size,
+                                                             bytes_per_token),
+    }  # fmt: skip
+    run_mit = lambda: served.generate(inputs, with_embedding, use_tqdm=False)  # noqa: E731
+    run_prefix = lambda: plain.generate([{"prompt_token_ids": p} for p in prefixed], without, use_tqdm=False)  # noqa: E731
+    block_bytes = block_size * bytes_per_token
+    measured = {
+        "vllm_mit": kv_cache_peak(served, run_mit) * blocks * block_bytes,
+        f"vllm_prefix_{IMAGE_TOKENS}_tokens": kv_cache_peak(plain, run_prefix) * blocks * block_bytes,
+    }
     adapter_bytes = sum(p.numel() * p.element_size() for _, p in mit_model.mit_named_parameters())
     layers = len(mit_model.mit_config.resolved_layers(config.num_hidden_layers))
     per_request = layers * (4 * config.num_key_value_heads * config.head_dim + config.intermediate_size) * 4
-    mit_bytes = mit_kv + adapter_bytes + n * per_request
-    rows.append({"measure": "memory", "case": "vllm_mit", "requests": n, "new_tokens": args.new_tokens,
-                 "kv_cache_bytes": mit_kv, "mit_adapter_bytes": adapter_bytes,
-                 "mit_request_vectors_bytes": n * per_request, "total_bytes": mit_bytes,
-                 "vs_prefix_576": mit_bytes / prefix_kv,
-                 "per_request_vs_prefix_576": (mit_kv + n * per_request) / prefix_kv,  # without the shared maps
-                 "block_size": block_size})  # fmt: skip
-    rows.append({"measure": "memory", "case": f"vllm_prefix_{IMAGE_TOKENS}_tokens", "requests": n,
-                 "new_tokens": args.new_tokens, "kv_cache_bytes": prefix_kv, "total_bytes": prefix_kv,
-                 "vs_prefix_576": 1.0, "per_request_vs_prefix_576": 1.0, "block_size": block_size})  # fmt: skip
+    own = {"vllm_mit": adapter_bytes + n * per_request, f"vllm_prefix_{IMAGE_TOKENS}_tokens": 0}
+    prefix_name = f"vllm_prefix_{IMAGE_TOKENS}_tokens"
+    for name in ("vllm_mit", prefix_name):
+        total = measured[name] + own[name]
+        rows.append({"measure": "memory", "case": name, "requests": n, "new_tokens": args.new_tokens,
+                     "kv_cache_bytes_measured": measured[name], "kv_cache_bytes_computed": computed[name],
+                     "mit_own_bytes": own[name], "total_bytes": total,
+                     "vs_prefix_576": total / (measured[prefix_name] + own[prefix_name]),
+                     "per_request_vs_prefix_576": (measured[name] + (n * per_request if name == "vllm_mit" else 0))
+                     / measured[prefix_name],
+                     "block_size": block_size})  # fmt: skip
 
     device = "cpu"
     path = output_csv(args.out, pathlib.Path(__file__).resolve().parent / "results", f"serving_vllm_{device}.csv")
@@ -196,7 +232,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     left.set_title(f"{throughput[0]['requests']} concurrent requests, {throughput[0]['new_tokens']} new tokens")
     left.tick_params(axis="x", labelrotation=15)
     right.bar([r["case"] for r in memory], [r["total_bytes"] / 2**20 for r in memory], color=["#2a7", "#777"])
-    right.set_ylabel("MiB: KV cache of the batch (+ MiT's maps and vectors)")
+    right.set_ylabel("MiB: KV cache (+ MiT's own)")
     right.set_title(f"memory: MiT = {memory[0]['vs_prefix_576']:.2f}x prefix of {IMAGE_TOKENS} tokens")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
