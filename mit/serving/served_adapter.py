@@ -136,19 +136,24 @@ class BatchVectors:
 class StepInfusion:
     """The infusion of one forward pass over a flat batch of ``num_tokens`` tokens.
 
-    ``token_rows`` (num_tokens,) gives each token's row in ``batch`` (:class:`BatchVectors`), or -1 for a token that
-    is not infused: a token of a request without an embedding, or padding. Those keep their keys, values and MLP
-    input bit for bit (they are not computed on at all)."""
+    ``token_rows`` (num_tokens,), on the host, gives each token's row in ``batch`` (:class:`BatchVectors`), or -1 for
+    a token that is not infused: a token of a request without an embedding, or padding. Those keep their keys, values
+    and MLP input bit for bit (they are not computed on at all). Which tokens are infused is worked out on the host
+    and the indices copied to ``device`` once per step: no device-to-host synchronisation in the layers."""
 
-    def __init__(self, adapter: ServedAdapter, token_rows: torch.Tensor, batch: BatchVectors) -> None:
+    def __init__(
+        self, adapter: ServedAdapter, token_rows: torch.Tensor, batch: BatchVectors, device: torch.device | None = None
+    ) -> None:
         self.adapter, self.batch = adapter, batch
+        device = token_rows.device if device is None else device
+        token_rows = token_rows.cpu()
         infused = token_rows >= 0
         if bool(infused.all()):
-            self.tokens, self.rows = None, token_rows  # every token: the outputs are computed whole, no scatter
+            self.tokens, self.rows = None, token_rows.to(device)  # every token: computed whole, no scatter
         else:
-            self.tokens = infused.nonzero().squeeze(1)
-            self.rows = token_rows[self.tokens]
-        self._logits = {i: layer.kv.gate_logits(token_rows.device) for i, layer in adapter.layers.items() if layer.kv}
+            tokens = infused.nonzero().squeeze(1)
+            self.tokens, self.rows = tokens.to(device), token_rows[tokens].to(device)
+        self._logits = {i: layer.kv.gate_logits(device) for i, layer in adapter.layers.items() if layer.kv}
 
     def _select(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.tokens is None else x[self.tokens]

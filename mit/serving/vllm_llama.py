@@ -141,8 +141,7 @@ class MiTLlamaForCausalLM(LlamaForCausalLM):
         counts = np.diff(np.asarray(query_start_loc, dtype=np.int64))
         rows = np.full(num_tokens, -1, dtype=np.int64)
         rows[:scheduled] = np.repeat(compact, counts)
-        device = self.mit_adapter_device
-        self._mit_step = StepInfusion(self.mit_adapter, torch.from_numpy(rows).to(device), cached[1])
+        self._mit_step = StepInfusion(self.mit_adapter, torch.from_numpy(rows), cached[1], self.mit_adapter_device)
         try:
             yield
         finally:
