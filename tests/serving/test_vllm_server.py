@@ -44,7 +44,9 @@ def launch(base, adapter, log):
                "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
                "--gpu-memory-utilization", "0.2", "--kv-cache-memory-bytes", str(1 << 30), "--block-size", "32",
                "--max-num-seqs", "16", "--middleware", "mit.serving.openai_content.MiTContent"]  # fmt: skip
-    env = {**os.environ, ADAPTER_ENV: str(adapter)}
+    env = {k: v for k, v in os.environ.items() if k != ADAPTER_ENV}
+    if adapter is not None:  # (None: the plain base, the plugin installed but no adapter served)
+        env[ADAPTER_ENV] = str(adapter)
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     return process, f"http://127.0.0.1:{port}"
@@ -58,6 +60,22 @@ def stop(process):
         process.kill()
 
 
+def wait_ready(process, url, log):
+    deadline = time.monotonic() + STARTUP_S
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"vllm serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"vllm serve did not start in {STARTUP_S} s:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+
+
 @pytest.fixture(scope="module")
 def server(served, tmp_path_factory):
     """``(url, model name)`` of a server of the base with the adapter."""
@@ -65,19 +83,7 @@ def server(served, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "vllm.log"
     process, url = launch(base, adapter, log)
     try:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vllm serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve did not start in {STARTUP_S} s:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
+        wait_ready(process, url, log)
         yield url, str(base)
     finally:
         stop(process)
@@ -198,3 +204,27 @@ def test_adapter_of_another_base_stops_the_server_saying_why(served, tmp_path):
     log = (tmp_path / "vllm.log").read_text()
     assert "mit_config.json: the adapter at" in log
     assert "was saved from a model of another shape" in log and "hidden_size: adapter 64 vs model 576" in log
+
+
+def test_embedding_to_a_server_without_adapter_is_http_400(served, reference, tmp_path):
+    """The plugin installed, the plain base served (no MIT_VLLM_ADAPTER): a request with an embedding, in vllm_xargs or
+    as an image_embeds part, is refused with the reason instead of being answered by the frozen base; requests without
+    one are served (by vLLM's own Llama)."""
+    base, _, _, tokenizer = served
+    log = tmp_path / "vllm.log"
+    process, url = launch(base, None, log)
+    try:
+        wait_ready(process, url, log)
+        ids = tokenizer("Hello").input_ids
+        status, body = completion(url, str(base), ids, [0.5] * MODALITY_DIM)
+        assert status == 400 and "this server serves no MiT adapter" in json.dumps(body)
+        buffer = io.BytesIO()
+        torch.save(torch.zeros(MODALITY_DIM), buffer)
+        part = {"type": "image_embeds", "image_embeds": base64.b64encode(buffer.getvalue()).decode()}
+        messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"}, part]}]
+        status, body = post(url, "/v1/chat/completions", {"model": str(base), "messages": messages, "max_tokens": 2})
+        assert status == 400 and "this server serves no MiT adapter" in json.dumps(body)
+        status, body = completion(url, str(base), ids, None)
+        assert status == 200 and body["choices"][0]["token_ids"] == reference(ids, None, NEW_TOKENS)
+    finally:
+        stop(process)
