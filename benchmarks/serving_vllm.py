@@ -58,24 +58,17 @@ TEXT = (
 
 def build(directory: pathlib.Path):
     """A vLLM-loadable SmolLM2 checkpoint, an MiT adapter with non-zero maps, and the transformers MiT model."""
-    import transformers
+    from mit.models import load_smollm2, smollm2_checkpoint
 
-    from mit.models import load_smollm2
-
-    model, tokenizer = load_smollm2()
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).to(torch.float32)
-    plain.load_state_dict(model.state_dict())
-    plain.save_pretrained(directory / "base")
-    tokenizer.save_pretrained(directory / "base")
-    mit_model = mit.apply_mit(plain.eval(), mit.MiTConfig(modality_dim=MODALITY_DIM))
+    base = smollm2_checkpoint()  # the directory vLLM loads
+    model, tokenizer = load_smollm2()  # (read back from it)
+    mit_model = mit.apply_mit(model, mit.MiTConfig(modality_dim=MODALITY_DIM))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in mit_model.mit_named_parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * (0.02 if "weight" in name else 0.05))
     mit.save_adapter(mit_model, directory / "adapter")
-    return directory / "base", directory / "adapter", mit_model, tokenizer
+    return base, directory / "adapter", mit_model, tokenizer
 
 
 def start_server(base: pathlib.Path, adapter: pathlib.Path | None, log: pathlib.Path):

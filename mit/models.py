@@ -68,6 +68,20 @@ def load_smollm2(dtype=None, cache: bool | None = None, num_layers: int | None =
 
 
 _CACHE_COMPLETE = "complete"
+_CACHE_FORMAT = 2  # 2: config.json records the architecture (a checkpoint other loaders, e.g. vLLM, read as it is)
+
+
+def smollm2_checkpoint() -> pathlib.Path:
+    """A transformers checkpoint directory of SmolLM2-135M-Instruct (fp32 safetensors, config with its architecture,
+    tokenizer) that other loaders read as it is, e.g. ``vllm.LLM(model=str(mit.models.smollm2_checkpoint()))``: the
+    cache :func:`load_smollm2` keeps, written first if needed. RuntimeError naming the directory when it cannot be
+    written."""
+    target = smollm2_cache_dir()
+    if not (target / _CACHE_COMPLETE).is_file():
+        load_smollm2(cache=True)
+    if not (target / _CACHE_COMPLETE).is_file():
+        raise RuntimeError(f"smollm2_checkpoint: the checkpoint could not be written to {target} (see the warning)")
+    return target
 
 
 def _keep_first_layers(model, num_layers: int) -> None:
@@ -92,7 +106,7 @@ def smollm2_cache_dir(directory: pathlib.Path | None = None) -> pathlib.Path:
     gguf = (directory or smollm2_path()) / SMOLLM2_GGUF
     stat = gguf.stat()
     content = _file_sha256(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
-    key = hashlib.sha256(f"{content}|{transformers.__version__}".encode())
+    key = hashlib.sha256(f"{content}|{transformers.__version__}|{_CACHE_FORMAT}".encode())
     root = pathlib.Path(os.environ.get("MIT_CACHE_DIR") or pathlib.Path.home() / ".cache" / "mit")
     return root / f"smollm2-{key.hexdigest()[:16]}"
 
@@ -142,6 +156,7 @@ def _write_cache(model, tokenizer, target: pathlib.Path) -> None:
         config = copy.deepcopy(model.config)
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # the weights are stored de-quantised
+        config.architectures = [type(model).__name__]  # (a GGUF load leaves it unset)
         config.save_pretrained(staging)
         model.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -3,6 +3,8 @@ same weights bit for bit, the same tokenizer and chat template, left padding, ev
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -21,6 +23,10 @@ def test_a_cached_load_is_the_gguf_load_bit_for_bit(tmp_path, monkeypatch):
     stored = {p.name for p in cache.iterdir()}
     assert "model.safetensors" in stored and not any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in stored)
     assert not [p for p in tmp_path.iterdir() if p != cache]  # no staging directory left
+    # a checkpoint other loaders (vLLM) read as it is: its architecture recorded, no quantization record
+    config = json.loads((cache / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
+    assert mit.models.smollm2_checkpoint() == cache
 
     second, tokenizer = mit.models.load_smollm2()
     assert not second.training and tokenizer.padding_side == "left" and tokenizer.pad_token == first_tokenizer.pad_token

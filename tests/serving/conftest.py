@@ -5,33 +5,20 @@ Nothing here imports vLLM (the tests that need it skip where it is not installed
 
 import pytest
 import torch
-import transformers
 
 import mit
 
 MODALITY_DIM = 16
 
 
-def plain_llama_directory(model, tokenizer, directory):
-    """A transformers checkpoint directory vLLM loads (architectures set; no GGUF quantization record)."""
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).to(torch.float32)
-    plain.load_state_dict(model.state_dict())
-    plain.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return plain
-
-
 @pytest.fixture(scope="session")
 def served(tmp_path_factory):
     """(base directory, adapter directory, transformers MiT model, tokenizer): SmolLM2 with non-zero maps."""
-    from mit.models import load_smollm2
+    from mit.models import load_smollm2, smollm2_checkpoint
 
-    model, tokenizer = load_smollm2()
-    base = tmp_path_factory.mktemp("smollm2")
-    plain = plain_llama_directory(model, tokenizer, base)
-    mit_model = mit.apply_mit(plain.eval(), mit.MiTConfig(modality_dim=MODALITY_DIM))
+    base = smollm2_checkpoint()  # the directory vLLM loads
+    model, tokenizer = load_smollm2()  # (read back from it)
+    mit_model = mit.apply_mit(model, mit.MiTConfig(modality_dim=MODALITY_DIM))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in mit_model.mit_named_parameters():
