@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import pathlib
 import statistics
 import time
@@ -30,6 +29,7 @@ from generation_smollm2 import MODALITY_DIM, batch, load
 
 import mit
 from mit.utils.results import add_out_argument, output_csv, pyplot, write_csv
+from mit.utils.shared_copy import copy_sharing_weights
 from mit_kernels import cpu_backend
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -135,7 +135,7 @@ def main(argv=None) -> list[dict]:
     rows = []
     with torch.no_grad():
         for setting, layers in settings.items():
-            model = mit.apply_mit(copy.deepcopy(base), mit.MiTConfig(modality_dim=MODALITY_DIM, layers=layers))
+            model = mit.apply_mit(copy_sharing_weights(base), mit.MiTConfig(modality_dim=MODALITY_DIM, layers=layers))
             gen = torch.Generator().manual_seed(1)
             for _, param in model.mit_named_parameters():
                 if param.dim() == 2:

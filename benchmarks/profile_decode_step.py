@@ -17,7 +17,6 @@ Writes benchmarks/results/profile_decode_step_<device>.md (the tables) and .csv 
 from __future__ import annotations
 
 import argparse
-import copy
 import cProfile
 import pathlib
 import pstats
@@ -29,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import mit
 from mit.utils.results import write_csv
+from mit.utils.shared_copy import copy_sharing_weights
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 PACKAGE_DIRS = ("/mit/", "/mit_kernels/")
@@ -38,7 +38,7 @@ def models(weights: str, layers: int | None):
     base, tokenizer, used = load(weights, layers)
     base.set_attn_implementation("sdpa")
     base.requires_grad_(False)
-    model = mit.apply_mit(copy.deepcopy(base), mit.MiTConfig(modality_dim=MODALITY_DIM))
+    model = mit.apply_mit(copy_sharing_weights(base), mit.MiTConfig(modality_dim=MODALITY_DIM))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _, param in model.mit_named_parameters():

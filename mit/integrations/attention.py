@@ -170,12 +170,22 @@ class CallMemo:
 
     Every layer of one forward gets the same mask tensor (Gemma: one per layer type): each is analysed once, keyed by
     identity (and version), remembering the last few; inference-mode tensors (which carry no version) are analysed on
-    every call."""
+    every call.
 
-    def __init__(self, size: int = 4, checked_embedding: torch.Tensor | None = None) -> None:
+    ``functions``: where the resolved functions are kept; by default a dict of this call's own. The forwards of one
+    ``generate`` call share its :class:`~mit.integrations.scope.GenerationCache`'s, so the backends are resolved at
+    the first decoding step, not at every one (the fallback of a Triton failure, decided when a kernel runs, is
+    unaffected)."""
+
+    def __init__(
+        self,
+        size: int = 4,
+        checked_embedding: torch.Tensor | None = None,
+        functions: dict[tuple, Callable] | None = None,
+    ) -> None:
         self.size = size
         self.entries: list[tuple[weakref.ref, tuple, tuple[bool, torch.Tensor | None]]] = []
-        self.functions: dict[tuple, Callable] = {}
+        self.functions: dict[tuple, Callable] = {} if functions is None else functions
         self.checked_embedding = checked_embedding
 
     def embedding_checked(self, modality_embedding: torch.Tensor, batch: int) -> bool:
@@ -187,9 +197,10 @@ class CallMemo:
     def attention_function(self, backend: str, device: torch.device, head_dim: int) -> Callable:
         """The attention function ``backend`` resolves to on ``device`` for ``head_dim``, resolved once per call."""
         key = ("attention", backend, device, head_dim)
-        if key not in self.functions:
-            self.functions[key] = attention_function(backend, device, head_dim)
-        return self.functions[key]
+        function = self.functions.get(key)
+        if function is None:
+            function = self.functions[key] = attention_function(backend, device, head_dim)
+        return function
 
     def base_function(self, base: str, module: torch.nn.Module) -> Callable:
         """The base implementation's attention function for ``module`` (a layer without infusion calls it as is),
@@ -203,9 +214,10 @@ class CallMemo:
     def ffn_gate_function(self, backend: str, device: torch.device) -> Callable:
         """The FFN gate function ``backend`` resolves to on ``device``, resolved once per call."""
         key = ("ffn_gate", backend, device)
-        if key not in self.functions:
-            self.functions[key] = ffn_gate_function(backend, device)
-        return self.functions[key]
+        function = self.functions.get(key)
+        if function is None:
+            function = self.functions[key] = ffn_gate_function(backend, device)
+        return function
 
     def lookup(self, mask: torch.Tensor, batch: int, lq: int, lk: int) -> tuple[bool, torch.Tensor | None]:
         """``(is "causal + key padding", its (B, Lk) key padding mask or None)`` for a (B or 1, 1, Lq, Lk) mask."""

@@ -85,7 +85,8 @@ class _InfusionMap(nn.Module):
     def _apply_map(self, modality_embedding: torch.Tensor, dtype: torch.dtype, finish: Callable) -> object:
         """``finish(map(embedding) in dtype)`` (taken from the current ``generate`` call's cache when one is bound
         and gradients are off: in a decoding step the kernels then get the vectors as they need them, with no copy)."""
-        cache = generation_cache() if not torch.is_grad_enabled() else None
+        generation = generation_cache() if not torch.is_grad_enabled() else None
+        cache = generation.maps if generation is not None else None
         key = (id(self), id(modality_embedding), dtype)
         if cache is not None:
             hit = cache.get(key)

@@ -47,7 +47,7 @@ from .attention import (
 from .infusion import MiTFFNInfusion, MiTKVInfusion, check_modality, mit_named_parameters
 from .layers import FFN_INFUSION_NAME, MiTDecoderLayerMixin, MiTMLPMixin, check_attention_dispatch
 from .quantized import check_no_cpu_packed_4bit
-from .scope import bind_generation_cache
+from .scope import GenerationCache, bind_generation_cache, generation_cache
 
 UNDO_NAME = "_mit_undo"  # instance attribute of an MiT model: its MiTUndo
 ADAPTERS_NAME = "_mit_adapters"  # instance attribute of an MiT model: {adapter name: MiTPlan}
@@ -187,12 +187,12 @@ class MiTModelMixin(MethodModelMixin, Rebuildable):
             mit_implementation(base_implementation(self.config._attn_implementation))
 
     def generate(self, *args, **kwargs):
-        """transformers' ``generate``, with the infusion maps' outputs computed once per embedding for the whole
-        call instead of at every decoding step (the weights cannot change during it): the cache belongs to this call,
-        in this thread (:func:`~mit.integrations.scope.bind_generation_cache`)."""
+        """transformers' ``generate``, with the infusion maps' outputs computed once per embedding and the kernels'
+        backends resolved once for the whole call instead of at every decoding step (neither can change during it):
+        the cache belongs to this call, in this thread (:class:`~mit.integrations.scope.GenerationCache`)."""
         if not self.mit_adapter_disabled():
             self._mit_check_generate_embedding(args, kwargs)
-        previous = bind_generation_cache({})
+        previous = bind_generation_cache(GenerationCache())
         try:
             return super().generate(*args, **kwargs)
         finally:
@@ -271,7 +271,11 @@ def _forward_with_modality(base: type) -> dict:
         # resolved kernels)
         extra["modality_embedding"] = modality_embedding
         if not torch.compiler.is_compiling():  # compiled: no mask is read (attention.py), the public ops run
-            extra[MEMO_KWARG] = CallMemo(checked_embedding=modality_embedding)  # _mit_prepare checked it
+            generation = generation_cache()  # in generate: the functions resolved at its first step
+            extra[MEMO_KWARG] = CallMemo(
+                checked_embedding=modality_embedding,  # _mit_prepare checked it
+                functions=generation.functions if generation is not None else None,
+            )
         if bound is None:
             return base.forward(self, **arguments)
         return base.forward(*bound.args, **bound.kwargs)

@@ -14,9 +14,9 @@ checkpointing re-runs that ``forward`` in backward, on whatever thread runs the 
 it again. ``torch.compile`` traces ``threading.local`` attributes (a ``contextvars.ContextVar`` cannot be set inside
 a compiled region), so a compiled model keeps one graph.
 
-The MiT model's ``generate`` also binds a cache of the infusion maps' outputs for its duration
-(:func:`bind_generation_cache`): the maps are frozen during generation, so each is applied once per embedding tensor
-instead of at every decoding step.
+The MiT model's ``generate`` also binds a :class:`GenerationCache` for its duration (:func:`bind_generation_cache`):
+the maps are frozen during generation, so each is applied once per embedding tensor instead of at every decoding
+step, and the fused kernels' backends are resolved once per ``generate`` call instead of once per decoding step.
 """
 
 from __future__ import annotations
@@ -46,11 +46,29 @@ class FFNBinding(NamedTuple):
     memo: object | None = None  # a CallMemo (typed loosely: mit.integrations.attention imports this module)
 
 
+class GenerationCache:
+    """What one ``generate`` call computes once for all its decoding steps (nothing in it can change during the call:
+    the weights are frozen and no backend is installed mid-call).
+
+    Attributes:
+        maps: ``{(id(map module), id(embedding), dtype): (weakref to the embedding, output)}``, the infusion maps'
+            outputs (:meth:`mit.integrations.infusion._InfusionMap._apply_map`).
+        functions: the resolved kernel and base attention functions, shared by the ``CallMemo`` of every forward of
+            the call (:class:`mit.integrations.attention.CallMemo`), keyed as the memo keys them.
+    """
+
+    __slots__ = ("functions", "maps")
+
+    def __init__(self) -> None:
+        self.maps: dict[tuple, tuple] = {}
+        self.functions: dict[tuple, object] = {}
+
+
 class _CallScope(threading.local):
     """The bindings of the current thread (class attributes are the defaults every thread starts with)."""
 
     ffn: FFNBinding | None = None
-    generation_cache: dict | None = None
+    generation_cache: GenerationCache | None = None
 
 
 _scope = _CallScope()
@@ -72,15 +90,14 @@ def current_ffn(infusion: nn.Module) -> FFNBinding | None:
     return binding
 
 
-def bind_generation_cache(cache: dict | None) -> dict | None:
-    """Bind the infusion maps' output cache of a ``generate`` call (None: no cache) for the current thread; returns
-    the previous one, which the caller restores when ``generate`` ends."""
+def bind_generation_cache(cache: GenerationCache | None) -> GenerationCache | None:
+    """Bind the cache of a ``generate`` call (None: no cache) for the current thread; returns the previous one, which
+    the caller restores when ``generate`` ends."""
     previous = _scope.generation_cache
     _scope.generation_cache = cache
     return previous
 
 
-def generation_cache() -> dict | None:
-    """The current thread's ``generate`` cache: ``{(id(map module), id(embedding), dtype): (weakref to the
-    embedding, output)}``, or None outside ``generate``."""
+def generation_cache() -> GenerationCache | None:
+    """The current thread's ``generate`` cache, or None outside ``generate``."""
     return _scope.generation_cache

@@ -361,6 +361,35 @@ def test_infusion_maps_are_computed_once_per_generate_and_never_go_stale():
     assert torch.isfinite(inferred).all() and generated.shape == (3, 15)
 
 
+def test_kernel_backends_are_resolved_once_per_generate_and_once_per_forward(monkeypatch):
+    """Every decoding step of one generate() shares the backends resolved at its first step (one resolution per
+    generate, for any number of new tokens); every forward outside generate resolves its own, and a fresh generate
+    resolves again. The result is the same either way."""
+    import mit.integrations.attention as attention_module
+
+    model = mit.apply_mit(tiny_model(), mit.MiTConfig(modality_dim=MODALITY_DIM))
+    randomise(model)
+    ids, mask = padded_batch()
+    emb = torch.randn(3, MODALITY_DIM)
+    resolved: list[str] = []
+    for name in ("attention_function", "ffn_gate_function"):
+        original = getattr(attention_module, name)
+        monkeypatch.setattr(attention_module, name, lambda *a, _f=original, _n=name: resolved.append(_n) or _f(*a))
+    kwargs = {"attention_mask": mask, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        short = model.generate(ids, modality_embedding=emb, max_new_tokens=2, min_new_tokens=2, **kwargs)
+        assert sorted(resolved) == ["attention_function", "ffn_gate_function"]
+        resolved.clear()
+        long = model.generate(ids, modality_embedding=emb, max_new_tokens=7, min_new_tokens=7, **kwargs)
+        assert sorted(resolved) == ["attention_function", "ffn_gate_function"]  # not 7 times each
+        resolved.clear()
+        for _ in range(2):
+            model(ids, attention_mask=mask, modality_embedding=emb)
+        assert sorted(resolved) == ["attention_function"] * 2 + ["ffn_gate_function"] * 2
+    assert torch.equal(long[:, : short.shape[1]], short)
+    assert set(model.mit_dispatch().values()) == {"fused"}
+
+
 def test_a_whole_pickled_model_loads_in_a_fresh_process(tmp_path):
     """torch.save(model) of an MiT model: a new process makes the MiT classes and the attention function again."""
     import subprocess
