@@ -145,7 +145,7 @@ def main(argv=None) -> list[dict]:
     base, tokenizer, used = load(args.weights, 4 if args.quick else None)
     base.set_attn_implementation("sdpa")
     base.requires_grad_(False)  # frozen, like the MiT model's base (text_only then trains the weights below)
-    # the MiT model reads the base's own weight tensors, so the ratio is MiT's cost alone (copied weights run 2-3%
+    # the MiT model reads the base's own weight tensors, so the ratio is MiT's cost alone (copied weights can run
     # faster than the memory-mapped checkpoint's: docs/decoding-cost.md)
     model = mit.apply_mit(copy_sharing_weights(base), mit.MiTConfig(modality_dim=MODALITY_DIM))
     gen = torch.Generator().manual_seed(1)
