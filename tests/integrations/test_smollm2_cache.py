@@ -22,7 +22,8 @@ def test_a_cached_load_is_the_gguf_load_bit_for_bit(tmp_path, monkeypatch):
     assert cache.parent == tmp_path and (cache / "complete").is_file()
     stored = {p.name for p in cache.iterdir()}
     assert "model.safetensors" in stored and not any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in stored)
-    assert not [p for p in tmp_path.iterdir() if p != cache]  # no staging directory left
+    # no staging directory left (the lock concurrent first loads take stays)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([cache.name, cache.name + ".lock"])
     # a checkpoint other loaders (vLLM) read as it is: its architecture recorded, no quantization record
     config = json.loads((cache / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
@@ -85,3 +86,42 @@ def test_the_same_file_elsewhere_shares_the_cache_and_another_file_does_not(tmp_
         f.write(bytes([last[0] ^ 1]))
     os.utime(copy / mit.models.SMOLLM2_GGUF, ns=(2, 2))
     assert mit.models.smollm2_cache_dir(copy) != mit.models.smollm2_cache_dir(directory)
+
+
+def test_concurrent_first_loads_de_quantise_once(tmp_path, monkeypatch):
+    """Loads that start together on a cold cache (pytest-xdist workers, DDP ranks): one reads the GGUF file and writes
+    the cache, the others wait for it and read the cache (threads here: each opens the lock file, as processes do)."""
+    import threading
+    import time
+    import types
+
+    cache = tmp_path / "smollm2-test"
+    calls = {"gguf": 0, "cache": 0}
+
+    def made():
+        return (types.SimpleNamespace(eval=lambda: None), types.SimpleNamespace(padding_side="right", pad_token="<p>"))
+
+    def load_gguf(directory, dtype):
+        calls["gguf"] += 1
+        time.sleep(0.5)  # long enough for the other loads to find the cache missing, were they not waiting
+        return made()
+
+    def write_cache(model, tokenizer, target):
+        target.mkdir()
+        (target / "complete").write_text("")
+
+    def load_pretrained(directory, dtype):
+        calls["cache"] += 1
+        return made()
+
+    monkeypatch.setattr(mit.models, "smollm2_path", lambda: tmp_path)
+    monkeypatch.setattr(mit.models, "smollm2_cache_dir", lambda directory=None: cache)
+    monkeypatch.setattr(mit.models, "_load_gguf", load_gguf)
+    monkeypatch.setattr(mit.models, "_write_cache", write_cache)
+    monkeypatch.setattr(mit.models, "_load_pretrained", load_pretrained)
+    threads = [threading.Thread(target=mit.models.load_smollm2) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == {"gguf": 1, "cache": 2}
