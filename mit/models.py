@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import os
 import pathlib
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -147,12 +148,43 @@ def _filling(target: pathlib.Path) -> Iterator[None]:
         lock.close()  # (releases the lock)
 
 
+_GGUF_LOADS = threading.Lock()
+
+
 def _load_gguf(directory: pathlib.Path, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
+    with _GGUF_LOADS, _one_reader_per_file():
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _one_reader_per_file() -> Iterator[None]:
+    """transformers reads a GGUF file's header (metadata and the 49k-token vocabulary, ~4 s for SmolLM2) once for the
+    config, once for the weights and once for the tokenizer, each time through ``gguf.GGUFReader``, and builds gguf's
+    tensor-name table (``gguf.get_tensor_name_map``, ~14 ms) once per module of the model, ~400 times; both are
+    imported from gguf where they are called. Inside this block they return one reader per file and one table per
+    architecture and depth: the header is parsed once, the table built once. Both are read-only (the reader a memory
+    map), so sharing them changes nothing read from them: the weights, config and tokenizer are the same
+    (test_smollm2_cache.py)."""
+    import gguf
+
+    originals = {"GGUFReader": gguf.GGUFReader, "get_tensor_name_map": gguf.get_tensor_name_map}
+    made: dict[tuple, object] = {}
+
+    def once(name: str, key: tuple, *args):
+        if (name, key) not in made:
+            made[name, key] = originals[name](*args)
+        return made[name, key]
+
+    gguf.GGUFReader = lambda path, mode="r": once("GGUFReader", (str(pathlib.Path(path).resolve()), mode), path, mode)
+    gguf.get_tensor_name_map = lambda arch, n_blocks: once("get_tensor_name_map", (arch, n_blocks), arch, n_blocks)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = originals["GGUFReader"], originals["get_tensor_name_map"]
 
 
 def _load_pretrained(directory: pathlib.Path, dtype):

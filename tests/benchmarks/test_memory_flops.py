@@ -19,6 +19,8 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def run_quick(script: str, out: pathlib.Path) -> list[dict]:
+    """``script --quick --out out``: ``out`` a CSV path, or a directory (that need not exist) the script writes
+    ``<script name>.csv`` into; its rows."""
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out)],
         capture_output=True,
@@ -26,30 +28,35 @@ def run_quick(script: str, out: pathlib.Path) -> list[dict]:
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    if out.suffix != ".csv":
+        out = out / pathlib.Path(script).with_suffix(".csv").name
     assert out.is_file() and out.with_suffix(".png").stat().st_size > 10_000
     with out.open() as f:
         return list(csv.DictReader(f))
 
 
-def run_quick_once(tmp_path_factory, script: str, name: str) -> list[dict]:
+def run_quick_once(tmp_path_factory, script: str, name: str, into_new_directory: bool = False) -> list[dict]:
     """:func:`run_quick` once per test session, whichever pytest-xdist worker asks first (the others wait for it and
     read its CSV): a module fixture is otherwise built again by every worker that gets one of its tests. Without
-    ``fcntl`` (Windows) each worker runs it."""
+    ``fcntl`` (Windows) each worker runs it. ``into_new_directory``: ``--out`` names a directory that does not exist
+    yet (every benchmark's --out is a directory, created as needed), not the CSV."""
+    where = (lambda folder: folder / "results") if into_new_directory else (lambda folder: folder / f"{name}.csv")
     try:
         import fcntl
     except ImportError:
-        return run_quick(script, tmp_path_factory.mktemp(name) / f"{name}.csv")
+        return run_quick(script, where(tmp_path_factory.mktemp(name)))
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the session's directory, shared by its workers
-    folder, out = root / f"shared-{name}", root / f"shared-{name}" / f"{name}.csv"
+    folder = root / f"shared-{name}"
+    out = where(folder) if not into_new_directory else where(folder) / pathlib.Path(script).with_suffix(".csv").name
     with open(root / f"shared-{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (folder / "complete").is_file():
             with out.open() as f:
                 return list(csv.DictReader(f))
         folder.mkdir(exist_ok=True)
-        rows = run_quick(script, out)
+        rows = run_quick(script, where(folder))
         (folder / "complete").write_text("")
         return rows
 
@@ -61,7 +68,9 @@ def memory_rows(tmp_path_factory) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def flops_rows(tmp_path_factory) -> list[dict]:
-    return run_quick_once(tmp_path_factory, "flops.py", "flops")
+    """flops.py --quick (seconds: FLOPs are counted on the meta device), its --out a directory that does not exist:
+    the script creates it and writes flops.csv and its plot there (run_quick asserts both)."""
+    return run_quick_once(tmp_path_factory, "flops.py", "flops", into_new_directory=True)
 
 
 def test_memory_csv_columns_and_methods(memory_rows):

@@ -125,3 +125,34 @@ def test_concurrent_first_loads_de_quantise_once(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert calls == {"gguf": 1, "cache": 2}
+
+
+def test_a_gguf_load_parses_the_file_once_and_leaves_gguf_as_it_was(tmp_path):
+    """Inside ``_one_reader_per_file`` gguf's reader and tensor-name table are made once per file / architecture and
+    shared (transformers asks for them three times and ~400 times per load); outside it gguf is untouched. (That the
+    shared objects give the same weights, config and tokenizer as fresh ones was checked once, bit for bit, when this
+    was written: they are read-only.)"""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader_class, table = gguf.GGUFReader, gguf.get_tensor_name_map
+    with mit.models._one_reader_per_file():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first  # the same file by another spelling: the same reader
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3) is not gguf.get_tensor_name_map(
+            gguf.MODEL_ARCH.LLAMA, 2
+        )
+        mapped = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2).get_name("model.layers.1.mlp.up_proj")
+    assert gguf.GGUFReader is reader_class and gguf.get_tensor_name_map is table
+    assert mapped == table(gguf.MODEL_ARCH.LLAMA, 2).get_name("model.layers.1.mlp.up_proj") == "blk.1.ffn_up"
+    assert np.array_equal(first.tensors[0].data, reader_class(path).tensors[0].data)
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)

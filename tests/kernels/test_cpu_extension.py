@@ -229,3 +229,12 @@ def test_concurrent_first_use_waits_for_the_build(monkeypatch):
     assert results["first"][0] is not None and results["first"][1] is None
     assert calls == ["first"]  # one build; the second thread waited for it
     torch.testing.assert_close(results["output"], mit_attention_reference(*inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_the_build_compiles_every_source_and_starts_the_slowest_first():
+    """ninja starts the sources in the order given: ops.cpp (the registration, which parses torch's autograd headers,
+    the longest compile) first, so that on two cores the kernels compile beside it rather than after it."""
+    src = cpu_build.sources_dir()
+    order = [p.name for p in cpu_build.compile_order(src)]
+    assert sorted(order) == sorted(p.name for p in src.glob("*.cpp")) and order[0] == "ops.cpp"
+    assert len(order) == len(set(order)) >= 4
