@@ -33,8 +33,8 @@ def _assert_clean(result: subprocess.CompletedProcess, expected_version: str | N
 
 
 def test_every_default_kernel_compiles_lean_on_the_installed_triton(tmp_path):
-    """The subset (every kernel's default tile, bf16 and fp32, head dims 64 and 128, sm_90); the yardstick is compiled
-    for exactly the rows the lean targets apply to."""
+    """The subset (every kernel's default tile, bf16 at head dims 64 and 128, fp32 at 64, sm_90); the yardstick is
+    compiled for exactly the rows the lean targets apply to."""
     path = tmp_path / "rows.csv"
     _assert_clean(_compile_subset(tmp_path, None, "--csv", str(path)))
     rows = compile_check.read_csv(str(path))
@@ -60,6 +60,13 @@ def test_every_default_kernel_compiles_lean_on_the_lowest_supported_triton(tmp_p
 
 def test_subset_head_dims_are_checked():
     assert {c.head_dim for c in compile_check.subset_cases(head_dims=(64,))} == {0, 64}
+    default = compile_check.subset_cases()
+    assert {(c.dtype, c.head_dim) for c in default if c.head_dim} == {
+        (torch.bfloat16, 64),
+        (torch.bfloat16, 128),
+        (torch.float32, 64),
+    }
+    assert {c.pass_name for c in default if c.dtype == torch.float32} == {c.pass_name for c in default}
     for bad in ((), (48,)):
         with pytest.raises(ValueError, match="head_dims"):
             compile_check.subset_cases(head_dims=bad)
