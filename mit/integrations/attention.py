@@ -28,6 +28,7 @@ from __future__ import annotations
 import sys
 import weakref
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -36,7 +37,7 @@ from mit_kernels.backends import attention_function, ffn_gate_function
 from mit_kernels.reference import infuse, infusion_gate
 from mit_kernels.validation import check_scale
 
-from .infusion import MiTKVInfusion, check_modality
+from .infusion import MiTFFNInfusion, MiTKVInfusion, check_modality
 
 PREFIX = "mit_"
 KV_INFUSION_NAME = "mit_kv_infusion"  # attribute of the attention module holding its MiTKVInfusion
@@ -157,6 +158,44 @@ def key_padding_mask(attention_mask: torch.Tensor, batch: int, lq: int, lk: int)
     return kv_mask
 
 
+class AttentionPlan(NamedTuple):
+    """What an infused layer's fused attention takes besides q, k, v and the mask, for one embedding (a
+    :class:`CallMemo`'s plan, made once per ``generate`` call)."""
+
+    embedding: torch.Tensor  # the (B, modality_dim) embedding it was made for (held: identity is the key)
+    dtype: torch.dtype  # q's dtype
+    scaling: object  # the attention module's ``scaling`` kwarg, as given
+    vectors: tuple[torch.Tensor, ...]  # k_mul, k_add, v_mul, v_add (B, Hkv, D) in ``dtype``
+    head_logit: torch.Tensor  # (Hkv,)
+    function: Callable  # the resolved backend's attention function
+    scale: float | None  # ``scaling`` checked (None: 1/sqrt(D))
+
+
+class GatePlan(NamedTuple):
+    """What an infused MLP's fused gate takes besides its two projections, for one embedding (made once per
+    ``generate`` call, as :class:`AttentionPlan`)."""
+
+    embedding: torch.Tensor
+    dtype: torch.dtype  # the MLP input's dtype
+    gate_dtype: torch.dtype  # the gate projection's output dtype
+    ffn_mul: torch.Tensor  # f (B, d_ff) in ``gate_dtype``
+    function: Callable  # the resolved backend's FFN gate function
+
+
+# Device types whose autocast state torch can be asked for (it raises for others, such as the meta device).
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu")
+
+_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def autocast_enabled() -> bool:
+    """Whether autocast is on for any device type: one probe (torch's own where it has one) instead of one per
+    device type and layer."""
+    if _any_autocast_enabled is not None:
+        return bool(_any_autocast_enabled())
+    return any(torch.is_autocast_enabled(device_type) for device_type in AUTOCAST_DEVICE_TYPES)
+
+
 MEMO_KWARG = "mit_call_memo"  # the kwarg carrying a forward's CallMemo to its decoder layers and attention functions
 
 
@@ -182,11 +221,65 @@ class CallMemo:
         size: int = 4,
         checked_embedding: torch.Tensor | None = None,
         functions: dict[tuple, Callable] | None = None,
+        plans: dict[torch.nn.Module, tuple] | None = None,
     ) -> None:
         self.size = size
         self.entries: list[tuple[weakref.ref, tuple, tuple[bool, torch.Tensor | None]]] = []
         self.functions: dict[tuple, Callable] = {} if functions is None else functions
         self.checked_embedding = checked_embedding
+        self.plans = plans
+
+    def attention_plan(
+        self, infusion: MiTKVInfusion, modality_embedding: torch.Tensor, query: torch.Tensor, kwargs: dict
+    ) -> AttentionPlan | None:
+        """What the fused attention of ``infusion``'s layer takes besides q, k, v and the mask (``kwargs``: the
+        attention function's), when it is fixed for the whole call (``plans`` given: in ``generate``, grad off, no
+        autocast): made at the first forward and reused while the embedding (the same tensor), q's dtype and the
+        module's scaling stay; None otherwise (the caller then works everything out)."""
+        plans = self.plans
+        if plans is None:
+            return None
+        plan = plans.get(infusion)
+        scaling = kwargs.get("scaling")
+        if (
+            plan is None
+            or plan.embedding is not modality_embedding
+            or plan.dtype is not query.dtype
+            or (plan.scaling != scaling)
+        ):
+            if not self.embedding_checked(modality_embedding, query.shape[0]):
+                check_modality(modality_embedding, query.shape[0], infusion.map.in_features)
+            plan = plans[infusion] = AttentionPlan(
+                modality_embedding, query.dtype, scaling, tuple(infusion.vectors(modality_embedding, query.dtype)),
+                infusion.gate_logits(query.device), self.attention_function(infusion.backend, query.device,
+                query.shape[-1]), check_scale(scaling),
+            )  # fmt: skip
+        return plan
+
+    def gate_plan(
+        self, infusion: MiTFFNInfusion, modality_embedding: torch.Tensor, x: torch.Tensor, gate: torch.Tensor
+    ) -> GatePlan | None:
+        """The fused FFN gate's ``f`` (B, d_ff) in the dtype of ``gate`` (the gate projection's output; ``x``: the
+        MLP's input) and its function, fixed for the whole call as in :meth:`attention_plan`; None when ``plans`` is
+        None."""
+        plans = self.plans
+        if plans is None:
+            return None
+        plan = plans.get(infusion)
+        if (
+            plan is None
+            or plan.embedding is not modality_embedding
+            or plan.dtype is not x.dtype
+            or (plan.gate_dtype is not gate.dtype)
+        ):
+            if not self.embedding_checked(modality_embedding, x.shape[0]):
+                check_modality(modality_embedding, x.shape[0], infusion.map.in_features)
+            plan = plans[infusion] = GatePlan(
+                modality_embedding, x.dtype, gate.dtype,
+                infusion.multiplier(modality_embedding, x.dtype).to(gate.dtype),
+                self.ffn_gate_function(infusion.backend, gate.device),
+            )  # fmt: skip
+        return plan
 
     def embedding_checked(self, modality_embedding: torch.Tensor, batch: int) -> bool:
         """Whether the model's forward already validated this very embedding for this batch size (then a layer's
@@ -296,8 +389,26 @@ def fused_kv_mask(
     return True, attention_mask.bool(), ""
 
 
-# Device types whose autocast state torch can be asked for (it raises for others, such as the meta device).
-AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu")
+def _fallback(
+    base: str,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: object,
+    infusion: MiTKVInfusion,
+    vectors: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    head_logit: torch.Tensor,
+    reason: str,
+    kwargs: dict,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The exact fallback: K and V infused in eager PyTorch (the reference functions), then ``base``'s own attention
+    function with the same arguments."""
+    infusion.record(f"fallback: {reason}")
+    k_mul, k_add, v_mul, v_add = vectors
+    gate = infusion_gate(value, v_add, head_logit, infusion.rescale)
+    key, value = infuse(key, k_mul, k_add, gate), infuse(value, v_mul, v_add, gate)
+    return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
 
 
 def _make_attention_function(base: str) -> Callable:
@@ -315,7 +426,11 @@ def _make_attention_function(base: str) -> Callable:
         # __getattr__ raises one, with its message formatted, for every missing name)
         infusion: MiTKVInfusion | None = module._modules.get(KV_INFUSION_NAME)
         if modality_embedding is None or infusion is None:
-            function = analyses.base_function(base, module) if analyses is not None else _base_function(base, module)
+            # (24 of 30 layers in every decoding step with the default layers: the memo's lookup inlined)
+            if analyses is None:
+                function = _base_function(base, module)
+            else:
+                function = analyses.functions.get(("base", base, type(module))) or analyses.base_function(base, module)
             return function(module, query, key, value, attention_mask, **kwargs)
         if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
             raise ValueError(
@@ -324,6 +439,18 @@ def _make_attention_function(base: str) -> Callable:
             )
         batch, _, lq, _ = query.shape
         lk = key.shape[2]
+        plan = None if analyses is None else analyses.attention_plan(infusion, modality_embedding, query, kwargs)
+        if plan is not None:  # a decoding step of generate: everything but the mask was worked out at the first one
+            fused, kv_mask, reason = fused_kv_mask(base, module, attention_mask, batch, lq, lk, kwargs, analyses)
+            if fused:
+                infusion.record("fused")
+                out = plan.function(
+                    query, key, value, *plan.vectors, plan.head_logit, causal=True, scale=plan.scale, kv_mask=kv_mask,
+                    rescale=infusion.rescale,
+                )  # fmt: skip
+                return out.transpose(1, 2).contiguous(), None
+            return _fallback(base, module, query, key, value, attention_mask, infusion, plan.vectors,
+                             plan.head_logit, reason, kwargs)  # fmt: skip
         if analyses is None or not analyses.embedding_checked(modality_embedding, batch):
             check_modality(modality_embedding, batch, infusion.map.in_features)
         if query.device.type in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(query.device.type):
@@ -349,11 +476,7 @@ def _make_attention_function(base: str) -> Callable:
                     kv_mask=kv_mask, rescale=infusion.rescale,
                 )  # fmt: skip
             return out.transpose(1, 2).contiguous(), None
-        infusion.record(f"fallback: {reason}")
-        k_mul, k_add, v_mul, v_add = vectors
-        gate = infusion_gate(value, v_add, head_logit, infusion.rescale)
-        key, value = infuse(key, k_mul, k_add, gate), infuse(value, v_mul, v_add, gate)
-        return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
+        return _fallback(base, module, query, key, value, attention_mask, infusion, vectors, head_logit, reason, kwargs)
 
     mit_attention_forward.__name__ = f"mit_{base}_attention_forward"
     mit_attention_forward.__qualname__ = mit_attention_forward.__name__

@@ -69,7 +69,13 @@ class MiTMLPMixin(Rebuildable):
         binding = current_ffn(infusion)
         if binding is None:
             return super().forward(x, *args, **kwargs)
-        modality_embedding = binding.modality_embedding
+        modality_embedding, memo = binding.modality_embedding, binding.memo
+        if infusion.fused and memo is not None and memo.plans is not None:
+            # a decoding step of generate: f and the gate's function were worked out at the first one
+            infusion.record("fused")
+            gate, up = self.gate_proj(x), self.up_proj(x)
+            plan = memo.gate_plan(infusion, modality_embedding, x, gate)
+            return self.down_proj(plan.function(gate, up, plan.ffn_mul))
         if binding.memo is None or not binding.memo.embedding_checked(modality_embedding, x.shape[0]):
             check_modality(modality_embedding, x.shape[0], infusion.map.in_features)
         ffn_mul = infusion.multiplier(modality_embedding, x.dtype)

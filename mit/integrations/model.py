@@ -40,6 +40,7 @@ from .attention import (
     KV_INFUSION_NAME,
     MEMO_KWARG,
     CallMemo,
+    autocast_enabled,
     base_implementation,
     is_mit_implementation,
     mit_implementation,
@@ -272,9 +273,13 @@ def _forward_with_modality(base: type) -> dict:
         extra["modality_embedding"] = modality_embedding
         if not torch.compiler.is_compiling():  # compiled: no mask is read (attention.py), the public ops run
             generation = generation_cache()  # in generate: the functions resolved at its first step
+            # in generate, with grad and autocast off (as they stay for the whole forward), each infused layer's
+            # kernel arguments are worked out at the first step and kept for the call (CallMemo.attention_plan)
+            plain = generation is not None and not torch.is_grad_enabled() and not autocast_enabled()
             extra[MEMO_KWARG] = CallMemo(
                 checked_embedding=modality_embedding,  # _mit_prepare checked it
                 functions=generation.functions if generation is not None else None,
+                plans=generation.plans if plain else None,
             )
         if bound is None:
             return base.forward(self, **arguments)

@@ -16,7 +16,8 @@ a compiled region), so a compiled model keeps one graph.
 
 The MiT model's ``generate`` also binds a :class:`GenerationCache` for its duration (:func:`bind_generation_cache`):
 the maps are frozen during generation, so each is applied once per embedding tensor instead of at every decoding
-step, and the fused kernels' backends are resolved once per ``generate`` call instead of once per decoding step.
+step, and the fused kernels' backends are resolved, and their arguments besides the activations gathered, once per
+``generate`` call instead of once per decoding step and layer.
 """
 
 from __future__ import annotations
@@ -55,13 +56,17 @@ class GenerationCache:
             outputs (:meth:`mit.integrations.infusion._InfusionMap._apply_map`).
         functions: the resolved kernel and base attention functions, shared by the ``CallMemo`` of every forward of
             the call (:class:`mit.integrations.attention.CallMemo`), keyed as the memo keys them.
+        plans: per infusion module, what its fused kernel takes besides the activations (the maps' outputs, the
+            gate logits, the resolved function, the checked scale): made at the first forward of the call, reused
+            by every decoding step while the embedding and dtypes stay (``CallMemo.attention_plan`` / ``gate_plan``).
     """
 
-    __slots__ = ("functions", "maps")
+    __slots__ = ("functions", "maps", "plans")
 
     def __init__(self) -> None:
         self.maps: dict[tuple, tuple] = {}
         self.functions: dict[tuple, object] = {}
+        self.plans: dict[nn.Module, tuple] = {}
 
 
 class _CallScope(threading.local):

@@ -286,3 +286,23 @@ def test_decode_profile_quick_names_the_fused_ops_once_per_infused_layer_and_ste
         assert float(aten[op]["extra_calls_per_step"]) == infused, op
     python = [r["name"] for r in rows if r["table"] == "python"]
     assert any("mit_attention_forward" in name for name in python)
+
+
+def test_decode_step_layers_quick_splits_the_step_by_layer_group(tmp_path):
+    """benchmarks/decode_step_layers.py --quick (random 4-layer model, batch 1 and 2, 10 rounds): per batch size the
+    whole step with its ratio's quartiles, then layer, attention and MLP for MiT's 3 infused layers and the 1 other
+    (the script itself refuses to report unless every MiT module ran fused); times are not asserted."""
+    rows = run_quick("decode_step_layers.py", tmp_path / "layers.csv")
+    expected = [("step", "all", 4)] + [(part, group, n) for part in ("layer", "attention", "mlp")
+                                       for group, n in (("infused", 3), ("other", 1))]  # fmt: skip
+    assert [(int(r["batch"]), r["part"], r["group"], int(r["layers"])) for r in rows] == [
+        (size, *row) for size in (1, 2) for row in expected
+    ]
+    for r in rows:
+        base, mit, extra = float(r["base_us"]), float(r["mit_us"]), float(r["extra_us"])
+        assert base > 0 and mit > 0 and extra == pytest.approx(mit - base, abs=1e-5 * mit + 1e-3)  # (%.6g)
+        assert int(r["rounds"]) == 10
+        if r["part"] == "step":
+            assert 0 < float(r["ratio_q1"]) <= float(r["ratio"]) <= float(r["ratio_q3"])
+        else:
+            assert float(r["ratio"]) == pytest.approx(mit / base, rel=1e-4)
