@@ -28,14 +28,12 @@ from collections import defaultdict
 
 import torch
 import transformers
-from generation_smollm2 import MODALITY_DIM, batch, load
+from generation_smollm2 import MODALITY_DIM, base_and_mit, batch
 from tqdm import tqdm
 from transformers import DynamicCache
 
-import mit
 from mit.integrations.scope import GenerationCache, bind_generation_cache
 from mit.utils.results import add_out_argument, output_csv, pyplot, write_csv
-from mit.utils.shared_copy import copy_sharing_weights
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 PARTS = ("layer", "attention", "mlp")
@@ -113,15 +111,8 @@ def main(argv=None) -> list[dict]:
     warm_up = 20
     if args.quick:
         args.weights, args.batches, args.rounds, warm_up = "random", [1, 2], 10, 2
-    base, tokenizer, used = load(args.weights, 4 if args.quick else None)
-    base.set_attn_implementation("sdpa")
-    base.requires_grad_(False)
-    model = mit.apply_mit(copy_sharing_weights(base), mit.MiTConfig(modality_dim=MODALITY_DIM))
     gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-zero infusion, as after some training
-        for _, param in model.mit_named_parameters():
-            if param.dim() == 2:
-                param.copy_(0.02 * torch.randn(param.shape, generator=gen))
+    base, tokenizer, used, model = base_and_mit(args.weights, 4 if args.quick else None, gen)
     layers = model.mit_config.resolved_layers(base.config.num_hidden_layers)
     groups = {"infused": layers, "other": [i for i in range(base.config.num_hidden_layers) if i not in layers]}
     device = f"cpu{torch.get_num_threads()}t"

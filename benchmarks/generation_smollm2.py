@@ -71,6 +71,21 @@ def load(weights: str, layers: int | None):
     )
 
 
+def base_and_mit(weights: str, layers: int | None, gen: torch.Generator):
+    """(frozen base with sdpa attention, tokenizer-or-None, description, MiT model with MiT's default layers): the MiT
+    model reads the base's own weight tensors (copied weights can run faster than the memory-mapped checkpoint's:
+    docs/decoding-cost.md), so a ratio is MiT's cost alone; its maps are non-zero (``gen``), as after some training."""
+    base, tokenizer, used = load(weights, layers)
+    base.set_attn_implementation("sdpa")
+    base.requires_grad_(False)  # frozen, like the MiT model's base
+    model = mit.apply_mit(copy_sharing_weights(base), mit.MiTConfig(modality_dim=MODALITY_DIM))
+    with torch.no_grad():
+        for _, param in model.mit_named_parameters():
+            if param.dim() == 2:
+                param.copy_(0.02 * torch.randn(param.shape, generator=gen))
+    return base, tokenizer, used, model
+
+
 LONG_TEXT = (
     "The lighthouse keeper wrote in his log every evening: the colour of the sea, the ships that passed, the birds "
     "that rested on the rail, and the small repairs the lamp needed. Over forty years the log filled a shelf. "
@@ -142,17 +157,8 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
     if args.quick:
         args.weights, args.new_tokens, args.repeats, args.long_tokens = "random", 8, 2, 48
-    base, tokenizer, used = load(args.weights, 4 if args.quick else None)
-    base.set_attn_implementation("sdpa")
-    base.requires_grad_(False)  # frozen, like the MiT model's base (text_only then trains the weights below)
-    # the MiT model reads the base's own weight tensors, so the ratio is MiT's cost alone (copied weights can run
-    # faster than the memory-mapped checkpoint's: docs/decoding-cost.md)
-    model = mit.apply_mit(copy_sharing_weights(base), mit.MiTConfig(modality_dim=MODALITY_DIM))
     gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-zero infusion, as after some training
-        for _, param in model.mit_named_parameters():
-            if param.dim() == 2:
-                param.copy_(0.02 * torch.randn(param.shape, generator=gen))
+    base, tokenizer, used, model = base_and_mit(args.weights, 4 if args.quick else None, gen)
     n = args.new_tokens
     pad = tokenizer.pad_token_id if tokenizer is not None else 0
     vocab = base.config.vocab_size
