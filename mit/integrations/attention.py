@@ -214,7 +214,11 @@ class CallMemo:
     ``functions``: where the resolved functions are kept; by default a dict of this call's own. The forwards of one
     ``generate`` call share its :class:`~mit.integrations.scope.GenerationCache`'s, so the backends are resolved at
     the first decoding step, not at every one (the fallback of a Triton failure, decided when a kernel runs, is
-    unaffected)."""
+    unaffected).
+
+    ``plans``: where each infused module's kernel arguments besides the activations and the mask are kept
+    (:meth:`attention_plan`, :meth:`gate_plan`); given (the call's ``GenerationCache``'s) only inside ``generate``
+    with grad and autocast off, None otherwise: then every layer works them out at every forward."""
 
     def __init__(
         self,
