@@ -167,7 +167,7 @@ class AttentionPlan(NamedTuple):
     scaling: object  # the attention module's ``scaling`` kwarg, as given
     vectors: tuple[torch.Tensor, ...]  # k_mul, k_add, v_mul, v_add (B, Hkv, D) in ``dtype``
     head_logit: torch.Tensor  # (Hkv,)
-    function: Callable  # the resolved backend's attention function
+    function: Callable | None  # the resolved backend's attention function (None until the first fused call)
     scale: float | None  # ``scaling`` checked (None: 1/sqrt(D))
 
 
@@ -235,15 +235,12 @@ class CallMemo:
 
     def attention_plan(
         self, infusion: MiTKVInfusion, modality_embedding: torch.Tensor, query: torch.Tensor, kwargs: dict
-    ) -> AttentionPlan | None:
+    ) -> AttentionPlan:
         """What the fused attention of ``infusion``'s layer takes besides q, k, v and the mask (``kwargs``: the
-        attention function's), when it is fixed for the whole call (``plans`` given: in ``generate``, grad off, no
-        autocast): made at the first forward and reused while the embedding (the same tensor), q's dtype and the
-        module's scaling stay; None otherwise (the caller then works everything out)."""
+        attention function's). With ``plans`` (in ``generate``, grad and autocast off) it is kept, and reused while the
+        embedding (the same tensor), q's dtype and the module's scaling stay; without, it is made for this call."""
         plans = self.plans
-        if plans is None:
-            return None
-        plan = plans.get(infusion)
+        plan = plans.get(infusion) if plans is not None else None
         scaling = kwargs.get("scaling")
         if (
             plan is None
@@ -253,23 +250,31 @@ class CallMemo:
         ):
             if not self.embedding_checked(modality_embedding, query.shape[0]):
                 check_modality(modality_embedding, query.shape[0], infusion.map.in_features)
-            plan = plans[infusion] = AttentionPlan(
+            plan = AttentionPlan(
                 modality_embedding, query.dtype, scaling, tuple(infusion.vectors(modality_embedding, query.dtype)),
-                infusion.gate_logits(query.device), self.attention_function(infusion.backend, query.device,
-                query.shape[-1]), check_scale(scaling),
+                infusion.gate_logits(query.device), None, check_scale(scaling),
             )  # fmt: skip
+            if plans is not None:
+                plans[infusion] = plan
         return plan
+
+    def fused_attention(self, infusion: MiTKVInfusion, plan: AttentionPlan, query: torch.Tensor) -> Callable:
+        """The attention function of ``plan``, resolved at the first fused call (a layer that always falls back never
+        asks for a kernel its backend may refuse) and kept in the plan when plans are kept."""
+        if plan.function is not None:
+            return plan.function
+        function = self.attention_function(infusion.backend, query.device, query.shape[-1])
+        if self.plans is not None:
+            self.plans[infusion] = plan._replace(function=function)
+        return function
 
     def gate_plan(
         self, infusion: MiTFFNInfusion, modality_embedding: torch.Tensor, x: torch.Tensor, gate: torch.Tensor
-    ) -> GatePlan | None:
+    ) -> GatePlan:
         """The fused FFN gate's ``f`` (B, d_ff) in the dtype of ``gate`` (the gate projection's output; ``x``: the
-        MLP's input) and its function, fixed for the whole call as in :meth:`attention_plan`; None when ``plans`` is
-        None."""
+        MLP's input) and its function, kept or made for this call as in :meth:`attention_plan`."""
         plans = self.plans
-        if plans is None:
-            return None
-        plan = plans.get(infusion)
+        plan = plans.get(infusion) if plans is not None else None
         if (
             plan is None
             or plan.embedding is not modality_embedding
@@ -278,11 +283,13 @@ class CallMemo:
         ):
             if not self.embedding_checked(modality_embedding, x.shape[0]):
                 check_modality(modality_embedding, x.shape[0], infusion.map.in_features)
-            plan = plans[infusion] = GatePlan(
+            plan = GatePlan(
                 modality_embedding, x.dtype, gate.dtype,
                 infusion.multiplier(modality_embedding, x.dtype).to(gate.dtype),
                 self.ffn_gate_function(infusion.backend, gate.device),
             )  # fmt: skip
+            if plans is not None:
+                plans[infusion] = plan
         return plan
 
     def embedding_checked(self, modality_embedding: torch.Tensor, batch: int) -> bool:
@@ -443,43 +450,38 @@ def _make_attention_function(base: str) -> Callable:
             )
         batch, _, lq, _ = query.shape
         lk = key.shape[2]
-        plan = None if analyses is None else analyses.attention_plan(infusion, modality_embedding, query, kwargs)
-        if plan is not None:  # a decoding step of generate: everything but the mask was worked out at the first one
-            fused, kv_mask, reason = fused_kv_mask(base, module, attention_mask, batch, lq, lk, kwargs, analyses)
-            if fused:
-                infusion.record("fused")
-                out = plan.function(
-                    query, key, value, *plan.vectors, plan.head_logit, causal=True, scale=plan.scale, kv_mask=kv_mask,
-                    rescale=infusion.rescale,
-                )  # fmt: skip
-                return out.transpose(1, 2).contiguous(), None
-            return _fallback(base, module, query, key, value, attention_mask, infusion, plan.vectors,
-                             plan.head_logit, reason, kwargs)  # fmt: skip
-        if analyses is None or not analyses.embedding_checked(modality_embedding, batch):
-            check_modality(modality_embedding, batch, infusion.map.in_features)
-        if query.device.type in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(query.device.type):
+        if (
+            (analyses is None or analyses.plans is None)
+            and query.device.type in AUTOCAST_DEVICE_TYPES
+            and (torch.is_autocast_enabled(query.device.type))
+        ):  # (with plans, autocast is off: CallMemo)
             # Under autocast the projections and the rotary embedding can leave q, k and v in different dtypes; the
             # model's own SDPA / eager attention then runs in the autocast dtype (SDPA and matmul are on autocast's
             # lower-precision list), and so does MiT's: infusion vectors included.
             dtype = torch.get_autocast_dtype(query.device.type)
             query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-        vectors = infusion.vectors(modality_embedding, query.dtype)
-        head_logit = infusion.gate_logits(query.device)
         fused, kv_mask, reason = fused_kv_mask(base, module, attention_mask, batch, lq, lk, kwargs, analyses)
-        if fused:
-            infusion.record("fused")
-            if analyses is None:  # no forward of an MiT model above (a layer called on its own): the public op
+        if analyses is not None:  # the arguments are built here (shapes from the model), once per call or generate
+            plan = analyses.attention_plan(infusion, modality_embedding, query, kwargs)
+            vectors, head_logit = plan.vectors, plan.head_logit
+            if fused:
+                infusion.record("fused")
+                out = analyses.fused_attention(infusion, plan, query)(
+                    query, key, value, *vectors, head_logit, causal=True, scale=plan.scale, kv_mask=kv_mask,
+                    rescale=infusion.rescale,
+                )  # fmt: skip
+                return out.transpose(1, 2).contiguous(), None
+        else:  # no forward of an MiT model above (a layer called on its own): the public op
+            check_modality(modality_embedding, batch, infusion.map.in_features)
+            vectors = infusion.vectors(modality_embedding, query.dtype)
+            head_logit = infusion.gate_logits(query.device)
+            if fused:
+                infusion.record("fused")
                 out = mit_attention(
                     query, key, value, *vectors, head_logit, causal=True, scale=kwargs.get("scaling"),
                     kv_mask=kv_mask, rescale=infusion.rescale, backend=infusion.backend,
                 )  # fmt: skip
-            else:  # the arguments are built here (shapes from the model): the backend is resolved once per call
-                attention = analyses.attention_function(infusion.backend, query.device, query.shape[-1])
-                out = attention(
-                    query, key, value, *vectors, head_logit, causal=True, scale=check_scale(kwargs.get("scaling")),
-                    kv_mask=kv_mask, rescale=infusion.rescale,
-                )  # fmt: skip
-            return out.transpose(1, 2).contiguous(), None
+                return out.transpose(1, 2).contiguous(), None
         return _fallback(base, module, query, key, value, attention_mask, infusion, vectors, head_logit, reason, kwargs)
 
     mit_attention_forward.__name__ = f"mit_{base}_attention_forward"

@@ -70,25 +70,20 @@ class MiTMLPMixin(Rebuildable):
         if binding is None:
             return super().forward(x, *args, **kwargs)
         modality_embedding, memo = binding.modality_embedding, binding.memo
-        if infusion.fused and memo is not None and memo.plans is not None:
-            # a decoding step of generate: f and the gate's function were worked out at the first one
-            infusion.record("fused")
-            gate, up = self.gate_proj(x), self.up_proj(x)
-            plan = memo.gate_plan(infusion, modality_embedding, x, gate)
-            return self.down_proj(plan.function(gate, up, plan.ffn_mul))
-        if binding.memo is None or not binding.memo.embedding_checked(modality_embedding, x.shape[0]):
-            check_modality(modality_embedding, x.shape[0], infusion.map.in_features)
-        ffn_mul = infusion.multiplier(modality_embedding, x.dtype)
         if infusion.fused:
             infusion.record("fused")
             gate, up = self.gate_proj(x), self.up_proj(x)
-            # under autocast the projections run in the autocast dtype while the residual stream x does not
-            ffn_mul = ffn_mul.to(gate.dtype)
-            if binding.memo is None:  # no forward of an MiT model above: the public op
-                gated = mit_ffn_gate(gate, up, ffn_mul, backend=infusion.backend)
-            else:  # the arguments are built here (shapes from the model): the backend is resolved once per call
-                gated = binding.memo.ffn_gate_function(infusion.backend, gate.device)(gate, up, ffn_mul)
-            return self.down_proj(gated)
+            if memo is not None:  # the arguments are built here, once per call (or per generate: CallMemo.gate_plan)
+                plan = memo.gate_plan(infusion, modality_embedding, x, gate)
+                return self.down_proj(plan.function(gate, up, plan.ffn_mul))
+            # no forward of an MiT model above: the public op (under autocast the projections run in the autocast
+            # dtype while the residual stream x does not)
+            check_modality(modality_embedding, x.shape[0], infusion.map.in_features)
+            ffn_mul = infusion.multiplier(modality_embedding, x.dtype).to(gate.dtype)
+            return self.down_proj(mit_ffn_gate(gate, up, ffn_mul, backend=infusion.backend))
+        if memo is None or not memo.embedding_checked(modality_embedding, x.shape[0]):
+            check_modality(modality_embedding, x.shape[0], infusion.map.in_features)
+        ffn_mul = infusion.multiplier(modality_embedding, x.dtype)
         infusion.record("scaled down_proj input")
         previous = bind_ffn(FFNBinding(infusion, modality_embedding, 1 + ffn_mul))
         try:

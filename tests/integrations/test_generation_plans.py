@@ -50,13 +50,13 @@ def test_generate_with_plans_is_the_per_step_path_bit_for_bit(family, monkeypatc
     planned = _generate(infused, ids, mask, emb)
     kv = [m for m in infused.modules() if isinstance(m, mit.MiTKVInfusion)]
     fused_ffn = [m for m in infused.modules() if isinstance(m, mit.MiTFFNInfusion) and m.fused]
-    # once per infused module for the whole call (the prefill makes them, four decoding steps reuse them)
+    # once per infused module for the whole call (the prefill makes them, three decoding steps reuse them)
     assert made == {"attention": len(kv), "gate": len(fused_ffn)}, made
     counts = {name: dict(m.dispatch_counts) for name, m in infused.named_modules() if hasattr(m, "dispatch_counts")}
-    monkeypatch.setattr(model_module, "autocast_enabled", lambda: True)  # no plans: every step works it all out
+    monkeypatch.setattr(model_module, "autocast_enabled", lambda: True)  # no plans kept: every step works it all out
     made.update(attention=0, gate=0)
     per_step = _generate(infused, ids, mask, emb)
-    assert made == {"attention": 0, "gate": 0}
+    assert made == {"attention": 4 * len(kv), "gate": 4 * len(fused_ffn)}, made  # prefill + 3 steps
     assert torch.equal(planned.sequences, per_step.sequences), family
     for a, b in zip(planned.scores, per_step.scores, strict=True):
         assert torch.equal(a, b), family
@@ -89,23 +89,31 @@ def test_a_plan_is_remade_when_its_embedding_dtype_or_scale_changes_and_reused_o
         # an embedding the model's forward did not check is checked when its plan is made, naming the argument
         with pytest.raises(ValueError, match=r"modality_embedding must have shape \(batch, modality_dim\)"):
             memo.attention_plan(kv, torch.randn(2, MODALITY_DIM + 1), query, {"scaling": 0.25})
-    assert CallMemo().attention_plan(kv, emb, query, {}) is None  # no plans given: the caller works it all out
+    unkept = CallMemo(checked_embedding=emb)  # no plans given: made for each call, never kept
+    with torch.no_grad():
+        assert unkept.attention_plan(kv, emb, query, {}) is not unkept.attention_plan(kv, emb, query, {})
+    assert unkept.plans is None
 
 
-def test_no_plans_under_autocast_or_with_grad_or_outside_generate(monkeypatch):
+def test_no_plans_kept_under_autocast_or_with_grad_or_outside_generate(monkeypatch):
+    """Each forward there makes its layers' arguments afresh (one per infused module and forward), as before the
+    plans; inside a plain generate they are made once."""
     infused = mit.apply_mit(model("llama"), mit.MiTConfig(modality_dim=MODALITY_DIM))
     randomise(infused)
     ids, mask = padded_batch()
     emb = embedding()
+    kv = sum(isinstance(m, mit.MiTKVInfusion) for m in infused.modules())
     made = _count_plans(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _generate(infused, ids, mask, emb)
+        _generate(infused, ids, mask, emb)  # prefill + 3 steps
+    assert made["attention"] == 4 * kv
     with torch.no_grad():
         infused(ids, attention_mask=mask, modality_embedding=emb)  # a forward outside generate
     infused(ids, attention_mask=mask, modality_embedding=emb).logits.sum().backward()
-    assert made == {"attention": 0, "gate": 0}
+    assert made["attention"] == 6 * kv
+    made.update(attention=0)
     _generate(copy.deepcopy(infused), ids, mask, emb)
-    assert made["attention"] > 0
+    assert made["attention"] == kv
 
 
 def test_the_autocast_probe_without_torchs_single_probe(monkeypatch):
