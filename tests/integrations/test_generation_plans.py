@@ -126,3 +126,24 @@ def test_the_autocast_probe_without_torchs_single_probe(monkeypatch):
         assert attention_module.autocast_enabled()
     with torch.autocast("cpu", enabled=False):
         assert not attention_module.autocast_enabled()
+
+
+def test_a_layer_that_always_falls_back_never_asks_for_a_kernel(monkeypatch):
+    """Gemma2 (logit soft-capping) runs the exact fallback in every layer: its plans must not resolve a fused kernel,
+    which a backend may refuse (an explicit backend on a device it does not run on), where the fallback runs fine."""
+
+    def refusing(*args):
+        raise ValueError("backend refused")
+
+    monkeypatch.setattr(attention_module, "attention_function", refusing)
+    ids, mask = padded_batch()
+    emb = embedding()
+    for family in ("gemma2", "llama"):
+        infused = mit.apply_mit(model(family), mit.MiTConfig(modality_dim=MODALITY_DIM))
+        randomise(infused)
+        if family == "gemma2":
+            _generate(infused, ids, mask, emb)
+            assert "fallback: softcap" in infused.mit_dispatch().values()
+        else:  # a layer that runs fused does ask: the refusal propagates
+            with pytest.raises(ValueError, match="backend refused"):
+                _generate(infused, ids, mask, emb)
