@@ -4,7 +4,9 @@ A decoding step of ``generate`` is repeated in place: the prompt is prefilled in
 every round feeds the next token (the cache's last row is dropped again after it: ``DynamicCache.crop(-1)``), the
 frozen model and MiT back to back, which one goes first alternating by round. The MiT step runs as inside ``generate``
 (its per-call cache is bound, so each infused layer's kernel arguments are gathered once, as ``generate`` does).
-Forward hooks time every decoder layer, its attention module and its MLP (the hooks cost both models alike).
+Two passes of ``--rounds`` rounds per batch size: the first times whole steps, nothing added (the ``step`` row: the
+ratio to compare with the goal); the second times every decoder layer, its attention module and its MLP with forward
+hooks (the hooks cost both models alike, and slow both).
 
 Per batch size, the CSV has one row per part (``step``: the whole forward; ``layer``, ``attention``, ``mlp``) and
 group (``infused``: MiT's layers; ``other``: the rest; per-layer rows are medians averaged over the group's layers):
@@ -54,13 +56,6 @@ class LayerTimer:
                 )
                 self.handles.append(module.register_forward_hook(self._stop(part, index, started)))
 
-    @staticmethod
-    def _start(started: list[float]):
-        def hook(*_) -> None:
-            started.append(time.perf_counter())
-
-        return hook
-
     def _stop(self, part: str, index: int, started: list[float]):
         def hook(*_) -> None:
             elapsed = time.perf_counter() - started.pop()
@@ -100,10 +95,26 @@ def decode_step(model, ids: torch.Tensor, mask: torch.Tensor, extra: dict):
     return step
 
 
+def alternate(steps: dict, warm_up: int, rounds: int, label: str, timers: dict | None = None) -> dict[str, list[float]]:
+    """Seconds of each of ``steps`` (``"base"``, ``"mit"``) per timed round, back to back, which one goes first
+    alternating by round; the ``timers`` (if any) record during the timed rounds only."""
+    seconds: dict[str, list[float]] = {method: [] for method in steps}
+    with torch.no_grad():
+        for round_ in tqdm(range(warm_up + rounds), desc=label):
+            for method in tuple(steps)[:: 1 if round_ % 2 == 0 else -1]:
+                if timers is not None:
+                    timers[method].recording = round_ >= warm_up
+                start = time.perf_counter()
+                steps[method]()
+                if round_ >= warm_up:
+                    seconds[method].append(time.perf_counter() - start)
+    return seconds
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 8], help="batch sizes (short chat prompts)")
-    p.add_argument("--rounds", type=int, default=300, help="timed rounds per batch size (after 20 warm-up rounds)")
+    p.add_argument("--rounds", type=int, default=300, help="timed rounds per batch size and pass (after 20 warm-up)")
     p.add_argument("--weights", default="auto", choices=["auto", "real", "random"])
     p.add_argument("--quick", action="store_true", help="random 4-layer model, batch 1 and 2, 10 rounds (seconds)")
     add_out_argument(p)
@@ -120,26 +131,21 @@ def main(argv=None) -> list[dict]:
     for size in args.batches:
         ids, mask = batch(tokenizer, base.config.vocab_size, size)
         embedding = torch.randn(size, MODALITY_DIM, generator=gen)
-        timers = {"base": LayerTimer(base), "mit": LayerTimer(model)}
         steps = {
             "base": decode_step(base, ids, mask, {}),
             "mit": decode_step(model, ids, mask, {"modality_embedding": embedding}),
         }
-        seconds: dict[str, list[float]] = {"base": [], "mit": []}
         previous = bind_generation_cache(GenerationCache())  # as generate() binds it for its decoding steps
         try:
-            with torch.no_grad():
-                for round_ in tqdm(range(warm_up + args.rounds), desc=f"batch {size}"):
-                    for method in ("base", "mit")[:: 1 if round_ % 2 == 0 else -1]:
-                        timers[method].recording = round_ >= warm_up
-                        start = time.perf_counter()
-                        steps[method]()
-                        if round_ >= warm_up:
-                            seconds[method].append(time.perf_counter() - start)
+            seconds = alternate(steps, warm_up, args.rounds, f"batch {size}, step")  # no hooks: the step's own ratio
+            timers = {"base": LayerTimer(base), "mit": LayerTimer(model)}
+            try:
+                alternate(steps, warm_up, args.rounds, f"batch {size}, per layer", timers)
+            finally:
+                for timer in timers.values():
+                    timer.remove()
         finally:
             bind_generation_cache(previous)
-            for timer in timers.values():
-                timer.remove()
         if set(model.mit_dispatch().values()) != {"fused"}:
             raise RuntimeError(f"expected every MiT module to run fused, got {model.mit_dispatch()}")
         common = {

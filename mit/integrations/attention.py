@@ -19,7 +19,9 @@ decoder layer to this function):
   static-cache prefill, an implementation whose mask semantics are not known here): it infuses K and V in eager
   PyTorch with the reference functions and calls ``base``'s own function with the same arguments.
 
-Without an embedding, or in a layer without MiT, it calls ``base``'s function unchanged: bit for bit the frozen model.
+Without an embedding, or in a layer without key/value infusion reached anyway, it calls ``base``'s function
+unchanged: bit for bit the frozen model. (An MiT model's layers without key/value infusion read ``base`` from their
+configs and never come here: :mod:`mit.integrations.attention_config`.)
 Packed / varlen batches (``cu_seq_lens_*``) are refused: one embedding per sample cannot be attributed to packed rows.
 """
 

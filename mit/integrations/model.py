@@ -45,6 +45,7 @@ from .attention import (
     is_mit_implementation,
     mit_implementation,
 )
+from .attention_config import route_uninfused_attention, unroute_attention
 from .infusion import MiTFFNInfusion, MiTKVInfusion, check_modality, mit_named_parameters
 from .layers import FFN_INFUSION_NAME, MiTDecoderLayerMixin, MiTMLPMixin, check_attention_dispatch
 from .quantized import check_no_cpu_packed_4bit
@@ -338,9 +339,10 @@ class MiTPlan:
             if ffn is not None:
                 yield from ffn.named_parameters(prefix=f"{layer_name}.mlp.{FFN_INFUSION_NAME}")
 
-    def attach(self) -> None:
+    def attach(self, model: nn.Module) -> None:
         """Put this plan's infusion modules (and the ``down_proj`` pre-hooks of unfused FFN infusions) on its layers
-        and switch those layers (and MLPs) to their MiT classes."""
+        of ``model`` and switch those layers (and MLPs) to their MiT classes; the attention modules left without
+        key/value infusion read the base implementation's name (:mod:`mit.integrations.attention_config`)."""
         for _, layer, kv, ffn in self.layers:
             if kv is not None:
                 setattr(layer.self_attn, KV_INFUSION_NAME, kv)
@@ -351,13 +353,14 @@ class MiTPlan:
                     mlp.down_proj.register_forward_pre_hook(ffn.scale_down_proj_input)
                 mlp.__class__ = method_subclass(MiTMLPMixin, type(mlp))
             layer.__class__ = method_subclass(MiTDecoderLayerMixin, type(layer))
+        route_uninfused_attention(decoder_of(model).layers)
 
     def install(self, model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
         """Apply the plan to ``model`` (the plain model it was made for) as its adapter ``adapter_name``: freeze,
         attach, switch classes; what :func:`unload_mit` needs to undo it is recorded on the model
         (:class:`MiTUndo`)."""
         undo = MiTUndo(model.config._attn_implementation, None, freeze(model))
-        self.attach()
+        self.attach(model)
         if self.implementation is not None and not is_mit_implementation(model.config._attn_implementation):
             model.config._attn_implementation = self.implementation
             undo = dataclasses.replace(undo, installed_implementation=self.implementation)
@@ -381,8 +384,9 @@ def _require_mit(model: object, what: str) -> None:
 
 def _detach_attached(model: nn.Module) -> None:
     """Take every attached infusion module off ``model`` (with the ``down_proj`` pre-hooks MiT registered; other hooks
-    keep their place) and give the layers and MLPs their own classes back. Found by module type, so this also works
-    on a model pickled by an earlier release, which records no adapters."""
+    keep their place) and give the layers and MLPs their own classes back, the attention modules their own configs.
+    Found by module type, so this also works on a model pickled by an earlier release, which records no adapters."""
+    unroute_attention(model.modules())
     for module in list(model.modules()):
         kv = module._modules.get(KV_INFUSION_NAME)
         if isinstance(kv, MiTKVInfusion):
@@ -472,7 +476,7 @@ def set_mit_adapter(model: nn.Module, adapter_name: str) -> None:
     plan = adapters[adapter_name]
     adapters[model.__dict__[ACTIVE_NAME]].config = model.mit_config  # the attribute users see is the active config
     _detach_attached(model)
-    plan.attach()
+    plan.attach(model)
     if plan.implementation is not None and not is_mit_implementation(model.config._attn_implementation):
         undo: MiTUndo | None = model.__dict__.get(UNDO_NAME)
         model.config._attn_implementation = plan.implementation
