@@ -439,11 +439,8 @@ def _make_attention_function(base: str) -> Callable:
         # __getattr__ raises one, with its message formatted, for every missing name)
         infusion: MiTKVInfusion | None = module._modules.get(KV_INFUSION_NAME)
         if modality_embedding is None or infusion is None:
-            # (24 of 30 layers in every decoding step with the default layers: the memo's lookup inlined)
-            if analyses is None:
-                function = _base_function(base, module)
-            else:
-                function = analyses.functions.get(("base", base, type(module))) or analyses.base_function(base, module)
+            # (a layer without infusion comes here only without its config view: attention_config)
+            function = _base_function(base, module) if analyses is None else analyses.base_function(base, module)
             return function(module, query, key, value, attention_mask, **kwargs)
         if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
             raise ValueError(
