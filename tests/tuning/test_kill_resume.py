@@ -10,11 +10,11 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
+from forked_runs import ForkServer
 from safetensors.torch import load_file
 from tuning_fixtures import write_tiny_llama
 
@@ -26,24 +26,28 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 KILL_POINTS = ["torch.save:7", "serialize_tensors:4", "torch.save:8", "os.rename:4", "atomic_write_text:14"]
 
 
-def worker(settings: dict, kill_at: str) -> tuple[list[str], dict[str, str]]:
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    """The kill worker (tests/tuning_kill_worker.py), each run a process forked from one interpreter that imported it
+    (tests/forked_runs.py): 15 runs in this module, each a process of its own, without 15 imports of torch."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(ROOT / "tests")) if p)
-    return [sys.executable, str(ROOT / "tests" / "tuning_kill_worker.py"), json.dumps(settings), kill_at], env
+    server = ForkServer(ROOT / "tests" / "tuning_kill_worker.py", "main", env, tmp_path_factory.mktemp("runs"))
+    yield server
+    server.close()
 
 
-def run(settings: dict, kill_at: str) -> subprocess.CompletedProcess:
-    command, env = worker(settings, kill_at)
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+def run(worker: ForkServer, settings: dict, kill_at: str) -> subprocess.CompletedProcess:
+    return worker.run([json.dumps(settings), kill_at], timeout=240)
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def straight(worker, tmp_path_factory):
     root = tmp_path_factory.mktemp("kill")
     llama = str(write_tiny_llama(root / "llama"))
     settings = dict(task="toy", model=llama, data=str(root), modality_dim=16, batch_size=2, lr=1e-2, epochs=2)
     settings.update(checkpoint_every=1, keep_checkpoints=2, progress=False, limit_train=6, limit_eval=4)
-    done = run({**settings, "out": str(root / "straight")}, "none")
+    done = run(worker, {**settings, "out": str(root / "straight")}, "none")
     assert done.returncode == 0, done.stderr[-3000:]
     return settings, root / "straight"
 
@@ -53,16 +57,16 @@ def final_weights(out: pathlib.Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("kill_at", KILL_POINTS)
-def test_kill_while_checkpointing_then_resume_is_exact(straight, tmp_path, kill_at):
+def test_kill_while_checkpointing_then_resume_is_exact(worker, straight, tmp_path, kill_at):
     settings, reference = straight
     out = tmp_path / "run"
-    killed = run({**settings, "out": str(out)}, kill_at)
+    killed = run(worker, {**settings, "out": str(out)}, kill_at)
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
-    assert_resume_is_exact(settings, reference, out)
+    assert_resume_is_exact(worker, settings, reference, out)
 
 
-def assert_resume_is_exact(settings: dict, reference: pathlib.Path, out: pathlib.Path) -> None:
-    resumed = run({**settings, "out": str(out), "resume": True}, "none")
+def assert_resume_is_exact(worker: ForkServer, settings: dict, reference: pathlib.Path, out: pathlib.Path) -> None:
+    resumed = run(worker, {**settings, "out": str(out), "resume": True}, "none")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (out / "loss.csv").read_text() == (reference / "loss.csv").read_text()
     assert (out / "metrics.csv").read_text() == (reference / "metrics.csv").read_text()
@@ -77,40 +81,38 @@ def temporaries(out: pathlib.Path) -> list[str]:
     return [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_sigterm_while_checkpointing_removes_the_temporary_then_resume_is_exact(straight, tmp_path):
+def test_sigterm_while_checkpointing_removes_the_temporary_then_resume_is_exact(worker, straight, tmp_path):
     """SIGTERM (a scheduler's or a container's stop) still ends the process as SIGTERM does, but first removes the
     incomplete checkpoint and releases the run directory."""
     settings, reference = straight
     out = tmp_path / "run"
-    terminated = run({**settings, "out": str(out)}, "torch.save:8:TERM")  # the 4th checkpoint's trainer state
+    terminated = run(worker, {**settings, "out": str(out)}, "torch.save:8:TERM")  # the 4th checkpoint's trainer state
     assert terminated.returncode == -signal.SIGTERM, (terminated.returncode, terminated.stderr[-2000:])
     last = out / "checkpoints" / (out / "checkpoints" / "latest").read_text()
     assert f"mit: warning: terminated by SIGTERM; the last complete checkpoint is {last}" in terminated.stderr
     assert temporaries(out) == []  # before any resume
     assert not (out / RUN_LOCK).exists()  # released (and removed)
-    assert_resume_is_exact(settings, reference, out)
+    assert_resume_is_exact(worker, settings, reference, out)
 
 
-def test_a_second_run_on_the_same_directory_is_refused_while_the_first_is_checkpointing(straight, tmp_path):
+def test_a_second_run_on_the_same_directory_is_refused_while_the_first_is_checkpointing(worker, straight, tmp_path):
     """Two runs on one directory at the same moment: the second is refused at once and writes nothing (no config.json
     of its own beside the first one's checkpoints, no temporary of its own, nothing of the first's removed)."""
     settings, reference = straight
     out, release = tmp_path / "run", tmp_path / "release"
-    command, env = worker({**settings, "out": str(out)}, f"torch.save:1:WAIT={release}")
-    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = worker.start([json.dumps({**settings, "out": str(out)}), f"torch.save:1:WAIT={release}"])
     try:
         deadline = time.monotonic() + 200
         while not ((out / "checkpoints").is_dir() and temporaries(out)):  # inside its first checkpoint
-            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr[-3000:]
             time.sleep(0.05)
         in_progress = temporaries(out)
-        second = run({**settings, "out": str(out), "lr": 0.5, "resume": True}, "none")
+        second = run(worker, {**settings, "out": str(out), "lr": 0.5, "resume": True}, "none")
         assert second.returncode == 1 and "RunDirectoryError" in second.stderr, second.stderr[-2000:]
         assert f"out: {out} is in use by another run (pid {first.pid} on " in second.stderr
         assert temporaries(out) == in_progress and json.loads((out / "config.json").read_text())["optim"]["lr"] == 0.01
         release.touch()
-        _, stderr = first.communicate(timeout=240)
-        assert first.returncode == 0, stderr[-3000:]
+        assert first.wait(240) == 0, first.stderr[-3000:]
     finally:
         first.kill()
     assert (out / "loss.csv").read_text() == (reference / "loss.csv").read_text()
