@@ -46,6 +46,29 @@ def pytest_configure(config):
         os.environ["OMP_NUM_THREADS"] = str(share)
 
 
+# What the script runs' interpreter imports before it forks them: what every benchmark script imports first.
+SCRIPT_PRELOAD = (
+    "torch",
+    "transformers",
+    "transformers.models.llama.modeling_llama",
+    "mit",
+    "mit.integrations",
+    "tqdm",
+)
+
+
+@pytest.fixture(scope="session")
+def script_runs(tmp_path_factory):
+    """Scripts run as ``python script args...`` would run them, in processes forked from one interpreter (per test
+    worker) that imported torch, transformers and mit once, with the tests' environment (tests/forked_runs.py):
+    ``script_runs.run(args, timeout=..., script=path)`` gives a ``subprocess.CompletedProcess``."""
+    from forked_runs import ForkServer
+
+    server = ForkServer(None, None, dict(os.environ), tmp_path_factory.mktemp("script-runs"), SCRIPT_PRELOAD)
+    yield server
+    server.close()
+
+
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE

@@ -1,15 +1,18 @@
-"""Runs of a test worker in processes forked from one warm interpreter, for tests that start the same worker many times.
+"""Runs of test workers and scripts in processes forked from one warm interpreter, for tests that start many.
 
-A subprocess of its own pays ~4-5 s (2 cores) to import torch, transformers and mit before the worker does anything;
-tests that kill a run and resume it start a dozen. :class:`ForkServer` starts one interpreter that imports the
-worker's module once and then forks a child per run: each child is a real process of its own (its own pid, signals,
-exit status, stdout and stderr), started from an interpreter that has imported the modules and run nothing else (no
-thread is started, so forking is safe). A run is therefore what ``python worker.py args...`` would be, minus the
-imports; a worker whose module reads the environment at import must be given that environment when the server starts.
+A subprocess of its own pays ~4-5 s (2 cores) to import torch, transformers and mit before it does anything; the
+kill/resume tests start fifteen, the benchmark tests one per script. :class:`ForkServer` starts one interpreter that
+imports the heavy modules once and then forks a child per run: each child is a real process of its own (its own pid,
+signals, exit status, stdout and stderr), forked from an interpreter that has imported modules and run nothing else
+(the server refuses to fork once a thread other than its own runs: forking is safe). A run is therefore what
+``python script.py args...`` (or the worker function's ``python worker.py args...``) would be, minus the imports; the
+environment is the server's, so a run that needs other environment variables than the tests' (ones read at import,
+such as TRITON_INTERPRET) is a plain subprocess, and modules the server imported are not imported again (a ``-m`` run
+uses the installed package, as the console script does, even from a source checkout's root).
 
-Protocol (one JSON object per line): the test sends ``{"start": [args...], "stdout": path, "stderr": path}`` and gets
-``{"pid": N}``, or ``{"poll": N}`` and gets ``{"returncode": R}`` (None while running; minus the signal number when
-a signal ended it, as ``subprocess`` reports it).
+Protocol (one JSON object per line): the test sends ``{"start": [args...], "script": path or null, "cwd": path or
+null, "stdout": path, "stderr": path}`` and gets ``{"pid": N}``, or ``{"poll": N}`` and gets ``{"returncode": R}``
+(None while running; minus the signal number when a signal ended it, as ``subprocess`` reports it).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import importlib
 import json
 import os
 import pathlib
+import runpy
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 
@@ -61,12 +66,20 @@ class ForkedProcess:
 
 
 class ForkServer:
-    """An interpreter that has imported ``module`` (with ``env``) and forks a child per :meth:`start`, which calls
-    ``module.<function>(*args)`` (the worker's ``main``) and exits as ``python module.py args...`` would."""
+    """An interpreter that has imported the worker module ``module_path`` (whose ``function`` each run calls with its
+    arguments) or, without one, the modules ``preload`` (each run then runs a script), started with ``env``; the runs'
+    output files go to ``folder``."""
 
-    def __init__(self, module_path: pathlib.Path, function: str, env: dict[str, str], folder: pathlib.Path) -> None:
+    def __init__(
+        self,
+        module_path: pathlib.Path | None,
+        function: str | None,
+        env: dict[str, str],
+        folder: pathlib.Path,
+        preload: tuple[str, ...] = (),
+    ) -> None:
         self.folder, self.runs = folder, 0
-        command = [sys.executable, __file__, str(module_path), function]
+        command = [sys.executable, __file__, str(module_path or ""), function or "", ",".join(preload)]
         self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         ready = self.process.stdout.readline()
         if json.loads(ready or "{}").get("ready") is not True:
@@ -78,18 +91,26 @@ class ForkServer:
         line = self.process.stdout.readline()
         if not line:
             raise RuntimeError(f"the fork server ended (exit status {self.process.wait()})")
-        return json.loads(line)
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"the fork server refused: {reply['error']}")
+        return reply
 
-    def start(self, args: list[str]) -> ForkedProcess:
-        """Start a run of the worker with ``args`` (strings, as on a command line)."""
+    def start(self, args: list[str], script: str | os.PathLike | None = None, cwd: str | None = None) -> ForkedProcess:
+        """Start a run with ``args`` (strings, as on a command line): of ``script`` (as ``python script args...``,
+        in ``cwd``; ``"-m module"``: as ``python -m module args...``), or of the worker function."""
         self.runs += 1
         stdout, stderr = (self.folder / f"run{self.runs}.{name}" for name in ("out", "err"))
-        pid = self._request({"start": list(args), "stdout": str(stdout), "stderr": str(stderr)})["pid"]
-        return ForkedProcess(self, pid, stdout, stderr)
+        message = {"start": [str(a) for a in args], "script": None if script is None else str(script),
+                   "cwd": None if cwd is None else str(cwd), "stdout": str(stdout), "stderr": str(stderr)}  # fmt: skip
+        return ForkedProcess(self, self._request(message)["pid"], stdout, stderr)
 
-    def run(self, args: list[str], timeout: float) -> subprocess.CompletedProcess:
-        """Run the worker with ``args`` to its end: its exit status, stdout and stderr, as ``subprocess.run`` gives."""
-        child = self.start(args)
+    def run(
+        self, args: list[str], timeout: float, script: str | os.PathLike | None = None, cwd: str | None = None
+    ) -> subprocess.CompletedProcess:
+        """A run to its end: its exit status, stdout and stderr, as ``subprocess.run(..., capture_output=True,
+        text=True)`` gives them."""
+        child = self.start(args, script, cwd)
         child.wait(timeout)
         return subprocess.CompletedProcess(args, child.returncode, child.stdout, child.stderr)
 
@@ -103,18 +124,32 @@ class ForkServer:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _child(function, args: list[str], stdout: str, stderr: str) -> None:
-    """In the forked child: output to the run's files, then the worker; never returns."""
+def _child(function, message: dict) -> None:
+    """In the forked child: output to the run's files, then the worker function or the script; never returns."""
     code = 0
     try:
-        for fd, path in ((1, stdout), (2, stderr)):
+        for fd, path in ((1, message["stdout"]), (2, message["stderr"])):
             target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(target, fd)
             os.close(target)
-        sys.argv = [sys.argv[1], *args]
-        function(*args)
+        if message["cwd"]:
+            os.chdir(message["cwd"])
+        args, script = message["start"], message["script"]
+        if script is None:
+            sys.argv = [sys.argv[1], *args]
+            function(*args)
+        elif script.startswith("-m "):  # as `python -m module args...`: the current directory first on the path
+            sys.argv = [script, *args]
+            sys.path.insert(0, os.getcwd())
+            runpy.run_module(script[3:], run_name="__main__", alter_sys=True)
+        else:  # as `python script args...`: the script's directory first on the path, run as __main__
+            sys.argv = [script, *args]
+            sys.path.insert(0, str(pathlib.Path(script).resolve().parent))
+            runpy.run_path(script, run_name="__main__")
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        if not isinstance(exit_.code, int) and exit_.code is not None:
+            print(exit_.code, file=sys.stderr)
     except BaseException:
         traceback.print_exc()
         code = 1
@@ -124,9 +159,13 @@ def _child(function, args: list[str], stdout: str, stderr: str) -> None:
         os._exit(code)
 
 
-def _serve(module_path: str, function_name: str) -> None:
-    sys.path.insert(0, str(pathlib.Path(module_path).parent))
-    function = getattr(importlib.import_module(pathlib.Path(module_path).stem), function_name)
+def _serve(module_path: str, function_name: str, preload: str) -> None:
+    function = None
+    if module_path:
+        sys.path.insert(0, str(pathlib.Path(module_path).parent))
+        function = getattr(importlib.import_module(pathlib.Path(module_path).stem), function_name)
+    for name in filter(None, preload.split(",")):
+        importlib.import_module(name)
     replies = os.fdopen(os.dup(1), "w")  # the reply channel: fd 1 becomes each child's own stdout file
     os.dup2(2, 1)  # and, in the server, its stderr: nothing the imports print can reach the replies
     replies.write(json.dumps({"ready": True}) + "\n")
@@ -135,13 +174,16 @@ def _serve(module_path: str, function_name: str) -> None:
     for line in sys.stdin:
         message = json.loads(line)
         if "start" in message:
-            for stream in (sys.stdout, sys.stderr):
-                stream.flush()  # (nothing buffered is written twice, by the server and the child)
-            pid = os.fork()
-            if pid == 0:
-                replies.close()
-                _child(function, message["start"], message["stdout"], message["stderr"])
-            reply = {"pid": pid}
+            if threading.active_count() > 1:  # a fork would copy locks those threads may hold
+                reply = {"error": f"threads running in the server: {[t.name for t in threading.enumerate()]}"}
+            else:
+                for stream in (sys.stdout, sys.stderr):
+                    stream.flush()  # (nothing buffered is written twice, by the server and the child)
+                pid = os.fork()
+                if pid == 0:
+                    replies.close()
+                    _child(function, message)
+                reply = {"pid": pid}
         else:
             pid = message["poll"]
             if pid not in ended:
@@ -154,4 +196,4 @@ def _serve(module_path: str, function_name: str) -> None:
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1], sys.argv[2])
+    _serve(*sys.argv[1:4])

@@ -9,8 +9,6 @@ import io
 import pathlib
 import re
 import shlex
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -105,19 +103,17 @@ def test_readme_paper_commands_parse_into_valid_configurations():
         assert build_parser().parse_args(words[1:]).command == "eval"
 
 
-def test_readme_benchmark_commands_exist_and_take_the_documented_options():
+def test_readme_benchmark_commands_exist_and_take_the_documented_options(script_runs):
     """The benchmark commands the README lists are scripts of the repository that take ``--out DIR`` and
     ``--quick``, as the text after them says (their quick runs are tested in tests/benchmarks/)."""
     root = README.parent
     block = next(b for b in _blocks("bash") if "benchmarks/memory_vs_seqlen.py" in b)
     scripts = [shlex.split(line)[1] for line in block.splitlines() if line.startswith("python ")]
     assert len(scripts) == 3
-    runs = {script: subprocess.Popen([sys.executable, str(root / script), "--help"], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, cwd=root) for script in scripts}  # fmt: skip
-    for script, run in runs.items():  # started together: three interpreter start-ups at once
-        stdout, stderr = run.communicate(timeout=120)
-        assert run.returncode == 0, stderr
-        assert "--out" in stdout and "--quick" in stdout, script
+    runs = {script: script_runs.start(["--help"], script=root / script, cwd=root) for script in scripts}
+    for script, run in runs.items():
+        assert run.wait(120) == 0, run.stderr
+        assert "--out" in run.stdout and "--quick" in run.stdout, script
 
 
 def test_readme_inline_mit_commands_parse():
@@ -144,14 +140,13 @@ def test_readme_inline_mit_commands_parse():
         assert args.command == words[1], words
 
 
-def test_readme_smollm2_example_prints_what_the_readme_shows():
+def test_readme_smollm2_example_prints_what_the_readme_shows(script_runs):
     """``python examples/smollm2_quickstart.py`` (the HF example on the real SmolLM2 with an untrained adapter) prints
     exactly the output block the README shows after it."""
     text = README.read_text()
     after = text[text.index("`python examples/smollm2_quickstart.py` runs exactly this") :]
     shown = re.search(r"```\n(.*?)```", after, flags=re.S).group(1)
-    run = subprocess.run([sys.executable, str(README.parent / "examples" / "smollm2_quickstart.py")],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    run = script_runs.run([], timeout=600, script=README.parent / "examples" / "smollm2_quickstart.py")
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout == shown
 

@@ -2,31 +2,27 @@
 tuning, and the
 attention speed/memory benchmark (only its exact memory numbers are asserted; times are never asserted in tests).
 
-The scripts live in benchmarks/ (not in the package); they run as subprocesses against the installed package."""
+The scripts live in benchmarks/ (not in the package); they run as processes of their own against the installed
+package, forked from one interpreter that imported torch, transformers and mit (the ``script_runs`` fixture,
+tests/forked_runs.py)."""
 
 from __future__ import annotations
 
 import csv
 import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
+from forked_runs import ForkServer
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def run_quick(script: str, out: pathlib.Path) -> list[dict]:
+def run_quick(runs: ForkServer, script: str, out: pathlib.Path) -> list[dict]:
     """``script --quick --out out``: ``out`` a CSV path, or a directory (that need not exist) the script writes
     ``<script name>.csv`` into; its rows."""
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = runs.run(["--quick", "--out", str(out)], timeout=300, script=BENCHMARKS / script)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     if out.suffix != ".csv":
         out = out / pathlib.Path(script).with_suffix(".csv").name
@@ -35,7 +31,9 @@ def run_quick(script: str, out: pathlib.Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def run_quick_once(tmp_path_factory, script: str, name: str, into_new_directory: bool = False) -> list[dict]:
+def run_quick_once(
+    runs: ForkServer, tmp_path_factory, script: str, name: str, into_new_directory: bool = False
+) -> list[dict]:
     """:func:`run_quick` once per test session, whichever pytest-xdist worker asks first (the others wait for it and
     read its CSV): a module fixture is otherwise built again by every worker that gets one of its tests. Without
     ``fcntl`` (Windows) each worker runs it. ``into_new_directory``: ``--out`` names a directory that does not exist
@@ -44,7 +42,7 @@ def run_quick_once(tmp_path_factory, script: str, name: str, into_new_directory:
     try:
         import fcntl
     except ImportError:
-        return run_quick(script, where(tmp_path_factory.mktemp(name)))
+        return run_quick(runs, script, where(tmp_path_factory.mktemp(name)))
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the session's directory, shared by its workers
@@ -56,21 +54,21 @@ def run_quick_once(tmp_path_factory, script: str, name: str, into_new_directory:
             with out.open() as f:
                 return list(csv.DictReader(f))
         folder.mkdir(exist_ok=True)
-        rows = run_quick(script, where(folder))
+        rows = run_quick(runs, script, where(folder))
         (folder / "complete").write_text("")
         return rows
 
 
 @pytest.fixture(scope="module")
-def memory_rows(tmp_path_factory) -> list[dict]:
-    return run_quick_once(tmp_path_factory, "memory_vs_seqlen.py", "memory")
+def memory_rows(script_runs, tmp_path_factory) -> list[dict]:
+    return run_quick_once(script_runs, tmp_path_factory, "memory_vs_seqlen.py", "memory")
 
 
 @pytest.fixture(scope="module")
-def flops_rows(tmp_path_factory) -> list[dict]:
+def flops_rows(script_runs, tmp_path_factory) -> list[dict]:
     """flops.py --quick (seconds: FLOPs are counted on the meta device), its --out a directory that does not exist:
     the script creates it and writes flops.csv and its plot there (run_quick asserts both)."""
-    return run_quick_once(tmp_path_factory, "flops.py", "flops", into_new_directory=True)
+    return run_quick_once(script_runs, tmp_path_factory, "flops.py", "flops", into_new_directory=True)
 
 
 def test_memory_csv_columns_and_methods(memory_rows):
@@ -169,8 +167,8 @@ def test_memory_tracker_ignores_views_of_existing_tensors():
 
 
 @pytest.fixture(scope="module")
-def attention_rows(tmp_path_factory) -> list[dict]:
-    return run_quick_once(tmp_path_factory, "bench_attention.py", "attention")
+def attention_rows(script_runs, tmp_path_factory) -> list[dict]:
+    return run_quick_once(script_runs, tmp_path_factory, "bench_attention.py", "attention")
 
 
 def test_attention_benchmark_rows(attention_rows):
@@ -198,11 +196,11 @@ def test_attention_benchmark_fused_memory_tracks_plain_attention(attention_rows)
         assert peak["ffn_gate", lq, "fused"] < 0.7 * peak["ffn_gate", lq, "eager"]
 
 
-def test_generation_benchmark_quick(tmp_path):
+def test_generation_benchmark_quick(script_runs, tmp_path):
     """benchmarks/generation_smollm2.py --quick: every generate case (batch sizes, a long prompt with the static
     cache) and the training step, both methods each, ratios with their spread written (the script itself refuses to
     report unless every MiT module ran fused); times are not asserted."""
-    rows = run_quick("generation_smollm2.py", tmp_path / "generation.csv")
+    rows = run_quick(script_runs, "generation_smollm2.py", tmp_path / "generation.csv")
     assert [(r["workload"], r["case"], r["method"]) for r in rows] == [
         ("generate", "B1 short dynamic", "base"), ("generate", "B1 short dynamic", "mit"),
         ("generate", "B2 short dynamic", "base"), ("generate", "B2 short dynamic", "mit"),
@@ -225,12 +223,12 @@ def test_generation_benchmark_quick(tmp_path):
     assert mit == 3 * (768 * 768 + 768 + 768 * 1536 + 1536 + 3) and text_only == 3 * 2 * 576 * 1536
 
 
-def test_fused_op_latency_quick_times_every_call_in_generate_and_alone(tmp_path):
+def test_fused_op_latency_quick_times_every_call_in_generate_and_alone(script_runs, tmp_path):
     """benchmarks/fused_op_latency.py --quick (random 4-layer model, 4 new tokens): inside generate, every call of
     MiT's fused ops is timed once per infused layer and forward (prefill + 3 steps), with MiT's default layers (3 of 4)
     and with every layer; the frozen model's SDPA and SiLU once per layer and forward; then each op alone. Times are
     not asserted."""
-    rows = run_quick("fused_op_latency.py", tmp_path / "latency.csv")
+    rows = run_quick(script_runs, "fused_op_latency.py", tmp_path / "latency.csv")
     by = {(r["op"], r["setting"]): r for r in rows}
     forwards = 4
     for op in ("MiT fused attention", "MiT fused FFN gate"):
@@ -262,16 +260,13 @@ def test_flops_neural_is_prefix_plus_its_neurons(flops_rows):
         assert int(neural["trainable_params"]) == 16 * (4096 * 128 + 128 + 128 * 8192 + 8192) + 1024 * 4096 + 4096
 
 
-def test_decode_profile_quick_names_the_fused_ops_once_per_infused_layer_and_step(tmp_path):
+def test_decode_profile_quick_names_the_fused_ops_once_per_infused_layer_and_step(script_runs, tmp_path):
     """benchmarks/profile_decode_step.py --quick: one generate of each model under torch.profiler and cProfile; the
     aten table's difference shows MiT's two fused ops, each called exactly once per infused layer and decoding step
     (the random 4-layer model infuses its last layer only: MiTConfig's default layers scaled to 4), and the Python
     table lists the package's functions."""
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "profile_decode_step.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = script_runs.run(
+        ["--quick", "--out", str(tmp_path)], timeout=300, script=BENCHMARKS / "profile_decode_step.py"
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (table,) = tmp_path.glob("profile_decode_step_*.md")
@@ -288,11 +283,11 @@ def test_decode_profile_quick_names_the_fused_ops_once_per_infused_layer_and_ste
     assert any("mit_attention_forward" in name for name in python)
 
 
-def test_decode_step_layers_quick_splits_the_step_by_layer_group(tmp_path):
+def test_decode_step_layers_quick_splits_the_step_by_layer_group(script_runs, tmp_path):
     """benchmarks/decode_step_layers.py --quick (random 4-layer model, batch 1 and 2, 10 rounds): per batch size the
     whole step with its ratio's quartiles, then layer, attention and MLP for MiT's 3 infused layers and the 1 other
     (the script itself refuses to report unless every MiT module ran fused); times are not asserted."""
-    rows = run_quick("decode_step_layers.py", tmp_path / "layers.csv")
+    rows = run_quick(script_runs, "decode_step_layers.py", tmp_path / "layers.csv")
     expected = [("step", "all", 4)] + [(part, group, n) for part in ("layer", "attention", "mlp")
                                        for group, n in (("infused", 3), ("other", 1))]  # fmt: skip
     assert [(int(r["batch"]), r["part"], r["group"], int(r["layers"])) for r in rows] == [

@@ -376,16 +376,12 @@ def test_selectivity_test_switches_off_the_chosen_units_at_every_dose():
         nd.selectivity_test(model, train, test, None, dataclasses.replace(cfg, selectivity_fractions=(1.5,)))
 
 
-def test_the_experiment_runs_by_path_and_mit_demo_neural_digits_runs_it_from_a_source_checkout():
+def test_the_experiment_runs_by_path_and_mit_demo_neural_digits_runs_it_from_a_source_checkout(script_runs):
     """The experiment is not in the installed package: ``run.py`` runs as a script, and ``mit demo neural-digits``
     runs that script (same flags) in a source checkout (run from its root: the installed package is not one)."""
-    import subprocess
-    import sys as system
-
     script = EXPERIMENTS / "neural_digits" / "run.py"
-    for command in ([system.executable, str(script), "--help"], [system.executable, "-m", "mit.cli", "demo",
-                                                                "neural-digits", "--help"]):  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=EXPERIMENTS.parents[1])
+    for target, args in ((script, ["--help"]), ("-m mit.cli", ["demo", "neural-digits", "--help"])):
+        result = script_runs.run(args, timeout=300, script=target, cwd=EXPERIMENTS.parents[1])
         assert result.returncode == 0, result.stderr[-2000:]
         assert "benchmarks/experiments/neural_digits/run.py" in result.stdout and "--from-runs" in result.stdout
         # the task list shows the answer the default recipe trains (one <LCL-1> token, ExperimentConfig.segment_tokens)
