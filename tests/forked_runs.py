@@ -10,6 +10,9 @@ environment is the server's, so a run that needs other environment variables tha
 such as TRITON_INTERPRET) is a plain subprocess, and modules the server imported are not imported again (a ``-m`` run
 uses the installed package, as the console script does, even from a source checkout's root).
 
+Forking is used on Linux only (macOS forks badly once system frameworks are loaded; Windows has no fork) and unless
+MIT_TESTS_NO_FORK=1: elsewhere every run is a plain ``python script args...`` subprocess, with the same interface.
+
 Protocol (one JSON object per line): the test sends ``{"start": [args...], "script": path or null, "cwd": path or
 null, "stdout": path, "stderr": path}`` and gets ``{"pid": N}``, or ``{"poll": N}`` and gets ``{"returncode": R}``
 (None while running; minus the signal number when a signal ended it, as ``subprocess`` reports it).
@@ -29,17 +32,22 @@ import threading
 import time
 import traceback
 
+FORKING = sys.platform.startswith("linux") and hasattr(os, "fork") and os.environ.get("MIT_TESTS_NO_FORK") != "1"
+
 
 class ForkedProcess:
     """One forked run: ``pid``, :meth:`poll`, :meth:`wait`, :meth:`kill`, and its output once it has ended."""
 
-    def __init__(self, server: ForkServer, pid: int, stdout: pathlib.Path, stderr: pathlib.Path) -> None:
-        self.server, self.pid, self.returncode = server, pid, None
+    def __init__(self, server: ForkServer, pid: int, stdout: pathlib.Path, stderr: pathlib.Path, popen=None) -> None:
+        self.server, self.pid, self.returncode, self.popen = server, pid, None, popen
         self._stdout, self._stderr = stdout, stderr
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self.returncode = self.server._request({"poll": self.pid})["returncode"]
+            if self.popen is not None:  # a plain subprocess (no fork here)
+                self.returncode = self.popen.poll()
+            else:
+                self.returncode = self.server._request({"poll": self.pid})["returncode"]
         return self.returncode
 
     def wait(self, timeout: float) -> int:
@@ -53,7 +61,10 @@ class ForkedProcess:
 
     def kill(self) -> None:
         if self.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
+            if self.popen is not None:
+                self.popen.kill()
+            else:
+                os.kill(self.pid, signal.SIGKILL)
             self.wait(30)
 
     @property
@@ -78,7 +89,10 @@ class ForkServer:
         folder: pathlib.Path,
         preload: tuple[str, ...] = (),
     ) -> None:
-        self.folder, self.runs = folder, 0
+        self.folder, self.runs, self.module_path, self.env = folder, 0, module_path, env
+        self.process = None
+        if not FORKING:
+            return
         command = [sys.executable, __file__, str(module_path or ""), function or "", ",".join(preload)]
         self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         ready = self.process.stdout.readline()
@@ -101,6 +115,12 @@ class ForkServer:
         in ``cwd``; ``"-m module"``: as ``python -m module args...``), or of the worker function."""
         self.runs += 1
         stdout, stderr = (self.folder / f"run{self.runs}.{name}" for name in ("out", "err"))
+        if not FORKING:
+            target = str(self.module_path) if script is None else str(script)
+            command = [sys.executable, *(["-m", target[3:]] if target.startswith("-m ") else [target]), *map(str, args)]
+            with stdout.open("w") as out, stderr.open("w") as err:
+                popen = subprocess.Popen(command, env=self.env, cwd=cwd, stdout=out, stderr=err)
+            return ForkedProcess(self, popen.pid, stdout, stderr, popen)
         message = {"start": [str(a) for a in args], "script": None if script is None else str(script),
                    "cwd": None if cwd is None else str(cwd), "stdout": str(stdout), "stderr": str(stderr)}  # fmt: skip
         return ForkedProcess(self, self._request(message)["pid"], stdout, stderr)
@@ -115,8 +135,9 @@ class ForkServer:
         return subprocess.CompletedProcess(args, child.returncode, child.stdout, child.stderr)
 
     def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=30)
+        if self.process is not None:
+            self.process.stdin.close()
+            self.process.wait(timeout=30)
 
 
 # --------------------------------------------------------------------------------------------------------------------
