@@ -64,7 +64,7 @@ def script_runs(tmp_path_factory):
     ``script_runs.run(args, timeout=..., script=path)`` gives a ``subprocess.CompletedProcess``."""
     from forked_runs import ForkServer
 
-    server = ForkServer(None, None, dict(os.environ), tmp_path_factory.mktemp("script-runs"), SCRIPT_PRELOAD)
+    server = ForkServer(dict(os.environ), tmp_path_factory.mktemp("script-runs"), preload=SCRIPT_PRELOAD)
     yield server
     server.close()
 

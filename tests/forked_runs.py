@@ -77,23 +77,24 @@ class ForkedProcess:
 
 
 class ForkServer:
-    """An interpreter that has imported the worker module ``module_path`` (whose ``function`` each run calls with its
-    arguments) or, without one, the modules ``preload`` (each run then runs a script), started with ``env``; the runs'
-    output files go to ``folder``."""
+    """An interpreter, started with ``env``, that has imported the modules ``preload`` (each run then runs a script:
+    :meth:`start` with ``script``) or the worker module at ``worker`` (each run calls its ``function`` with the run's
+    arguments); the runs' output files go to ``folder``."""
 
     def __init__(
         self,
-        module_path: pathlib.Path | None,
-        function: str | None,
         env: dict[str, str],
         folder: pathlib.Path,
+        *,
         preload: tuple[str, ...] = (),
+        worker: pathlib.Path | None = None,
+        function: str = "main",
     ) -> None:
-        self.folder, self.runs, self.module_path, self.env = folder, 0, module_path, env
+        self.folder, self.runs, self.worker, self.env = folder, 0, worker, env
         self.process = None
         if not FORKING:
             return
-        command = [sys.executable, __file__, str(module_path or ""), function or "", ",".join(preload)]
+        command = [sys.executable, __file__, str(worker or ""), function, ",".join(preload)]
         self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         ready = self.process.stdout.readline()
         if json.loads(ready or "{}").get("ready") is not True:
@@ -116,7 +117,7 @@ class ForkServer:
         self.runs += 1
         stdout, stderr = (self.folder / f"run{self.runs}.{name}" for name in ("out", "err"))
         if not FORKING:
-            target = str(self.module_path) if script is None else str(script)
+            target = str(self.worker) if script is None else str(script)
             command = [sys.executable, *(["-m", target[3:]] if target.startswith("-m ") else [target]), *map(str, args)]
             with stdout.open("w") as out, stderr.open("w") as err:
                 popen = subprocess.Popen(command, env=self.env, cwd=cwd, stdout=out, stderr=err)
@@ -167,10 +168,12 @@ def _child(function, message: dict) -> None:
             sys.argv = [script, *args]
             sys.path.insert(0, str(pathlib.Path(script).resolve().parent))
             runpy.run_path(script, run_name="__main__")
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-        if not isinstance(exit_.code, int) and exit_.code is not None:
+    except SystemExit as exit_:  # as the interpreter ends: an int is the status, anything else is printed (status 1)
+        if exit_.code is None or isinstance(exit_.code, int):
+            code = exit_.code or 0
+        else:
             print(exit_.code, file=sys.stderr)
+            code = 1
     except BaseException:
         traceback.print_exc()
         code = 1
@@ -180,11 +183,11 @@ def _child(function, message: dict) -> None:
         os._exit(code)
 
 
-def _serve(module_path: str, function_name: str, preload: str) -> None:
+def _serve(worker: str, function_name: str, preload: str) -> None:
     function = None
-    if module_path:
-        sys.path.insert(0, str(pathlib.Path(module_path).parent))
-        function = getattr(importlib.import_module(pathlib.Path(module_path).stem), function_name)
+    if worker:
+        sys.path.insert(0, str(pathlib.Path(worker).parent))
+        function = getattr(importlib.import_module(pathlib.Path(worker).stem), function_name)
     for name in filter(None, preload.split(",")):
         importlib.import_module(name)
     replies = os.fdopen(os.dup(1), "w")  # the reply channel: fd 1 becomes each child's own stdout file

@@ -32,7 +32,7 @@ def worker(tmp_path_factory):
     (tests/forked_runs.py): 15 runs in this module, each a process of its own, without 15 imports of torch."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(ROOT / "tests")) if p)
-    server = ForkServer(ROOT / "tests" / "tuning_kill_worker.py", "main", env, tmp_path_factory.mktemp("runs"))
+    server = ForkServer(env, tmp_path_factory.mktemp("runs"), worker=ROOT / "tests" / "tuning_kill_worker.py")
     yield server
     server.close()
 
