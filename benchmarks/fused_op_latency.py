@@ -5,9 +5,9 @@ coming back from memory, and the rarer it runs the colder it is. MiT's fused ops
 SmolLM2's 30 by default), the ops of the frozen model they replace (torch's SDPA, the MLP's SiLU) once per layer. This
 script times, per call, in one process:
 
-- inside ``generate`` (greedy, ``--new-tokens`` tokens, batch 1): MiT's fused attention and FFN gate
-  (``mit_kernels.cpu_backend.loaded_attention`` / ``loaded_ffn_gate``) with MiT's default layers and with every
-  layer infused, and the frozen model's SDPA and SiLU;
+- inside ``generate`` (greedy, ``--new-tokens`` tokens, batch 1): MiT's fused attention and FFN gate as decoding
+  steps call them (``mit_kernels.cpu_backend.decoding_attention`` / ``decoding_ffn_gate``, the C++ kernels' direct
+  entries) with MiT's default layers and with every layer infused, and the frozen model's SDPA and SiLU;
 - alone, in a tight loop (everything hot): each op again, on the arguments of its last in-model call.
 
 Writes benchmarks/results/fused_op_latency_<device>.csv (median and quartiles per op and setting) and a plot beside it.
@@ -64,14 +64,14 @@ class TimedActivation(torch.nn.Module):
 
 @contextlib.contextmanager
 def timing_fused_ops(recorder: Recorder):
-    """Time MiT's fused CPU ops (what the integration calls once per infused layer)."""
-    attention, ffn_gate = cpu_backend.loaded_attention, cpu_backend.loaded_ffn_gate
-    cpu_backend.loaded_attention = recorder.wrap("MiT fused attention", attention)
-    cpu_backend.loaded_ffn_gate = recorder.wrap("MiT fused FFN gate", ffn_gate)
+    """Time MiT's fused CPU ops (what the integration calls once per infused layer and decoding step)."""
+    attention, ffn_gate = cpu_backend.decoding_attention, cpu_backend.decoding_ffn_gate
+    cpu_backend.decoding_attention = recorder.wrap("MiT fused attention", attention)
+    cpu_backend.decoding_ffn_gate = recorder.wrap("MiT fused FFN gate", ffn_gate)
     try:
         yield
     finally:
-        cpu_backend.loaded_attention, cpu_backend.loaded_ffn_gate = attention, ffn_gate
+        cpu_backend.decoding_attention, cpu_backend.decoding_ffn_gate = attention, ffn_gate
 
 
 @contextlib.contextmanager
@@ -156,8 +156,8 @@ def main(argv=None) -> list[dict]:
             base.generate(ids, **kwargs)
         for op, seconds in recorder_base.seconds.items():
             rows.append(summary(op, f"in generate, every layer ({num_layers} of {num_layers})", seconds, **common))
-        functions = {"MiT fused attention": cpu_backend.loaded_attention,
-                     "MiT fused FFN gate": cpu_backend.loaded_ffn_gate,
+        functions = {"MiT fused attention": cpu_backend.decoding_attention,
+                     "MiT fused FFN gate": cpu_backend.decoding_ffn_gate,
                      "SDPA": torch.nn.functional.scaled_dot_product_attention}  # fmt: skip
         last = {**recorder.last, **recorder_base.last}
         for op, function in functions.items():

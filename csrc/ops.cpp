@@ -1,11 +1,15 @@
 // Operator registration of the MiT CPU kernels (namespace mit_kernels): the CPU kernels, the autograd formulas (in
-// C++, so that a call under no_grad, e.g. every decoding step, costs no Python), and the Python module mit_kernels._C,
-// which only reports how the extension was built. Fake (meta) kernels and FLOP formulas are registered from Python in
+// C++, so that a call under no_grad, e.g. every decoding step, costs no Python), and the Python module of the
+// extension: how it was built, and the direct entry points of decoding (attention_fwd_direct / ffn_gate_fwd_direct). Fake (meta) kernels and FLOP formulas are registered from Python in
 // mit_kernels/cpu_backend.py.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
+#include <ATen/record_function.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <pybind11/pybind11.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
 #include "attention.h"
@@ -206,9 +210,67 @@ pybind11::dict extension_info() {
   return info;
 }
 
+// ---------------------------------------------------------------------------------------------------------------------
+// Direct entry points (decoding)
+// ---------------------------------------------------------------------------------------------------------------------
+//
+// A call through torch.ops from Python goes through torch/_ops.py, the boxed calling convention (the arguments parsed
+// against the schema into a stack of IValues) and the dispatcher twice (the autograd kernel, then the CPU kernel).
+// Alone that costs ~1-2 us; inside a decoding step, where every piece of code that runs once per infused layer has been
+// evicted from the caches by the layers' weights since its last use, it cost ~25 us per call (SmolLM2 on 2 cores; the
+// frozen model's own ops are reached through torch's generated bindings, which every layer keeps warm). The direct
+// entries below are pybind functions that call the CPU kernel itself when the dispatcher would do nothing else:
+// CPU tensors with no other dispatch key (no tensor subclass, functorch wrapper, conjugate / negative view), nothing
+// that records a graph, no dispatch mode (FakeTensorMode, FlopCounterMode, ...) and no key forced on by the thread
+// (tracing, functionalization, vmap). Anything else goes through the dispatcher, exactly as a torch.ops call would. The
+// profiler still sees the operator by name (RecordFunction, as the dispatcher records it).
+
+bool plain_cpu_tensor(const at::Tensor& x) {
+  static const c10::DispatchKeySet plain(c10::DispatchKey::CPU);
+  return (x.key_set() - c10::autograd_dispatch_keyset_with_ADInplaceOrView) == plain;
+}
+
+bool dispatcher_adds_nothing(std::initializer_list<std::reference_wrapper<const at::Tensor>> inputs) {
+  if (!c10::impl::tls_local_dispatch_key_set().included_.empty()) return false;
+  if (c10::impl::TorchDispatchModeTLS::stack_len() > 0) return false;
+  if (records_graph(inputs)) return false;
+  for (const at::Tensor& x : inputs) {
+    if (x.defined() && !plain_cpu_tensor(x)) return false;
+  }
+  return true;
+}
+
+at::Tensor attention_fwd_direct(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_mul,
+                                const at::Tensor& k_add, const at::Tensor& v_mul, const at::Tensor& v_add,
+                                const at::Tensor& head_logit, const std::optional<at::Tensor>& kv_mask, bool causal,
+                                double scale, bool rescale) {
+  const at::Tensor mask = kv_mask.has_value() ? *kv_mask : at::Tensor();  // (undefined: skipped by the checks)
+  if (!dispatcher_adds_nothing({q, k, v, k_mul, k_add, v_mul, v_add, head_logit, mask})) {
+    return std::get<0>(
+        attn_fwd_op().call(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale));
+  }
+  RECORD_FUNCTION("mit_kernels::attention_cpu_fwd",
+                  std::vector<c10::IValue>({q, k, v, k_mul, k_add, v_mul, v_add, head_logit}));
+  return std::get<0>(
+      mit::attention_cpu_fwd(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale));
+}
+
+at::Tensor ffn_gate_fwd_direct(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& ffn_mul) {
+  if (!dispatcher_adds_nothing({gate, up, ffn_mul})) return ffn_fwd_op().call(gate, up, ffn_mul);
+  RECORD_FUNCTION("mit_kernels::ffn_gate_cpu_fwd", std::vector<c10::IValue>({gate, up, ffn_mul}));
+  return mit::ffn_gate_cpu_fwd(gate, up, ffn_mul);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "MiT fused CPU kernels (ops registered under torch.ops.mit_kernels)";
   m.def("extension_info", &extension_info, "How the extension was built and how many threads ATen uses");
+  // The GIL is released around the kernels, as torch.ops releases it.
+  m.def("attention_fwd_direct", &attention_fwd_direct, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "mit_kernels::attention_cpu_fwd's output, the CPU kernel called directly when the dispatcher would add "
+        "nothing (decoding), else through the dispatcher");
+  m.def("ffn_gate_fwd_direct", &ffn_gate_fwd_direct, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "mit_kernels::ffn_gate_cpu_fwd, the CPU kernel called directly when the dispatcher would add nothing "
+        "(decoding), else through the dispatcher");
 }

@@ -75,6 +75,9 @@ class Backend:
         loaded: for a backend whose functions load their implementation at each call (the C++ kernels), the same
             backend with functions bound to the loaded implementation, for use once :func:`resolve` has accepted it
             (no per-call loading check); None: this entry's functions are already that.
+        attention_decoding, ffn_gate_decoding: what a decoding step runs (no grad, inside ``generate``), when that
+            differs from the above: the same results, computed by the same kernels, reached more cheaply (the C++
+            kernels' direct entries, :func:`mit_kernels.cpu_backend.decoding_attention`); None: the same.
     """
 
     attention: AttentionFunction
@@ -83,13 +86,21 @@ class Backend:
     attention_under_auto: AttentionFunction | None = None
     ffn_gate_under_auto: FfnGateFunction | None = None
     loaded: Callable[[], Backend] | None = None
+    attention_decoding: AttentionFunction | None = None
+    ffn_gate_decoding: FfnGateFunction | None = None
 
-    def attention_for(self, requested: str) -> AttentionFunction:
-        """The attention function to run when ``backend=requested`` resolved to this backend."""
+    def attention_for(self, requested: str, decoding: bool = False) -> AttentionFunction:
+        """The attention function to run when ``backend=requested`` resolved to this backend (``decoding``: in a
+        decoding step)."""
+        if decoding and self.attention_decoding is not None:
+            return self.attention_decoding
         return self.attention_under_auto if requested == "auto" and self.attention_under_auto else self.attention
 
-    def ffn_gate_for(self, requested: str) -> FfnGateFunction:
-        """The FFN gate function to run when ``backend=requested`` resolved to this backend."""
+    def ffn_gate_for(self, requested: str, decoding: bool = False) -> FfnGateFunction:
+        """The FFN gate function to run when ``backend=requested`` resolved to this backend (``decoding``: in a
+        decoding step)."""
+        if decoding and self.ffn_gate_decoding is not None:
+            return self.ffn_gate_decoding
         return self.ffn_gate_under_auto if requested == "auto" and self.ffn_gate_under_auto else self.ffn_gate
 
 
@@ -144,7 +155,10 @@ def _cpu_loaded() -> Backend:
     module, reason = dispatch.cpu_backend()
     if module is None:  # resolve() accepted "cpu", so this is a build that disappeared since
         raise RuntimeError(f"mit_kernels.cpu_backend is not available: {reason}")
-    return Backend(attention=module.loaded_attention, ffn_gate=module.loaded_ffn_gate, refusal=_cpu_refusal)
+    return Backend(
+        attention=module.loaded_attention, ffn_gate=module.loaded_ffn_gate, refusal=_cpu_refusal,
+        attention_decoding=module.decoding_attention, ffn_gate_decoding=module.decoding_ffn_gate,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -173,17 +187,20 @@ BACKENDS: tuple[str, ...] = ("auto", *BACKEND_TABLE)
 """The names ``backend=`` accepts: ``"auto"`` (:func:`resolve` picks) and the table's."""
 
 
-def attention_function(backend: str, device: torch.device, head_dim: int) -> AttentionFunction:
+def attention_function(
+    backend: str, device: torch.device, head_dim: int, *, decoding: bool = False
+) -> AttentionFunction:
     """The function :func:`mit_kernels.mit_attention` runs for ``backend`` on ``device`` with head dim ``head_dim``
     (:func:`resolve`, then the table): callers that built their arguments themselves (the Hugging Face integration,
-    once per forward) call it without the public op's validation."""
-    return loaded_backend(resolve(backend, device, head_dim)).attention_for(backend)
+    once per forward) call it without the public op's validation. ``decoding``: for the decoding steps of
+    ``generate`` (no grad, not compiled: :attr:`Backend.attention_decoding`)."""
+    return loaded_backend(resolve(backend, device, head_dim)).attention_for(backend, decoding)
 
 
-def ffn_gate_function(backend: str, device: torch.device) -> FfnGateFunction:
+def ffn_gate_function(backend: str, device: torch.device, *, decoding: bool = False) -> FfnGateFunction:
     """The function :func:`mit_kernels.mit_ffn_gate` runs for ``backend`` on ``device`` (see
     :func:`attention_function`)."""
-    return loaded_backend(resolve(backend, device)).ffn_gate_for(backend)
+    return loaded_backend(resolve(backend, device)).ffn_gate_for(backend, decoding)
 
 
 def loaded_backend(name: str) -> Backend:

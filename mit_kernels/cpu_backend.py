@@ -37,12 +37,16 @@ from . import cpu_extension
 from .op_kinds import ATTENTION, FFN_GATE
 from .registration import register_fake_and_flops
 
+_direct = None  # the loaded extension module (its direct entries: decoding_attention / decoding_ffn_gate)
+
 
 def _extension(compile_if_missing: bool = False):
     """The extension module (or None); registers the Python side of its operators the first time it is there."""
+    global _direct
     module = cpu_extension.state(compile_if_missing=compile_if_missing).module
     if module is not None:
         _register_once()
+        _direct = module
     return module
 
 
@@ -170,3 +174,50 @@ def loaded_attention(
 def loaded_ffn_gate(gate: torch.Tensor, up: torch.Tensor, ffn_mul: torch.Tensor) -> torch.Tensor:
     """:func:`ffn_gate` with no loading check (the extension must be loaded)."""
     return torch.ops.mit_kernels.ffn_gate_cpu_fwd(gate, up, ffn_mul)
+
+
+# What a decoding step of generate runs (mit_kernels.backends.Backend.attention_decoding): the same operators, called
+# through the extension's direct entries (csrc/ops.cpp). A torch.ops call passes through torch/_ops.py, the boxed
+# calling convention and the dispatcher twice; inside a decoding step, where code run once per infused layer has been
+# evicted from the caches since its last use, that cost ~25 us per call on a 2-core CPU (docs/decoding-cost.md).
+# The direct entry calls the CPU kernel itself when the dispatcher would add nothing, and goes through the dispatcher
+# otherwise (a dispatch mode, a tensor subclass or functorch wrapper, a graph to record, tracing). What only Python
+# sees, a __torch_function__ mode (e.g. ``with torch.device(...)``) or subclass, takes the torch.ops call here. Never
+# under torch.compile: dynamo cannot trace a pybind function (the integration makes no decoding plan there).
+
+_function_mode_enabled = torch._C._is_torch_function_mode_enabled
+_Tensor = torch.Tensor
+
+
+def decoding_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_mul: torch.Tensor,
+    k_add: torch.Tensor,
+    v_mul: torch.Tensor,
+    v_add: torch.Tensor,
+    head_logit: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None,
+    kv_mask: torch.Tensor | None,
+    rescale: bool,
+) -> torch.Tensor:
+    """:func:`loaded_attention` through the extension's direct entry (the extension must be loaded)."""
+    if _function_mode_enabled() or type(q) is not _Tensor or type(k) is not _Tensor or type(v) is not _Tensor:
+        return loaded_attention(
+            q, k, v, k_mul, k_add, v_mul, v_add, head_logit, causal=causal, scale=scale, kv_mask=kv_mask,
+            rescale=rescale,
+        )  # fmt: skip
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _direct.attention_fwd_direct(
+        q, k, v, k_mul, k_add, v_mul, v_add, head_logit, kv_mask, causal, scale, rescale
+    )
+
+
+def decoding_ffn_gate(gate: torch.Tensor, up: torch.Tensor, ffn_mul: torch.Tensor) -> torch.Tensor:
+    """:func:`loaded_ffn_gate` through the extension's direct entry (the extension must be loaded)."""
+    if _function_mode_enabled() or type(gate) is not _Tensor or type(up) is not _Tensor:
+        return loaded_ffn_gate(gate, up, ffn_mul)
+    return _direct.ffn_gate_fwd_direct(gate, up, ffn_mul)

@@ -58,6 +58,10 @@ def _mask_kind(base: str) -> str | None:
     return None  # flex_attention (BlockMask), user-registered functions: always the exact fallback
 
 
+_UNKNOWN = object()
+_MASK_KINDS: dict[str, str | None] = {}  # _mask_kind per implementation name, worked out once (a lookup per call)
+
+
 def is_mit_implementation(name: object) -> bool:
     return isinstance(name, str) and name.startswith(PREFIX)
 
@@ -266,7 +270,7 @@ class CallMemo:
         if plan.function is not None:
             return plan.function
         function = self.attention_function(infusion.backend, query.device, query.shape[-1])
-        if self.plans is not None:
+        if self.plans is not None:  # (then the function is the decoding one: attention_function)
             self.plans[infusion] = plan._replace(function=function)
         return function
 
@@ -301,11 +305,14 @@ class CallMemo:
         return checked is modality_embedding and checked.shape[0] == batch
 
     def attention_function(self, backend: str, device: torch.device, head_dim: int) -> Callable:
-        """The attention function ``backend`` resolves to on ``device`` for ``head_dim``, resolved once per call."""
-        key = ("attention", backend, device, head_dim)
+        """The attention function ``backend`` resolves to on ``device`` for ``head_dim``, resolved once per call: with
+        ``plans`` (decoding steps: no grad, no autocast, not compiled), the backend's decoding function
+        (:attr:`mit_kernels.backends.Backend.attention_decoding`)."""
+        decoding = self.plans is not None
+        key = ("attention", backend, device, head_dim, decoding)
         function = self.functions.get(key)
         if function is None:
-            function = self.functions[key] = attention_function(backend, device, head_dim)
+            function = self.functions[key] = attention_function(backend, device, head_dim, decoding=decoding)
         return function
 
     def base_function(self, base: str, module: torch.nn.Module) -> Callable:
@@ -318,11 +325,13 @@ class CallMemo:
         return function
 
     def ffn_gate_function(self, backend: str, device: torch.device) -> Callable:
-        """The FFN gate function ``backend`` resolves to on ``device``, resolved once per call."""
-        key = ("ffn_gate", backend, device)
+        """The FFN gate function ``backend`` resolves to on ``device``, resolved once per call (the decoding one with
+        ``plans``, as :meth:`attention_function`)."""
+        decoding = self.plans is not None
+        key = ("ffn_gate", backend, device, decoding)
         function = self.functions.get(key)
         if function is None:
-            function = self.functions[key] = ffn_gate_function(backend, device)
+            function = self.functions[key] = ffn_gate_function(backend, device, decoding=decoding)
         return function
 
     def lookup(self, mask: torch.Tensor, batch: int, lq: int, lk: int) -> tuple[bool, torch.Tensor | None]:
@@ -361,7 +370,9 @@ def fused_kv_mask(
     ``analyses`` is the forward call's memo of 4-D mask analyses (None: the mask is analysed here). Returns
     ``(fused, kv_mask, reason)``: ``kv_mask`` (B, Lk) bool or None (no padding) when fused, else the reason for the
     exact fallback."""
-    kind = _mask_kind(base)
+    kind = _MASK_KINDS.get(base, _UNKNOWN)
+    if kind is _UNKNOWN:
+        kind = _MASK_KINDS[base] = _mask_kind(base)
     if kind is None:
         return False, None, f"implementation {base!r}"
     if kwargs.get("softcap") is not None:
@@ -461,11 +472,23 @@ def _make_attention_function(base: str) -> Callable:
             query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         fused, kv_mask, reason = fused_kv_mask(base, module, attention_mask, batch, lq, lk, kwargs, analyses)
         if analyses is not None:  # the arguments are built here (shapes from the model), once per call or generate
-            plan = analyses.attention_plan(infusion, modality_embedding, query, kwargs)
+            plans = analyses.plans
+            plan = plans.get(infusion) if plans is not None else None
+            if (
+                plan is None
+                or plan.embedding is not modality_embedding
+                or plan.dtype is not query.dtype
+                or (plan.scaling != kwargs.get("scaling"))
+            ):  # attention_plan's own check, inline: a decoding step reuses its plan without a call (each Python
+                # function run once per infused layer costs ~5 us in a step: docs/decoding-cost.md)
+                plan = analyses.attention_plan(infusion, modality_embedding, query, kwargs)
             vectors, head_logit = plan.vectors, plan.head_logit
             if fused:
                 infusion.record("fused")
-                out = analyses.fused_attention(infusion, plan, query)(
+                function = plan.function  # (resolved at the first fused call, then kept in the plan)
+                if function is None:
+                    function = analyses.fused_attention(infusion, plan, query)
+                out = function(
                     query, key, value, *vectors, head_logit, causal=True, scale=plan.scale, kv_mask=kv_mask,
                     rescale=infusion.rescale,
                 )  # fmt: skip

@@ -19,9 +19,33 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .attention import KV_INFUSION_NAME, base_implementation
+from .attention import KV_INFUSION_NAME, PREFIX
 
-_WRAPPED = "_mit_wrapped_config"  # the one attribute of the view itself
+_WRAPPED = "_mit_wrapped_config"  # the attributes of the view itself: the wrapped config, and
+_STORED = "_mit_stored_in"  # its instance dict, when it keeps the name there as transformers' own configs do
+_INTERNAL_NAME = "_attn_implementation_internal"  # where transformers' PreTrainedConfig keeps the name
+_MISSING = object()
+
+
+def _stored_name_dict(config: object) -> dict | None:
+    """``config``'s instance dict when ``config`` reads ``_attn_implementation`` with transformers' own property
+    (which returns the instance attribute ``_attn_implementation_internal``), else None.
+
+    Every attribute read on a transformers config passes through two Python ``__getattribute__`` overrides (the
+    attribute map, heterogeneous per-layer configs), and the property reads a second attribute through them again:
+    ~2.5 us per read on a CPU, once per layer and decoding step. The view reads the stored name from the instance
+    dict instead, when the class's property is transformers' own (a config class that defines its own property, or a
+    transformers release that stores the name elsewhere, is read through the property)."""
+    try:
+        from transformers import configuration_utils
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    base = getattr(configuration_utils, "PreTrainedConfig", None) or configuration_utils.PretrainedConfig
+    own = base.__dict__.get("_attn_implementation")
+    if not isinstance(own, property) or getattr(type(config), "_attn_implementation", None) is not own:
+        return None
+    stored = object.__getattribute__(config, "__dict__")  # (past the overrides)
+    return stored if _INTERNAL_NAME in stored else None
 
 
 class UninfusedAttentionConfig:
@@ -31,18 +55,25 @@ class UninfusedAttentionConfig:
 
     def __init__(self, config: object) -> None:
         object.__setattr__(self, _WRAPPED, config)
+        object.__setattr__(self, _STORED, _stored_name_dict(config))
 
     @property
     def _attn_implementation(self) -> str | None:
-        implementation = getattr(self._mit_wrapped_config, "_attn_implementation", None)
-        return base_implementation(implementation) if isinstance(implementation, str) else implementation
+        # read by the attention module at every call: inline, no helper calls
+        stored = self._mit_stored_in
+        implementation = stored.get(_INTERNAL_NAME, _MISSING) if stored is not None else _MISSING
+        if implementation is _MISSING:
+            implementation = getattr(self._mit_wrapped_config, "_attn_implementation", None)
+        if type(implementation) is str and implementation.startswith(PREFIX):
+            return implementation[len(PREFIX) :]
+        return implementation
 
     @_attn_implementation.setter
     def _attn_implementation(self, value: object) -> None:
         self._mit_wrapped_config._attn_implementation = value
 
     def __getattr__(self, name: str) -> object:  # only for names the view does not have: the wrapped config's
-        if name == _WRAPPED or (name.startswith("__") and name.endswith("__")):
+        if name in (_WRAPPED, _STORED) or (name.startswith("__") and name.endswith("__")):
             raise AttributeError(name)  # (half-built during copy / unpickling: no recursion; no dunder protocols)
         return getattr(object.__getattribute__(self, _WRAPPED), name)
 

@@ -18,7 +18,7 @@ from mit_kernels import mit_ffn_gate
 from ..hf.classes import Rebuildable
 from .attention import KV_INFUSION_NAME, MEMO_KWARG, is_mit_implementation
 from .infusion import MiTFFNInfusion, check_modality
-from .scope import FFNBinding, bind_ffn, current_ffn
+from .scope import CALL_SCOPE, FFNBinding, bind_ffn
 
 FFN_INFUSION_NAME = "mit_ffn_infusion"  # attribute of the MLP holding its MiTFFNInfusion
 
@@ -47,11 +47,15 @@ class MiTDecoderLayerMixin(Rebuildable):
         infusion: MiTFFNInfusion | None = self.mlp._modules.get(FFN_INFUSION_NAME)  # (no AttributeError when absent)
         if infusion is None or modality_embedding is None:
             return super().forward(*args, **kwargs)
-        previous = bind_ffn(FFNBinding(infusion, modality_embedding, memo=memo))
+        # bind_ffn(FFNBinding(...)) without its two Python frames (FFNBinding's generated __new__, bind_ffn): inside
+        # a decoding step each Python function run once per infused layer costs ~5 us to bring back into the caches
+        # (docs/decoding-cost.md); the scope's attribute is what bind_ffn sets
+        previous = CALL_SCOPE.ffn
+        CALL_SCOPE.ffn = tuple.__new__(FFNBinding, (infusion, modality_embedding, None, memo))
         try:
             return super().forward(*args, **kwargs)
         finally:
-            bind_ffn(previous)
+            CALL_SCOPE.ffn = previous
 
 
 class MiTMLPMixin(Rebuildable):
@@ -66,15 +70,23 @@ class MiTMLPMixin(Rebuildable):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``x`` (B, L, hidden) -> (B, L, hidden)."""
         infusion: MiTFFNInfusion = self._modules[FFN_INFUSION_NAME]
-        binding = current_ffn(infusion)
-        if binding is None:
+        binding = CALL_SCOPE.ffn  # current_ffn(infusion), inline (one Python frame less per infused layer)
+        if binding is None or binding.infusion is not infusion:
             return super().forward(x, *args, **kwargs)
         modality_embedding, memo = binding.modality_embedding, binding.memo
         if infusion.fused:
             infusion.record("fused")
             gate, up = self.gate_proj(x), self.up_proj(x)
             if memo is not None:  # the arguments are built here, once per call (or per generate: CallMemo.gate_plan)
-                plan = memo.gate_plan(infusion, modality_embedding, x, gate)
+                plans = memo.plans
+                plan = plans.get(infusion) if plans is not None else None
+                if (
+                    plan is None
+                    or plan.embedding is not modality_embedding
+                    or plan.dtype is not x.dtype
+                    or plan.gate_dtype is not gate.dtype
+                ):  # (gate_plan's own check, inline: it makes or remakes the plan)
+                    plan = memo.gate_plan(infusion, modality_embedding, x, gate)
                 return self.down_proj(plan.function(gate, up, plan.ffn_mul))
             # no forward of an MiT model above: the public op (under autocast the projections run in the autocast
             # dtype while the residual stream x does not)

@@ -78,6 +78,11 @@ class _CallScope(threading.local):
 
 _scope = _CallScope()
 
+CALL_SCOPE = _scope
+"""The bindings themselves: the attributes ``ffn`` and ``generation_cache`` (of the current thread) are what
+:func:`bind_ffn` / :func:`current_ffn` and :func:`bind_generation_cache` / :func:`generation_cache` set and read, for
+code that runs once per infused layer and decoding step, where each Python call counts (docs/decoding-cost.md)."""
+
 
 def bind_ffn(binding: FFNBinding | None) -> FFNBinding | None:
     """Bind ``binding`` for the current thread and return the previous binding, which the caller restores (with

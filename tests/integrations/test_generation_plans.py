@@ -132,7 +132,7 @@ def test_a_layer_that_always_falls_back_never_asks_for_a_kernel(monkeypatch):
     """Gemma2 (logit soft-capping) runs the exact fallback in every layer: its plans must not resolve a fused kernel,
     which a backend may refuse (an explicit backend on a device it does not run on), where the fallback runs fine."""
 
-    def refusing(*args):
+    def refusing(*args, **kwargs):
         raise ValueError("backend refused")
 
     monkeypatch.setattr(attention_module, "attention_function", refusing)
@@ -147,3 +147,40 @@ def test_a_layer_that_always_falls_back_never_asks_for_a_kernel(monkeypatch):
         else:  # a layer that runs fused does ask: the refusal propagates
             with pytest.raises(ValueError, match="backend refused"):
                 _generate(infused, ids, mask, emb)
+
+
+def test_decoding_steps_call_the_cpu_kernels_through_their_direct_entries(monkeypatch):
+    """With plans (inside generate) the resolved CPU functions are the decoding ones
+    (``mit_kernels.cpu_backend.decoding_attention`` / ``decoding_ffn_gate``); every other forward keeps the torch.ops
+    calls. (That both give the same tokens and scores, bit for bit, is the first test of this file.)"""
+    from mit_kernels import cpu_backend
+    from mit_kernels.dispatch import cpu_backend_available
+
+    if not cpu_backend_available():
+        pytest.skip("the C++ CPU kernels cannot be built here (no compiler?)")
+    calls = {name: 0 for name in ("decoding_attention", "decoding_ffn_gate", "loaded_attention", "loaded_ffn_gate")}
+
+    def counting(name):
+        function = getattr(cpu_backend, name)
+
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return call
+
+    for name in calls:
+        monkeypatch.setattr(cpu_backend, name, counting(name))
+    infused = mit.apply_mit(model("llama"), mit.MiTConfig(modality_dim=MODALITY_DIM))
+    randomise(infused)
+    ids, mask = padded_batch()
+    emb = embedding()
+    kv = sum(isinstance(m, mit.MiTKVInfusion) for m in infused.modules())
+    ffn = sum(isinstance(m, mit.MiTFFNInfusion) and m.fused for m in infused.modules())
+    _generate(infused, ids, mask, emb)  # prefill + 3 decoding steps
+    assert calls == {"decoding_attention": 4 * kv, "decoding_ffn_gate": 4 * ffn, "loaded_attention": 0,
+                     "loaded_ffn_gate": 0}, calls  # fmt: skip
+    calls.update(dict.fromkeys(calls, 0))
+    with torch.no_grad():
+        infused(ids, attention_mask=mask, modality_embedding=emb)  # a forward outside generate
+    assert calls == {"decoding_attention": 0, "decoding_ffn_gate": 0, "loaded_attention": kv, "loaded_ffn_gate": ffn}

@@ -374,7 +374,9 @@ def test_kernel_backends_are_resolved_once_per_generate_and_once_per_forward(mon
     resolved: list[str] = []
     for name in ("attention_function", "ffn_gate_function"):
         original = getattr(attention_module, name)
-        monkeypatch.setattr(attention_module, name, lambda *a, _f=original, _n=name: resolved.append(_n) or _f(*a))
+        monkeypatch.setattr(
+            attention_module, name, lambda *a, _f=original, _n=name, **k: resolved.append(_n) or _f(*a, **k)
+        )
     kwargs = {"attention_mask": mask, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         short = model.generate(ids, modality_embedding=emb, max_new_tokens=2, min_new_tokens=2, **kwargs)

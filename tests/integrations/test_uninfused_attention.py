@@ -127,3 +127,40 @@ def test_copies_and_pickles_view_their_own_models_config():
         clone.set_attn_implementation("eager")
         assert implementations(clone)[0] == "eager"
         assert implementations(tuned)[0] == "sdpa"
+
+
+def test_the_view_reads_the_stored_name_only_where_the_property_is_transformers_own():
+    """The view reads the name from the config's instance dict (no pass through transformers' ``__getattribute__``
+    overrides) when the config's class reads it with transformers' own property; a class with a property of its own is
+    read through that property. Either way the name is the property's, live."""
+    from transformers import LlamaConfig
+
+    from mit.integrations.attention_config import _stored_name_dict
+
+    tuned = infused("llama", layers=[2])
+    view = tuned.model.layers[0].self_attn.config
+    assert object.__getattribute__(view, "_mit_stored_in") is object.__getattribute__(tuned.config, "__dict__")
+    for name in ("eager", "sdpa"):
+        tuned.set_attn_implementation(name)
+        assert tuned.config._attn_implementation == "mit_" + name and view._attn_implementation == name
+
+    class OwnProperty(LlamaConfig):
+        @property
+        def _attn_implementation(self):
+            return "mit_flavour"
+
+        @_attn_implementation.setter
+        def _attn_implementation(self, value):
+            pass
+
+    own = OwnProperty(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=32)
+    assert _stored_name_dict(own) is None and _stored_name_dict(object()) is None
+    assert UninfusedAttentionConfig(own)._attn_implementation == "flavour"
+    plain = LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=32)
+    plain._attn_implementation = "mit_eager"
+    del plain.__dict__["_attn_implementation_internal"]  # stored elsewhere (another release): the property is read
+    view = UninfusedAttentionConfig(plain)
+    assert object.__getattribute__(view, "_mit_stored_in") is None
+    assert view._attn_implementation is None  # (what reading the property gives now)
+    plain._attn_implementation = "mit_sdpa"
+    assert view._attn_implementation == "sdpa"
