@@ -379,15 +379,15 @@ void fwd_decode(const FwdInputs& in, at::Tensor& out, at::Tensor& lse) {
   nsplit = (s.Lk + split - 1) / split;
   const int64_t num_tasks = s.B * s.Hkv * nsplit;
 
-  // Partials: per task and row the unnormalised output, running max and sum.
-  at::Tensor part = at::empty({num_tasks, R, D + 2}, in.q.options().dtype(acc_dtype));
-  A* part_d = part.data_ptr<A>();
-  // Scratch: Qs (R x D), S (R x NBK), K' and V' (NBK x D each), converted K / V rows (NBK x D each, low precision
-  // only), gate work arrays (4 x NBK).
+  // Partials: per task and row the unnormalised output, running max and sum. Scratch per thread: Qs (R x D), S
+  // (R x NBK), K' and V' (NBK x D each), converted K / V rows (NBK x D each, low precision only), gate work arrays
+  // (3 x NBK). Both in one workspace (64-byte aligned pieces), kept by this thread between calls when small.
+  const int64_t part_size = aligned(num_tasks * R * (D + 2));
   const int64_t per_thread =
       aligned(R * D) + aligned(R * NBK) + 2 * aligned(NBK * D) + (kSame ? 0 : 2 * aligned(NBK * D)) + 3 * NBK;
-  at::Tensor scratch = at::empty({num_scratch_slots(), per_thread}, part.options());
-  A* scratch_base = scratch.data_ptr<A>();
+  const at::Tensor workspace = call_workspace(part_size + num_scratch_slots() * per_thread, acc_dtype);
+  A* part_d = workspace.data_ptr<A>();
+  A* scratch_base = part_d + part_size;
 
   const Strides4 sq = strides_of(in.q), sk = strides_of(in.k), sv = strides_of(in.v);
   const T* qd = in.q.const_data_ptr<T>();

@@ -386,4 +386,21 @@ inline int num_scratch_slots() {
   return std::max(1, at::get_num_threads());
 }
 
+// A buffer of n elements of dtype for one kernel call, from a buffer the calling thread keeps between calls: a decoding
+// step calls the decode kernel once per infused layer, and its partials and scratch are small, so they cost no
+// allocator round trip per call. Requests above
+// kKeptWorkspaceBytes (long contexts with many key splits) get a buffer of their own, which is not kept. The buffer is
+// valid until the calling thread's next call; contents are unspecified (every kernel writes what it reads).
+constexpr int64_t kKeptWorkspaceBytes = int64_t(1) << 20;
+
+inline at::Tensor call_workspace(int64_t n, at::ScalarType dtype) {
+  const auto opts = at::TensorOptions().dtype(dtype).device(at::kCPU);
+  const int64_t element = static_cast<int64_t>(c10::elementSize(dtype));
+  if (n * element > kKeptWorkspaceBytes) return at::empty({n}, opts);
+  thread_local at::Tensor kept_float, kept_double;  // one per accumulation dtype (fp32, fp64)
+  at::Tensor& kept = dtype == at::kDouble ? kept_double : kept_float;
+  if (!kept.defined() || kept.scalar_type() != dtype) kept = at::empty({kKeptWorkspaceBytes / element}, opts);
+  return kept;
+}
+
 }  // namespace mit

@@ -166,3 +166,45 @@ def test_direct_entries_validate_their_inputs(cpu_backend):
     bad[3] = bad[3][:, :1]  # k_mul with one KV head too few
     with torch.no_grad(), pytest.raises(RuntimeError, match="infusion vectors must be"):
         cpu_backend.decoding_attention(*bad, **options)
+
+
+def test_the_decode_kernels_kept_workspace_carries_nothing_between_calls(cpu_backend):
+    """The decode kernel's partials and scratch come from a buffer each thread keeps between calls (above 1 MiB, a
+    buffer of the call's own): calls of other shapes and dtypes in between, a request too large to keep, and two
+    threads decoding at once (the direct entry releases the GIL) leave every result what a lone call gives."""
+    import threading
+
+    from mit_kernels.reference import mit_attention_reference
+
+    small, options = _attention_args(1, torch.float32, True)
+    other, other_options = _attention_args(1, torch.float64, False, batch=3)
+    # 64 x 8 KV heads x 32 stacked query rows x (64 + 2): ~4.3 MB of partials, more than the kept buffer
+    large = make_attention_inputs(64, 32, 8, 1, 16, 64, torch.float32, device=torch.device("cpu"))
+    with torch.no_grad():
+        first = cpu_backend.decoding_attention(*small, **options)
+        other_out = cpu_backend.decoding_attention(*other, **other_options)
+        large_out = cpu_backend.decoding_attention(*large, causal=True, scale=None, kv_mask=None, rescale=True)
+        assert torch.equal(cpu_backend.decoding_attention(*small, **options), first)
+        assert torch.equal(cpu_backend.decoding_attention(*other, **other_options), other_out)
+    torch.testing.assert_close(large_out, mit_attention_reference(*large), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        other_out, mit_attention_reference(*other, **{k: v for k, v in other_options.items() if k != "kv_mask"}),
+        rtol=1e-10, atol=1e-10,
+    )  # fmt: skip
+
+    results: dict[str, list[bool]] = {"small": [], "other": []}
+
+    def decode(name, args, kwargs, expected):
+        with torch.no_grad():
+            for _ in range(50):
+                results[name].append(torch.equal(cpu_backend.decoding_attention(*args, **kwargs), expected))
+
+    threads = [
+        threading.Thread(target=decode, args=("small", small, options, first)),
+        threading.Thread(target=decode, args=("other", other, other_options, other_out)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {"small": [True] * 50, "other": [True] * 50}
