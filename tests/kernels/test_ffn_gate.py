@@ -230,7 +230,7 @@ def test_flop_counter_sees_the_ops():
 
 def _install_fake_cpu_backend(monkeypatch, *, available: bool):
     """Stand-in for the compiled ``mit_kernels.cpu_backend`` (its contract: available(), ffn_gate() and, once resolved,
-    loaded_ffn_gate())."""
+    loaded_ffn_gate() and decoding_ffn_gate())."""
     module = types.ModuleType("mit_kernels.cpu_backend")
     module.calls = []
     module.available = lambda compile_if_missing=True: available
@@ -240,8 +240,10 @@ def _install_fake_cpu_backend(monkeypatch, *, available: bool):
         module.calls.append(gate.shape)
         return mit_ffn_gate_reference(gate, up, ffn_mul)
 
-    module.ffn_gate = module.loaded_ffn_gate = ffn_gate
-    module.loaded_attention = lambda *args, **kwargs: pytest.fail("the FFN gate test called attention")
+    module.ffn_gate = module.loaded_ffn_gate = module.decoding_ffn_gate = ffn_gate
+    module.loaded_attention = module.decoding_attention = lambda *args, **kwargs: pytest.fail(
+        "the FFN gate test called attention"
+    )
     monkeypatch.setitem(sys.modules, "mit_kernels.cpu_backend", module)
     monkeypatch.setattr(mit_kernels, "cpu_backend", module, raising=False)
     return module
