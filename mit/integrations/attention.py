@@ -59,7 +59,9 @@ def _mask_kind(base: str) -> str | None:
 
 
 _UNKNOWN = object()
-_MASK_KINDS: dict[str, str | None] = {}  # _mask_kind per implementation name, worked out once (a lookup per call)
+# _mask_kind per implementation name, worked out once: a dict lookup per call, no Python frame (functools.cache would
+# do the same, but torch.compile warns at every traced call of a cached function)
+_MASK_KINDS: dict[str, str | None] = {}
 
 
 def is_mit_implementation(name: object) -> bool:

@@ -76,9 +76,7 @@ class _CallScope(threading.local):
     generation_cache: GenerationCache | None = None
 
 
-_scope = _CallScope()
-
-CALL_SCOPE = _scope
+CALL_SCOPE = _CallScope()
 """The bindings themselves: the attributes ``ffn`` and ``generation_cache`` (of the current thread) are what
 :func:`bind_ffn` / :func:`current_ffn` and :func:`bind_generation_cache` / :func:`generation_cache` set and read, for
 code that runs once per infused layer and decoding step, where each Python call counts (docs/decoding-cost.md)."""
@@ -87,14 +85,14 @@ code that runs once per infused layer and decoding step, where each Python call 
 def bind_ffn(binding: FFNBinding | None) -> FFNBinding | None:
     """Bind ``binding`` for the current thread and return the previous binding, which the caller restores (with
     ``bind_ffn(previous)``) when its forward ends."""
-    previous = _scope.ffn
-    _scope.ffn = binding
+    previous = CALL_SCOPE.ffn
+    CALL_SCOPE.ffn = binding
     return previous
 
 
 def current_ffn(infusion: nn.Module) -> FFNBinding | None:
     """The current thread's binding for ``infusion``, or None (no embedding for it in this call)."""
-    binding = _scope.ffn
+    binding = CALL_SCOPE.ffn
     if binding is None or binding.infusion is not infusion:
         return None
     return binding
@@ -103,11 +101,11 @@ def current_ffn(infusion: nn.Module) -> FFNBinding | None:
 def bind_generation_cache(cache: GenerationCache | None) -> GenerationCache | None:
     """Bind the cache of a ``generate`` call (None: no cache) for the current thread; returns the previous one, which
     the caller restores when ``generate`` ends."""
-    previous = _scope.generation_cache
-    _scope.generation_cache = cache
+    previous = CALL_SCOPE.generation_cache
+    CALL_SCOPE.generation_cache = cache
     return previous
 
 
 def generation_cache() -> GenerationCache | None:
     """The current thread's ``generate`` cache, or None outside ``generate``."""
-    return _scope.generation_cache
+    return CALL_SCOPE.generation_cache
