@@ -4,6 +4,9 @@ Workloads
   training: forward, backward and forward+backward of one causal attention layer (all eight inputs need grad for
             MiT; q, k, v for plain attention), L = Lq = Lk.
   decode:   the generate() hot path: one query over a KV cache of Lk keys, forward only, no grad.
+  static:   the same over a static KV cache of Lk slots of which the first --static-used hold keys (the key mask
+            transformers passes at a static-cache decoding step): plain attention attends over every slot with the
+            mask; MiT's C++ decode kernel reads only the slots in use.
 Shapes: SmolLM2-135M (Hq 9, Hkv 3, D 64) and LLaMA-7B (H 32, D 128).
 
 Methods
@@ -68,28 +71,39 @@ def sdpa_causal(q: torch.Tensor, k: torch.Tensor, causal: bool) -> bool:
     return causal and q.shape[2] == k.shape[2]
 
 
-def unfused_mit(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, causal=True):
+def sdpa(q, k, v, causal: bool, kv_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain attention (GQA); ``kv_mask`` (B, Lk) bool as the (B, 1, 1, Lk) mask transformers gives sdpa."""
+    mask = None if kv_mask is None else kv_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=sdpa_causal(q, k, causal), enable_gqa=True)
+
+
+def unfused_mit(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, causal=True, kv_mask=None):
     """MiT written with eager PyTorch ops: gate, infused K/V materialised, then SDPA with GQA."""
     cos = F.cosine_similarity(v.float(), v_add.float()[:, :, None, :], dim=-1, eps=1e-8)
     gate = torch.sigmoid(head_logit.float()[None, :, None] + cos)[..., None].to(q.dtype)
     k_inf = k + gate * (k * k_mul[:, :, None, :] + k_add[:, :, None, :])
     v_inf = v + gate * (v * v_mul[:, :, None, :] + v_add[:, :, None, :])
-    return F.scaled_dot_product_attention(q, k_inf, v_inf, is_causal=sdpa_causal(q, k, causal), enable_gqa=True)
+    return sdpa(q, k_inf, v_inf, causal, kv_mask)
 
 
 def attention_methods(device: torch.device, length: int, reference_max_len: int) -> dict[str, Callable]:
+    """Each method as ``fn(q, k, v, k_mul, k_add, v_mul, v_add, head_logit, causal=..., kv_mask=None)``."""
     methods: dict[str, Callable] = {
-        "sdpa": lambda q, k, v, *rest, causal: F.scaled_dot_product_attention(
-            q, k, v, is_causal=sdpa_causal(q, k, causal), enable_gqa=True
-        ),
-        "unfused": lambda *xs, causal: unfused_mit(*xs, causal=causal),
+        "sdpa": lambda q, k, v, *rest, causal, kv_mask=None: sdpa(q, k, v, causal, kv_mask),
+        "unfused": lambda *xs, causal, kv_mask=None: unfused_mit(*xs, causal=causal, kv_mask=kv_mask),
     }
     if device.type == "cpu" and "cpu" in mit_kernels.BACKENDS and mit_kernels.resolve_backend("auto", device) == "cpu":
-        methods["cpu"] = lambda *xs, causal: mit_kernels.mit_attention(*xs, causal=causal, backend="cpu")
+        methods["cpu"] = lambda *xs, causal, kv_mask=None: mit_kernels.mit_attention(
+            *xs, causal=causal, kv_mask=kv_mask, backend="cpu"
+        )
     if device.type == "cuda":
-        methods["triton"] = lambda *xs, causal: mit_kernels.mit_attention(*xs, causal=causal, backend="triton")
+        methods["triton"] = lambda *xs, causal, kv_mask=None: mit_kernels.mit_attention(
+            *xs, causal=causal, kv_mask=kv_mask, backend="triton"
+        )
     if length <= reference_max_len:
-        methods["reference"] = lambda *xs, causal: mit_attention_reference(*xs, causal=causal)
+        methods["reference"] = lambda *xs, causal, kv_mask=None: mit_attention_reference(
+            *xs, causal=causal, kv_mask=kv_mask
+        )
     return methods
 
 
@@ -134,12 +148,19 @@ def bench_training(name, fn, inputs, device, min_run_time) -> list[dict]:
     return rows
 
 
-def bench_decode(fn, inputs, device, min_run_time) -> dict:
+def bench_decode(fn, inputs, device, min_run_time, kv_mask: torch.Tensor | None = None) -> dict:
     def forward():
         with torch.no_grad():
-            return fn(*inputs, causal=True)
+            return fn(*inputs, causal=True, kv_mask=kv_mask)
 
     return {"stage": "decode", "seconds": median_seconds(forward, device, min_run_time), "peak_mb": ""}
+
+
+def static_cache_mask(batch: int, slots: int, used: int, device: torch.device) -> torch.Tensor:
+    """(B, slots) bool: the first ``used`` slots of a static KV cache hold keys (True), the rest are masked."""
+    mask = torch.zeros(batch, slots, dtype=torch.bool, device=device)
+    mask[:, :used] = True
+    return mask
 
 
 def bench_ffn(device, dtype, batch, length, d_ff, min_run_time) -> list[dict]:
@@ -176,6 +197,9 @@ def run(args) -> list[dict]:
             jobs.append(("training", shape, length, length))
         for lk in args.decode_lengths:
             jobs.append(("decode", shape, 1, lk))
+        for lk in args.decode_lengths:
+            if lk > args.static_used:
+                jobs.append(("static", shape, 1, lk))
     rows: list[dict] = []
     for workload, shape, lq, lk in tqdm(jobs, desc="attention", unit="config"):
         hq, hkv, d = SHAPES[shape]
@@ -186,6 +210,11 @@ def run(args) -> list[dict]:
                 base = {"workload": workload, "shape": shape, "batch": batch, "lq": lq, "lk": lk, "method": method}
                 if training:
                     rows += [base | r for r in bench_training(method, fn, inputs, device, args.min_run_time)]
+                elif workload == "static":
+                    mask = static_cache_mask(batch, lk, args.static_used, device)
+                    rows.append(
+                        base | {"used": args.static_used} | bench_decode(fn, inputs, device, args.min_run_time, mask)
+                    )
                 else:
                     rows.append(base | bench_decode(fn, inputs, device, args.min_run_time))
     for length in args.train_lengths[:2]:
@@ -207,7 +236,7 @@ def add_ratios(rows: list[dict]) -> None:
         r["peak_vs_floor"] = r["peak_mb"] / f["peak_mb"] if has_mem else ""
 
 
-FIELDS = ["workload", "shape", "batch", "lq", "lk", "method", "stage", "seconds", "peak_mb"]
+FIELDS = ["workload", "shape", "batch", "lq", "lk", "used", "method", "stage", "seconds", "peak_mb"]
 FIELDS += ["time_vs_floor", "peak_vs_floor"]
 
 
@@ -231,9 +260,10 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     if plt is None:
         return
 
-    panels = [("training", "fwd+bwd"), ("decode", "decode")]
+    panels = [("training", "fwd+bwd"), ("decode", "decode"), ("static", "decode")]
+    panels = [p for p in panels if any(r["workload"] == p[0] for r in rows)]
     shapes = sorted({r["shape"] for r in rows if r["workload"] != "ffn_gate"})
-    fig, axes = plt.subplots(len(shapes), 2, figsize=(11, 4 * len(shapes)), squeeze=False)
+    fig, axes = plt.subplots(len(shapes), len(panels), figsize=(5.5 * len(panels), 4 * len(shapes)), squeeze=False)
     for i, shape in enumerate(shapes):
         for j, (workload, stage) in enumerate(panels):
             ax = axes[i][j]
@@ -243,7 +273,9 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
                 pts = sorted((r["lk"], r["seconds"] * 1e3) for r in sel if r["method"] == method)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
             batch = sel[0]["batch"] if sel else ""
-            ax.set(xscale="log", yscale="log", xlabel="sequence length (keys)", ylabel="median ms")
+            xlabel = "sequence length (keys)" if workload != "static" else "static cache slots (keys in use: "
+            xlabel += f"{sel[0]['used']})" if workload == "static" and sel else ""
+            ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="median ms")
             ax.set_title(f"{shape}, B={batch}: {workload} {stage}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
@@ -259,6 +291,7 @@ def parse_args(argv=None):
     p.add_argument("--batches", nargs="+", type=int, default=[1])
     p.add_argument("--train-lengths", nargs="+", type=int, default=[256, 1024, 2048, 4096])
     p.add_argument("--decode-lengths", nargs="+", type=int, default=[512, 2048, 8192])
+    p.add_argument("--static-used", type=int, default=256, help="keys in use in the static-cache decode workload")
     p.add_argument("--reference-max-len", type=int, default=1024)
     p.add_argument("--llama7b-max-len", type=int, default=1024, help="longest LLaMA-7B training length")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing (CPU)")
@@ -270,7 +303,7 @@ def parse_args(argv=None):
         args.llama7b_max_len, args.batches = max(args.train_lengths), [1, 4]
     if args.quick:
         args.shapes, args.batches = ["smollm2"], [1]
-        args.train_lengths, args.decode_lengths = [64, 128], [256]
+        args.train_lengths, args.decode_lengths, args.static_used = [64, 128], [256], 64
         args.min_run_time, args.reference_max_len = 0.05, 128
     return args
 

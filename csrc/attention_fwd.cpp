@@ -92,6 +92,7 @@ struct FwdInputs {
   const InfusionParams& p;
   const bool* kv_mask;       // (B, Lk) or nullptr
   const int64_t* first_key;  // (B,) first key kv_mask allows (0 without a mask, Lk when none)
+  const int64_t* key_end;    // (B,) one past the last key kv_mask allows (Lk without a mask, first_key when none)
   bool causal;
   double scale;
   bool rescale;
@@ -370,13 +371,24 @@ void fwd_decode(const FwdInputs& in, at::Tensor& out, at::Tensor& lse) {
   const int64_t D = s.D, G = s.G, R = G * s.Lq;
   const auto acc_dtype = c10::CppTypeToScalarType<A>::value;
 
-  // Splits of the keys of each (b, h): enough tasks to feed the threads, each split at least kDecodeMinSplit keys.
+  // The keys some row can see: [span_begin, span_end), the union over samples of [first_key[b], key_end[b]) (the
+  // causal limit of the last row is key Lk - 1: no narrower). A static KV cache masks its unused tail and left
+  // padding masks a sample's first keys: those keys are never read (a key a row does not see has no influence on it,
+  // docs/semantics.md), so a cache of 4096 slots holding 100 keys costs what 100 keys cost.
+  int64_t span_begin = s.Lk, span_end = 0;
+  for (int64_t b = 0; b < s.B; b++) {
+    if (in.first_key[b] >= in.key_end[b]) continue;
+    span_begin = std::min(span_begin, in.first_key[b]);
+    span_end = std::max(span_end, in.key_end[b]);
+  }
+  const int64_t span = std::max<int64_t>(0, span_end - span_begin);
+  // Splits of the span of each (b, h): enough tasks to feed the threads, each split at least kDecodeMinSplit keys.
   const int64_t want_tasks = 4 * num_scratch_slots();
   int64_t nsplit = std::max<int64_t>(1, (want_tasks + s.B * s.Hkv - 1) / (s.B * s.Hkv));
-  nsplit = std::min(nsplit, std::max<int64_t>(1, s.Lk / kDecodeMinSplit));
-  int64_t split = (s.Lk + nsplit - 1) / nsplit;
+  nsplit = std::min(nsplit, std::max<int64_t>(1, span / kDecodeMinSplit));
+  int64_t split = std::max<int64_t>(1, (span + nsplit - 1) / nsplit);
   split = (split + NBK - 1) / NBK * NBK;
-  nsplit = (s.Lk + split - 1) / split;
+  nsplit = std::max<int64_t>(1, (span + split - 1) / split);
   const int64_t num_tasks = s.B * s.Hkv * nsplit;
 
   // Partials: per task and row the unnormalised output, running max and sum. Scratch per thread: Qs (R x D), S
@@ -403,10 +415,12 @@ void fwd_decode(const FwdInputs& in, at::Tensor& out, at::Tensor& lse) {
   const A neg_inf = -std::numeric_limits<A>::infinity();
   const bool rescale = in.rescale;
 
-  const int64_t work = s.B * s.Hkv * s.Lk * D * (6 + 2 * R);
+  const int64_t work = s.B * s.Hkv * span * D * (6 + 2 * R);
   run_tasks(num_tasks, work, [&](int64_t task, int slot) {
     const int64_t j = task % nsplit, bh = task / nsplit, h = bh % s.Hkv, b = bh / s.Hkv;
-    const int64_t t_begin = j * split, t_end = std::min(s.Lk, t_begin + split);
+    // this split's keys, narrowed to those sample b's rows may see (none: the partials stay empty)
+    const int64_t t_begin = std::max(span_begin + j * split, in.first_key[b]);
+    const int64_t t_end = std::min({span_begin + (j + 1) * split, span_end, in.key_end[b]});
     Carver<A> carve{scratch_base + slot * per_thread};
     A* Qs = carve.take(R * D);
     A* S = carve.take(R * NBK);
@@ -578,18 +592,29 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu_fwd(const at::Tensor& q_in, con
   if (out.numel() == 0) return {out, lse};
   const InfusionParams p = make_infusion_params(k_mul, k_add, v_mul, v_add, head_logit, acc);
   at::Tensor mask;
-  std::vector<int64_t> first_key(s.B, 0);
+  std::vector<int64_t> first_key(s.B, 0), key_end(s.B, s.Lk);
   if (kv_mask.has_value()) {
     mask = kv_mask->contiguous();
     const bool* md = mask.const_data_ptr<bool>();
     for (int64_t b = 0; b < s.B; b++) {
-      int64_t j = 0;
+      int64_t j = 0, e = s.Lk;
       while (j < s.Lk && !md[b * s.Lk + j]) j++;
+      while (e > j && !md[b * s.Lk + e - 1]) e--;
       first_key[b] = j;
+      key_end[b] = e;
     }
   }
-  FwdInputs in{q,      k,     v,     p, kv_mask.has_value() ? mask.const_data_ptr<bool>() : nullptr, first_key.data(),
-               causal, scale, rescale, s};
+  FwdInputs in{q,
+               k,
+               v,
+               p,
+               kv_mask.has_value() ? mask.const_data_ptr<bool>() : nullptr,
+               first_key.data(),
+               key_end.data(),
+               causal,
+               scale,
+               rescale,
+               s};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "mit_attention_cpu_fwd", [&] {
     if (s.G * s.Lq <= kDecodeMaxRows) {
       fwd_decode<scalar_t>(in, out, lse);

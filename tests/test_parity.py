@@ -250,6 +250,48 @@ def test_fully_masked_rows_give_zero_and_no_nan(backend, dtype, lq):
         assert grad[1].abs().sum() == 0 and grad[0, :, :2].abs().sum() == 0
 
 
+def static_cache_mask(batch: int, lk: int, used: list[int], device: torch.device) -> torch.Tensor:
+    """(B, Lk) key mask of a static KV cache of ``lk`` slots: sample b holds ``used[b]`` keys, after b * 5 slots of
+    left padding; its unused tail is masked, and sample 1 has a masked hole in the middle (a custom mask)."""
+    mask = torch.zeros(batch, lk, dtype=torch.bool)
+    for b in range(batch):
+        mask[b, b * 5 : b * 5 + used[b]] = True
+    mask[1, 9:12] = False
+    return mask.to(device)
+
+
+@pytest.mark.parametrize("lq", [1, 3])
+def test_static_cache_masked_keys_change_nothing(backend, lq):
+    """A static cache's unused slots and left padding, filled with junk (huge finite values): output and gradients
+    as the reference's (the fused decode kernels never read those keys), and the same output as the cache cut to the
+    slots in use (bit for bit for the C++ kernel at batch 1: the same keys in the same order)."""
+    batch, hq, hkv, d, dtype = 3, 3, 1, 32, torch.float32  # G * Lq <= 32: the decode kernels
+    lk, used = (700, [40, 300, 3]) if backend == "cpu" else (80, [20, 50, 3])  # (C++: several key splits)
+    device = device_of(backend)
+    inputs = make_attention_inputs(batch, hq, hkv, lq, lk, d, dtype, seed=5, device=device)
+    kv_mask = static_cache_mask(batch, lk, used, device)
+    for x in inputs[1:3]:
+        x.masked_fill_(~kv_mask[:, None, :, None], 1e4)
+    check_parity(inputs, dtype, backend, causal=True, kv_mask=kv_mask)
+    # Non-finite junk: the decoding call (no grad) is still the reference's, and nothing non-finite leaks.
+    for x in inputs[1:3]:
+        x.masked_fill_(~kv_mask[:, None, :, None], float("nan"))
+    inputs[1][0, 0, -1] = float("inf")
+    with torch.no_grad():
+        out = mit_attention(*inputs, causal=True, kv_mask=kv_mask, backend=backend)
+        expected = mit_attention(*[x.double() for x in inputs], causal=True, kv_mask=kv_mask, backend="reference")
+    assert torch.isfinite(out).all()
+    assert max_abs_err(out, expected) < 1e-5
+    if backend == "cpu":
+        cut = [x[:1, :, : used[0]] if i in (1, 2) else x[:1] for i, x in enumerate(inputs)]
+        with torch.no_grad():
+            whole = mit_attention(*[x[:1] for x in inputs], causal=True, kv_mask=kv_mask[:1], backend=backend)
+            # (bottom-right causal on the cut cache would hide its last keys from the first rows: every row of the
+            # whole cache sees all of them)
+            short = mit_attention(*cut, causal=lq == 1, kv_mask=kv_mask[:1, : used[0]], backend=backend)
+        assert torch.equal(whole, short)
+
+
 @pytest.mark.parametrize("backend_name", FUSED_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward_is_deterministic(backend_name, dtype):

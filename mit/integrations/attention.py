@@ -144,13 +144,9 @@ def key_padding_mask(attention_mask: torch.Tensor, batch: int, lq: int, lk: int)
         # A decoding step: one query row, which the bottom-right causal mask lets see every key, so every bool mask
         # is of the form and its row is the key padding mask (nothing to read: no host-device sync per step).
         return attention_mask[:, 0, 0, :].expand(batch, lk).clone()
-    if attention_mask.dtype == torch.bool:
-        allowed = attention_mask
-    else:
-        masked = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
-        if not bool((masked | (attention_mask == 0)).all()):
-            return None  # an additive bias
-        allowed = ~masked
+    allowed = allowed_keys(attention_mask)
+    if allowed is None:
+        return None  # an additive bias
     allowed = allowed[:, 0].expand(batch, lq, lk)
     kv_mask = allowed[:, -1, :].clone()  # the last query row sees every key the causal mask allows (a copy: a view
     # would keep the whole (B, 1, Lq, Lk) mask alive in a forward's CallMemo)
@@ -164,6 +160,36 @@ def key_padding_mask(attention_mask: torch.Tensor, batch: int, lq: int, lk: int)
     if not bool((empty_rows.all(dim=-1) | ~empty_rows.any(dim=-1)).all()):
         return None
     return kv_mask
+
+
+def allowed_keys(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """A transformers mask as bool, True = attend: a bool mask as it is, an additive one (0 = attend, the dtype's
+    minimum = masked) compared; None for an additive mask holding any other value (a bias)."""
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    masked = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
+    if not bool((masked | (attention_mask == 0)).all()):
+        return None
+    return ~masked
+
+
+def unseen_key_tail(attention_mask: torch.Tensor, lk: int) -> int | None:
+    """``n`` < Lk when keys ``n`` .. Lk - 1 of a (B or 1, 1, Lq, Lk) mask are seen by no query row (rows that see every
+    key aside: transformers unmasks a row that would see none, to keep softmax finite), else None.
+
+    At the prefill of a static KV cache the mask spans all the cache's slots; query i (cache position p + i) sees the
+    slots up to p + i, so relative to the slots in use (the first p + Lq) the mask is bottom-right causal again. Cut
+    to those slots it is "causal + key padding" (:func:`key_padding_mask`), and the slots after them hold nothing."""
+    allowed = allowed_keys(attention_mask)
+    if allowed is None:
+        return None
+    rows = allowed[:, 0]  # (B or 1, Lq, Lk)
+    partial = rows & ~rows.all(dim=-1, keepdim=True)
+    seen = partial.any(dim=1).any(dim=0).nonzero()  # (keys seen by some row that does not see every key, 1)
+    if seen.numel() == 0:
+        return None
+    used = int(seen[-1, 0]) + 1
+    return used if used < lk else None
 
 
 class AttentionPlan(NamedTuple):
@@ -351,9 +377,15 @@ class CallMemo:
 
 
 def analyse_mask(mask: torch.Tensor, batch: int, lq: int, lk: int) -> tuple[bool, torch.Tensor | None]:
-    """``(fused, kv_mask)`` of a 4-D mask: whether it is exactly "causal + key padding", and its (B, Lk) key padding
-    mask when it is (:func:`key_padding_mask`)."""
+    """``(fused, kv_mask)`` of a 4-D mask: whether it is exactly "causal + key padding", and its key padding mask
+    when it is (:func:`key_padding_mask`): (B, Lk), or (B, n) with n < Lk when keys n .. Lk - 1 are seen by no row and
+    the mask cut to the first n keys is of that form (a static KV cache's prefill: :func:`unseen_key_tail`); the
+    fused kernel then gets the first n keys."""
     kv_mask = key_padding_mask(mask, batch, lq, lk)
+    if kv_mask is None and lq > 1:
+        used = unseen_key_tail(mask, lk) if mask.dim() == 4 and mask.shape[-1] == lk else None
+        if used is not None:
+            kv_mask = key_padding_mask(mask[..., :used], batch, lq, used)
     return kv_mask is not None, kv_mask
 
 
@@ -366,53 +398,61 @@ def fused_kv_mask(
     lk: int,
     kwargs: dict,
     analyses: CallMemo | None = None,
-) -> tuple[bool, torch.Tensor | None, str]:
-    """Whether ``base`` would compute bottom-right causal attention with a key padding mask here.
+) -> tuple[bool, torch.Tensor | None, str, int]:
+    """Whether ``base`` would compute bottom-right causal attention with a key padding mask here, over the first
+    ``keys`` keys (all Lk but at a static KV cache's prefill, whose empty slots no row sees).
 
     ``analyses`` is the forward call's memo of 4-D mask analyses (None: the mask is analysed here). Returns
-    ``(fused, kv_mask, reason)``: ``kv_mask`` (B, Lk) bool or None (no padding) when fused, else the reason for the
-    exact fallback."""
+    ``(fused, kv_mask, reason, keys)``: when fused, ``kv_mask`` (B, keys) bool or None (no padding) and the number of
+    leading keys the fused kernel gets (the others are seen by no row); else the reason for the exact fallback."""
     kind = _MASK_KINDS.get(base, _UNKNOWN)
     if kind is _UNKNOWN:
         kind = _MASK_KINDS[base] = _mask_kind(base)
     if kind is None:
-        return False, None, f"implementation {base!r}"
+        return False, None, f"implementation {base!r}", lk
     if kwargs.get("softcap") is not None:
-        return False, None, "softcap"
+        return False, None, "softcap", lk
     if kwargs.get("dropout"):
-        return False, None, "attention dropout"
+        return False, None, "attention dropout", lk
     if kwargs.get("output_attentions"):
-        return False, None, "output_attentions"
+        return False, None, "output_attentions", lk
     if kwargs.get("position_bias") is not None:
-        return False, None, "position bias"
+        return False, None, "position bias", lk
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and kind in (_SDPA, _EAGER):
         if torch.compiler.is_compiling():
             # reading the mask's content is data-dependent control flow, which a compiled graph cannot hold: the
             # exact fallback is right for every mask (docs/integration.md, "torch.compile")
-            return False, None, "4-D mask under torch.compile"
+            return False, None, "4-D mask under torch.compile", lk
         # the mask carries any window
         lookup = analyses.lookup if analyses is not None else analyse_mask
         fused, kv_mask = lookup(attention_mask, batch, lq, lk)
-        return fused, kv_mask, "" if fused else "mask is not causal + key padding"
+        if not fused:
+            return False, None, "mask is not causal + key padding", lk
+        return True, kv_mask, "", lk if kv_mask is None else kv_mask.shape[1]  # (shorter: analyse_mask)
     if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
-        return False, None, "mask type"
+        return False, None, "mask type", lk
     window = kwargs.get("sliding_window")
     if window is not None and lk >= window:  # the window may mask keys (conservative by one)
-        return False, None, "sliding window"
+        return False, None, "sliding window", lk
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     if lq > 1:
         if not causal:
-            return False, None, "bidirectional"
+            return False, None, "bidirectional", lk
         if kind == _EAGER and attention_mask is None:
-            return False, None, "no mask (eager attends to every key)"
-        if kind == _SDPA and lq != lk:
-            return False, None, "top-left causal (sdpa is_causal)"
+            return False, None, "no mask (eager attends to every key)", lk
+        if kind == _SDPA and lq != lk and attention_mask is None:
+            if lq < lk:
+                # torch's is_causal is top-left aligned: query i sees keys 0 .. i, no row sees keys Lq .. Lk - 1 (a
+                # static cache's empty slots at its first prefill, when transformers passes no mask), and over the
+                # first Lq keys top-left and bottom-right agree
+                return True, None, "", lq
+            return False, None, "top-left causal (sdpa is_causal)", lk
     if attention_mask is None:
-        return True, None, ""
+        return True, None, "", lk
     if kind != _FLASH or attention_mask.shape[-1] != lk:
-        return False, None, "2-D mask"
-    return True, attention_mask.bool(), ""
+        return False, None, "2-D mask", lk
+    return True, attention_mask.bool(), "", lk
 
 
 def _fallback(
@@ -472,7 +512,9 @@ def _make_attention_function(base: str) -> Callable:
             # lower-precision list), and so does MiT's: infusion vectors included.
             dtype = torch.get_autocast_dtype(query.device.type)
             query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-        fused, kv_mask, reason = fused_kv_mask(base, module, attention_mask, batch, lq, lk, kwargs, analyses)
+        fused, kv_mask, reason, keys = fused_kv_mask(base, module, attention_mask, batch, lq, lk, kwargs, analyses)
+        if keys != lk:  # a static cache's prefill: the slots in use (views), the others are seen by no row
+            key, value = key[:, :, :keys], value[:, :, :keys]
         if analyses is not None:  # the arguments are built here (shapes from the model), once per call or generate
             plans = analyses.plans
             plan = plans.get(infusion) if plans is not None else None
@@ -486,7 +528,8 @@ def _make_attention_function(base: str) -> Callable:
                 plan = analyses.attention_plan(infusion, modality_embedding, query, kwargs)
             vectors, head_logit = plan.vectors, plan.head_logit
             if fused:
-                infusion.record("fused")
+                infusion.__dict__["last_dispatch"] = "fused"  # infusion.record("fused"), inline (one call less)
+                infusion.dispatch_counts["fused"] += 1
                 function = plan.function  # (resolved at the first fused call, then kept in the plan)
                 if function is None:
                     function = analyses.fused_attention(infusion, plan, query)

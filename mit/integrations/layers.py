@@ -75,7 +75,8 @@ class MiTMLPMixin(Rebuildable):
             return super().forward(x, *args, **kwargs)
         modality_embedding, memo = binding.modality_embedding, binding.memo
         if infusion.fused:
-            infusion.record("fused")
+            infusion.__dict__["last_dispatch"] = "fused"  # infusion.record("fused"), inline (one call less)
+            infusion.dispatch_counts["fused"] += 1
             gate, up = self.gate_proj(x), self.up_proj(x)
             if memo is not None:  # the arguments are built here, once per call (or per generate: CallMemo.gate_plan)
                 plans = memo.plans

@@ -175,6 +175,11 @@ def test_attention_benchmark_rows(attention_rows):
     methods = {(r["workload"], r["stage"], r["method"]) for r in attention_rows}
     assert methods >= {("training", "fwd+bwd", m) for m in ("sdpa", "unfused", "cpu", "reference")}
     assert methods >= {("decode", "decode", m) for m in ("sdpa", "unfused", "cpu")}
+    assert methods >= {("static", "decode", m) for m in ("sdpa", "unfused", "cpu")}
+    for r in attention_rows:
+        assert (r["used"] != "") == (r["workload"] == "static")  # keys in use of the static cache
+        if r["workload"] == "static":
+            assert int(r["used"]) < int(r["lk"])
     assert methods >= {("ffn_gate", "fwd+bwd", m) for m in ("eager", "fused")}
     for r in attention_rows:
         assert float(r["seconds"]) > 0

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 import mit
 from mit.integrations import key_padding_mask
+from mit.integrations.attention import analyse_mask
 from mit.integrations.scope import FFNBinding, bind_ffn
 
 MODALITY_DIM = 16
@@ -164,6 +165,34 @@ def test_key_padding_mask_reads_and_validates_transformers_masks():
     biased = additive.clone()
     biased[:, :, :, 4] -= 3.0  # an additive bias on an allowed key: not a padding mask
     assert key_padding_mask(biased, 2, lq, lk) is None
+
+
+@pytest.mark.parametrize("additive", [False, True])
+@pytest.mark.parametrize("past", [0, 4])
+def test_static_cache_prefill_masks_give_the_slots_in_use(additive, past):
+    """A static cache's prefill mask spans all its slots: query i (cache position past + i) sees slots up to
+    past + i and the padding allows, transformers unmasks rows that would see nothing, and no row sees the empty
+    slots after past + Lq. Cut to the slots in use it is bottom-right causal + key padding: analyse_mask gives that
+    (B, past + Lq) key padding mask; the same mask with a key seen beyond them, or a bias, is not of the form."""
+    lq, slots = 3, 16
+    used = past + lq
+    pad = torch.ones(2, slots, dtype=torch.bool)
+    pad[1, : past + 1] = False  # sample 1's first query row sees no key (unmasked by transformers below)
+    allowed = pad[:, None, :] & (torch.arange(slots)[None, :] <= torch.arange(lq)[:, None] + past)
+    allowed[~allowed.any(-1)] = True  # transformers' unmasking of rows that see nothing
+    mask = allowed[:, None]
+    if additive:
+        mask = torch.zeros(2, 1, lq, slots).masked_fill(~mask, torch.finfo(torch.float32).min)
+    assert key_padding_mask(mask, 2, lq, slots) is None  # over all the slots: top-left, not of the form
+    fused, kv_mask = analyse_mask(mask, 2, lq, slots)
+    assert fused and torch.equal(kv_mask, pad[:, :used])
+    seen_late = allowed.clone()
+    seen_late[0, 1, used + 2] = True  # a row that sees an empty slot: not of the form
+    assert analyse_mask(seen_late[:, None], 2, lq, slots) == (False, None)
+    if additive:
+        biased = mask.clone()
+        biased[0, 0, 2, 0] = -1.0
+        assert analyse_mask(biased, 2, lq, slots) == (False, None)
 
 
 def test_bad_modality_embedding_and_bad_models():

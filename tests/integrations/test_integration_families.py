@@ -127,8 +127,10 @@ def test_cached_decoding_equals_the_full_forward(family):
 
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
 def test_static_cache_generation_equals_dynamic_cache_generation(family, padded):
-    """Unpadded, sdpa gets no mask at the static-cache prefill (Lq < Lk: it relies on its top-left is_causal); MiT
-    must then fall back, not read "no mask" as bottom-right causal."""
+    """The static cache's prefill attends over all its slots: unpadded, sdpa gets no mask (Lq < Lk: it relies on its
+    top-left is_causal), padded a 4-D mask over every slot. Neither is "no mask" read as bottom-right causal over the
+    slots: MiT's kernel gets the slots in use, where the attention is bottom-right causal again, and the empty slots
+    no row sees are left out (families whose masks are sdpa's: every call fused)."""
     model_type, _, infused = family
     ids, mask = padded_batch()
     if not padded:
@@ -137,8 +139,12 @@ def test_static_cache_generation_equals_dynamic_cache_generation(family, padded)
     dynamic = generate(infused, ids, mask, modality_embedding=emb)
     with torch.no_grad():
         full = infused(dynamic, attention_mask=torch.ones_like(dynamic), modality_embedding=emb)
+    before = dispatch_counts(infused)
     static = generate(infused, ids, mask, modality_embedding=emb, cache_implementation="static")
     assert torch.equal(static, dynamic), model_type
+    if model_type in ("llama", "qwen2", "qwen3", "phi3", "mistral"):
+        for name, counts in dispatch_counts(infused).items():
+            assert set(counts - before[name]) == {"fused"}, (model_type, name, counts - before[name])
     if not padded:  # the greedy tokens are the argmax of the full forward over prompt + generated tokens
         assert torch.equal(full.logits[:, SEQ_LEN - 1 : -1].argmax(-1), dynamic[:, SEQ_LEN:])
 
@@ -207,14 +213,18 @@ def test_which_layers_ran_fused_is_observable(family):
         ffn = dispatch[f"model.layers.{layer}.mlp.mit_ffn_infusion"]
         assert ffn == EXPECTED_FFN.get(model_type, "scaled down_proj input"), (model_type, layer)
     if model_type in ("llama", "qwen2", "qwen3", "phi3", "mistral"):
-        # a static-cache prefill without padding falls back (sdpa's top-left is_causal), its decode steps run fused
+        # a static-cache prefill without padding (sdpa's top-left is_causal over the slots) runs fused over the slots
+        # in use, and so do its decode steps
         static = mit_copy(model(model_type))
         generate(static, ids[:1], mask[:1], modality_embedding=embedding(1), max_new_tokens=3,
                  cache_implementation="static")  # fmt: skip
-        for name, module in static.named_modules():
-            if isinstance(module, mit.MiTKVInfusion):
-                expected = {"fallback: top-left causal (sdpa is_causal)": 1, "fused": 2}
-                assert dict(module.dispatch_counts) == expected, (model_type, name)
+        for name, counts in dispatch_counts(static).items():
+            assert dict(counts) == {"fused": 3}, (model_type, name)
+
+
+def dispatch_counts(model) -> dict:
+    """Calls per path of every MiTKVInfusion of ``model``, a copy."""
+    return {n: m.dispatch_counts.copy() for n, m in model.named_modules() if isinstance(m, mit.MiTKVInfusion)}
 
 
 @pytest.mark.parametrize("model_type", FAMILY_NAMES)

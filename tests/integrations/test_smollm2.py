@@ -184,7 +184,8 @@ def test_trainable_parameter_report_smollm2(smollm2, capsys):
 def test_static_cache_beams_and_dispatch(smollm2, batch):
     """Random non-zero infusion on the real model: static-cache generation equals dynamic-cache generation; with
     num_beams and num_return_sequences each prompt's sequences equal its sequences generated alone (the embedding is
-    expanded per sample); every infused layer ran the fused kernels on the padded prefill and the decode steps."""
+    expanded per sample); every infused layer ran the fused kernels on the padded prefill and the decode steps, with
+    either cache."""
     base, tokenizer = smollm2
     ids, mask = batch
     model = _mit_copy(base)
@@ -196,6 +197,8 @@ def test_static_cache_beams_and_dispatch(smollm2, batch):
     assert len(counts) == 6 and all(c == {"fused": 8} for c in counts.values()), counts
     static = model.generate(ids, attention_mask=mask, modality_embedding=emb, cache_implementation="static", **kwargs)
     assert torch.equal(static, dynamic)
+    counts = {name: dict(m.dispatch_counts) for name, m in model.named_modules() if isinstance(m, mit.MiTKVInfusion)}
+    assert all(c == {"fused": 16} for c in counts.values()), counts  # the static prefill too: over the slots in use
 
     beams = {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 6}
     kwargs |= beams
