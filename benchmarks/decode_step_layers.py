@@ -35,6 +35,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from mit.integrations.scope import GenerationCache, bind_generation_cache
+from mit.utils.median_interval import median_interval
 from mit.utils.results import add_out_argument, output_csv, pyplot, write_csv
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -154,10 +155,12 @@ def main(argv=None) -> list[dict]:
         }  # fmt: skip
         ratios = [m / b for m, b in zip(seconds["mit"], seconds["base"])]
         q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+        low, high = median_interval(ratios)  # 95% confidence interval of the median ratio
         b, m = (1e6 * statistics.median(seconds[k]) for k in ("base", "mit"))
         rows.append({
             "part": "step", "group": "all", "layers": base.config.num_hidden_layers, "base_us": b, "mit_us": m,
-            "extra_us": m - b, "ratio": median, "ratio_q1": q1, "ratio_q3": q3, **common,
+            "extra_us": m - b, "ratio": median, "ratio_ci_low": low, "ratio_ci_high": high, "ratio_q1": q1,
+            "ratio_q3": q3, **common,
         })  # fmt: skip
         for part in PARTS:
             for group, indices in groups.items():
@@ -167,7 +170,8 @@ def main(argv=None) -> list[dict]:
                        for k in ("base", "mit")}  # fmt: skip
                 rows.append({"part": part, "group": group, "layers": len(indices), "base_us": 1e6 * per["base"],
                              "mit_us": 1e6 * per["mit"], "extra_us": 1e6 * (per["mit"] - per["base"]),
-                             "ratio": per["mit"] / per["base"], "ratio_q1": float("nan"), "ratio_q3": float("nan"),
+                             "ratio": per["mit"] / per["base"], "ratio_ci_low": float("nan"),
+                             "ratio_ci_high": float("nan"), "ratio_q1": float("nan"), "ratio_q3": float("nan"),
                              **common})  # fmt: skip
     out = output_csv(args.out, RESULTS, f"decode_step_layers_{device}.csv")
     write_csv(rows, out)
@@ -176,7 +180,10 @@ def main(argv=None) -> list[dict]:
     header = ("batch", "part", "group", "layers", "base us", "MiT us", "extra us", "ratio")
     print("{:>5} {:<10} {:<8} {:>6} {:>10} {:>10} {:>9} {:>7}".format(*header))
     for r in rows:
-        spread = f" ({r['ratio_q1']:.3f}..{r['ratio_q3']:.3f})" if r["part"] == "step" else ""
+        spread = ""
+        if r["part"] == "step":
+            spread = f" (95% CI {r['ratio_ci_low']:.3f}..{r['ratio_ci_high']:.3f}, "
+            spread += f"quartiles {r['ratio_q1']:.3f}..{r['ratio_q3']:.3f})"
         print(f"{r['batch']:>5} {r['part']:<10} {r['group']:<8} {r['layers']:>6} {r['base_us']:>10.1f} "
               f"{r['mit_us']:>10.1f} {r['extra_us']:>+9.1f} {r['ratio']:>7.3f}{spread}")  # fmt: skip
     print(f"wrote {out} and {out.with_suffix('.png')}")

@@ -38,6 +38,7 @@ import transformers
 from tqdm import tqdm
 
 import mit
+from mit.utils.median_interval import median_interval
 from mit.utils.results import add_out_argument, output_csv, pyplot, write_csv
 from mit.utils.shared_copy import copy_sharing_weights
 
@@ -132,11 +133,13 @@ def cases(quick: bool, long_tokens: int) -> list[Case]:
 
 
 def spread(ratios: list[float]) -> dict:
-    """Median, quartiles and extremes of per-round ratios."""
+    """Median, quartiles and extremes of per-round ratios, and the 95% confidence interval of their median (order
+    statistics: :func:`mit.utils.median_interval.median_interval`)."""
     q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else (ratios[0],) * 3
+    low, high = median_interval(ratios)
     return {
-        "ratio_to_reference": statistics.median(ratios), "ratio_q1": q1, "ratio_q3": q3,
-        "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "ratio_to_reference": statistics.median(ratios), "ratio_ci_low": low, "ratio_ci_high": high,
+        "ratio_q1": q1, "ratio_q3": q3, "ratio_min": min(ratios), "ratio_max": max(ratios),
     }  # fmt: skip
 
 
@@ -248,10 +251,12 @@ def main(argv=None) -> list[dict]:
     write_csv(rows, out)
     plot(rows, out.with_suffix(".png"))
     print(f"{used}; {device}; {n} new tokens; {args.repeats} rounds")
-    print(f"{'workload':<11} {'case':<22} {'method':<10} {'median s':>9} {'ratio':>7} {'q1..q3':>13} {'min..max':>13}")
+    print(f"{'workload':<11} {'case':<22} {'method':<10} {'median s':>9} {'ratio':>7} {'95% CI':>13} {'q1..q3':>13} "
+          f"{'min..max':>13}")  # fmt: skip
     for r in rows:
         print(f"{r['workload']:<11} {r['case']:<22} {r['method']:<10} {r['median_s']:>9.4f} "
-              f"{r['ratio_to_reference']:>7.3f} {r['ratio_q1']:>6.3f}..{r['ratio_q3']:<6.3f} "
+              f"{r['ratio_to_reference']:>7.3f} {r['ratio_ci_low']:>6.3f}..{r['ratio_ci_high']:<6.3f} "
+              f"{r['ratio_q1']:>6.3f}..{r['ratio_q3']:<6.3f} "
               f"{r['ratio_min']:>6.3f}..{r['ratio_max']:<6.3f}")  # fmt: skip
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return rows

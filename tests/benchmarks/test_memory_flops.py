@@ -217,8 +217,9 @@ def test_generation_benchmark_quick(script_runs, tmp_path):
         low, q1, median, q3, high = (float(r[k]) for k in ("ratio_min", "ratio_q1", "ratio_to_reference",
                                                              "ratio_q3", "ratio_max"))  # fmt: skip
         assert 0 < low <= q1 <= median <= q3 <= high
+        assert low <= float(r["ratio_ci_low"]) <= median <= float(r["ratio_ci_high"]) <= high
         if r["method"] != "mit":
-            assert low == high == 1.0
+            assert low == high == float(r["ratio_ci_low"]) == float(r["ratio_ci_high"]) == 1.0
     assert [int(r["prompt_tokens"]) for r in rows[4:6]] == [48, 48] and rows[4]["cache"] == "static"
     assert [int(r["batch"]) for r in rows[:6:2]] == [1, 2, 2]
     # the training step's reference trains as many parameters as MiT (its maps: 3 infused layers of the 4-layer model,
@@ -304,5 +305,6 @@ def test_decode_step_layers_quick_splits_the_step_by_layer_group(script_runs, tm
         assert int(r["rounds"]) == 10
         if r["part"] == "step":
             assert 0 < float(r["ratio_q1"]) <= float(r["ratio"]) <= float(r["ratio_q3"])
+            assert 0 < float(r["ratio_ci_low"]) <= float(r["ratio"]) <= float(r["ratio_ci_high"])
         else:
             assert float(r["ratio"]) == pytest.approx(mit / base, rel=1e-4)
