@@ -420,8 +420,11 @@ def fused_kv_mask(
         return False, None, "position bias", lk
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and kind in (_SDPA, _EAGER):
         if torch.compiler.is_compiling():
+            if lq == 1 and attention_mask.dtype == torch.bool:
+                # a decoding step's bool mask is taken as it is, nothing read (key_padding_mask): fused in a graph too
+                return True, key_padding_mask(attention_mask, batch, lq, lk), "", lk
             # reading the mask's content is data-dependent control flow, which a compiled graph cannot hold: the
-            # exact fallback is right for every mask (docs/integration.md, "torch.compile")
+            # exact fallback is right for every other mask (docs/integration.md, "torch.compile")
             return False, None, "4-D mask under torch.compile", lk
         # the mask carries any window
         lookup = analyses.lookup if analyses is not None else analyse_mask
