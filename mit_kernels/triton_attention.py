@@ -22,7 +22,10 @@ Passes (one program per tile; every grid is one-dimensional, so no axis meets CU
 
       m = max_s m_s      l = sum_s 2^(m_s - m) l_s      O = sum_s 2^(m_s - m) acc_s / l      lse2 = m + log2(l)
 
-  and marks the rows that came out non-finite for the exact variant below (one program per query head).
+  and marks the rows that came out non-finite for the exact variant below (one program per query head). With a
+  padding mask a program first reads its split's mask alone and loads K / V only from the block of the first key it
+  keeps to that of the last: a static cache's empty slots and left padding cost a read of the mask (compiled: the same
+  registers, no spill, the same shared memory as without that pass; not yet timed on a GPU).
   On an H200 its kernels take 4-69x less time than one program per query head (the path below, 32 programs for a
   whole cache at batch 1; benchmarks/results/gpu_check_NVIDIA_H200_decode.csv).
 - Other decode shapes (Lq <= ``DECODE_ROWS``) are memory-bound too: there the forward infuses each K/V tile as it is
@@ -496,7 +499,22 @@ def _attn_decode_split_kernel(
     seen = Lk * 0  # int32: 1 once a kept key was met
     lo = split * SPLIT_LEN
     hi = tl.minimum(lo + SPLIT_LEN, Lk)
-    for start_n in range(lo, hi, BLOCK_N):
+    start, end = lo, hi
+    if HAS_KV_MASK:
+        # Only the blocks from the first to the last key the padding mask keeps are loaded (a static cache's empty
+        # slots, left padding): the others' keys would get p = 0, and a key nobody sees has no influence
+        # (docs/semantics.md), NaN / Inf included. A pass over the mask alone finds them; the loop below keeps its
+        # plain, pipelined body.
+        first = hi
+        last = lo - 1
+        for start_m in range(lo, hi, BLOCK_N):
+            offs_m = start_m + tl.arange(0, BLOCK_N)
+            kept = _key_keep(KVM, b, offs_m, Lk, HAS_KV_MASK) & (offs_m < hi)
+            first = tl.minimum(first, tl.min(tl.where(kept, offs_m, hi), axis=0))
+            last = tl.maximum(last, tl.max(tl.where(kept, offs_m, lo - 1), axis=0))
+        start = lo + (first - lo) // BLOCK_N * BLOCK_N  # (first = hi when none: no block)
+        end = tl.maximum(last + 1, start)
+    for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         keep = _key_keep(KVM, b, offs_n, Lk, HAS_KV_MASK) & (offs_n < hi)
         v_raw = _load_tile(v_base, offs_n, offs_d, stride_vn, Lk, D, ACC)

@@ -31,6 +31,7 @@ def _splits(batch: int, hkv: int, lk: int, d: int, group: int) -> int:
         (1, 2, 16, 50, "random"),  # the largest group the split decode takes: 16 query heads as the tile's rows
         (1, 1, 20, 37, "random"),  # a larger group: the per-query-head decode (still exact)
         (2, 2, 4, 9, "random"),  # fewer keys than one tile
+        (2, 1, 4, 150, "static"),  # static caches: splits holding only empty slots, a split kept from its middle on
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -44,6 +45,13 @@ def test_split_decode_agrees_with_the_reference(batch, hkv, group, lk, mask, dty
             kv_mask[1:] = False
     elif mask == "random":
         kv_mask = torch.rand(batch, lk, generator=torch.Generator().manual_seed(3)) > 0.5
+    elif mask == "static":  # sample 0 holds keys 0-44, sample 1 keys 49-89 (left padding) but for a hole at 60-64;
+        # the empty slots hold junk no row may see (the split kernel skips their blocks)
+        kv_mask = torch.zeros(batch, lk, dtype=torch.bool)
+        kv_mask[0, :45], kv_mask[1, 49:90] = True, True
+        kv_mask[1, 60:65] = False
+        for x in inputs[1:3]:
+            x.masked_fill_(~kv_mask[:, None, :, None], 1e4)
     check_parity(inputs, dtype, "triton", causal=True, kv_mask=kv_mask)
 
 
