@@ -510,7 +510,7 @@ def _attn_decode_split_kernel(
         for start_m in range(lo, hi, BLOCK_N):
             offs_m = start_m + tl.arange(0, BLOCK_N)
             kept = _key_keep(KVM, b, offs_m, Lk, HAS_KV_MASK) & (offs_m < hi)
-            first = tl.minimum(first, tl.min(tl.where(kept, offs_m, hi), axis=0))
+            first = _first_kept(first, kept, offs_m, hi)  # (hi when none)
             last = tl.maximum(last, tl.max(tl.where(kept, offs_m, lo - 1), axis=0))
         start = lo + (first - lo) // BLOCK_N * BLOCK_N  # (first = hi when none: no block)
         end = tl.maximum(last + 1, start)
